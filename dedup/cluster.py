@@ -1,0 +1,139 @@
+"""Duplicate clusters from neighbour pairs, on integer node indices 0..n-1.
+
+The caller maps sample ids to node indices (and back); nothing here knows
+about files. Two steps:
+
+* `connected_components`: exact union-find as vectorised numpy -- hook every
+  root onto its smallest neighbouring root, then pointer-jump until every node
+  points at its root. No recursion, no Python loop over nodes.
+* `cluster_with_guard`: connected components are prone to *chaining*
+  (A~B, B~C, C~D puts A and D together although they are unrelated). Each
+  component gets a representative (its highest-degree member; ties -> smallest
+  index) and members less similar to it than `guard_threshold` are detached;
+  detached members are re-clustered among themselves through their remaining
+  edges, for at most `max_passes` passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+# sim(rows_a, rows_b) -> similarity of each pair (rows_a[i], rows_b[i]).
+PairSimilarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
+DEFAULT_MAX_PASSES = 8
+
+
+def connected_components(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label of every node = the smallest node index of its connected component."""
+    a, b = _check_edges(n_nodes, a, b)
+    parent = np.arange(n_nodes, dtype=np.int64)
+    while len(a):
+        root_a, root_b = parent[a], parent[b]
+        live = root_a != root_b  # edges inside one tree are done for good
+        a, b, root_a, root_b = a[live], b[live], root_a[live], root_b[live]
+        if not len(a):
+            break
+        # parent[x] <= x always holds, so hooking the larger root under the
+        # smaller one can never create a cycle.
+        np.minimum.at(parent, np.maximum(root_a, root_b), np.minimum(root_a, root_b))
+        parent = _compress(parent)
+    return parent
+
+
+def _compress(parent: np.ndarray) -> np.ndarray:
+    """Pointer jumping: parent <- parent[parent] until every node points at a root."""
+    while True:
+        grandparent = parent[parent]
+        if np.array_equal(grandparent, parent):
+            return parent
+        parent = grandparent
+
+
+def _check_edges(n_nodes: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"edge endpoint arrays must be 1-d and equally long, got {a.shape} and {b.shape}")
+    if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n_nodes):
+        raise ValueError(f"edge endpoints must be node indices in [0, {n_nodes})")
+    return a, b
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Per-node result; singletons are their own representative."""
+
+    labels: np.ndarray  # int64: node index of the cluster's representative
+    is_representative: np.ndarray  # bool
+    similarity_to_representative: np.ndarray  # float32, 1.0 for representatives
+    passes: int  # guard passes that ran
+
+    def sizes(self) -> np.ndarray:
+        """Size of each node's cluster."""
+        return np.bincount(self.labels, minlength=len(self.labels))[self.labels]
+
+
+def choose_representatives(labels: np.ndarray, degree: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """Representative of each of `nodes`: highest degree in its component, ties -> smallest index.
+
+    `labels` are node indices (as `connected_components` returns them).
+    """
+    order = np.lexsort((nodes, -degree[nodes], labels[nodes]))
+    sorted_labels = labels[nodes][order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    rep_of_label = np.empty(len(labels), dtype=np.int64)
+    rep_of_label[sorted_labels[first]] = nodes[order][first]
+    return rep_of_label[labels[nodes]]
+
+
+def cluster_with_guard(
+    n_nodes: int,
+    a: np.ndarray,
+    b: np.ndarray,
+    similarity: PairSimilarity,
+    guard_threshold: float | None = None,
+    *,
+    max_passes: int = DEFAULT_MAX_PASSES,
+) -> Clusters:
+    """Connected components with a chaining guard (see module doc).
+
+    `similarity(reps, members)` gives the exact similarity of node pairs
+    (e.g. `dedup.neighbors.pair_similarity(vectors)`); it is called once per
+    pass with every (representative, member) pair. `guard_threshold=None`
+    keeps whole components. Nodes still unresolved after `max_passes` passes
+    stay singletons: the guard never merges what it could not check.
+    """
+    a, b = _check_edges(n_nodes, a, b)
+    labels = np.arange(n_nodes, dtype=np.int64)
+    is_rep = np.ones(n_nodes, dtype=bool)
+    sim_to_rep = np.ones(n_nodes, dtype=np.float32)
+    passes = 0
+    while len(a) and passes < max_passes:
+        passes += 1
+        detached = _guard_pass(n_nodes, a, b, similarity, guard_threshold, labels, is_rep, sim_to_rep)
+        # Only edges between two detached nodes can still form clusters.
+        keep = detached[a] & detached[b]
+        a, b = a[keep], b[keep]
+    return Clusters(labels, is_rep, sim_to_rep, passes)
+
+
+def _guard_pass(n_nodes, a, b, similarity, guard_threshold, labels, is_rep, sim_to_rep) -> np.ndarray:
+    """Cluster the graph (a, b) once, writing accepted nodes in place; return the detached mask."""
+    components = connected_components(n_nodes, a, b)
+    degree = np.bincount(a, minlength=n_nodes) + np.bincount(b, minlength=n_nodes)
+    nodes = np.flatnonzero(degree)
+    reps = choose_representatives(components, degree, nodes)
+    is_member = reps != nodes
+    members, member_reps = nodes[is_member], reps[is_member]
+    sims = np.asarray(similarity(member_reps, members), dtype=np.float32)
+    accepted = np.ones(len(members), dtype=bool) if guard_threshold is None else sims >= guard_threshold
+    rep_nodes = np.unique(member_reps[accepted])
+    labels[rep_nodes], is_rep[rep_nodes], sim_to_rep[rep_nodes] = rep_nodes, True, 1.0
+    taken = members[accepted]
+    labels[taken], is_rep[taken], sim_to_rep[taken] = member_reps[accepted], False, sims[accepted]
+    detached = np.zeros(n_nodes, dtype=bool)
+    detached[members[~accepted]] = True
+    return detached

@@ -1,0 +1,242 @@
+"""Embed stage: one task per shard -> samples table part + one embedding part per descriptor.
+
+Decode workers (processes) read nothing from disk: the main process streams the
+tar and hands them chunks of raw samples; they decode, hash and `prepare`, and
+the main process batches `prepare` outputs through each descriptor's `embed`
+while the workers decode the next chunks. At most `window` chunks are in
+flight, so memory stays bounded whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dedup import decode
+from dedup.descriptors.base import Descriptor, DescriptorBuilder
+from dedup.shards import RawSample, meta_int, meta_str, read_shard
+from dedup.store import (
+    METADATA_SCHEMA,
+    SAMPLES_SCHEMA,
+    RunDir,
+    make_sample_id,
+    write_array,
+    write_table,
+)
+
+CHUNK_SIZE = 32
+
+
+@dataclass
+class ProcessedSample:
+    row: dict[str, Any]
+    prepared: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- worker side
+
+_worker_descriptors: dict[DescriptorBuilder, Descriptor] = {}
+
+
+def _descriptor(builder: DescriptorBuilder) -> Descriptor:
+    # Built once per worker process; builders are plain data, models are not shipped.
+    if builder not in _worker_descriptors:
+        _worker_descriptors[builder] = builder.build()
+    return _worker_descriptors[builder]
+
+
+def process_chunk(
+    chunk: list[RawSample], builders: tuple[DescriptorBuilder, ...], max_pixels: int
+) -> list[ProcessedSample]:
+    descriptors = [(b.name, _descriptor(b)) for b in builders]
+    target_side = max((d.min_side for _, d in descriptors), default=0)
+    return [_process_sample(raw, descriptors, target_side, max_pixels) for raw in chunk]
+
+
+def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: int) -> ProcessedSample:
+    row = _base_row(raw)
+    if raw.image_bytes is not None:
+        row["sha256"] = hashlib.sha256(raw.image_bytes).hexdigest()
+    if raw.failure is not None:
+        row["status"], row["error"] = raw.failure
+        return ProcessedSample(row)
+    try:
+        decoded = decode.decode_image(raw.image_bytes or b"", target_side, max_pixels)
+    except decode.DecodeFailure as failure:
+        row["status"], row["error"] = failure.status, failure.message
+        return ProcessedSample(row)
+    row["width"], row["height"] = decoded.width, decoded.height
+    prepared = {}
+    for name, descriptor in descriptors:
+        try:
+            prepared[name] = descriptor.prepare(decoded.image)
+        except Exception as exc:  # noqa: BLE001 - a pathological image is the sample's failure
+            row["status"], row["error"] = decode.DECODE_ERROR, f"{name}: {type(exc).__name__}: {exc}"
+            return ProcessedSample(row)
+    return ProcessedSample(row, prepared)
+
+
+def _base_row(raw: RawSample) -> dict[str, Any]:
+    meta = raw.meta
+    return {
+        "sample_id": make_sample_id(raw.shard_index, raw.position),
+        "shard_index": raw.shard_index,
+        "shard": raw.shard,
+        "key": raw.key,
+        "url": meta_str(meta, "url"),
+        "caption": raw.caption,
+        "width": None,
+        "height": None,
+        "original_width": meta_int(meta, "original_width"),
+        "original_height": meta_int(meta, "original_height"),
+        "sha256": None,
+        "image_member": raw.image_member,
+        "status": decode.OK,
+        "error": None,
+    }
+
+
+# ---------------------------------------------------------------- main side
+
+
+class _Batcher:
+    """Accumulates one descriptor's prepared arrays and embeds them in batches."""
+
+    def __init__(self, name: str, descriptor: Descriptor, batch_size: int) -> None:
+        self.name, self.descriptor, self.batch_size = name, descriptor, batch_size
+        self.pending: list[np.ndarray] = []
+        self.vectors: list[np.ndarray] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any], prepared: np.ndarray) -> None:
+        self.pending.append(prepared)
+        self.rows.append(row)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            embedded = self.descriptor.embed(np.stack(self.pending))
+            self.vectors.append(np.asarray(embedded, dtype=np.float16))
+            self.pending = []
+
+    def result(self) -> tuple[np.ndarray, pa.Table]:
+        self.flush()
+        dim = self.descriptor.dim
+        vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float16)
+        columns = {name: [r[name] for r in self.rows] for name in METADATA_SCHEMA.names}
+        return vectors, pa.Table.from_pydict(columns, schema=METADATA_SCHEMA)
+
+
+def _chunks(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+    chunk: list[RawSample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class EmbedStage:
+    """Picklable stage: builders and paths only; pool and models are built lazily where it runs."""
+
+    name = "embed"
+
+    def __init__(
+        self,
+        run: RunDir,
+        shards: list[str],
+        builders: list[DescriptorBuilder],
+        workers: int = 2,
+        batch_size: int = 64,
+        max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.run_dir = run
+        self.shards = shards
+        self.builders = tuple(builders)
+        self.workers = workers
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self._pool = None
+        self._main_descriptors: dict[str, Descriptor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        state["_main_descriptors"] = None
+        return state
+
+    def task_ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.shards))]
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        shard_index = int(task_id)
+        batchers = [
+            _Batcher(name, descriptor, self.batch_size) for name, descriptor in self._descriptors().items()
+        ]
+        rows: list[dict[str, Any]] = []
+        for processed in self._processed(read_shard(self.shards[shard_index], shard_index)):
+            for sample in processed:
+                rows.append(sample.row)
+                for batcher in batchers:
+                    if batcher.name in sample.prepared:
+                        batcher.add(sample.row, sample.prepared[batcher.name])
+            progress(len(processed))
+        self._write(shard_index, rows, batchers)
+        return _shard_stats(rows)
+
+    def _descriptors(self) -> dict[str, Descriptor]:
+        if self._main_descriptors is None:
+            self._main_descriptors = {b.name: b.build() for b in self.builders}
+        return self._main_descriptors
+
+    def _processed(self, samples: Iterable[RawSample]) -> Iterator[list[ProcessedSample]]:
+        chunks = _chunks(samples, CHUNK_SIZE)
+        if self.workers <= 0:
+            for chunk in chunks:
+                yield process_chunk(chunk, self.builders, self.max_pixels)
+            return
+        pool = self._get_pool()
+        window: deque = deque()
+        for chunk in chunks:
+            window.append(pool.apply_async(process_chunk, (chunk, self.builders, self.max_pixels)))
+            if len(window) >= self.workers * 3:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
+
+    def _get_pool(self):
+        if self._pool is None:
+            # spawn: the parent may hold torch/OpenMP threads that fork would copy mid-state.
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self._pool
+
+    def _write(self, shard_index: int, rows: list[dict[str, Any]], batchers: list[_Batcher]) -> None:
+        for batcher in batchers:
+            vectors, metadata = batcher.result()
+            write_array(vectors, self.run_dir.embedding_part(batcher.name, shard_index))
+            write_table(metadata, self.run_dir.metadata_part(batcher.name, shard_index))
+        columns = {name: [r[name] for r in rows] for name in SAMPLES_SCHEMA.names}
+        write_table(pa.Table.from_pydict(columns, schema=SAMPLES_SCHEMA), self.run_dir.samples_part(shard_index))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
+def _shard_stats(rows: list[dict[str, Any]]) -> dict[str, int]:
+    stats = {"samples": len(rows)}
+    for row in rows:
+        stats[f"status.{row['status']}"] = stats.get(f"status.{row['status']}", 0) + 1
+    return stats

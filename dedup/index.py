@@ -1,0 +1,465 @@
+"""Choose, build, save and load the faiss index of one descriptor.
+
+Index choice is a pure function of (n_vectors, dim, memory budget, gpu, binary)
+so that it can be tested table-driven and checked *before* any vector is read
+(in the spirit of autofaiss). The rules, in order:
+
+* **flat** (exact) while the exact all-vs-all pass is affordable and the raw
+  vectors fit the budget. All-vs-all costs ``2 * n^2 * d`` flops (one multiply
+  and one add per coordinate per pair); see ``EXACT_FLOP_BUDGET_*``.
+* **ivf_flat** beyond that, when the uncompressed vectors plus ids fit.
+* **ivf_pq** when IVF-Flat does not fit: the largest PQ code that fits.
+* **hnsw** is never chosen automatically. Duplicate search is an all-vs-all
+  *range* search with unbounded result lists; faiss' HNSW range search only
+  explores ``efSearch`` candidates (it silently truncates groups larger than
+  that), it is not faster than IVF for a full self-join, and its graph costs
+  ``2*M`` int32 links per vector on top of the raw vectors. It stays available
+  through ``spec_for_kind("hnsw", ...)`` for low-latency interactive queries.
+* Binary hashes (``binary=True``, ``dim`` in bits) use ``binary_flat`` while the
+  exact Hamming self-join is affordable, else ``binary_ivf``. Both stay on CPU:
+  faiss has no GPU binary IVF, and popcount Hamming is memory-bound anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dedup.errors import IndexInfeasible, MissingExtraError, StoreError
+
+KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw", "binary_flat", "binary_ivf")
+BINARY_KINDS = ("binary_flat", "binary_ivf")
+
+# Exact all-vs-all budget in flops. 3e13 is ~10 min at the ~50 GFLOP/s a 2-core
+# AVX2 laptop sustains (measured), ~30 s on a 32-core server; at d=512 it allows
+# n <= 171k. On a GPU (~20-50 TFLOP/s fp32) 1e16 flops is a few minutes and
+# allows n <= 3.1M at d=512 -- the "about 2M vectors" rule of thumb.
+EXACT_FLOP_BUDGET_CPU = 3e13
+EXACT_FLOP_BUDGET_GPU = 1e16
+# Exact Hamming self-join budget in 64-bit word comparisons (xor + popcount,
+# ~1 ns each per core): 1e12 allows n <= 1M for 64-bit perceptual hashes.
+EXACT_HAMMING_WORD_BUDGET = 1e12
+
+# nlist ~ 4*sqrt(n) (autofaiss / faiss wiki guideline), clipped. Above 2^16
+# lists the coarse quantizer itself becomes an HNSW graph so that assigning a
+# vector does not cost a scan over every centroid.
+NLIST_PER_SQRT_N = 4
+MAX_NLIST = 1 << 18
+HNSW_QUANTIZER_FROM_NLIST = 1 << 16
+QUANTIZER_HNSW_M = 32
+MIN_TRAIN_POINTS_PER_LIST = 39  # faiss k-means warns below this
+# Range-search recall of near-duplicates (cosine >= 0.9, 512-d, uniform
+# background -- the hardest case for IVF) measured at nlist = 4*sqrt(n):
+# nprobe 4 -> 0.988, 8 -> 0.995, 16 -> 0.998. 16 keeps >= 0.99 with margin.
+DEFAULT_NPROBE = 16
+HNSW_M = 32
+DEFAULT_EF_SEARCH = 256
+PQ_NBITS = 8
+PQ_M_CANDIDATES = (64, 48, 32, 24, 16, 12, 8)
+# faiss GPU IVF-PQ supports at most 32 dimensions per sub-quantizer.
+GPU_MAX_DIMS_PER_SUBQUANTIZER = 32
+# faiss' StandardGpuResources reserves scratch memory on top of the index.
+GPU_SCRATCH_BYTES = 1536 << 20
+ID_BYTES = 8  # faiss stores one int64 id per vector in inverted lists
+ASSIGNMENT_BYTES = 4  # build keeps one int32 list number per vector
+ADD_CHUNK = 65536
+GPU_INSTALL_HINT = "pip install 'dedup[gpu]'"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Everything needed to rebuild or reopen an index; stored as `<name>.json`."""
+
+    kind: str
+    factory: str
+    dim: int  # float dimensions, or bits for binary kinds
+    n_vectors: int
+    nlist: int = 0
+    pq_m: int = 0
+    nprobe: int = 0
+    ef_search: int = 0
+    metric: str = "ip"
+    use_gpu: bool = False
+    memory_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}; use one of {KINDS}")
+        expected_metric = "hamming" if self.kind in BINARY_KINDS else "ip"
+        if self.metric != expected_metric:
+            raise ValueError(f"index kind {self.kind!r} uses metric {expected_metric!r}, not {self.metric!r}")
+
+    @property
+    def is_binary(self) -> bool:
+        return self.kind in BINARY_KINDS
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexSpec:
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------- choice
+
+
+def default_nlist(n_vectors: int) -> int:
+    """~4*sqrt(n) lists, at most MAX_NLIST, and enough points per list to train."""
+    nlist = min(int(NLIST_PER_SQRT_N * math.sqrt(n_vectors)), MAX_NLIST)
+    return max(1, min(nlist, n_vectors // MIN_TRAIN_POINTS_PER_LIST))
+
+
+def exact_search_affordable(n_vectors: int, dim: int, gpu: bool, binary: bool) -> bool:
+    """Is the exact all-vs-all self-join within the compute budget?"""
+    if binary:
+        words = math.ceil(dim / 64)
+        return float(n_vectors) ** 2 * words <= EXACT_HAMMING_WORD_BUDGET
+    budget = EXACT_FLOP_BUDGET_GPU if gpu else EXACT_FLOP_BUDGET_CPU
+    return 2.0 * float(n_vectors) ** 2 * dim <= budget
+
+
+def _ivf_prefix(nlist: int) -> str:
+    if nlist >= HNSW_QUANTIZER_FROM_NLIST:
+        return f"IVF{nlist}_HNSW{QUANTIZER_HNSW_M}"
+    return f"IVF{nlist}"
+
+
+def _factory(kind: str, nlist: int, pq_m: int) -> str:
+    factories = {
+        "flat": "Flat",
+        "ivf_flat": f"{_ivf_prefix(nlist)},Flat",
+        "ivf_pq": f"{_ivf_prefix(nlist)},PQ{pq_m}x{PQ_NBITS}",
+        "hnsw": f"HNSW{HNSW_M},Flat",
+        "binary_flat": "BFlat",
+        "binary_ivf": f"BIVF{nlist}",
+    }
+    return factories[kind]
+
+
+def _quantizer_bytes(nlist: int, dim: int) -> int:
+    graph = nlist * 2 * QUANTIZER_HNSW_M * 4 if nlist >= HNSW_QUANTIZER_FROM_NLIST else 0
+    return nlist * dim * 4 + graph
+
+
+def estimate_memory_bytes(kind: str, n_vectors: int, dim: int, nlist: int = 0, pq_m: int = 0, gpu: bool = False) -> int:
+    """Peak bytes of building and holding the index (excluding the caller's vectors).
+
+    IVF builds reserve every inverted list at its final size (see
+    `_add_ivf_without_slack`), so the loaded size is exact; the build adds one
+    int32 list number per vector and one add chunk.
+    """
+    n = int(n_vectors)
+    add_chunk = min(ADD_CHUNK, n)
+    if kind == "flat":
+        size = n * dim * 4
+    elif kind == "hnsw":
+        # level 0 holds 2*M links per vector; upper levels add ~1/M of that.
+        size = n * (dim * 4 + int(2 * HNSW_M * 4 * (1 + 1 / HNSW_M)) + ID_BYTES)
+    elif kind == "ivf_flat":
+        size = n * (dim * 4 + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim) + add_chunk * dim * 4
+    elif kind == "ivf_pq":
+        codebooks = (1 << PQ_NBITS) * dim * 4
+        size = n * (pq_m + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim) + codebooks
+        size += add_chunk * dim * 4
+    elif kind == "binary_flat":
+        size = n * (dim // 8)
+    elif kind == "binary_ivf":
+        size = n * (dim // 8 + ID_BYTES + ASSIGNMENT_BYTES) + nlist * (dim // 8)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; use one of {KINDS}")
+    return int(size + (GPU_SCRATCH_BYTES if gpu else 0))
+
+
+def spec_for_kind(
+    kind: str,
+    n_vectors: int,
+    dim: int,
+    *,
+    gpu: bool = False,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    pq_m: int | None = None,
+) -> IndexSpec:
+    """The spec of one given kind (defaults as `choose_index` would pick them)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; use one of {KINDS}")
+    binary = kind in BINARY_KINDS
+    if binary and dim % 8:
+        raise ValueError(f"binary codes must have a multiple of 8 bits, got {dim}")
+    uses_lists = kind in ("ivf_flat", "ivf_pq", "binary_ivf")
+    lists = (nlist or default_nlist(n_vectors)) if uses_lists else 0
+    m = (pq_m or _largest_pq_m(dim, gpu)) if kind == "ivf_pq" else 0
+    if kind == "ivf_pq" and dim % m:
+        raise ValueError(f"pq_m={m} must divide dim={dim}")
+    use_gpu = gpu and not binary and kind != "hnsw"  # faiss GPU has no HNSW index
+    return IndexSpec(
+        kind=kind,
+        factory=_factory(kind, lists, m),
+        dim=dim,
+        n_vectors=int(n_vectors),
+        nlist=lists,
+        pq_m=m,
+        nprobe=min(nprobe or DEFAULT_NPROBE, lists) if uses_lists else 0,
+        ef_search=DEFAULT_EF_SEARCH if kind == "hnsw" else 0,
+        metric="hamming" if binary else "ip",
+        use_gpu=use_gpu,
+        memory_bytes=estimate_memory_bytes(kind, n_vectors, dim, lists, m, use_gpu),
+    )
+
+
+def _pq_m_options(dim: int, gpu: bool) -> list[int]:
+    options = [m for m in PQ_M_CANDIDATES if dim % m == 0]
+    if gpu:
+        options = [m for m in options if dim // m <= GPU_MAX_DIMS_PER_SUBQUANTIZER]
+    return options
+
+
+def _largest_pq_m(dim: int, gpu: bool) -> int:
+    options = _pq_m_options(dim, gpu)
+    if not options:
+        raise ValueError(f"no PQ code size in {PQ_M_CANDIDATES} divides dim={dim}")
+    return options[0]
+
+
+def _candidates(n_vectors: int, dim: int, gpu: bool, binary: bool) -> list[IndexSpec]:
+    """Specs in order of preference; the first that fits the budget wins."""
+    exact = exact_search_affordable(n_vectors, dim, gpu and not binary, binary)
+    if binary:
+        kinds = (["binary_flat"] if exact else []) + ["binary_ivf"]
+        return [spec_for_kind(kind, n_vectors, dim, gpu=gpu) for kind in kinds]
+    specs = [spec_for_kind("flat", n_vectors, dim, gpu=gpu)] if exact else []
+    specs.append(spec_for_kind("ivf_flat", n_vectors, dim, gpu=gpu))
+    specs += [spec_for_kind("ivf_pq", n_vectors, dim, gpu=gpu, pq_m=m) for m in _pq_m_options(dim, gpu)]
+    return specs
+
+
+def choose_index(
+    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, binary: bool = False
+) -> IndexSpec:
+    """Pick the most exact index that fits `memory_budget_bytes` (see module doc)."""
+    if n_vectors < 1 or dim < 1:
+        raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
+    candidates = _candidates(n_vectors, dim, gpu, binary)
+    for spec in candidates:
+        if spec.memory_bytes <= memory_budget_bytes:
+            return spec
+    smallest = min(candidates, key=lambda spec: spec.memory_bytes)
+    raise IndexInfeasible(
+        f"no index for {n_vectors:,} vectors of {dim} {'bits' if binary else 'dims'} fits "
+        f"{_gib(memory_budget_bytes)}: the smallest, {smallest.kind} ({smallest.factory}), "
+        f"needs {_gib(smallest.memory_bytes)}",
+        hint=f"raise --memory to at least {_gib(smallest.memory_bytes)}, "
+        "or use a smaller descriptor (fewer dimensions / bits)",
+    )
+
+
+def check_fits(spec: IndexSpec, memory_budget_bytes: int) -> None:
+    """Raise IndexInfeasible when a (possibly user-forced) spec exceeds the budget."""
+    if spec.memory_bytes > memory_budget_bytes:
+        raise IndexInfeasible(
+            f"index {spec.kind} ({spec.factory}) for {spec.n_vectors:,} vectors needs "
+            f"{_gib(spec.memory_bytes)}, more than the {_gib(memory_budget_bytes)} budget",
+            hint=f"raise --memory to at least {_gib(spec.memory_bytes)}, or pick a smaller index",
+        )
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / (1 << 30):.2f} GiB"
+
+
+# ---------------------------------------------------------------- build
+
+
+def default_train_size(spec: IndexSpec) -> int:
+    """Training points for the coarse quantizer (and PQ codebooks)."""
+    if spec.kind not in ("ivf_flat", "ivf_pq", "binary_ivf"):
+        return 0
+    needed = MIN_TRAIN_POINTS_PER_LIST * spec.nlist
+    if spec.kind == "ivf_pq":
+        needed = max(needed, MIN_TRAIN_POINTS_PER_LIST * (1 << PQ_NBITS))
+    return min(spec.n_vectors, needed)
+
+
+def build_index(
+    spec: IndexSpec, vectors: np.ndarray, train_sample: int | None = None, seed: int = 0
+) -> faiss.Index | faiss.IndexBinary:
+    """Train (IVF: on a random sample) and fill the index with every row of `vectors`.
+
+    `vectors` may be a memory map: it is read in chunks. Float kinds take
+    L2-normalised float32/float16 rows; binary kinds take packed uint8 codes
+    (dim/8 bytes per row). Row i gets faiss label i.
+    """
+    _check_vectors(spec, vectors)
+    index = _empty_index(spec)
+    if spec.use_gpu:
+        index = _to_gpu(index)
+    if not index.is_trained:
+        index.train(_train_rows(spec, vectors, train_sample, seed))
+    if _is_cpu_array_ivf(index):
+        _add_ivf_without_slack(index, vectors, spec.is_binary)
+    else:
+        for start in range(0, len(vectors), ADD_CHUNK):
+            index.add(_rows(vectors[start : start + ADD_CHUNK], spec.is_binary))
+    apply_search_params(index, spec)
+    return index
+
+
+def _check_vectors(spec: IndexSpec, vectors: np.ndarray) -> None:
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"expected a non-empty (n, d) array, got shape {vectors.shape}")
+    if spec.is_binary:
+        if vectors.dtype != np.uint8 or vectors.shape[1] * 8 != spec.dim:
+            raise ValueError(
+                f"{spec.kind} needs packed uint8 codes of {spec.dim // 8} bytes per row, "
+                f"got {vectors.dtype} rows of {vectors.shape[1]}"
+            )
+    elif vectors.shape[1] != spec.dim:
+        raise ValueError(f"spec is for dim={spec.dim}, vectors have {vectors.shape[1]} columns")
+
+
+def _empty_index(spec: IndexSpec) -> faiss.Index | faiss.IndexBinary:
+    if spec.is_binary:
+        return faiss.index_binary_factory(spec.dim, spec.factory)
+    index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    return index
+
+
+def _rows(block: np.ndarray, binary: bool) -> np.ndarray:
+    return np.ascontiguousarray(block, dtype=np.uint8 if binary else np.float32)
+
+
+def _train_rows(spec: IndexSpec, vectors: np.ndarray, train_sample: int | None, seed: int) -> np.ndarray:
+    size = min(len(vectors), train_sample or default_train_size(spec) or len(vectors))
+    rng = np.random.default_rng(seed)
+    # Sorted positions keep reads sequential when `vectors` is a memory map.
+    rows = np.sort(rng.choice(len(vectors), size=size, replace=False))
+    return _rows(vectors[rows], spec.is_binary)
+
+
+def _is_cpu_array_ivf(index) -> bool:
+    ivf = _try_extract_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+
+
+def _try_extract_ivf(index):
+    if isinstance(index, faiss.IndexBinaryIVF):
+        return index
+    if isinstance(index, faiss.IndexBinary):
+        return None
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # faiss raises this for indexes without inverted lists
+        return None
+
+
+def _add_ivf_without_slack(index, vectors: np.ndarray, binary: bool) -> None:
+    """Add with every inverted list reserved at its final length.
+
+    A plain `add` appends to each list in 64k-vector batches and std::vector
+    growth leaves up to 2x spare capacity; assigning first and reserving makes
+    the memory estimate exact and costs no extra quantizer pass (the
+    assignment is handed to `add_core`).
+    """
+    ivf = _try_extract_ivf(index)
+    assignment = np.empty(len(vectors), dtype=np.int32)
+    for start in range(0, len(vectors), ADD_CHUNK):
+        block = _rows(vectors[start : start + ADD_CHUNK], binary)
+        assignment[start : start + len(block)] = _assign(ivf.quantizer, block)
+    counts = np.bincount(assignment, minlength=ivf.nlist)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    for list_no in np.flatnonzero(counts):
+        # resize up then down keeps the capacity (std::vector never shrinks).
+        invlists.resize(int(list_no), int(counts[list_no]))
+        invlists.resize(int(list_no), 0)
+    for start in range(0, len(vectors), ADD_CHUNK):
+        block = _rows(vectors[start : start + ADD_CHUNK], binary)
+        lists = assignment[start : start + len(block)].astype(np.int64)
+        ivf.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(lists))
+    if ivf is not index:  # wrappers (e.g. IndexPreTransform) keep their own count
+        index.ntotal = ivf.ntotal
+
+
+def _assign(quantizer, block: np.ndarray) -> np.ndarray:
+    _, labels = quantizer.search(block, 1)
+    return labels[:, 0]
+
+
+def apply_search_params(index, spec: IndexSpec) -> None:
+    """Set nprobe / efSearch from the spec (they are not stored in .faiss files)."""
+    if spec.nprobe:
+        if spec.use_gpu:
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", spec.nprobe)
+        else:
+            _try_extract_ivf(index).nprobe = spec.nprobe
+    if spec.ef_search:
+        faiss.downcast_index(index).hnsw.efSearch = spec.ef_search
+
+
+def _to_gpu(index):
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or not hasattr(faiss, "StandardGpuResources"):
+        raise MissingExtraError("faiss-gpu-cu12", "gpu", "A GPU index (use_gpu=True)")
+    if faiss.get_num_gpus() == 0:
+        raise IndexInfeasible(
+            "the index spec asks for a GPU but faiss sees none",
+            hint=f"run on a machine with a CUDA GPU and {GPU_INSTALL_HINT}, or choose the index with gpu=False",
+        )
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def _to_cpu(index):
+    if hasattr(faiss, "index_gpu_to_cpu") and not isinstance(index, faiss.IndexBinary):
+        try:
+            return faiss.index_gpu_to_cpu(index)
+        except (RuntimeError, TypeError):  # raised for indexes that are already on CPU
+            return index
+    return index
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def index_paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    directory = Path(directory)
+    return directory / f"{name}.faiss", directory / f"{name}.json"
+
+
+def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """Write `<name>.faiss` and `<name>.json` atomically (temp file + rename)."""
+    index_path, spec_path = index_paths(directory, name)
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_index = index_path.with_name(index_path.name + ".tmp")
+    if spec.is_binary:
+        faiss.write_index_binary(index, str(tmp_index))
+    else:
+        faiss.write_index(_to_cpu(index), str(tmp_index))
+    tmp_spec = spec_path.with_name(spec_path.name + ".tmp")
+    tmp_spec.write_text(replace(spec, n_vectors=int(index.ntotal)).to_json())
+    os.replace(tmp_index, index_path)
+    # The spec goes last: its presence marks a complete pair.
+    os.replace(tmp_spec, spec_path)
+    return index_path, spec_path
+
+
+def load_index(directory: str | os.PathLike, name: str, *, gpu: bool | None = None) -> tuple[object, IndexSpec]:
+    """Read an index written by `save_index`; `gpu` overrides the spec's use_gpu."""
+    index_path, spec_path = index_paths(directory, name)
+    if not spec_path.exists() or not index_path.exists():
+        raise StoreError(
+            f"index '{name}' not found in {directory} (expected {index_path.name} and {spec_path.name})",
+            hint="run the index stage first",
+        )
+    spec = IndexSpec.from_json(spec_path.read_text())
+    if gpu is not None:
+        spec = replace(spec, use_gpu=gpu and not spec.is_binary)
+    index = faiss.read_index_binary(str(index_path)) if spec.is_binary else faiss.read_index(str(index_path))
+    if spec.use_gpu:
+        index = _to_gpu(index)
+    apply_search_params(index, spec)
+    return index, spec

@@ -1,0 +1,59 @@
+"""Rank stage: clusters.parquet -> top_duplicates.parquet (largest clusters first)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pandas as pd
+
+TOP_COLUMNS = [
+    "rank",
+    "cluster_id",
+    "copies",
+    "representative_key",
+    "representative_url",
+    "representative_caption",
+    "distinct_captions",
+    "url_domains",
+    "shards_spanned",
+]
+
+
+def url_domain(url: object) -> str | None:
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host.lower().removeprefix("www.") if host else None
+
+
+def rank_clusters(clusters: pd.DataFrame) -> pd.DataFrame:
+    """One row per cluster of >= 2 members: copies, caption/domain/shard spread."""
+    dups = clusters[clusters["cluster_size"] >= 2].copy()
+    if dups.empty:
+        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in TOP_COLUMNS})
+    dups["domain"] = dups["url"].map(url_domain)
+    grouped = dups.groupby("cluster_id")
+    summary = pd.DataFrame(
+        {
+            "copies": grouped.size(),
+            "distinct_captions": grouped["caption"].nunique(dropna=True),
+            "url_domains": grouped["domain"].nunique(dropna=True),
+            "shards_spanned": grouped["shard_index"].nunique(),
+        }
+    )
+    reps = dups[dups["is_representative"]].set_index("cluster_id")
+    summary["representative_key"] = reps["key"]
+    summary["representative_url"] = reps["url"]
+    summary["representative_caption"] = reps["caption"]
+    summary = summary.reset_index().sort_values(["copies", "cluster_id"], ascending=[False, True])
+    summary.insert(0, "rank", range(1, len(summary) + 1))
+    return summary[TOP_COLUMNS].reset_index(drop=True)
+
+
+def _dtype(column: str) -> str:
+    if column in ("representative_key", "representative_url", "representative_caption"):
+        return "object"
+    return "int64"

@@ -1,0 +1,243 @@
+"""The run directory: paths, atomic writes and readers of what stages wrote.
+
+Layout (see ARCHITECTURE.md): the embeddings follow clip-retrieval's
+`img_emb/img_emb_{i}.npy` + `metadata/metadata_{i}.parquet`, so
+embedding-reader and autofaiss read them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedup.errors import StoreError
+
+SAMPLE_ID_SHIFT = 32
+
+
+def make_sample_id(shard_index: int, position: int) -> int:
+    return (shard_index << SAMPLE_ID_SHIFT) | position
+
+
+def split_sample_id(sample_id: int) -> tuple[int, int]:
+    return sample_id >> SAMPLE_ID_SHIFT, sample_id & ((1 << SAMPLE_ID_SHIFT) - 1)
+
+
+class RunDir:
+    """Paths of one run's outputs; every path a stage writes comes from here."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ingest
+    @property
+    def shards_table(self) -> Path:
+        return self.root / "shards.parquet"
+
+    def samples_part(self, shard_index: int) -> Path:
+        return self.root / "samples" / f"samples_{shard_index}.parquet"
+
+    def embedding_dir(self, descriptor: str) -> Path:
+        return self.root / "embeddings" / descriptor
+
+    def embedding_part(self, descriptor: str, shard_index: int) -> Path:
+        return self.embedding_dir(descriptor) / "img_emb" / f"img_emb_{shard_index}.npy"
+
+    def metadata_part(self, descriptor: str, shard_index: int) -> Path:
+        return self.embedding_dir(descriptor) / "metadata" / f"metadata_{shard_index}.parquet"
+
+    # later stages
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    def neighbors_dir(self, descriptor: str) -> Path:
+        return self.root / "neighbors" / descriptor
+
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters.parquet"
+
+    @property
+    def top_duplicates(self) -> Path:
+        return self.root / "top_duplicates.parquet"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def remove_keys(self) -> Path:
+        return self.root / "remove_keys.parquet"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / "run.json"
+
+    def marker(self, stage: str, task_id: str) -> Path:
+        return self.root / "_markers" / stage / f"{task_id}.done"
+
+    def descriptors(self) -> list[str]:
+        base = self.root / "embeddings"
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    # fsync before rename so a machine crash cannot leave a renamed-but-empty file.
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_table(table: pa.Table | pd.DataFrame, path: Path) -> None:
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    tmp = _atomic_target(path)
+    try:
+        pq.write_table(table, tmp)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_array(array: np.ndarray, path: Path) -> None:
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(value: Any, path: Path) -> None:
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- schemas
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("shard_index", pa.int32()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+        ("image_member", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("shard_index", pa.int32()),
+    ]
+)
+
+
+# ---------------------------------------------------------------- shard list
+
+
+def record_shards(run: RunDir, shards: list[str]) -> None:
+    """Write the shard list, or check that a resumed run expands to the same one."""
+    if run.shards_table.exists():
+        existing = pd.read_parquet(run.shards_table)["url"].tolist()
+        if existing != shards:
+            raise StoreError(
+                f"{run.root} was started on {len(existing)} other shards (first: {existing[:1]})",
+                hint="pass the same shard specs to resume, or choose a new --out directory",
+            )
+        return
+    frame = pd.DataFrame({"shard_index": np.arange(len(shards), dtype=np.int32), "url": shards})
+    write_table(frame, run.shards_table)
+
+
+def read_shards(run: RunDir) -> pd.DataFrame:
+    if not run.shards_table.exists():
+        raise StoreError(f"{run.root} holds no ingested shards", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
+    return pd.read_parquet(run.shards_table)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def load_samples(run: RunDir, columns: list[str] | None = None) -> pd.DataFrame:
+    parts = sorted((run.root / "samples").glob("samples_*.parquet"), key=_part_number)
+    if not parts:
+        raise StoreError(f"{run.root} has no samples table", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
+    return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
+
+
+def embedding_parts(run: RunDir, descriptor: str) -> list[int]:
+    folder = run.embedding_dir(descriptor) / "img_emb"
+    return sorted(_part_number(p) for p in folder.glob("img_emb_*.npy"))
+
+
+def iter_embeddings(run: RunDir, descriptor: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (sample_ids, float16 vectors) one shard part at a time."""
+    for part in embedding_parts(run, descriptor):
+        vectors = np.load(run.embedding_part(descriptor, part), mmap_mode="r")
+        ids = pq.read_table(run.metadata_part(descriptor, part), columns=["sample_id"])["sample_id"].to_numpy()
+        if len(ids) != len(vectors):
+            raise StoreError(
+                f"part {part} of {descriptor}: {len(vectors)} vectors but {len(ids)} metadata rows",
+                hint="delete that part and its marker under _markers/embed, then rerun 'dedup embed'",
+            )
+        yield ids, vectors
+
+
+def load_embeddings(run: RunDir, descriptor: str) -> tuple[np.ndarray, np.ndarray]:
+    """All (sample_ids, float32 vectors) of a descriptor, sorted by sample_id."""
+    pieces = list(iter_embeddings(run, descriptor))
+    if not pieces:
+        raise StoreError(
+            f"{run.root} holds no '{descriptor}' embeddings",
+            hint=f"run 'dedup embed SHARDS --out {run.root} --descriptor {descriptor}'",
+        )
+    ids = np.concatenate([p[0] for p in pieces]).astype(np.int64)
+    vectors = np.concatenate([np.asarray(p[1], dtype=np.float32) for p in pieces])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], vectors[order]
+
+
+def _part_number(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])

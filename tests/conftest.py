@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub: only checkpoints the tests write are loaded.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DUPS = REPO.parent / "shared" / "data" / "real-dups"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def real_dups() -> Path:
+    if not (REAL_DUPS / "groups.csv").exists():
+        pytest.skip(f"real-dups data not found at {REAL_DUPS} (it ships in ../shared beside the repo)")
+    return REAL_DUPS
+
+
+def jpeg_bytes(image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """Deterministic tar with the given (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sample_members(key: str, image: bytes | None, caption: str = "a photo", url: str | None = None,
+                   ext: str = "jpg", extra_json: dict | None = None) -> list[tuple[str, bytes]]:
+    meta = {"key": key, "url": url or f"https://example.com/{key}.jpg", "caption": caption}
+    if image is not None:
+        meta["sha256"] = hashlib.sha256(image).hexdigest()
+    meta.update(extra_json or {})
+    members = []
+    if image is not None:
+        members.append((f"{key}.{ext}", image))
+    members.append((f"{key}.txt", caption.encode()))
+    members.append((f"{key}.json", json.dumps(meta).encode()))
+    return members

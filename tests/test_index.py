@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import dataclasses
+
+import faiss
+import numpy as np
+import pytest
+
+from dedup.errors import DedupError, IndexInfeasible, StoreError
+from dedup.index import (
+    KINDS,
+    IndexSpec,
+    build_index,
+    check_fits,
+    choose_index,
+    default_nlist,
+    estimate_memory_bytes,
+    load_index,
+    save_index,
+    spec_for_kind,
+)
+
+GB = 10**9
+MB = 10**6
+
+# n, dim, budget, gpu, binary -> expected kind
+CHOICES = [
+    pytest.param(10_000, 512, 8 * GB, False, False, "flat", id="small-cpu-flat"),
+    pytest.param(100_000, 512, 8 * GB, False, False, "flat", id="1e5-cpu-exact-affordable"),
+    pytest.param(1_000_000, 512, 8 * GB, False, False, "ivf_flat", id="1e6-cpu-too-many-flops-for-exact"),
+    pytest.param(100_000, 512, 150 * MB, False, False, "ivf_pq", id="flat-does-not-fit"),
+    pytest.param(1_000_000, 512, 1 * GB, False, False, "ivf_pq", id="ivf-flat-does-not-fit"),
+    pytest.param(2_000_000, 512, 64 * GB, True, False, "flat", id="2e6-gpu-exact"),
+    pytest.param(10_000_000, 512, 64 * GB, True, False, "ivf_flat", id="1e7-gpu-ivf"),
+    pytest.param(2_000_000_000, 512, 64 * GB, False, False, "ivf_pq", id="laion-2b-64GB"),
+    pytest.param(2_000_000_000, 512, 64 * GB, True, False, "ivf_pq", id="laion-2b-64GB-gpu"),
+    pytest.param(1_000_000, 64, 1 * GB, False, True, "binary_flat", id="phash-1e6-exact"),
+    pytest.param(10_000_000, 64, 8 * GB, False, True, "binary_ivf", id="phash-1e7-ivf"),
+    pytest.param(500_000, 256, 1 * GB, True, True, "binary_flat", id="binary-stays-on-cpu"),
+]
+
+
+@pytest.mark.parametrize("n, dim, budget, gpu, binary, kind", CHOICES)
+def test_choose_index_table(n, dim, budget, gpu, binary, kind):
+    spec = choose_index(n, dim, budget, gpu=gpu, binary=binary)
+    assert spec.kind == kind
+    assert spec.memory_bytes <= budget
+    assert spec.n_vectors == n and spec.dim == dim
+    assert spec.metric == ("hamming" if binary else "ip")
+    assert spec.use_gpu == (gpu and not binary)
+    if spec.nlist:
+        assert 1 <= spec.nprobe <= spec.nlist
+        assert f"IVF{spec.nlist}" in spec.factory
+
+
+INFEASIBLE = [
+    pytest.param(2_000_000_000, 512, 1 * GB, False, id="laion-2b-1GB"),
+    pytest.param(1_000_000_000, 64, 1 * GB, True, id="binary-1e9-1GB"),
+    pytest.param(1_000, 512, 10_000, False, id="tiny-budget"),
+]
+
+
+@pytest.mark.parametrize("n, dim, budget, binary", INFEASIBLE)
+def test_choose_index_raises_when_nothing_fits(n, dim, budget, binary):
+    with pytest.raises(IndexInfeasible) as caught:
+        choose_index(n, dim, budget, binary=binary)
+    assert "--memory" in caught.value.hint
+    assert "smaller descriptor" in caught.value.hint
+
+
+def test_laion_scale_spec_details():
+    spec = choose_index(2_000_000_000, 512, 64 * GB)
+    # 4*sqrt(2e9) lists behind an HNSW coarse quantizer; the largest PQ code that fits.
+    assert spec.nlist == default_nlist(2_000_000_000) == 178_885
+    assert spec.factory == f"IVF{spec.nlist}_HNSW32,PQ{spec.pq_m}x8"
+    assert 512 % spec.pq_m == 0
+    bigger = estimate_memory_bytes("ivf_pq", 2_000_000_000, 512, spec.nlist, spec.pq_m * 2)
+    assert bigger > 64 * GB
+
+
+def test_hnsw_is_never_chosen_automatically():
+    for n in (10**3, 10**5, 10**6, 10**8):
+        for budget in (10**8, 10**10, 10**12):
+            for gpu in (False, True):
+                try:
+                    assert choose_index(n, 256, budget, gpu=gpu).kind != "hnsw"
+                except IndexInfeasible:
+                    pass
+
+
+def test_nlist_rule():
+    assert default_nlist(1_000_000) == 4000
+    assert default_nlist(10**14) == 1 << 18  # clipped
+    assert default_nlist(1_000) == 1_000 // 39  # enough points per list to train
+
+
+def test_more_memory_never_picks_a_less_exact_index():
+    order = ["flat", "ivf_flat", "ivf_pq"]
+    kinds = [choose_index(500_000, 512, budget).kind for budget in (500 * MB, 2 * GB, 8 * GB)]
+    assert [order.index(kind) for kind in kinds] == sorted((order.index(kind) for kind in kinds), reverse=True)
+
+
+def test_spec_json_roundtrip_and_validation():
+    spec = choose_index(1_000_000, 512, 8 * GB)
+    assert IndexSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="unknown index kind"):
+        dataclasses.replace(spec, kind="lsh")
+    with pytest.raises(ValueError, match="metric"):
+        dataclasses.replace(spec, metric="hamming")
+
+
+def test_check_fits_rejects_forced_spec_over_budget():
+    spec = spec_for_kind("flat", 1_000_000, 512)
+    check_fits(spec, spec.memory_bytes)
+    with pytest.raises(IndexInfeasible, match="budget"):
+        check_fits(spec, spec.memory_bytes - 1)
+
+
+def _unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+BUILDS = [
+    ("flat", {}),
+    ("ivf_flat", {"nlist": 32, "nprobe": 4}),
+    ("ivf_pq", {"nlist": 32, "nprobe": 4, "pq_m": 8}),
+    ("hnsw", {}),
+    ("binary_flat", {}),
+    ("binary_ivf", {"nlist": 32, "nprobe": 4}),
+]
+
+
+@pytest.mark.parametrize("kind, options", BUILDS, ids=[kind for kind, _ in BUILDS])
+def test_build_save_load_roundtrip(tmp_path, kind, options):
+    n, dim = 10_000, 32
+    spec = spec_for_kind(kind, n, dim, **options)
+    if spec.is_binary:
+        vectors = np.random.default_rng(1).integers(0, 256, (n, dim // 8), dtype=np.uint8)
+    else:
+        vectors = _unit_vectors(n, dim)
+    index = build_index(spec, vectors)
+    assert index.ntotal == n
+    queries = vectors[:50]
+    _, labels = index.search(queries, 1)
+    assert np.mean(labels[:, 0] == np.arange(50)) >= 0.9  # each row finds itself
+
+    index_path, spec_path = save_index(index, spec, tmp_path, "clip")
+    assert index_path.name == "clip.faiss" and spec_path.name == "clip.json"
+    loaded, loaded_spec = load_index(tmp_path, "clip")
+    assert loaded_spec == spec
+    assert loaded.ntotal == n
+    if spec.nprobe:
+        ivf = loaded if spec.is_binary else faiss.extract_index_ivf(loaded)
+        assert ivf.nprobe == spec.nprobe  # not stored in .faiss, restored from the spec
+    _, loaded_labels = loaded.search(queries, 1)
+    assert np.array_equal(loaded_labels, labels)
+
+
+def test_ivf_build_reserves_lists_exactly():
+    n, dim = 20_000, 32
+    spec = spec_for_kind("ivf_flat", n, dim, nlist=64)
+    index = build_index(spec, _unit_vectors(n, dim))
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    sizes = [invlists.list_size(list_no) for list_no in range(spec.nlist)]
+    assert sum(sizes) == n
+    stored = len(faiss.serialize_index(index))
+    assert n * (dim * 4 + 8) <= stored <= spec.memory_bytes
+
+
+def test_build_index_rejects_wrong_shapes():
+    spec = spec_for_kind("flat", 100, 32)
+    with pytest.raises(ValueError, match="dim=32"):
+        build_index(spec, _unit_vectors(100, 16))
+    binary_spec = spec_for_kind("binary_flat", 100, 64)
+    with pytest.raises(ValueError, match="packed uint8"):
+        build_index(binary_spec, _unit_vectors(100, 8))
+
+
+def test_gpu_spec_without_gpu_names_the_extra():
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is present; the missing-GPU error cannot be provoked")
+    spec = spec_for_kind("flat", 100, 32, gpu=True)
+    assert spec.use_gpu
+    with pytest.raises(DedupError) as caught:
+        build_index(spec, _unit_vectors(100, 32))
+    assert "dedup[gpu]" in str(caught.value)
+
+
+def test_load_missing_index_raises_store_error(tmp_path):
+    with pytest.raises(StoreError, match="index stage"):
+        load_index(tmp_path, "clip")
+
+
+def test_every_kind_has_a_memory_estimate():
+    for kind in KINDS:
+        dim = 64
+        assert estimate_memory_bytes(kind, 1_000, dim, nlist=16, pq_m=8) > 0
