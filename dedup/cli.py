@@ -106,7 +106,7 @@ def embed_command(
     from dedup import pipeline
 
     options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
-    report = pipeline.embed(shards, out, options)
+    report = pipeline.embed(shards, out, options, err_console)
     pipeline.print_embed_summary(report, err_console)
 
 
@@ -254,3 +254,7 @@ def eval_command(
 
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # python -m dedup.cli
+    main()

@@ -42,14 +42,15 @@ class ProcessedSample:
 
 # ---------------------------------------------------------------- worker side
 
-_worker_descriptors: dict[DescriptorBuilder, Descriptor] = {}
+_worker_descriptors: dict[str, Descriptor] = {}
 
 
 def _descriptor(builder: DescriptorBuilder) -> Descriptor:
     # Built once per worker process; builders are plain data, models are not shipped.
-    if builder not in _worker_descriptors:
-        _worker_descriptors[builder] = builder.build()
-    return _worker_descriptors[builder]
+    cache_key = builder.cache_key()
+    if cache_key not in _worker_descriptors:
+        _worker_descriptors[cache_key] = builder.build()
+    return _worker_descriptors[cache_key]
 
 
 def process_chunk(

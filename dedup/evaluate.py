@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import DedupError
@@ -131,9 +132,9 @@ def print_metrics(metrics: dict[str, Any], console: Console) -> None:
         value = metrics[name]
         table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     for family, value in metrics["recall_by_family"].items():
-        table.add_row(f"recall[{family}]", f"{value:.4f}")
+        table.add_row(escape(f"recall[{family}]"), f"{value:.4f}")
     console.print(table)
     top = Table("group", "true copies", "reported", "rel. error", title="10 largest true groups")
     for row in metrics["top10"]:
-        top.add_row(str(row["group_id"]), str(row["true_copies"]), str(row["reported_copies"]), f"{row['relative_error']:.3f}")
+        top.add_row(escape(str(row["group_id"])), str(row["true_copies"]), str(row["reported_copies"]), f"{row['relative_error']:.3f}")
     console.print(top)

@@ -125,17 +125,22 @@ def exact_search_affordable(n_vectors: int, dim: int, gpu: bool, binary: bool) -
     return 2.0 * float(n_vectors) ** 2 * dim <= budget
 
 
-def _ivf_prefix(nlist: int) -> str:
-    if nlist >= HNSW_QUANTIZER_FROM_NLIST:
+def _uses_hnsw_quantizer(nlist: int, gpu: bool) -> bool:
+    # On GPU the flat quantizer is fast enough and the GPU cloner cannot copy an HNSW one.
+    return nlist >= HNSW_QUANTIZER_FROM_NLIST and not gpu
+
+
+def _ivf_prefix(nlist: int, gpu: bool) -> str:
+    if _uses_hnsw_quantizer(nlist, gpu):
         return f"IVF{nlist}_HNSW{QUANTIZER_HNSW_M}"
     return f"IVF{nlist}"
 
 
-def _factory(kind: str, nlist: int, pq_m: int) -> str:
+def _factory(kind: str, nlist: int, pq_m: int, gpu: bool) -> str:
     factories = {
         "flat": "Flat",
-        "ivf_flat": f"{_ivf_prefix(nlist)},Flat",
-        "ivf_pq": f"{_ivf_prefix(nlist)},PQ{pq_m}x{PQ_NBITS}",
+        "ivf_flat": f"{_ivf_prefix(nlist, gpu)},Flat",
+        "ivf_pq": f"{_ivf_prefix(nlist, gpu)},PQ{pq_m}x{PQ_NBITS}",
         "hnsw": f"HNSW{HNSW_M},Flat",
         "binary_flat": "BFlat",
         "binary_ivf": f"BIVF{nlist}",
@@ -143,8 +148,8 @@ def _factory(kind: str, nlist: int, pq_m: int) -> str:
     return factories[kind]
 
 
-def _quantizer_bytes(nlist: int, dim: int) -> int:
-    graph = nlist * 2 * QUANTIZER_HNSW_M * 4 if nlist >= HNSW_QUANTIZER_FROM_NLIST else 0
+def _quantizer_bytes(nlist: int, dim: int, gpu: bool) -> int:
+    graph = nlist * 2 * QUANTIZER_HNSW_M * 4 if _uses_hnsw_quantizer(nlist, gpu) else 0
     return nlist * dim * 4 + graph
 
 
@@ -163,10 +168,10 @@ def estimate_memory_bytes(kind: str, n_vectors: int, dim: int, nlist: int = 0, p
         # level 0 holds 2*M links per vector; upper levels add ~1/M of that.
         size = n * (dim * 4 + int(2 * HNSW_M * 4 * (1 + 1 / HNSW_M)) + ID_BYTES)
     elif kind == "ivf_flat":
-        size = n * (dim * 4 + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim) + add_chunk * dim * 4
+        size = n * (dim * 4 + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim, gpu) + add_chunk * dim * 4
     elif kind == "ivf_pq":
         codebooks = (1 << PQ_NBITS) * dim * 4
-        size = n * (pq_m + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim) + codebooks
+        size = n * (pq_m + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim, gpu) + codebooks
         size += add_chunk * dim * 4
     elif kind == "binary_flat":
         size = n * (dim // 8)
@@ -201,7 +206,7 @@ def spec_for_kind(
     use_gpu = gpu and not binary and kind != "hnsw"  # faiss GPU has no HNSW index
     return IndexSpec(
         kind=kind,
-        factory=_factory(kind, lists, m),
+        factory=_factory(kind, lists, m, use_gpu),
         dim=dim,
         n_vectors=int(n_vectors),
         nlist=lists,
@@ -322,12 +327,22 @@ def _check_vectors(spec: IndexSpec, vectors: np.ndarray) -> None:
             )
     elif vectors.shape[1] != spec.dim:
         raise ValueError(f"spec is for dim={spec.dim}, vectors have {vectors.shape[1]} columns")
+    if len(vectors) > spec.n_vectors:
+        # The memory estimate (and the index kind) were checked for n_vectors only.
+        raise ValueError(
+            f"spec was chosen for {spec.n_vectors:,} vectors, got {len(vectors):,}: rerun choose_index with the real count"
+        )
 
 
 def _empty_index(spec: IndexSpec) -> faiss.Index | faiss.IndexBinary:
     if spec.is_binary:
         return faiss.index_binary_factory(spec.dim, spec.factory)
     index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index)) if "IVF" in spec.factory else None
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # Polysemous training (for Hamming pre-filtering, which we never use)
+        # dominates training time; skip it.
+        ivf.do_polysemous_training = False
     return index
 
 
@@ -413,15 +428,6 @@ def _to_gpu(index):
     return faiss.index_cpu_to_all_gpus(index)
 
 
-def _to_cpu(index):
-    if hasattr(faiss, "index_gpu_to_cpu") and not isinstance(index, faiss.IndexBinary):
-        try:
-            return faiss.index_gpu_to_cpu(index)
-        except (RuntimeError, TypeError):  # raised for indexes that are already on CPU
-            return index
-    return index
-
-
 # ---------------------------------------------------------------- save / load
 
 
@@ -438,7 +444,7 @@ def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str) 
     if spec.is_binary:
         faiss.write_index_binary(index, str(tmp_index))
     else:
-        faiss.write_index(_to_cpu(index), str(tmp_index))
+        faiss.write_index(faiss.index_gpu_to_cpu(index) if spec.use_gpu else index, str(tmp_index))
     tmp_spec = spec_path.with_name(spec_path.name + ".tmp")
     tmp_spec.write_text(replace(spec, n_vectors=int(index.ntotal)).to_json())
     os.replace(tmp_index, index_path)

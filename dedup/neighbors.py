@@ -47,7 +47,7 @@ PairSimilarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
 DEFAULT_RERANK_MARGIN = 0.05
 EXACT_REDO_CHUNK = 262144  # database rows per exact brute-force chunk
 RESCORE_CHUNK = 65536  # pairs re-scored per einsum call
-_POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+_POPCOUNT = np.array([value.bit_count() for value in range(256)], dtype=np.uint8)
 
 
 def iter_blocks(n: int, block_size: int) -> Iterator[slice]:
@@ -86,7 +86,7 @@ class _Metric:
 
     def max_hamming(self, threshold: float) -> int:
         # The epsilon keeps a threshold that is an exact Hamming step inclusive.
-        return int(math.floor((1.0 - threshold) * self.nbits / 2.0 + 1e-9))
+        return math.floor((1.0 - threshold) * self.nbits / 2.0 + 1e-9)
 
     def rows(self, block: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(block, dtype=np.uint8 if self.binary else np.float32)
@@ -170,7 +170,7 @@ def brute_force_pairs(
 def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not parts:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-    q, r, s = zip(*parts)
+    q, r, s = zip(*parts, strict=True)
     return (
         np.concatenate(q).astype(np.int64, copy=False),
         np.concatenate(r).astype(np.int64, copy=False),
@@ -205,6 +205,7 @@ def find_pairs(
     knn_cap: int | None = None,
     progress: Callable[[int], None] | None = None,
     rerank_margin: float = DEFAULT_RERANK_MARGIN,
+    rows: slice | None = None,
 ) -> Iterator[Pairs]:
     """Yield, per block of query rows, every pair with similarity >= threshold.
 
@@ -215,14 +216,18 @@ def find_pairs(
     `progress(rows_done)` is called after each block with the block's length.
     Indexes holding compressed codes are searched `rerank_margin` below the
     threshold and their candidates re-scored exactly from `vectors`.
+    `rows` restricts the query rows (all rows by default), so a resumable
+    stage can search one slice per task; pairs still span the whole index.
     """
     ids = _check_inputs(index, vectors, ids)
+    rows = rows or slice(0, len(vectors))
     _check_engine(index, knn_cap)
     metric = _Metric.of(vectors)
     exact_scores = _stores_exact_vectors(index)
     search_threshold = threshold if exact_scores else threshold - rerank_margin
     rescore = None if exact_scores else pair_similarity(vectors, query_transform)
-    for block in iter_blocks(len(vectors), block_size):
+    for local in iter_blocks(rows.stop - rows.start, block_size):
+        block = slice(rows.start + local.start, rows.start + local.stop)
         queries = metric.variants(vectors[block], query_transform)
         if knn_cap is None:
             found = _range_candidates(index, metric, queries, block.start, search_threshold)
@@ -230,13 +235,19 @@ def find_pairs(
             found = _knn_candidates(index, metric, vectors, queries, block.start, search_threshold, knn_cap)
         q_rows, r_rows, sims = found
         if rescore is not None:
-            forward = r_rows > q_rows
-            q_rows, r_rows = q_rows[forward], r_rows[forward]
+            q_rows, r_rows = _unique_forward(q_rows, r_rows, len(vectors))
             sims = rescore(q_rows, r_rows)
         passing = sims >= _as_float32(threshold)
         yield _rows_to_pairs(q_rows[passing], r_rows[passing], sims[passing], ids, len(vectors))
         if progress is not None:
             progress(block.stop - block.start)
+
+
+def _unique_forward(q_rows: np.ndarray, r_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (q, r) with r > q: each candidate is re-scored once, not once per variant."""
+    forward = r_rows > q_rows
+    keys = np.unique(q_rows[forward] * np.int64(n) + r_rows[forward])
+    return keys // n, keys % n
 
 
 def _check_inputs(index, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -282,6 +293,8 @@ def _stores_exact_vectors(index) -> bool:
     """True where the index's scores are exact (uncompressed float or binary codes)."""
     if isinstance(index, faiss.IndexBinary):
         return True
+    if isinstance(index, (faiss.IndexReplicas, faiss.IndexShards)) and index.count():
+        index = index.at(0)  # index_cpu_to_all_gpus wraps one copy per GPU
     cpu = faiss.downcast_index(index)
     if isinstance(cpu, faiss.IndexHNSW):
         cpu = faiss.downcast_index(cpu.storage)
@@ -359,7 +372,8 @@ def find_pairs_ivf_join(
     probes its `nprobe` nearest cells. For every cell, the queries probing it
     are multiplied against the cell's members in one matrix product. Only the
     index's coarse quantizer is used (the index may be trained but empty).
-    Memory: 12 bytes per (row, variant, probe) plus one cell's matrices.
+    Memory: 12 bytes per (row, variant, probe) (16 while sorting them by cell)
+    plus one cell's matrices.
     `progress(cells_done)` is called per block of cells (out of `nlist`).
     """
     ids = np.asarray(ids)
@@ -369,8 +383,8 @@ def find_pairs_ivf_join(
     metric = _Metric.of(vectors)
     nprobe = min(nprobe or ivf.nprobe, ivf.nlist)
     member_cell, probes = _cells_and_probes(ivf.quantizer, metric, vectors, query_transform, nprobe)
-    members = _CellIndex(member_cell.astype(np.int64), ivf.nlist)
-    probing = _CellIndex(probes.ravel().astype(np.int64), ivf.nlist)
+    members = _CellIndex(member_cell, ivf.nlist)
+    probing = _CellIndex(probes.ravel(), ivf.nlist)
     entries_per_row = probes.shape[1] * probes.shape[2]
     for cells in iter_blocks(ivf.nlist, cells_per_block):
         found = []

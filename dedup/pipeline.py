@@ -22,7 +22,7 @@ from dedup import config as cfg
 from dedup.descriptors import DescriptorBuilder, choose_default_descriptors
 from dedup.engine import StageReport, make_engine
 from dedup.errors import DedupError, StoreError
-from dedup.store import RunDir, load_embeddings, load_samples, record_shards, write_table
+from dedup.store import RunDir, load_embeddings, load_samples, record_shards, remove_stale_temp_files, write_table
 
 
 @dataclass
@@ -73,6 +73,7 @@ def embed(shard_specs: list[str], out: str | Path, options: EmbedOptions, log: C
     from dedup.embed import EmbedStage
 
     run = RunDir(out)
+    remove_stale_temp_files(run)
     shards = expand_inputs(shard_specs)
     names = resolve_descriptors(options, log)
     config = _start_config(run, shard_specs, names, options)
@@ -145,44 +146,50 @@ def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> di
 
 
 class NeighborsStage:
-    """One task per embedding part: its vectors query the whole index; edges -> part_{i}.parquet."""
+    """All-vs-all range search in row blocks; block j's edges -> neighbors/<descriptor>/part_{j}.parquet.
 
-    name = "neighbors"
+    Rows are the descriptor's vectors in sample_id order, so block boundaries
+    are stable and a killed search resumes at the first unfinished block.
+    """
 
-    def __init__(self, run: RunDir, descriptor: str, threshold: float, knn_cap: int | None = None) -> None:
+    def __init__(self, run: RunDir, descriptor: str, threshold: float, knn_cap: int | None = None,
+                 rows_per_task: int = 65536) -> None:
         self.run_dir, self.descriptor, self.threshold, self.knn_cap = run, descriptor, threshold, knn_cap
+        self.rows_per_task = rows_per_task
         self.name = f"neighbors-{descriptor}"
         self._loaded = None
 
     def __getstate__(self):
         return {**self.__dict__, "_loaded": None}
 
-    def task_ids(self) -> list[str]:
-        from dedup.store import embedding_parts
-
-        return [str(p) for p in embedding_parts(self.run_dir, self.descriptor)]
-
     def _load(self):
         if self._loaded is None:
             from dedup.index import load_index
 
             index, spec = load_index(self.run_dir.index_dir, self.descriptor)
-            ids, _ = load_embeddings(self.run_dir, self.descriptor)
+            ids, vectors = load_embeddings(self.run_dir, self.descriptor)
             keys = load_samples(self.run_dir, ["sample_id", "key"]).set_index("sample_id")["key"]
-            self._loaded = (index, spec, ids, keys)
+            self._loaded = (index, ids, vectors, keys)
         return self._loaded
 
-    def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        from dedup.neighbors import search_pairs
+    def task_ids(self) -> list[str]:
+        from dedup.store import embedding_parts
 
-        index, spec, db_ids, keys = self._load()
-        part = int(task_id)
-        query_vectors = np.load(self.run_dir.embedding_part(self.descriptor, part)).astype(np.float32)
-        query_ids = pd.read_parquet(self.run_dir.metadata_part(self.descriptor, part), columns=["sample_id"])["sample_id"].to_numpy()
-        id_a, id_b, sim = search_pairs(
-            index, spec, db_ids, query_vectors, query_ids, self.threshold,
-            query_transform=query_transform_for(self.descriptor), knn_cap=self.knn_cap,
-        )
+        rows = sum(len(np.load(self.run_dir.embedding_part(self.descriptor, p), mmap_mode="r"))
+                   for p in embedding_parts(self.run_dir, self.descriptor))
+        return [str(j) for j in range(max(1, -(-rows // self.rows_per_task)))]
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        from dedup.neighbors import find_pairs
+
+        index, ids, vectors, keys = self._load()
+        start = int(task_id) * self.rows_per_task
+        rows = slice(start, min(start + self.rows_per_task, len(vectors)))
+        found = list(find_pairs(index, vectors, ids, self.threshold, query_transform=query_transform_for(self.descriptor),
+                                knn_cap=self.knn_cap, rows=rows, progress=progress))
+        id_a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+        id_b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+        sim = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.float32)
         edges = pd.DataFrame({
             "id_a": id_a.astype(np.int64),
             "id_b": id_b.astype(np.int64),
@@ -191,9 +198,8 @@ class NeighborsStage:
             "similarity": sim.astype(np.float32),
             "descriptor": self.descriptor,
         })
-        write_table(edges, self.run_dir.neighbors_dir(self.descriptor) / f"part_{part}.parquet")
-        progress(len(query_ids))
-        return {"queries": len(query_ids), "edges": len(edges)}
+        write_table(edges, self.run_dir.neighbors_dir(self.descriptor) / f"part_{task_id}.parquet")
+        return {"queries": rows.stop - rows.start, "edges": len(edges)}
 
     def close(self) -> None:
         self._loaded = None

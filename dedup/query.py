@@ -64,7 +64,10 @@ class RunIndex:
         self.by_id = self.clusters.set_index("sample_id")
         self.descriptor = descriptor or self.config.descriptors[0]
         if self.descriptor not in self.config.descriptors:
-            raise QueryError(f"the run has no {self.descriptor!r} descriptor", hint=f"use one of {self.config.descriptors}")
+            raise QueryError(
+                f"the run has no {self.descriptor!r} descriptor (it holds {self.config.descriptors})",
+                hint=f"use one of {self.config.descriptors}, or embed again with '--descriptor {self.descriptor}' into a new --out",
+            )
         self._index = None
         self._describer = None
 
@@ -78,8 +81,8 @@ class RunIndex:
             from dedup.store import load_embeddings
 
             index, spec = load_index(self.run.index_dir, self.descriptor)
-            ids, _ = load_embeddings(self.run, self.descriptor)
-            self._index = (index, spec, ids)
+            ids, stored = load_embeddings(self.run, self.descriptor)
+            self._index = (index, spec, ids, stored)
         return self._index
 
     def describer(self):
@@ -89,12 +92,10 @@ class RunIndex:
         return self._describer
 
     def matches_for_vectors(self, vectors: np.ndarray, threshold: float) -> list[pd.DataFrame]:
-        from dedup.neighbors import range_search_variants
         from dedup.pipeline import query_transform_for
 
-        index, spec, ids = self.index()
-        q, pos, sim = range_search_variants(index, spec, vectors.astype(np.float32), threshold,
-                                            query_transform=query_transform_for(self.descriptor))
+        index, spec, ids, stored = self.index()
+        q, pos, sim = search_external(index, spec, stored, vectors, threshold, query_transform_for(self.descriptor))
         return [self._frame(ids[pos[q == i]], sim[q == i]) for i in range(len(vectors))]
 
     def _frame(self, sample_ids: np.ndarray, similarity: np.ndarray) -> pd.DataFrame:
@@ -108,6 +109,29 @@ class RunIndex:
         samples = load_samples(self.run, ["sample_id", "sha256"])
         hit = samples.loc[samples["sha256"] == sha256, "sample_id"].to_numpy()
         return self._frame(hit, np.ones(len(hit), np.float32))
+
+
+# Compressed indexes (PQ) give approximate scores: search this far below the
+# threshold, then re-score the candidates exactly against the stored vectors.
+RERANK_MARGIN = 0.05
+
+
+def search_external(index, spec, stored: np.ndarray, queries: np.ndarray, threshold: float, transform=None):
+    """Every stored row within `threshold` of each query (max over the query's variants): exact, uncapped."""
+    from dedup.index import apply_search_params
+
+    apply_search_params(index, spec)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    variants = transform(queries) if transform is not None else queries[None]
+    radius = threshold - (0.0 if spec.kind in ("flat", "ivf_flat") else RERANK_MARGIN)
+    hits = []
+    for variant in np.ascontiguousarray(variants, dtype=np.float32):
+        lims, _, labels = index.range_search(variant, float(np.nextafter(np.float32(radius), np.float32(-1))))
+        hits.append(np.stack([np.repeat(np.arange(len(variant)), np.diff(lims).astype(np.int64)), labels]))
+    q, pos = np.unique(np.concatenate(hits, axis=1), axis=1) if hits else (np.zeros(0, int), np.zeros(0, int))
+    exact = np.max(np.einsum("tnd,nd->tn", variants[:, q], stored[pos]), axis=0) if len(q) else np.zeros(0, np.float32)
+    keep = exact >= np.float32(threshold)
+    return q[keep], pos[keep], exact[keep].astype(np.float32)
 
 
 def _result(name: str, run_index: RunIndex, matches: pd.DataFrame) -> QueryResult:
@@ -156,7 +180,7 @@ def query_text(run_index: RunIndex, text: str) -> QueryResult:
             hint="embed with '--descriptor clip' and pass '--descriptor clip' to the query",
         )
     vector = run_index.describer().embed_text([text])
-    index, spec, ids = run_index.index()
+    index, spec, ids, _ = run_index.index()
     scores, positions = index.search(vector.astype(np.float32), min(TEXT_TOP, len(ids)))
     keep = positions[0] >= 0
     matches = run_index._frame(ids[positions[0][keep]], scores[0][keep])

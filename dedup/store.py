@@ -241,3 +241,11 @@ def load_embeddings(run: RunDir, descriptor: str) -> tuple[np.ndarray, np.ndarra
 
 def _part_number(path: Path) -> int:
     return int(path.stem.rsplit("_", 1)[1])
+
+
+def remove_stale_temp_files(run: RunDir) -> int:
+    """Delete half-written temporaries a killed run left behind (they never carry a marker)."""
+    stale = list(run.root.rglob(".*.tmp")) if run.root.exists() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)

@@ -21,6 +21,16 @@ from dedup.index import (
 )
 
 GB = 10**9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_faiss_thread():
+    """Tiny problems: OpenMP threads only add spin-wait overhead (5x on a loaded 2-core box)."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(previous)
+
 MB = 10**6
 
 # n, dim, budget, gpu, binary -> expected kind
@@ -172,6 +182,8 @@ def test_build_index_rejects_wrong_shapes():
     spec = spec_for_kind("flat", 100, 32)
     with pytest.raises(ValueError, match="dim=32"):
         build_index(spec, _unit_vectors(100, 16))
+    with pytest.raises(ValueError, match="choose_index"):
+        build_index(spec, _unit_vectors(101, 32))
     binary_spec = spec_for_kind("binary_flat", 100, 64)
     with pytest.raises(ValueError, match="packed uint8"):
         build_index(binary_spec, _unit_vectors(100, 8))

@@ -37,6 +37,11 @@ class DescriptorBuilder:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
 
+    def cache_key(self) -> str:
+        import json
+
+        return f"{self.name}:{json.dumps(self.options, sort_keys=True, default=str)}"
+
     def build(self) -> Descriptor:
         from dedup.descriptors import build_descriptor
 

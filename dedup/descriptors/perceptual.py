@@ -1,0 +1,328 @@
+"""Weight-free perceptual descriptor: low-frequency DCT of two views of the luma.
+
+Built for the copies web-scale image sets are full of: resized, re-encoded,
+slightly cropped, letterboxed or padded, watermarked, colour-shifted, grayscale,
+brightness/contrast-edited, blurred or sharpened, flipped or rotated by 90°.
+
+Recipe (all of it runs in `prepare`, inside the decode workers):
+
+1. Box-reduce the RGB image to a long side under 512 px and find letterbox /
+   padding bars (`content_box`): a bar must be uniform, end in a clear step into
+   the picture, and be matched by a bar of the same colour and size on the
+   opposite side.
+   Uniform bands that belong to the photo (a grey sky above a horizon) are
+   one-sided, so they are kept and a 4 % crop of such a photo still matches.
+2. Two views of the luma inside that box, each area-resized to 64x64:
+   the whole box squashed to a square, and its central square. The first
+   survives resizing and squashing; the second survives centre crops to a
+   square (thumbnails, the Kodak 500x500 crops), which the first cannot.
+3. Per view: 2-D DCT-II, keep the 128 lowest frequencies (u + v small, a set
+   closed under transposition), drop DC (brightness), multiply each coefficient
+   by its radial frequency (flattens the 1/f spectrum of photos so edges, not
+   the overall light gradient, decide the match), take a signed square root (no
+   few strong coefficients dominate) and L2-normalise (contrast). The vector is
+   [whole view | central view] / sqrt(2): 256 floats, unit length.
+4. Images with almost no structure (blank, near-black, plain sky) get the zero
+   vector: nothing identifies them, so they match nothing.
+
+Flips and 90° rotations act on DCT coefficients as sign changes and a u<->v
+swap, and both views commute with them, so `dihedral_variants` produces the 8
+orientations of a stored vector without touching pixels; the neighbour search
+queries all 8 against an index of plain vectors.
+
+`DEFAULT_THRESHOLD` is calibrated on the real duplicate groups in
+`shared/data/real-dups` by `benchmarks/perceptual_realdups.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+
+from dedup.decode import to_rgb
+from dedup.descriptors.base import l2_normalize
+from dedup.errors import DedupError
+
+DIM = 256
+GRID = 64  # side of each view before the DCT
+VIEW_DIM = DIM // 2  # coefficients kept per view
+TRIM_THUMBNAIL_SIDE = 256  # working images are box-reduced to a long side of 256..511 px
+
+# Letterbox bars (pixel values on 0..255, RGB channels).
+BAR_TOLERANCE = 6.0  # mean deviation of a bar line from the bar colour
+BAR_STEP = 15.0  # the picture must differ from the bar colour by this much
+MAX_BAR_FRACTION = 0.4  # never trim more than this per side
+BAR_STEP_LOOKAHEAD = 3  # lines checked for the step (JPEG ringing blurs the edge)
+_SCAN_CHUNK = 8
+
+# Frequency weighting and coefficient compression (measured on real-dups and
+# synthetic edits, see benchmarks/perceptual_realdups.py).
+FREQUENCY_EXPONENT = 1.0
+COEFFICIENT_POWER = 0.5
+# RMS luma gradient (grey levels per 64-grid pixel) below which an image is
+# "featureless": real photos measure >= 6, a plain sky ~1, clouds ~1.4.
+MIN_STRUCTURE = 2.0
+
+# Cosine similarity (max over the 8 orientations) at which two images are
+# called copies. benchmarks/perceptual_realdups.py: the highest pair of
+# different photos in real-dups scores 0.377 and the highest of ~400k random
+# crops of different photos 0.52-0.54; the cut must clear them by 0.15 / 0.05
+# (>= 0.574). Above 0.60 sit all tested edits of these kinds: resize,
+# re-encode, 4 % crop, bars, watermark, colour, blur, flips, 3° rotation;
+# also copies squashed to a square (~0.63), 80 % of centre-square crops
+# (median 0.65) and 18 of the 24 Kodak 500x500 crops.
+DEFAULT_THRESHOLD = 0.60
+
+
+def low_frequency_coefficients(count: int) -> tuple[tuple[int, int], ...]:
+    """The `count` lowest (u, v) DCT frequencies, DC included, closed under u<->v.
+
+    Whole anti-diagonals u + v = s are taken in order; the last, partial one is
+    filled with transpose pairs nearest the diagonal so a 90° rotation (which
+    swaps u and v) maps the set onto itself.
+    """
+    chosen: list[tuple[int, int]] = []
+    total = 0
+    while True:
+        diagonal = [(u, total - u) for u in range(total + 1)]
+        if len(chosen) + len(diagonal) > count:
+            break
+        chosen.extend(diagonal)
+        total += 1
+    diagonal.sort(key=lambda uv: abs(uv[0] - uv[1]))
+    for u, v in diagonal:
+        room = count - len(chosen)
+        if u == v and room >= 1:
+            chosen.append((u, v))
+        elif u < v and room >= 2:
+            chosen.extend([(u, v), (v, u)])
+    if len(chosen) != count:
+        raise ValueError(f"cannot pick {count} coefficients closed under transposition; use an even count")
+    return tuple(chosen)
+
+
+def dct_matrix(size: int, frequencies: int) -> np.ndarray:
+    """Orthonormal DCT-II rows 0..frequencies-1 for signals of length `size`."""
+    samples = np.arange(size)
+    rows = np.arange(frequencies)[:, None]
+    matrix = np.cos(np.pi * (2 * samples + 1) * rows / (2 * size)) * math.sqrt(2.0 / size)
+    matrix[0] /= math.sqrt(2.0)
+    return matrix
+
+
+# The 128 (u, v) pairs of one view; u = vertical, v = horizontal frequency.
+# Vector index i holds COEFFICIENTS[i] of the whole view, VIEW_DIM + i the same
+# frequency of the central square view.
+COEFFICIENTS = low_frequency_coefficients(VIEW_DIM)
+_U = np.array([u for u, _ in COEFFICIENTS])
+_V = np.array([v for _, v in COEFFICIENTS])
+_BLOCK = int(max(_U.max(), _V.max())) + 1
+_DCT = dct_matrix(GRID, _BLOCK).astype(np.float32)
+_FREQUENCY_WEIGHT = (np.maximum(np.hypot(_U, _V), 1.0) ** FREQUENCY_EXPONENT).astype(np.float32)
+# Squared angular frequency per coefficient of the block: Parseval turns
+# sum(w^2 c^2) into the mean squared gradient of the low-passed view.
+_OMEGA = np.pi * np.arange(_BLOCK) / GRID
+_GRADIENT_WEIGHT = (_OMEGA[:, None] ** 2 + _OMEGA[None, :] ** 2).astype(np.float32)
+
+# The dihedral group, identity first, as PIL transposes and as coefficient
+# actions (swap u<->v first, then negate odd-u and/or odd-v coefficients).
+DIHEDRAL_TRANSFORMS: tuple[Image.Transpose | None, ...] = (
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+)
+_DIHEDRAL_ACTIONS = (  # (swap u and v, negate odd u, negate odd v)
+    (False, False, False),
+    (False, False, True),  # mirror: x -> -x flips odd horizontal frequencies
+    (False, True, False),
+    (False, True, True),
+    (True, False, False),
+    (True, True, False),  # PIL ROTATE_90 is counter-clockwise: new[i, j] = old[j, N-1-i]
+    (True, False, True),
+    (True, True, True),
+)
+
+
+def _dihedral_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(8, DIM) source index and (8, DIM) sign: variant[:, i] = sign[i] * vector[:, source[i]]."""
+    position = {uv: i for i, uv in enumerate(COEFFICIENTS)}
+    transposed = np.array([position[(v, u)] for u, v in COEFFICIENTS])
+    identity = np.arange(VIEW_DIM)
+    sources, signs = [], []
+    for swap, negate_u, negate_v in _DIHEDRAL_ACTIONS:
+        view_source = transposed if swap else identity
+        sign = np.ones(VIEW_DIM, dtype=np.float32)
+        if negate_u:
+            sign *= (-1.0) ** _U
+        if negate_v:
+            sign *= (-1.0) ** _V
+        sources.append(np.concatenate([view_source, view_source + VIEW_DIM]))
+        signs.append(np.concatenate([sign, sign]))
+    return np.stack(sources), np.stack(signs).astype(np.float32)
+
+
+_DIHEDRAL_SOURCE, _DIHEDRAL_SIGN = _dihedral_tables()
+
+
+def dihedral_variants(vectors: np.ndarray) -> np.ndarray:
+    """(n, 256) descriptors -> (8, n, 256): the same images flipped/rotated (order of DIHEDRAL_TRANSFORMS)."""
+    vectors = _as_descriptor_rows(vectors)
+    return np.ascontiguousarray(vectors[:, _DIHEDRAL_SOURCE].transpose(1, 0, 2) * _DIHEDRAL_SIGN[:, None, :])
+
+
+def dihedral_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, 256) x (m, 256) -> (n, m): cosine of the best-aligned orientation of each pair.
+
+    Symmetric: every variant is a signed permutation, so sim(a, b) = sim(b, a).T.
+    """
+    b = _as_descriptor_rows(b)
+    return np.einsum("gnd,md->gnm", dihedral_variants(a), b, optimize=True).max(axis=0)
+
+
+def _as_descriptor_rows(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or vectors.shape[1] != DIM:
+        raise DedupError(
+            f"perceptual vectors must have shape (n, {DIM}), got {vectors.shape}",
+            hint="pass rows produced by PerceptualDescriptor.embed (or describe())",
+        )
+    return vectors
+
+
+# --- letterbox / padding detection -------------------------------------------------------------
+
+
+def _bar_profile(lines: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per line of an (n, m, 3) array: mean channel deviation from `colour`, fraction of values far from it."""
+    flat = lines.reshape(len(lines), -1).astype(np.float32)  # long rows reduce much faster than (m, 3)
+    deviation = np.abs(flat - np.tile(colour, lines.shape[1]))
+    return deviation.mean(axis=1), (deviation > 2 * BAR_TOLERANCE).mean(axis=1)
+
+
+def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
+    """Leading lines (rows of an (n, m, 3) array) that form a uniform bar ending in a clear step."""
+    colour = np.median(lines[0], axis=0).astype(np.float32)
+    length = 0
+    # Scan in small chunks: most images have no bar and stop at the first line.
+    while length < limit:
+        mean_deviation, outliers = _bar_profile(lines[length : min(length + _SCAN_CHUNK, limit)], colour)
+        # Uniform on average and nearly everywhere (a line crossing the picture is not a bar).
+        is_bar = (mean_deviation < BAR_TOLERANCE) & (outliers <= 0.1)
+        if not is_bar.all():
+            length += int(np.argmin(is_bar))
+            break
+        length += len(is_bar)
+    step_lines = lines[length : length + BAR_STEP_LOOKAHEAD]
+    if length == 0 or len(step_lines) == 0:
+        return 0, colour
+    if _bar_profile(step_lines, colour)[0].max() < BAR_STEP:
+        return 0, colour  # the "bar" fades into the picture: it is part of the photo
+    return length, colour
+
+
+def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
+    """Bars at both ends of axis 0 of lines, kept only when they match in colour and size."""
+    limit = int(len(lines) * MAX_BAR_FRACTION)
+    if limit == 0:
+        return 0, 0
+    start, start_colour = _bar_length(lines, limit)
+    end, end_colour = _bar_length(lines[::-1], limit)
+    if start == 0 or end == 0:
+        return 0, 0
+    same_colour = np.abs(start_colour - end_colour).max() <= 2 * BAR_TOLERANCE
+    same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
+    return (start, end) if same_colour and same_size else (0, 0)
+
+
+def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the picture inside letterbox/pillarbox/padding bars of an (h, w, 3) array."""
+    height, width = rgb.shape[:2]
+    top, bottom = _paired_bars(rgb)
+    left, right = _paired_bars(rgb.transpose(1, 0, 2))
+    return left, top, width - right, height - bottom
+
+
+# --- the descriptor ----------------------------------------------------------------------------
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    """Integer box-reduce to a long side of TRIM_THUMBNAIL_SIDE..2*TRIM_THUMBNAIL_SIDE-1 (cheap: no resampling)."""
+    factor = max(image.size) // TRIM_THUMBNAIL_SIDE
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def _central_square(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    left, top, right, bottom = box
+    side = min(right - left, bottom - top)
+    centre_x, centre_y = (left + right) / 2, (top + bottom) / 2
+    return centre_x - side / 2, centre_y - side / 2, centre_x + side / 2, centre_y + side / 2
+
+
+def _low_frequencies(luma: Image.Image, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The box of `luma` area-resized to GRID x GRID -> its (_BLOCK, _BLOCK) lowest DCT coefficients, DC zeroed."""
+    view = np.asarray(luma.resize((GRID, GRID), Image.Resampling.BOX, box=box), dtype=np.float32)
+    coefficients = _DCT @ view @ _DCT.T
+    coefficients[0, 0] = 0.0
+    return coefficients
+
+
+def structure(coefficients: np.ndarray) -> float:
+    """RMS luma gradient of the low-passed view, in grey levels per grid pixel."""
+    return float(np.sqrt((_GRADIENT_WEIGHT * coefficients**2).sum()) / GRID)
+
+
+def _signature(coefficients: np.ndarray) -> np.ndarray:
+    """(_BLOCK, _BLOCK) coefficients -> the VIEW_DIM weighted, compressed, unit-length values."""
+    weighted = coefficients[_U, _V] * _FREQUENCY_WEIGHT
+    compressed = np.sign(weighted) * np.abs(weighted) ** COEFFICIENT_POWER
+    return compressed / max(float(np.linalg.norm(compressed)), 1e-12)
+
+
+def perceptual_vector(image: Image.Image) -> np.ndarray:
+    """One image -> its (256,) float32 descriptor (unit length, or all zeros when featureless)."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    thumbnail = _thumbnail(image)
+    box = content_box(np.asarray(thumbnail))
+    luma = thumbnail.convert("L")
+    whole = _low_frequencies(luma, box)
+    if structure(whole) < MIN_STRUCTURE:
+        return np.zeros(DIM, dtype=np.float32)
+    central = _low_frequencies(luma, _central_square(box))
+    vector = np.concatenate([_signature(whole), _signature(central)]) / math.sqrt(2.0)
+    return vector.astype(np.float32)
+
+
+class PerceptualDescriptor:
+    """The `perceptual` descriptor: no weights, ~1 ms per decoded image on one core."""
+
+    name: ClassVar[str] = "perceptual"
+    dim: int = DIM
+    # JPEGs may be DCT-downscaled to this short side: the 64x64 views then
+    # average >= 2x2 decoded pixels and bar edges stay sharp enough to trim.
+    min_side: int = 128
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return perceptual_vector(image)
+
+    def embed(self, prepared: np.ndarray) -> np.ndarray:
+        return l2_normalize(_as_descriptor_rows(prepared))
+
+
+def describe(images: Sequence[Image.Image]) -> np.ndarray:
+    """Images (any PIL mode) -> (n, 256) float32 descriptors, as the pipeline would store them."""
+    descriptor = PerceptualDescriptor()
+    if len(images) == 0:
+        return np.zeros((0, DIM), dtype=np.float32)
+    return descriptor.embed(np.stack([descriptor.prepare(image) for image in images]))

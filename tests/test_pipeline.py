@@ -1,0 +1,170 @@
+"""End-to-end: shards -> embed -> index -> neighbours -> clusters -> ranking -> manifests -> query."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dedup import pipeline
+from dedup.manifests import DropDuplicates, decide_keep, KeepPolicy
+from dedup.query import query
+from dedup.store import RunDir
+from dedup.synth import build_demo
+
+QUIET = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    shards, truth = build_demo(root / "shards")
+    out = root / "run"
+    from rich.console import Console
+
+    ranking = pipeline.run_all([str(p) for p in shards], out, QUIET, None, "1GB", "first", False, Console(quiet=True))
+    return out, truth, ranking, shards
+
+
+def test_every_sample_has_a_row_and_bad_ones_their_status(demo_run):
+    out, truth, _, _ = demo_run
+    clusters = pd.read_parquet(RunDir(out).clusters)
+    assert len(clusters) == len(truth)
+    merged = truth.merge(clusters, on="key")
+    bad = merged[merged["family"] == "bad"]
+    assert (bad["status"] == bad["expected_status"]).all(), bad[["key", "status", "expected_status"]]
+    assert set(bad["status"]) >= {"truncated", "empty", "decode_error", "too_small", "missing_image"}
+
+
+def test_largest_planted_group_is_ranked_first(demo_run):
+    out, truth, ranking, _ = demo_run
+    ok_truth = truth[truth["family"] != "bad"]
+    biggest = ok_truth["group_id"].value_counts()
+    top = ranking.iloc[0]
+    members = pd.read_parquet(RunDir(out).clusters).query("cluster_id == @top.cluster_id")
+    assert ok_truth.set_index("key").loc[members["key"], "group_id"].value_counts().idxmax() == biggest.index[0]
+    # copy count within 10% of the planted count (hard copies may split off)
+    assert abs(top["copies"] - biggest.iloc[0]) <= 0.1 * biggest.iloc[0]
+    assert list(ranking["copies"]) == sorted(ranking["copies"], reverse=True)
+
+
+def test_manifests_keep_exactly_one_per_cluster_under_first(demo_run):
+    out, _, _, _ = demo_run
+    run = RunDir(out)
+    clusters = pd.read_parquet(run.clusters)
+    manifests = pd.concat([pd.read_parquet(p) for p in sorted(run.manifests_dir.glob("*.parquet"))])
+    assert len(manifests) == len(clusters)
+    ok = clusters[clusters["status"] == "ok"].merge(manifests[["sample_id", "keep"]], on="sample_id")
+    kept_per_cluster = ok.groupby("cluster_id")["keep"].sum()
+    assert (kept_per_cluster == 1).all()
+    # the kept one is the earliest sample of its cluster
+    first = ok.sort_values("sample_id").groupby("cluster_id").head(1)
+    assert first["keep"].all()
+    removed = pd.read_parquet(run.remove_keys)
+    assert len(removed) == (~manifests["keep"]).sum()
+    assert set(removed.columns) == {"shard", "key", "sample_id", "cluster_id", "reason"}
+
+
+def test_max_copies_policy_keeps_n(demo_run):
+    out, _, _, _ = demo_run
+    clusters = pd.read_parquet(RunDir(out).clusters)
+    decided = decide_keep(clusters.assign(width=10, height=10), KeepPolicy.parse("max-copies=3"))
+    ok = decided[decided["status"] == "ok"]
+    kept = ok.groupby("cluster_id")["keep"].sum()
+    sizes = ok.groupby("cluster_id").size()
+    assert (kept == np.minimum(sizes, 3)).all()
+
+
+def test_drop_duplicates_filters_a_webdataset_stream(demo_run):
+    import webdataset as wds
+
+    out, _, _, shards = demo_run
+    removed = set(pd.read_parquet(RunDir(out).remove_keys)["key"])
+    dataset = wds.WebDataset([str(p) for p in shards], shardshuffle=False).compose(DropDuplicates(out))
+    keys = [sample["__key__"] for sample in dataset]
+    assert keys and not (set(keys) & removed)
+    manifests = pd.concat([pd.read_parquet(p) for p in sorted(RunDir(out).manifests_dir.glob("*.parquet"))])
+    assert set(keys) == set(manifests.loc[manifests["keep"], "key"])
+
+
+def test_query_by_key_counts_equal_cluster_sizes(demo_run):
+    out, _, ranking, _ = demo_run
+    clusters = pd.read_parquet(RunDir(out).clusters)
+    for row in ranking.head(5).itertuples():
+        member = clusters[clusters["cluster_id"] == row.cluster_id].iloc[-1]
+        (result,) = query(out, key=member["key"])
+        assert result.copies == row.copies == result.cluster_size
+        assert set(result.matches["key"]) == set(clusters.loc[clusters["cluster_id"] == row.cluster_id, "key"])
+
+
+def test_query_by_image_finds_the_cluster(demo_run, tmp_path):
+    out, _, ranking, shards = demo_run
+    clusters = pd.read_parquet(RunDir(out).clusters)
+    top = ranking.iloc[0]
+    rep = clusters[(clusters["cluster_id"] == top.cluster_id) & clusters["is_representative"]].iloc[0]
+    import tarfile
+
+    with tarfile.open(shards[int(rep["shard_index"])]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.split(".")[0] == rep["key"] and not m.name.endswith((".txt", ".json")))
+        image = tmp_path / ("query." + member.name.rsplit(".", 1)[1])
+        image.write_bytes(tar.extractfile(member).read())
+    (result,) = query(out, image=image)
+    assert result.cluster_id == top.cluster_id
+    # direct matches cover the cluster (up to a few transitive members)
+    assert result.copies >= 0.9 * top.copies
+    assert result.matches["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_run_resumes_without_redoing_stages(demo_run, tmp_path):
+    out, _, ranking, shards = demo_run
+    from rich.console import Console
+
+    before = {p: p.stat().st_mtime_ns for p in RunDir(out).root.glob("embeddings/*/img_emb/*.npy")}
+    again = pipeline.run_all([str(p) for p in shards], out, QUIET, None, "1GB", "first", False, Console(quiet=True))
+    after = {p: p.stat().st_mtime_ns for p in RunDir(out).root.glob("embeddings/*/img_emb/*.npy")}
+    assert before == after
+    pd.testing.assert_frame_equal(again, ranking)
+
+
+# ---------------------------------------------------------------- kill -9 and resume
+
+def _run_embed(shards: list[str], out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dedup.cli", "embed", *shards, "--out", str(out), "--descriptor", "perceptual", "--workers", "1"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "120"})
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    result = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and "_markers" not in path.parts and path.name != "run.json":
+            result[str(path.relative_to(out))] = path.read_bytes() if path.suffix == ".npy" else pd.read_parquet(path).to_json().encode() if path.suffix == ".parquet" else path.read_bytes()
+    return result
+
+
+def test_killed_embed_resumes_to_identical_output(tmp_path):
+    shards, _ = build_demo(tmp_path / "shards")
+    specs = [str(p) for p in shards]
+    reference = tmp_path / "reference"
+    assert _run_embed(specs, reference).wait(timeout=300) == 0
+
+    out = tmp_path / "killed"
+    proc = _run_embed(specs, out)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "_markers" / "embed").glob("*.done")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / "_markers" / "embed").glob("*.done")))
+    assert 1 <= done_before < len(shards), "kill must land mid-run for this test to mean anything"
+    assert _run_embed(specs, out).wait(timeout=300) == 0
+    assert _tree(out) == _tree(reference)
+    leftovers = [p for p in out.rglob("*.tmp")]
+    assert leftovers == []
