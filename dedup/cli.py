@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import DedupError
@@ -26,9 +27,10 @@ ShardsArg = Annotated[
 
 
 def _fail(error: DedupError) -> None:
-    err_console.print(f"[bold red]error:[/] {error.message}")
+    # soft_wrap: messages stay on one line for grep; escape: paths and keys may hold [brackets].
+    err_console.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
     if error.hint:
-        err_console.print(f"[yellow]hint:[/] {error.hint}")
+        err_console.print(f"[yellow]hint:[/] {escape(error.hint)}", soft_wrap=True)
     raise typer.Exit(2)
 
 

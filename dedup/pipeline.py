@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dedup import config as cfg
-from dedup.descriptors import DescriptorBuilder, choose_default_descriptors
+from dedup.descriptors import DescriptorBuilder, choose_default_descriptors, vector_descriptor_names
 from dedup.engine import StageReport, make_engine
 from dedup.errors import DedupError, StoreError
 from dedup.store import RunDir, load_embeddings, load_samples, record_shards, remove_stale_temp_files, write_table
@@ -51,6 +51,12 @@ def resolve_descriptors(options: EmbedOptions, log: Console | None = None) -> li
     if options.descriptors:
         names = list(dict.fromkeys(options.descriptors))
         reason = "chosen with --descriptor"
+        unknown = [n for n in names if n not in vector_descriptor_names()]
+        if unknown:
+            raise DedupError(
+                f"unknown descriptor {unknown[0]!r}",
+                hint=f"choose from {', '.join(vector_descriptor_names())} (sha256 is always computed); 'dedup descriptors' lists them",
+            )
     else:
         names, reason = choose_default_descriptors(_cuda_available())
     if log is not None:
@@ -106,9 +112,10 @@ def _check_builders(builders: list[DescriptorBuilder], log: Console | None) -> N
     """Build each descriptor once up front so a bad model name fails before any shard is read."""
     for builder in builders:
         descriptor = builder.build()
-        check = getattr(descriptor, "check_loadable", None)
-        if check is not None:
-            check()
+        if builder.name == "clip":
+            # One tiny forward pass loads the weights: a bad checkpoint fails here, not mid-shard.
+            side = descriptor.min_side
+            descriptor.embed(np.zeros((1, 3, side, side), dtype=np.uint8))
         if log is not None and hasattr(descriptor, "describe_device"):
             log.print(f"{builder.name}: {descriptor.describe_device()}")
 

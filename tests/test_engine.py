@@ -1,0 +1,95 @@
+"""Engine seam: markers, skips, retries, stats, the missing-extra error, and Ray running the same stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from dedup.engine import LocalEngine, StageFailed
+from dedup.errors import MissingExtraError, require
+from dedup.store import RunDir
+
+
+class CountingStage:
+    """A real stage: writes one file per task; fails the first attempt of task 'flaky'."""
+
+    name = "count"
+
+    def __init__(self, run: RunDir, tasks: list[str], fail_always: str | None = None) -> None:
+        self.run_dir, self.tasks, self.fail_always = run, tasks, fail_always
+        self.attempts: dict[str, int] = {}
+
+    def task_ids(self):
+        return self.tasks
+
+    def run_task(self, task_id, progress):
+        self.attempts[task_id] = self.attempts.get(task_id, 0) + 1
+        if task_id == self.fail_always or (task_id == "flaky" and self.attempts[task_id] == 1):
+            raise RuntimeError(f"boom in {task_id}")
+        (self.run_dir.root / f"{task_id}.out").write_text(task_id)
+        progress(3)
+        return {"samples": 3, "status.ok": 2}
+
+    def close(self):
+        pass
+
+
+def test_markers_skip_finished_tasks_and_stats_add_up(tmp_path):
+    run = RunDir(tmp_path)
+    stage = CountingStage(run, ["a", "b", "flaky"])
+    report = LocalEngine(run, show_progress=False).run(stage)
+    assert report.tasks_run == 3 and stage.attempts == {"a": 1, "b": 1, "flaky": 2}
+    assert report.stats["samples"] == 9 and report.stats["status.ok"] == 6
+    again = CountingStage(run, ["a", "b", "flaky", "c"])
+    report = LocalEngine(run, show_progress=False).run(again)
+    assert again.attempts == {"c": 1} and report.tasks_skipped == 3
+    assert report.stats["samples"] == 12  # earlier tasks' stats come from their markers
+
+
+def test_failing_task_is_reported_and_others_are_kept(tmp_path):
+    run = RunDir(tmp_path)
+    stage = CountingStage(run, ["a", "bad", "c"], fail_always="bad")
+    with pytest.raises(StageFailed, match="1 of 3 tasks failed") as info:
+        LocalEngine(run, retries=2, show_progress=False).run(stage)
+    assert "rerun the same command" in str(info.value)
+    assert stage.attempts["bad"] == 3
+    assert run.marker("count", "a").exists() and run.marker("count", "c").exists()
+    assert not run.marker("count", "bad").exists()
+
+
+def test_missing_extra_names_the_pip_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray_not_here", None)
+    with pytest.raises(MissingExtraError) as info:
+        require("ray_not_here", "ray", "ray", "the Ray engine")
+    assert "pip install 'dedup[ray]'" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'dedup[ray]')")
+def test_ray_engine_runs_the_embed_stage_like_the_local_one(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import ray
+
+    from dedup import pipeline
+    from dedup.synth import build_demo
+
+    shards, _ = build_demo(tmp_path / "shards")
+    specs = [str(p) for p in shards]
+    local = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
+    ray_options = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False, engine="ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        pipeline.embed(specs, tmp_path / "local", local)
+        report = pipeline.embed(specs, tmp_path / "ray", ray_options)
+    finally:
+        ray.shutdown()
+    assert report.tasks_run == len(shards)
+    for i in range(len(shards)):
+        a = RunDir(tmp_path / "local")
+        b = RunDir(tmp_path / "ray")
+        np.testing.assert_array_equal(np.load(a.embedding_part("perceptual", i)), np.load(b.embedding_part("perceptual", i)))
+        pd.testing.assert_frame_equal(pd.read_parquet(a.samples_part(i)), pd.read_parquet(b.samples_part(i)))
+        assert b.marker("embed", str(i)).exists()
