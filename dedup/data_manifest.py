@@ -10,6 +10,7 @@ informational `expected_shards`, `expected_samples`, `samples_per_shard`,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def load_data_manifest(path: str | Path) -> dict[str, Any]:
 def _resolve(spec: str, base: Path) -> str:
     if is_remote(spec) or Path(spec).is_absolute():
         return spec
-    return str(base / spec)
+    return os.path.normpath(str(base / spec))
 
 
 def expand_inputs(specs: list[str]) -> list[str]:

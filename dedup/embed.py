@@ -45,8 +45,11 @@ class ProcessedSample:
 _worker_descriptors: dict[str, Descriptor] = {}
 
 
-def _descriptor(builder: DescriptorBuilder) -> Descriptor:
-    # Built once per worker process; builders are plain data, models are not shipped.
+def cached_descriptor(builder: DescriptorBuilder) -> Descriptor:
+    """Build once per process (workers and the model-owning process alike): a model loads once.
+
+    Builders are plain data; models are never shipped between processes.
+    """
     cache_key = builder.cache_key()
     if cache_key not in _worker_descriptors:
         _worker_descriptors[cache_key] = builder.build()
@@ -56,7 +59,7 @@ def _descriptor(builder: DescriptorBuilder) -> Descriptor:
 def process_chunk(
     chunk: list[RawSample], builders: tuple[DescriptorBuilder, ...], max_pixels: int
 ) -> list[ProcessedSample]:
-    descriptors = [(b.name, _descriptor(b)) for b in builders]
+    descriptors = [(b.name, cached_descriptor(b)) for b in builders]
     target_side = max((d.min_side for _, d in descriptors), default=0)
     return [_process_sample(raw, descriptors, target_side, max_pixels) for raw in chunk]
 
@@ -197,7 +200,7 @@ class EmbedStage:
 
     def _descriptors(self) -> dict[str, Descriptor]:
         if self._main_descriptors is None:
-            self._main_descriptors = {b.name: b.build() for b in self.builders}
+            self._main_descriptors = {b.name: cached_descriptor(b) for b in self.builders}
         return self._main_descriptors
 
     def _processed(self, samples: Iterable[RawSample]) -> Iterator[list[ProcessedSample]]:

@@ -1,4 +1,4 @@
-"""notebooks/explore_duplicates.ipynb runs top to bottom against a run directory."""
+"""notebooks/explore_duplicates.ipynb runs top to bottom on the output of the real `dedup demo` pipeline."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pandas as pd
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
-from test_report import build_fixture_run
+from typer.testing import CliRunner
+
+from dedup.cli import app
+from dedup.synth import DEMO_SAMPLES
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_duplicates.ipynb"
 KERNEL_NAME = "python3"
@@ -36,12 +40,19 @@ def _kernel_manager(spec_root: Path, run_dir: Path) -> KernelManager:
     return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
 
 
+def _demo_run(base: Path) -> Path:
+    """Shards + every pipeline stage, exactly what `make demo` runs (perceptual descriptor, CPU)."""
+    result = CliRunner().invoke(app, ["demo", "--out", str(base), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    return base / "run"
+
+
 @pytest.mark.slow
-def test_notebook_runs_on_a_run_directory(tmp_path):
-    fixture = build_fixture_run(tmp_path / "data")
+def test_notebook_runs_on_the_demo_run(tmp_path):
+    run_dir = _demo_run(tmp_path / "demo_out")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
-        notebook, km=_kernel_manager(tmp_path / "jupyter", fixture.root), timeout=120,
+        notebook, km=_kernel_manager(tmp_path / "jupyter", run_dir), timeout=120,
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
     client.execute()
@@ -49,9 +60,10 @@ def test_notebook_runs_on_a_run_directory(tmp_path):
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert f"run directory: {fixture.root.resolve()}" in printed
-    assert "90 samples" in printed
+    assert f"run directory: {run_dir.resolve()}" in printed
+    assert f"{DEMO_SAMPLES} samples" in printed
+    removed = len(pd.read_parquet(run_dir / "remove_keys.parquet"))
+    assert f"{DEMO_SAMPLES} samples in, {DEMO_SAMPLES - removed} out, {removed} dropped" in printed
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    # three top clusters, the copies distribution and one similarity histogram
+    # three top clusters, the copies distribution and the perceptual similarity histogram
     assert len(images) == 5
-    assert "90 samples in" in printed and "dropped" in printed

@@ -184,3 +184,18 @@ def test_every_real_dups_image_decodes(real_dups):
         except decode.DecodeFailure as failure:
             failures[path.name] = failure.message
     assert failures == {}
+
+
+def test_pipe_urls_stream_through_webdataset_gopen(tmp_path):
+    shard = write_tar(tmp_path / "00000.tar", sample_members("k0", jpeg_bytes(photo(0))) + sample_members("k1", jpeg_bytes(photo(1))))
+    samples = list(read_shard(f"pipe:cat {shard}", 3))
+    assert [s.key for s in samples] == ["k0", "k1"]
+    assert samples[0].image_bytes == jpeg_bytes(photo(0))
+
+
+def test_member_names_from_data_never_touch_the_filesystem(tmp_path):
+    # A hostile tar member name is only a key: nothing is written or opened with it.
+    shard = write_tar(tmp_path / "00000.tar", sample_members("../../etc/passwd", jpeg_bytes(photo(0))))
+    (sample,) = list(read_shard(str(shard), 0))
+    assert sample.key == "../../etc/passwd" and sample.image_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]
