@@ -71,7 +71,7 @@ ModelOpt = Annotated[str, typer.Option(help="open_clip model name (or a model-co
 PretrainedOpt = Annotated[str, typer.Option(help="open_clip pretrained tag, or a local checkpoint PATH.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per model forward pass.")]
-WorkersOpt = Annotated[int, typer.Option(help="Decode worker processes (0 = decode in this process).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 1 when CLIP runs on the CPU (the model needs the cores).")]
 EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup[ray]').")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
 ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
@@ -100,7 +100,7 @@ def embed_command(
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
 ) -> None:
@@ -179,7 +179,7 @@ def run_command(
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     threshold: ThresholdOpt = None,
@@ -200,7 +200,7 @@ def run_command(
 @_guarded
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo shards and run go.")] = Path("demo_out"),
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = None,
     top: Annotated[int, typer.Option(help="Top clusters printed.")] = 10,
 ) -> None:
     """Build LAION-style demo shards from real photos shipped in the package (offline) and run everything."""

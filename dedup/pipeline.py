@@ -7,6 +7,7 @@ already exist.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ class EmbedOptions:
     clip_pretrained: str = "laion2b_s34b_b79k"
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None  # None: chosen by resolve_workers
     engine: str = "local"
     ray_address: str | None = None
     show_progress: bool = True
@@ -64,6 +65,20 @@ def resolve_descriptors(options: EmbedOptions, log: Console | None = None) -> li
     return names
 
 
+def resolve_workers(options: EmbedOptions, names: list[str]) -> int:
+    """Decode processes: one per core, except that CLIP on a CPU needs the cores for the model.
+
+    Measured on 2 cores (benchmarks/bench_embed.py): CLIP's decode+prepare costs
+    about a tenth of its CPU forward pass, so one decode worker keeps up while
+    two steal the model's threads.
+    """
+    if options.workers is not None:
+        return options.workers
+    cores = os.cpu_count() or 1
+    clip_on_cpu = "clip" in names and (options.device == "cpu" or (options.device == "auto" and not _cuda_available()))
+    return 1 if clip_on_cpu else cores
+
+
 def descriptor_builders(names: list[str], options: EmbedOptions) -> list[DescriptorBuilder]:
     builders = []
     for name in names:
@@ -86,7 +101,10 @@ def embed(shard_specs: list[str], out: str | Path, options: EmbedOptions, log: C
     record_shards(run, shards)
     builders = descriptor_builders(names, options)
     _check_builders(builders, log)
-    stage = EmbedStage(run, shards, builders, workers=options.workers, batch_size=options.batch_size)
+    workers = resolve_workers(options, names)
+    if log is not None:
+        log.print(f"decode workers: {workers}")
+    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=options.batch_size)
     engine = make_engine(options.engine, run, show_progress=options.show_progress, ray_address=options.ray_address)
     report = engine.run(stage)
     config.save(run)

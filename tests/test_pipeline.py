@@ -168,3 +168,27 @@ def test_killed_embed_resumes_to_identical_output(tmp_path):
     assert _tree(out) == _tree(reference)
     leftovers = [p for p in out.rglob("*.tmp")]
     assert leftovers == []
+
+
+def test_neighbour_search_in_small_row_blocks_equals_one_pass(demo_run, tmp_path):
+    import shutil
+
+    out, _, _, _ = demo_run
+    run = RunDir(shutil.copytree(out, tmp_path / "copy"))
+    threshold = pipeline.cfg.RunConfig.load(run).search_thresholds["perceptual"]
+
+    def edges(rows_per_task):
+        stage = pipeline.NeighborsStage(run, "perceptual", threshold, rows_per_task=rows_per_task)
+        parts = []
+        shutil.rmtree(run.neighbors_dir("perceptual"), ignore_errors=True)
+        for task in stage.task_ids():
+            stage.run_task(task, lambda n: None)
+            parts.append(pd.read_parquet(run.neighbors_dir("perceptual") / f"part_{task}.parquet"))
+        return pd.concat(parts).sort_values(["id_a", "id_b"], ignore_index=True)
+
+    blocked = edges(37)
+    whole = edges(10**6)
+    assert len(blocked) > 0
+    pd.testing.assert_frame_equal(blocked[["id_a", "id_b"]], whole[["id_a", "id_b"]])
+    # a pair appears once, smaller id first
+    assert (blocked["id_a"] < blocked["id_b"]).all() and not blocked.duplicated(["id_a", "id_b"]).any()
