@@ -234,6 +234,20 @@ def _matching_group(photo: _Photo, members: list[_Photo]) -> str | None:
     return next((m.group_id for m in others if same_picture(photo.print, m.print)), None)
 
 
+def has_picture_content(image: Image.Image) -> bool:
+    """Independent of any descriptor: a flat frame (plain sky, black) or white noise is no photo to copy.
+
+    Flat: luma std below 6 grey levels on a 64x64 thumbnail. Noise: neighbouring
+    thumbnail pixels barely correlate (lag-1 correlation below 0.5; photos sit above 0.8).
+    Exact copies of such files are still found by sha256; only "near copy" truth is meaningless for them.
+    """
+    luma = np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BOX), dtype=np.float64)
+    if luma.std() < 6.0:
+        return False
+    horizontal = np.corrcoef(luma[:, :-1].ravel(), luma[:, 1:].ravel())[0, 1]
+    return bool(horizontal >= 0.5)
+
+
 def _pick_sources(photos: list[_Photo], notes: list[str]) -> dict[str, _Photo]:
     """First usable image of each non-negative group; a group repeating an earlier group's picture is merged."""
     chosen: dict[str, _Photo] = {}
@@ -245,6 +259,9 @@ def _pick_sources(photos: list[_Photo], notes: list[str]) -> dict[str, _Photo]:
             notes.append(f"merged group {group_id!r} into {same_as!r}: they hold the same picture")
             continue
         first = members[0]
+        if not has_picture_content(first.image):
+            notes.append(f"skipped group {group_id!r}: its first image is featureless or noise (no picture to copy)")
+            continue
         if min(first.image.size) < MIN_SOURCE_SIDE:
             notes.append(f"skipped group {group_id!r}: first image {first.image.size} is under {MIN_SOURCE_SIDE} px")
             continue

@@ -57,7 +57,10 @@ BAR_TOLERANCE = 6.0  # mean deviation of a bar line from the bar colour
 BAR_STEP = 15.0  # the picture must differ from the bar colour by this much
 MAX_BAR_FRACTION = 0.4  # never trim more than this per side
 BAR_STEP_LOOKAHEAD = 3  # lines checked for the step (JPEG ringing blurs the edge)
-_SCAN_CHUNK = 8
+# Meme-style caption bands: a line inside a bar may have up to this share of
+# pixels off the bar colour (the text); the bar must open with clean lines.
+MAX_TEXT_FRACTION = 0.5
+MIN_CLEAN_LINES = 2
 
 # Frequency weighting and coefficient compression (measured on real-dups and
 # synthetic edits, see benchmarks/perceptual_realdups.py).
@@ -211,18 +214,23 @@ def _bar_profile(lines: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
-    """Leading lines (rows of an (n, m, 3) array) that form a uniform bar ending in a clear step."""
+    """Leading lines (rows of an (n, m, 3) array) that form a bar ending in a clear step.
+
+    A bar is uniform lines, possibly with caption text inside (meme-style bands:
+    lines where most pixels keep the bar colour). It must open with clean lines
+    and ends at its last uniform line, so text never counts as picture.
+    """
     colour = np.median(lines[0], axis=0).astype(np.float32)
-    length = 0
-    # Scan in small chunks: most images have no bar and stop at the first line.
-    while length < limit:
-        mean_deviation, outliers = _bar_profile(lines[length : min(length + _SCAN_CHUNK, limit)], colour)
-        # Uniform on average and nearly everywhere (a line crossing the picture is not a bar).
-        is_bar = (mean_deviation < BAR_TOLERANCE) & (outliers <= 0.1)
-        if not is_bar.all():
-            length += int(np.argmin(is_bar))
-            break
-        length += len(is_bar)
+    head_deviation, head_outliers = _bar_profile(lines[:MIN_CLEAN_LINES], colour)
+    if not ((head_deviation < BAR_TOLERANCE) & (head_outliers <= 0.1)).all():
+        return 0, colour  # the common case: no bar, decided from two lines
+    deviation, outliers = _bar_profile(lines[:limit], colour)
+    # Uniform on average and nearly everywhere (a line crossing the picture is not a bar).
+    uniform = (deviation < BAR_TOLERANCE) & (outliers <= 0.1)
+    inside = uniform | (outliers <= MAX_TEXT_FRACTION)
+    run = len(inside) if inside.all() else int(np.argmin(inside))
+    clean = np.flatnonzero(uniform[:run])
+    length = int(clean[-1]) + 1 if len(clean) else 0
     step_lines = lines[length : length + BAR_STEP_LOOKAHEAD]
     if length == 0 or len(step_lines) == 0:
         return 0, colour
