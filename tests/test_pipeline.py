@@ -192,3 +192,24 @@ def test_neighbour_search_in_small_row_blocks_equals_one_pass(demo_run, tmp_path
     pd.testing.assert_frame_equal(blocked[["id_a", "id_b"]], whole[["id_a", "id_b"]])
     # a pair appears once, smaller id first
     assert (blocked["id_a"] < blocked["id_b"]).all() and not blocked.duplicated(["id_a", "id_b"]).any()
+
+
+def test_ivf_runs_find_the_same_duplicates_as_exact_ones(demo_run, tmp_path):
+    """An IVF-Flat index (the choice for large runs) takes the cell-join path; probing every cell it must be exact."""
+    import shutil
+
+    from dedup.index import build_index, save_index, spec_for_kind
+    from dedup.store import load_embeddings
+
+    out, _, _, _ = demo_run
+    copy = RunDir(shutil.copytree(out, tmp_path / "ivf"))
+    _, vectors = load_embeddings(copy, "perceptual")
+    spec = spec_for_kind("ivf_flat", len(vectors), vectors.shape[1], gpu=False, nlist=8, nprobe=8)
+    save_index(build_index(spec, vectors), spec, copy.index_dir, "perceptual")
+    shutil.rmtree(copy.neighbors_dir("perceptual"))
+    shutil.rmtree(copy.root / "_markers" / "neighbors-perceptual")
+    pipeline.find_neighbors(copy.root, show_progress=False)
+    pipeline.cluster(copy.root)
+    exact = pd.read_parquet(RunDir(out).clusters).set_index("sample_id")["cluster_id"]
+    ivf = pd.read_parquet(copy.clusters).set_index("sample_id")["cluster_id"]
+    assert (exact == ivf.reindex(exact.index)).all()
