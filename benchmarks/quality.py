@@ -58,6 +58,7 @@ WORK_DIR = REPO_ROOT / "benchmarks" / "_data"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 PEERS_PYTHON = REPO_ROOT / "benchmarks" / ".venv-peers" / "bin" / "python"
 RUN_PEER = REPO_ROOT / "benchmarks" / "peers" / "run_peer.py"
+GENERATOR_FILES = (REPO_ROOT / "benchmarks" / "make_benchmark.py", REPO_ROOT / "dedup" / "synth.py")
 PEER_TOOLS = ("imagededup_phash", "pdq", "fastdup", "cleanvision")
 PEER_LABELS = {"imagededup_phash": "imagededup PHash", "pdq": "PDQ (pdqhash)", "fastdup": "fastdup",
                "cleanvision": "cleanvision"}
@@ -101,17 +102,27 @@ class BenchmarkSet:
         return self.root / "truth.parquet"
 
 
+def generator_fingerprint() -> str:
+    """sha256 of the generator's code: a set built by an older generator is rebuilt, not reused."""
+    digest = hashlib.sha256()
+    for path in GENERATOR_FILES:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def ensure_benchmark_set(work: Path, name: str, n: int, seed: int) -> BenchmarkSet:
-    """The generated set `work/{name}_n{n}_seed{seed}`, built by make_benchmark.py unless already there."""
+    """The generated set `work/{name}_n{n}_seed{seed}`, built by make_benchmark.py unless already there
+    (same n, same seed, same generator code)."""
     bench = BenchmarkSet(work / f"{name}_n{n}_seed{seed}", n, seed)
-    settings_file = bench.root / "benchmark.json"
-    if settings_file.is_file() and bench.truth_path.is_file():
-        settings = json.loads(settings_file.read_text())
-        if settings.get("n") == n and settings.get("seed") == seed and bench.shards:
+    stamp = {"n": n, "seed": seed, "generator_sha256": generator_fingerprint()}
+    stamp_file = bench.root / "built_by.json"
+    if stamp_file.is_file() and bench.truth_path.is_file() and bench.shards:
+        if json.loads(stamp_file.read_text()) == stamp:
             return bench
-    shutil.rmtree(bench.root, ignore_errors=True)  # a half-built or different set: rebuild from scratch
+    shutil.rmtree(bench.root, ignore_errors=True)  # half-built, other settings or older generator: rebuild
     args = make_benchmark.parse_args(["--out", str(bench.root), "--n", str(n), "--seed", str(seed)])
     print(make_benchmark.build_benchmark(args), file=sys.stderr)
+    stamp_file.write_text(json.dumps(stamp) + "\n", encoding="utf-8")
     return bench
 
 

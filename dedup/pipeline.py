@@ -128,7 +128,7 @@ def _start_config(run: RunDir, shard_specs: list[str], names: list[str], options
 
 def _check_builders(builders: list[DescriptorBuilder], log: Console | None) -> None:
     """Build each descriptor once up front so a bad model name fails before any shard is read."""
-    from dedup.embed import cached_descriptor
+    from dedup.worker import cached_descriptor
 
     for builder in builders:
         descriptor = cached_descriptor(builder)

@@ -20,16 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup.errors import StoreError
-
-SAMPLE_ID_SHIFT = 32
-
-
-def make_sample_id(shard_index: int, position: int) -> int:
-    return (shard_index << SAMPLE_ID_SHIFT) | position
-
-
-def split_sample_id(sample_id: int) -> tuple[int, int]:
-    return sample_id >> SAMPLE_ID_SHIFT, sample_id & ((1 << SAMPLE_ID_SHIFT) - 1)
+from dedup.ids import SAMPLE_ID_SHIFT, make_sample_id, split_sample_id  # noqa: F401 - re-exported
 
 
 class RunDir:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 
 from dedup import pipeline
-from dedup.manifests import DropDuplicates, decide_keep, KeepPolicy
+from dedup.manifests import DropDuplicates, KeepPolicy, decide_keep
 from dedup.query import query
 from dedup.store import RunDir
 from dedup.synth import build_demo

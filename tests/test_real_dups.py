@@ -17,9 +17,9 @@ from collections import defaultdict
 
 import pandas as pd
 import pytest
+from conftest import write_tar
 from rich.console import Console
 
-from conftest import write_tar
 from dedup import pipeline
 from dedup.store import RunDir
 

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, sample_members, write_tar
 from PIL import Image
 
-from conftest import jpeg_bytes, sample_members, write_tar
 from dedup import decode
 from dedup.errors import ShardSpecError
 from dedup.shards import expand_shard_specs, read_shard, split_member_name
@@ -74,7 +73,7 @@ def _bad_kinds_shard(tmp_path):
 
 
 def _processed(shard):
-    from dedup.embed import process_chunk
+    from dedup.worker import process_chunk
 
     return {p.row["key"]: p for p in process_chunk(list(read_shard(str(shard), 0)), (), decode.DEFAULT_MAX_PIXELS)}
 
