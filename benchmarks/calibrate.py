@@ -18,7 +18,7 @@
    passes ~0.59, and real recall once the cut passes 0.62; a lone best point sits at such an edge).
    Allowed: zero merges and real-dups recall >= `--min-real-recall` over the neighbourhood, hard recall
    >= `--min-hard-recall`. Ranked by worst-neighbour F1, then the point's own F1 (both to 3 decimals:
-   smaller differences are noise at this size), then hard recall, then the shipped default (a change
+   smaller differences are noise at this size), then hard recall (2 decimals), then the shipped default (a change
    must beat it by more than noise), then the higher cut, then the smaller offset (stricter guard).
 6. Score the held-out set at the chosen values and at the shipped defaults.
 
@@ -76,6 +76,8 @@ DEFAULT_MIN_HARD_RECALL = 0.6
 # Real copies must keep being found: 0.96 of the real-dups pairs are found at cuts 0.52-0.62.
 DEFAULT_MIN_REAL_RECALL = 0.95
 F1_DECIMALS = 3
+# Hard recall rests on ~100 hard copies (one copy moves it by ~0.01): compared to 2 decimals.
+HARD_DECIMALS = 2
 # Neighbourhood of a grid point for the robust choice: +-2 cut steps (+-0.02), +-1 guard-offset step.
 NEIGHBOUR_CUT_STEPS = 2
 NEIGHBOUR_OFFSET_STEPS = 1
@@ -185,7 +187,7 @@ def choose(grid: pd.DataFrame, min_hard_recall: float, min_real_recall: float,
     ranked = allowed.assign(
         robust_key=allowed["benign_pair_f1_worst_nearby"].round(F1_DECIMALS),
         f1_key=allowed["benign_pair_f1"].round(F1_DECIMALS),
-        hard_key=allowed["hard_recall"].round(F1_DECIMALS),
+        hard_key=allowed["hard_recall"].round(HARD_DECIMALS),
         default_key=np.isclose(allowed["cut"], default[0]) & np.isclose(allowed["guard_offset"], default[1]),
         offset_key=-allowed["guard_offset"],
     ).sort_values(["robust_key", "f1_key", "hard_key", "default_key", "cut", "offset_key"], ascending=False)

@@ -364,11 +364,12 @@ def run_all(shard_specs: list[str], out: str | Path, options: EmbedOptions, thre
     report = embed(shard_specs, out, options, log)
     print_embed_summary(report, log)
     run = RunDir(out)
+    gpu = faiss_gpu_available()
     if _index_stale(run):
-        for name, spec in build_indexes(out, memory, gpu=False).items():
+        for name, spec in build_indexes(out, memory, gpu=gpu).items():
             _clear_stage(run, f"neighbors-{name}", run.neighbors_dir(name))  # edges of the old index
             log.print(f"index {name}: {spec.kind} ({spec.factory}) over {spec.n_vectors:,} vectors")
-    find_neighbors(out, thresholds, show_progress=options.show_progress)
+    find_neighbors(out, thresholds, gpu=gpu, show_progress=options.show_progress)
     stats = cluster(out, thresholds)
     log.print(f"clusters: {stats}")
     ranking = rank(out)
@@ -379,6 +380,13 @@ def run_all(shard_specs: list[str], out: str | Path, options: EmbedOptions, thre
         log.print(f"report: {write_report(out)}")
     log.print(f"done in {time.perf_counter() - started:.1f}s")
     return ranking
+
+
+def faiss_gpu_available() -> bool:
+    """faiss-gpu installed and a GPU visible (then `dedup run` indexes and searches on it)."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _index_stale(run: RunDir) -> bool:
