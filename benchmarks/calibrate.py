@@ -1,6 +1,6 @@
 """Choose the perceptual cut and the chaining-guard offset on a tuning set, then check them on a held-out set.
 
-    .venv/bin/python benchmarks/calibrate.py              # n=3000 per set, ~3 min on 2 cores
+    .venv/bin/python benchmarks/calibrate.py              # n=3000 per set, 1.5-3 min on 2 cores
     .venv/bin/python benchmarks/calibrate.py --n 1000 --min-hard-recall 0.5
 
 1. Build (or reuse) the TUNING set (seed 1) and the HELD-OUT set (seed 2) with make_benchmark.py.

@@ -71,6 +71,8 @@ DEFAULT_N = 3000
 # A perceptual cut no cosine similarity reaches: only the sha256 (identical bytes) edges remain.
 EXACT_ONLY_THRESHOLD = 1.01
 
+# Truth columns of make_benchmark.py sets that the extra scores here need (beyond key and group_id).
+GENERATOR_TRUTH_COLUMNS = ("family", "transforms", "parent", "crop_box")
 BENIGN_FAMILIES = ("original", "benign")
 COPY_FAMILIES = ("benign", "hard")
 # Derived singleton sources are crops of one photo; two crops overlapping this much show largely the same
@@ -116,9 +118,9 @@ def ensure_benchmark_set(work: Path, name: str, n: int, seed: int) -> BenchmarkS
     bench = BenchmarkSet(work / f"{name}_n{n}_seed{seed}", n, seed)
     stamp = {"n": n, "seed": seed, "generator_sha256": generator_fingerprint()}
     stamp_file = bench.root / "built_by.json"
-    if stamp_file.is_file() and bench.truth_path.is_file() and bench.shards:
-        if json.loads(stamp_file.read_text()) == stamp:
-            return bench
+    built = stamp_file.is_file() and bench.truth_path.is_file() and bench.shards
+    if built and json.loads(stamp_file.read_text()) == stamp:
+        return bench
     shutil.rmtree(bench.root, ignore_errors=True)  # half-built, other settings or older generator: rebuild
     args = make_benchmark.parse_args(["--out", str(bench.root), "--n", str(n), "--seed", str(seed)])
     print(make_benchmark.build_benchmark(args), file=sys.stderr)
@@ -160,8 +162,6 @@ def crop_sibling_pairs(frame: pd.DataFrame, min_iou: float = SIBLING_IOU) -> int
     `frame` is `dedup.evaluate.joined` output (truth columns `parent`, `crop_box` included). Only such
     pairs inside one cluster are counted: they are the predicted pairs set aside for the second precision.
     """
-    if "crop_box" not in frame.columns:
-        return 0
     crops = frame[frame["crop_box"].fillna("") != ""]
     # Almost every crop is alone in its cluster: keep only (cluster, parent) cells holding 2+ groups.
     groups_in_cell = crops.groupby(["cluster_id", "parent"])["group_id"].transform("nunique")
@@ -195,12 +195,19 @@ def benign_truth(truth: pd.DataFrame) -> pd.DataFrame:
     return truth[truth["family"].isin(BENIGN_FAMILIES)]
 
 
-def score_clusters(clusters: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
-    """All metrics of one tool: `evaluate` on everything and on the benign subset, plus siblings aside."""
+def score_clusters(clusters: pd.DataFrame, truth: pd.DataFrame, details: bool = False) -> dict[str, Any]:
+    """All metrics of one tool: `evaluate` on everything and on the benign subset, plus siblings aside.
+
+    `details` adds per-transform recall and the kinds of false pairs (slower; the calibration sweep
+    does without)."""
+    missing = sorted(set(GENERATOR_TRUTH_COLUMNS) - set(truth.columns))
+    if missing:
+        raise DedupError(f"the truth table lacks {missing}",
+                         hint="score a set built by benchmarks/make_benchmark.py (its truth.parquet has them)")
     overall = evaluate(clusters, truth)
     benign = evaluate(clusters, benign_truth(truth))
     top = pd.DataFrame(overall["top10"])
-    return {
+    scores = {
         **{k: v for k, v in overall.items() if k != "top10"},
         **pair_scores_siblings_aside(joined(clusters, truth)),
         "hard_recall": overall["recall_by_family"].get("hard", float("nan")),
@@ -212,6 +219,31 @@ def score_clusters(clusters: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any
         "top10_within_5pct": int((top["relative_error"] <= TARGET_TOP10_RELATIVE_ERROR).sum()) if len(top) else 0,
         "top10": overall["top10"],
     }
+    if details:
+        scores["transform_recall"] = transform_recall(clusters, truth).to_dict("records")
+        scores["false_pairs_by_kind"] = false_pair_kinds(joined(clusters, truth))
+    return scores
+
+
+def false_pair_kinds(frame: pd.DataFrame) -> dict[str, int]:
+    """Predicted pairs of two different groups, by what joined them (`frame` from `dedup.evaluate.joined`).
+
+    'crops of one photo': two derived crop sources of one parent; 'crop and its parent': a crop source
+    and the group of the photo it was cut from; 'unrelated': anything else.
+    """
+    counts = {"crops of one photo": 0, "crop and its parent": 0, "unrelated": 0}
+    mixed = frame[frame.groupby("cluster_id")["group_id"].transform("nunique") >= 2]
+    for _, members in mixed.groupby("cluster_id"):
+        group, parent = members["group_id"].to_numpy(), members["parent"].to_numpy()
+        crop = members["crop_box"].fillna("").to_numpy() != ""
+        i, j = np.triu_indices(len(members), k=1)
+        false = group[i] != group[j]
+        same_parent = false & (parent[i] == parent[j])
+        both_crops = same_parent & crop[i] & crop[j]
+        counts["crops of one photo"] += int(both_crops.sum())
+        counts["crop and its parent"] += int((same_parent & ~both_crops).sum())
+        counts["unrelated"] += int((false & ~same_parent).sum())
+    return counts
 
 
 def transform_recall(clusters: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
@@ -376,7 +408,8 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
             f"| {row['tool']} | {target_verdict(row['benign_pair_f1'], TARGET_BENIGN_F1, True)} "
             f"| {target_verdict(row['hard_recall'], TARGET_HARD_RECALL, True)} "
             f"| {'met' if merges == TARGET_HARD_NEGATIVE_MERGES else f'missed: {merges} merged'} "
-            f"| {target_verdict(row['top10_max_relative_error'], TARGET_TOP10_RELATIVE_ERROR, False)} |"
+            f"| {target_verdict(row['top10_max_relative_error'], TARGET_TOP10_RELATIVE_ERROR, False)} "
+            f"({row['top10_within_5pct']} of {len(row['top10'])} groups within) |"
         )
     return "\n".join(lines)
 
@@ -387,6 +420,31 @@ def transform_table(per_transform: pd.DataFrame) -> str:
     for row in per_transform.itertuples():
         lines.append(f"| {row.family} | {row.transform} | {row.copies} | {row.recall:.3f} | {row.copies_alone} "
                      f"| {_fmt(row.recall_alone)} |")
+    return "\n".join(lines)
+
+
+def transform_comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Recall per transform step (rows) for every measured tool (columns)."""
+    measured = [row for row in rows if "transform_recall" in row]
+    # Column names without the settings in brackets, so the table stays readable.
+    frames = [pd.DataFrame(row["transform_recall"]).set_index(["family", "transform"])["recall"]
+              .rename(row["tool"].split(" (")[0]) for row in measured]
+    table = pd.concat(frames, axis=1)
+    header = "| family | transform step | " + " | ".join(table.columns) + " |"
+    lines = [header, "|---|---|" + "---|" * len(table.columns)]
+    for (family, step), values in table.iterrows():
+        lines.append(f"| {family} | {step} | " + " | ".join(_fmt(float(v)) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def false_pairs_table(rows: list[dict[str, Any]]) -> str:
+    kinds = ("crops of one photo", "crop and its parent", "unrelated")
+    lines = ["| tool | false pairs | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for row in rows:
+        if "false_pairs_by_kind" in row:
+            counts = row["false_pairs_by_kind"]
+            cells = " | ".join(str(counts[kind]) for kind in kinds)
+            lines.append(f"| {row['tool']} | {sum(counts.values())} | {cells} |")
     return "\n".join(lines)
 
 
@@ -414,7 +472,7 @@ def calibrated_values(path: Path) -> tuple[float, float] | None:
 
 
 def dedup_rows(dedup: DedupRun, bench: BenchmarkSet, truth: pd.DataFrame, calibration: Path,
-               log: Console) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+               log: Console) -> list[dict[str, Any]]:
     """Rows for sha256 only, the shipped defaults, and (when it differs) the calibrated setting."""
     default_t, default_offset = cfg.default_threshold(DESCRIPTOR), cfg.GUARD_OFFSET
     sha_seconds, hashed = sha256_pass_seconds(bench.shards)
@@ -426,7 +484,7 @@ def dedup_rows(dedup: DedupRun, bench: BenchmarkSet, truth: pd.DataFrame, calibr
         {"tool": f"dedup perceptual+sha256 (default: cut {default_t:.2f}, guard offset {default_offset:.2f})",
          "images_per_s": dedup.samples / dedup.seconds, "seconds": dedup.seconds,
          "speed_note": "whole pipeline: read, decode, describe, index, search, cluster, rank, manifests",
-         **score_clusters(shipped, truth)},
+         **score_clusters(shipped, truth, details=True)},
     ]
     calibrated = calibrated_values(calibration)
     if calibrated is not None and not np.allclose(calibrated, (default_t, default_offset)):
@@ -436,8 +494,8 @@ def dedup_rows(dedup: DedupRun, bench: BenchmarkSet, truth: pd.DataFrame, calibr
         rows.append({"tool": f"dedup perceptual+sha256 (calibrated: cut {threshold:.2f}, guard offset {offset:.2f})",
                      "images_per_s": dedup.samples / dedup.seconds, "seconds": dedup.seconds,
                      "speed_note": "same run as the default row, re-clustered",
-                     **score_clusters(recluster(dedup.run, threshold, offset), truth)})
-    return rows, transform_recall(shipped, truth)
+                     **score_clusters(recluster(dedup.run, threshold, offset), truth, details=True)})
+    return rows
 
 
 def peer_rows(tools: list[str], dedup: DedupRun, work: Path, truth: pd.DataFrame,
@@ -452,13 +510,12 @@ def peer_rows(tools: list[str], dedup: DedupRun, work: Path, truth: pd.DataFrame
         pairs, info = run_peer(tool, images, work)
         log.print(f"{tool}: {info}")
         rows.append({"tool": PEER_LABELS[tool], "images_per_s": info["images_per_s"], "seconds": info["seconds"],
-                     "speed_note": "hash/embed + pair search, imports excluded", "peer_run": info,
-                     **score_clusters(pairs_to_clusters(keys, pairs), truth)})
+                     "speed_note": "decode image files + hash/embed + pair search, imports excluded", "peer_run": info,
+                     **score_clusters(pairs_to_clusters(keys, pairs), truth, details=True)})
     return rows, skipped
 
 
-def build_markdown(rows: list[dict[str, Any]], per_transform: pd.DataFrame, bench: BenchmarkSet,
-                   skipped: dict[str, int]) -> str:
+def build_markdown(rows: list[dict[str, Any]], bench: BenchmarkSet, skipped: dict[str, int]) -> str:
     truth = load_truth(bench.truth_path)
     families = ", ".join(f"{k} {v}" for k, v in truth["family"].value_counts().items())
     load = os.getloadavg()[0]  # other jobs share the 2 cores: the images/s columns move with it
@@ -466,14 +523,20 @@ def build_markdown(rows: list[dict[str, Any]], per_transform: pd.DataFrame, benc
                f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU, load average {load:.1f} at the end. "
                f"Peer tools saw the {bench.n - sum(skipped.values())} images dedup decodes; skipped (failed decode): "
                f"{skipped}.")
-    transforms_intro = ("Per-transform recall of dedup perceptual+sha256 (default); a copy counts as found when it "
-                        "shares its original's cluster:")
+    speed = "images/s: " + "; ".join(f"{row['tool']}: {row['speed_note']}" for row in rows if "speed_note" in row)
+    default_row = next(row for row in rows if row["tool"].startswith("dedup perceptual+sha256 (default"))
     return "\n\n".join([
         setting,
         quality_table(rows),
+        speed + ".",
         targets_table(rows),
-        transforms_intro,
-        transform_table(per_transform),
+        ("Per-transform recall of dedup perceptual+sha256 (default); a copy counts as found when it shares its "
+         "original's cluster (benign copies chain steps; 'only this step' isolates one):"),
+        transform_table(pd.DataFrame(default_row["transform_recall"])),
+        "Per-transform recall, every tool:",
+        transform_comparison_table(rows),
+        "Predicted pairs joining two different truth groups, by kind:",
+        false_pairs_table(rows),
     ]) + "\n"
 
 
@@ -498,17 +561,17 @@ def main(argv: list[str] | None = None) -> int:
         truth = load_truth(bench.truth_path)
         work = args.work / f"quality_n{args.n}_seed{args.seed}"
         dedup = run_dedup(bench, work / "run", args.workers, log)
-        rows, per_transform = dedup_rows(dedup, bench, truth, args.calibration, log)
+        rows = dedup_rows(dedup, bench, truth, args.calibration, log)
         peers, skipped = peer_rows(args.tools, dedup, work, truth, log)
     except DedupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows += peers + [{"tool": "dedup clip", "not_measured": "not measured: no CLIP weights offline"}]
-    markdown = build_markdown(rows, per_transform, bench, skipped)
+    markdown = build_markdown(rows, bench, skipped)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "quality.md").write_text(markdown, encoding="utf-8")
     result = {"n": args.n, "seed": args.seed, "date": date.today().isoformat(), "cpu_count": os.cpu_count(),
-              "skipped_failed_decode": skipped, "rows": rows, "per_transform": per_transform.to_dict("records")}
+              "skipped_failed_decode": skipped, "rows": rows}
     (args.results / "quality.json").write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
     print(markdown)
     return 0
