@@ -325,7 +325,8 @@ def markdown_table(dedup: dict[str, Any], peers: list[dict[str, Any]], ratios: l
         "| peak RSS 1 process MB | dedup / tool (work, wall) |",
         "|---|---|---|---|---|---|---|---|",
         f"| dedup (perceptual, tars in, manifests out) | {dedup['n_images']:,} | - | {dedup['wall_seconds']:.1f} "
-        f"| {dedup['wall_images_per_s']:.1f} | {dedup['peak_tree_rss_mb']:,.0f} | {_mb(dedup['peak_process_rss_mb'])} | - |",
+        f"| {dedup['wall_images_per_s']:.1f} | {dedup['peak_tree_rss_mb']:,.0f} "
+        f"| {_mb(dedup['peak_process_rss_mb'])} | - |",
     ]
     for peer in peers:
         label = PEER_LABELS[peer["tool"]]

@@ -30,12 +30,12 @@ from dedup.synth import demo_photos, make_laion_like, write_shards
 from dedup.worker import process_chunk
 
 
-def build_shards(folder: Path, n: int) -> list[str]:
+def build_shards(folder: Path, n: int, per_shard: int) -> list[str]:
     photos = demo_photos()
     sources = [(p.name, p.image) for p in photos if not p.negative_of]
-    samples, _ = make_laion_like(sources, n, seed=7, bad_fraction=0.0, samples_per_shard=max(1, n // 4),
+    samples, _ = make_laion_like(sources, n, seed=7, bad_fraction=0.0, samples_per_shard=per_shard,
                                  captions={p.name: p.caption for p in photos})
-    return [str(p) for p in write_shards(samples, folder, max(1, n // 4))]
+    return [str(p) for p in write_shards(samples, folder, per_shard)]
 
 
 def _chunks(shards: list[str]):
@@ -100,10 +100,12 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--workers", type=int, default=None, help="default: what dedup embed chooses")
     parser.add_argument("--batch-size", type=int, default=64)
+    # img2dataset writes 10,000 samples per shard; tiny shards exaggerate the per-shard drain of the pool.
+    parser.add_argument("--per-shard", type=int, default=10_000, help="samples per shard")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_embed_"))
     try:
-        shards = build_shards(work / "shards", args.n)
+        shards = build_shards(work / "shards", args.n, args.per_shard)
         options = {}
         if args.descriptor == "clip":
             options = {"model": args.model, "pretrained": random_clip_checkpoint(work, args.model), "device": "cpu"}

@@ -62,10 +62,11 @@ def background(n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 256) unit rows from a Gaussian with a power-law spectrum in a random basis."""
     scales = np.arange(1, DIM + 1, dtype=np.float32) ** (-SPECTRUM_EXPONENT / 2)
     basis, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
+    rotation = basis.T.astype(np.float32)
     rows = np.empty((n, DIM), dtype=np.float32)
     for start in range(0, n, 65536):  # in chunks: the float64 draw would double peak memory at 1e6
         stop = min(n, start + 65536)
-        rows[start:stop] = (rng.standard_normal((stop - start, DIM)).astype(np.float32) * scales) @ basis.T.astype(np.float32)
+        rows[start:stop] = (rng.standard_normal((stop - start, DIM)).astype(np.float32) * scales) @ rotation
     return _normalise(rows)
 
 

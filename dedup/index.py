@@ -36,11 +36,13 @@ from dedup.errors import IndexInfeasible, MissingExtraError, StoreError
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw", "binary_flat", "binary_ivf")
 BINARY_KINDS = ("binary_flat", "binary_ivf")
 
-# Exact all-vs-all budget in flops. 3e13 is ~10 min at the ~50 GFLOP/s a 2-core
-# AVX2 laptop sustains (measured), ~30 s on a 32-core server; at d=512 it allows
-# n <= 171k. On a GPU (~20-50 TFLOP/s fp32) 1e16 flops is a few minutes and
-# allows n <= 3.1M at d=512 -- the "about 2M vectors" rule of thumb.
-EXACT_FLOP_BUDGET_CPU = 3e13
+# Exact all-vs-all budget in flops. 3e12 is ~1 min at the ~50 GFLOP/s a 2-core
+# AVX2 machine sustains (measured); at d=512 it allows n <= 54k. Beyond, IVF is
+# far cheaper at the same recall (benchmarks/bench_graph.py, 1e5 x 512: flat
+# 144 s, IVF cell join 11.5 s, pair recall 1.0000). Query variants (the 8
+# flips/rotations of `perceptual`) multiply the flops. On a GPU (~20-50 TFLOP/s
+# fp32) 1e16 flops is a few minutes and allows n <= 3.1M at d=512.
+EXACT_FLOP_BUDGET_CPU = 3e12
 EXACT_FLOP_BUDGET_GPU = 1e16
 # Exact Hamming self-join budget in 64-bit word comparisons (xor + popcount,
 # ~1 ns each per core): 1e12 allows n <= 1M for 64-bit perceptual hashes.
@@ -116,13 +118,13 @@ def default_nlist(n_vectors: int) -> int:
     return max(1, min(nlist, n_vectors // MIN_TRAIN_POINTS_PER_LIST))
 
 
-def exact_search_affordable(n_vectors: int, dim: int, gpu: bool, binary: bool) -> bool:
-    """Is the exact all-vs-all self-join within the compute budget?"""
+def exact_search_affordable(n_vectors: int, dim: int, gpu: bool, binary: bool, query_variants: int = 1) -> bool:
+    """Is the exact all-vs-all self-join (each query searched in `query_variants` forms) within budget?"""
     if binary:
         words = math.ceil(dim / 64)
-        return float(n_vectors) ** 2 * words <= EXACT_HAMMING_WORD_BUDGET
+        return float(n_vectors) ** 2 * words * query_variants <= EXACT_HAMMING_WORD_BUDGET
     budget = EXACT_FLOP_BUDGET_GPU if gpu else EXACT_FLOP_BUDGET_CPU
-    return 2.0 * float(n_vectors) ** 2 * dim <= budget
+    return 2.0 * float(n_vectors) ** 2 * dim * query_variants <= budget
 
 
 def _uses_hnsw_quantizer(nlist: int, gpu: bool) -> bool:
@@ -233,9 +235,9 @@ def _largest_pq_m(dim: int, gpu: bool) -> int:
     return options[0]
 
 
-def _candidates(n_vectors: int, dim: int, gpu: bool, binary: bool) -> list[IndexSpec]:
+def _candidates(n_vectors: int, dim: int, gpu: bool, binary: bool, query_variants: int = 1) -> list[IndexSpec]:
     """Specs in order of preference; the first that fits the budget wins."""
-    exact = exact_search_affordable(n_vectors, dim, gpu and not binary, binary)
+    exact = exact_search_affordable(n_vectors, dim, gpu and not binary, binary, query_variants)
     if binary:
         kinds = (["binary_flat"] if exact else []) + ["binary_ivf"]
         return [spec_for_kind(kind, n_vectors, dim, gpu=gpu) for kind in kinds]
@@ -246,12 +248,17 @@ def _candidates(n_vectors: int, dim: int, gpu: bool, binary: bool) -> list[Index
 
 
 def choose_index(
-    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, binary: bool = False
+    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, binary: bool = False,
+    query_variants: int = 1,
 ) -> IndexSpec:
-    """Pick the most exact index that fits `memory_budget_bytes` (see module doc)."""
+    """Pick the most exact index that fits `memory_budget_bytes` (see module doc).
+
+    `query_variants`: how many forms of each query the neighbour search runs
+    (8 for `perceptual`'s flips/rotations), which scales the exact search's cost.
+    """
     if n_vectors < 1 or dim < 1:
         raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
-    candidates = _candidates(n_vectors, dim, gpu, binary)
+    candidates = _candidates(n_vectors, dim, gpu, binary, query_variants)
     for spec in candidates:
         if spec.memory_bytes <= memory_budget_bytes:
             return spec

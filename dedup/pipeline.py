@@ -66,17 +66,17 @@ def resolve_descriptors(options: EmbedOptions, log: Console | None = None) -> li
 
 
 def resolve_workers(options: EmbedOptions, names: list[str]) -> int:
-    """Decode processes: one per core, except that CLIP on a CPU needs the cores for the model.
+    """Decode processes: one per core, except that CLIP on a CPU needs every core for the model.
 
-    Measured on 2 cores (benchmarks/bench_embed.py): CLIP's decode+prepare costs
-    about a tenth of its CPU forward pass, so one decode worker keeps up while
-    two steal the model's threads.
+    Measured on 2 cores (benchmarks/bench_embed.py, ViT-B-32): decode+prepare
+    costs ~5% of the CPU forward pass; decoding inline reaches 0.95 of the bare
+    model rate, one decode process 0.73 (it preempts torch's threads).
     """
     if options.workers is not None:
         return options.workers
     cores = os.cpu_count() or 1
     clip_on_cpu = "clip" in names and (options.device == "cpu" or (options.device == "auto" and not _cuda_available()))
-    return 1 if clip_on_cpu else cores
+    return 0 if clip_on_cpu else cores
 
 
 def descriptor_builders(names: list[str], options: EmbedOptions) -> list[DescriptorBuilder]:
@@ -162,7 +162,8 @@ def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> di
     specs = {}
     for name in config.descriptors:
         ids, vectors = load_embeddings(run, name)
-        spec = choose_index(len(vectors), vectors.shape[1], budget, gpu=gpu)
+        variants = 8 if query_transform_for(name) is not None else 1
+        spec = choose_index(len(vectors), vectors.shape[1], budget, gpu=gpu, query_variants=variants)
         index = build_index(spec, vectors)
         save_index(index, spec, run.index_dir, name)
         specs[name] = spec

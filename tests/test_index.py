@@ -36,7 +36,8 @@ MB = 10**6
 # n, dim, budget, gpu, binary -> expected kind
 CHOICES = [
     pytest.param(10_000, 512, 8 * GB, False, False, "flat", id="small-cpu-flat"),
-    pytest.param(100_000, 512, 8 * GB, False, False, "flat", id="1e5-cpu-exact-affordable"),
+    pytest.param(50_000, 512, 8 * GB, False, False, "flat", id="5e4-cpu-exact-affordable"),
+    pytest.param(100_000, 512, 8 * GB, False, False, "ivf_flat", id="1e5-cpu-ivf-cheaper-than-exact"),
     pytest.param(1_000_000, 512, 8 * GB, False, False, "ivf_flat", id="1e6-cpu-too-many-flops-for-exact"),
     pytest.param(100_000, 512, 150 * MB, False, False, "ivf_pq", id="flat-does-not-fit"),
     pytest.param(1_000_000, 512, 1 * GB, False, False, "ivf_pq", id="ivf-flat-does-not-fit"),
@@ -48,6 +49,14 @@ CHOICES = [
     pytest.param(10_000_000, 64, 8 * GB, False, True, "binary_ivf", id="phash-1e7-ivf"),
     pytest.param(500_000, 256, 1 * GB, True, True, "binary_flat", id="binary-stays-on-cpu"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("n", "variants", "kind"),
+    [(20_000, 1, "flat"), (20_000, 8, "flat"), (40_000, 1, "flat"), (40_000, 8, "ivf_flat")],
+)
+def test_query_variants_make_exact_search_costlier(n, variants, kind):
+    assert choose_index(n, 256, 8 * GB, query_variants=variants).kind == kind
 
 
 @pytest.mark.parametrize("n, dim, budget, gpu, binary, kind", CHOICES)

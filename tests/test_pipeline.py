@@ -212,3 +212,10 @@ def test_ivf_runs_find_the_same_duplicates_as_exact_ones(demo_run, tmp_path):
     exact = pd.read_parquet(RunDir(out).clusters).set_index("sample_id")["cluster_id"]
     ivf = pd.read_parquet(copy.clusters).set_index("sample_id")["cluster_id"]
     assert (exact == ivf.reindex(exact.index)).all()
+
+
+def test_decode_workers_leave_the_cores_to_a_cpu_model():
+    cores = os.cpu_count() or 1
+    assert pipeline.resolve_workers(pipeline.EmbedOptions(), ["perceptual"]) == cores
+    assert pipeline.resolve_workers(pipeline.EmbedOptions(device="cpu"), ["perceptual", "clip"]) == 0
+    assert pipeline.resolve_workers(pipeline.EmbedOptions(workers=3, device="cpu"), ["clip"]) == 3
