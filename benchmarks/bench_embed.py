@@ -79,7 +79,7 @@ def pipeline_rate(shards: list[str], out: Path, builder: DescriptorBuilder, work
     options = pipeline.EmbedOptions(descriptors=[builder.name], workers=workers, batch_size=batch_size, show_progress=False)
     if builder.name == "clip":
         options.clip_model, options.clip_pretrained = builder.options["model"], builder.options["pretrained"]
-        options.device = "cpu"
+        options.device = builder.options["device"]
     report = pipeline.embed(shards, out, options)
     return report.stats["samples"] / report.seconds
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--descriptor", choices=["perceptual", "clip"], default="perceptual")
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (clip only)")
     parser.add_argument("--workers", type=int, default=None, help="default: what dedup embed chooses")
     parser.add_argument("--batch-size", type=int, default=64)
     # img2dataset writes 10,000 samples per shard; tiny shards exaggerate the per-shard drain of the pool.
@@ -108,7 +109,7 @@ def main() -> None:
         shards = build_shards(work / "shards", args.n, args.per_shard)
         options = {}
         if args.descriptor == "clip":
-            options = {"model": args.model, "pretrained": random_clip_checkpoint(work, args.model), "device": "cpu"}
+            options = {"model": args.model, "pretrained": random_clip_checkpoint(work, args.model), "device": args.device}
         builder = DescriptorBuilder(args.descriptor, options)
         # The decode bound gets every core; the pipeline gets what `dedup embed` would choose.
         decode_rate, prepared = bare_decode_rate(shards, builder, args.workers or os.cpu_count() or 1)
