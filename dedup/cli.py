@@ -124,11 +124,17 @@ def index_command(out: OutArg, memory: MemoryOpt = "8GB", gpu: Annotated[bool, t
 
 @app.command("neighbors")
 @_guarded
-def neighbors_command(out: OutArg, threshold: ThresholdOpt = None, gpu: Annotated[bool, typer.Option()] = False) -> None:
+def neighbors_command(
+    out: OutArg,
+    threshold: ThresholdOpt = None,
+    gpu: Annotated[bool, typer.Option(help="Search on the GPU (faiss-gpu; counts stay uncapped).")] = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+) -> None:
     """All-vs-all range search -> OUT/neighbors/<descriptor>/part_*.parquet."""
     from dedup import pipeline
 
-    pipeline.find_neighbors(out, threshold, gpu)
+    pipeline.find_neighbors(out, threshold, gpu, engine=engine, ray_address=ray_address)
 
 
 @app.command("cluster")

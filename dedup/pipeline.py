@@ -260,9 +260,8 @@ def query_transform_for(descriptor: str):
 
 
 def find_neighbors(out: str | Path, thresholds: list[str] | None = None, gpu: bool = False,
-                   show_progress: bool = True) -> dict[str, StageReport]:
-    from dedup.engine import LocalEngine
-
+                   show_progress: bool = True, engine: str = "local", ray_address: str | None = None,
+                   ) -> dict[str, StageReport]:
     run = RunDir(out)
     config = cfg.RunConfig.load(run)
     overrides = cfg.parse_assignments(thresholds, "threshold")
@@ -275,7 +274,8 @@ def find_neighbors(out: str | Path, thresholds: list[str] | None = None, gpu: bo
             config.save(run)
         knn_cap = 2048 if gpu else None  # faiss-gpu's k limit; saturated queries are redone exactly
         stage = NeighborsStage(run, name, search_at, knn_cap)
-        reports[name] = LocalEngine(run, show_progress=show_progress).run(stage, unit="queries")
+        runner = make_engine(engine, run, show_progress=show_progress, ray_address=ray_address)
+        reports[name] = runner.run(stage, unit="queries")
     return reports
 
 
@@ -370,7 +370,8 @@ def run_all(shard_specs: list[str], out: str | Path, options: EmbedOptions, thre
         for name, spec in build_indexes(out, memory, gpu=gpu).items():
             _clear_stage(run, f"neighbors-{name}", run.neighbors_dir(name))  # edges of the old index
             log.print(f"index {name}: {spec.kind} ({spec.factory}) over {spec.n_vectors:,} vectors")
-    find_neighbors(out, thresholds, gpu=gpu, show_progress=options.show_progress)
+    find_neighbors(out, thresholds, gpu=gpu, show_progress=options.show_progress,
+                   engine=options.engine, ray_address=options.ray_address)
     stats = cluster(out, thresholds)
     log.print(f"clusters: {stats}")
     ranking = rank(out)

@@ -84,8 +84,15 @@ def test_ray_engine_runs_the_embed_stage_like_the_local_one(tmp_path):
     try:
         pipeline.embed(specs, tmp_path / "local", local)
         report = pipeline.embed(specs, tmp_path / "ray", ray_options)
+        for out, engine in ((tmp_path / "local", "local"), (tmp_path / "ray", "ray")):
+            pipeline.build_indexes(out, "1GB")
+            pipeline.find_neighbors(out, show_progress=False, engine=engine)
     finally:
         ray.shutdown()
+    edges = [pd.read_parquet(RunDir(tmp_path / name).neighbors_dir("perceptual")).sort_values(["id_a", "id_b"], ignore_index=True)
+             for name in ("local", "ray")]
+    assert len(edges[0]) > 0
+    pd.testing.assert_frame_equal(edges[0][["id_a", "id_b"]], edges[1][["id_a", "id_b"]])
     assert report.tasks_run == len(shards)
     for i in range(len(shards)):
         a = RunDir(tmp_path / "local")
