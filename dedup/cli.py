@@ -72,7 +72,7 @@ PretrainedOpt = Annotated[str, typer.Option(help="open_clip pretrained tag, or a
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per model forward pass.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 0 when CLIP runs on the CPU (the model needs the cores).")]
-EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup[ray]').")]
+EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup\\[ray]').")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
 ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
 MemoryOpt = Annotated[str, typer.Option("--memory", help="Memory budget for the index, e.g. 8GB.")]
