@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def single_faiss_thread():
+    """Tiny problems: OpenMP threads only add spin-wait overhead (5x on a loaded 2-core box)."""
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def real_dups() -> Path:
     if not (REAL_DUPS / "groups.csv").exists():

@@ -23,13 +23,7 @@ from dedup.index import (
 GB = 10**9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_faiss_thread():
-    """Tiny problems: OpenMP threads only add spin-wait overhead (5x on a loaded 2-core box)."""
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_faiss_thread")
 
 MB = 10**6
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -17,13 +16,7 @@ from dedup.neighbors import (
 DIM = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_faiss_thread():
-    """Tiny problems: OpenMP threads only add spin-wait overhead (5x on a loaded 2-core box)."""
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_faiss_thread")
 
 THRESHOLD = 0.9
 
