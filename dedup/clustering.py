@@ -66,40 +66,35 @@ def _descriptor_edges(run: RunDir, name: str, threshold: float, node_ids: np.nda
     return np.searchsorted(node_ids, edges["id_a"].to_numpy()), np.searchsorted(node_ids, edges["id_b"].to_numpy())
 
 
-def _margins(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Per (rep, member): best similarity-minus-guard over descriptors; +inf for identical bytes."""
-    best = np.full(len(reps), -np.inf, dtype=np.float64)
+def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray, members: np.ndarray):
+    """Per (rep, member) pair: the descriptor clearing its guard by most.
+
+    Returns (margin = similarity - guard, similarity, matched_by); identical bytes
+    win outright (margin +inf, similarity 1.0, `sha256`).
+    """
+    margin = np.full(len(reps), -np.inf, dtype=np.float64)
+    similarity = np.full(len(reps), np.nan, dtype=np.float32)
+    matched_by = np.full(len(reps), "", dtype=object)
     for view in views:
         ra, rb = view.row_of_node[reps], view.row_of_node[members]
-        both = (ra >= 0) & (rb >= 0)
-        if both.any():
-            best[both] = np.maximum(best[both], view.similarity(ra[both], rb[both]) - view.guard)
+        both = np.flatnonzero((ra >= 0) & (rb >= 0))
+        if not len(both):
+            continue
+        sims = view.similarity(ra[both], rb[both])
+        better = sims - view.guard > margin[both]
+        chosen = both[better]
+        margin[chosen], similarity[chosen], matched_by[chosen] = sims[better] - view.guard, sims[better], view.name
     same_bytes = (sha[reps] == sha[members]) & (sha[members] != None)  # noqa: E711 - object array
-    best[same_bytes] = np.inf
-    return best
+    margin[same_bytes], similarity[same_bytes], matched_by[same_bytes] = np.inf, 1.0, EXACT
+    return margin, similarity, matched_by
 
 
 def _explain(views, sha, labels, is_rep) -> tuple[np.ndarray, np.ndarray]:
-    """similarity_to_representative (first descriptor that has both vectors) and matched_by."""
-    n = len(labels)
-    similarity = np.ones(n, dtype=np.float32)
+    """similarity_to_representative and matched_by of every node (representatives: 1.0, `self`)."""
+    similarity = np.ones(len(labels), dtype=np.float32)
     matched_by = np.where(is_rep, "self", "").astype(object)
     members = np.flatnonzero(~is_rep)
-    reps = labels[members]
-    best_margin = np.full(len(members), -np.inf)
-    for view in views:
-        ra, rb = view.row_of_node[reps], view.row_of_node[members]
-        both = (ra >= 0) & (rb >= 0)
-        sims = np.full(len(members), np.nan, dtype=np.float32)
-        sims[both] = view.similarity(ra[both], rb[both])
-        margin = np.where(both, sims - view.guard, -np.inf)
-        better = margin > best_margin
-        similarity[members[better]] = sims[better]
-        matched_by[members[better]] = view.name
-        best_margin = np.maximum(best_margin, margin)
-    same = (sha[reps] == sha[members]) & (sha[members] != None)  # noqa: E711 - object array
-    similarity[members[same]] = 1.0
-    matched_by[members[same]] = EXACT
+    _, similarity[members], matched_by[members] = _best_match(views, sha, labels[members], members)
     return similarity, matched_by
 
 
@@ -114,7 +109,7 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     a = np.concatenate([p[0] for p in parts]).astype(np.int64)
     b = np.concatenate([p[1] for p in parts]).astype(np.int64)
     views = _views(run, node_ids, descriptors, guards)
-    result = cluster_with_guard(len(node_ids), a, b, lambda r, m: _margins(views, sha, r, m), guard_threshold=0.0)
+    result = cluster_with_guard(len(node_ids), a, b, lambda r, m: _best_match(views, sha, r, m)[0], guard_threshold=0.0)
     similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)
     clusters = samples.drop(columns=["sha256"]).assign(
         cluster_id=node_ids[result.labels],

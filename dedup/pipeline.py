@@ -162,7 +162,8 @@ def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> di
     specs = {}
     for name in config.descriptors:
         ids, vectors = load_embeddings(run, name)
-        variants = 8 if query_transform_for(name) is not None else 1
+        transform = query_transform_for(name)
+        variants = len(transform(vectors[:1])) if transform is not None else 1
         spec = choose_index(len(vectors), vectors.shape[1], budget, gpu=gpu, query_variants=variants)
         index = build_index(spec, vectors)
         save_index(index, spec, run.index_dir, name)
@@ -203,10 +204,10 @@ class NeighborsStage:
     def task_ids(self) -> list[str]:
         from dedup.store import embedding_parts
 
-        rows = sum(len(np.load(self.run_dir.embedding_part(self.descriptor, p), mmap_mode="r"))
-                   for p in embedding_parts(self.run_dir, self.descriptor))
         if self._uses_ivf_join():
             return ["0"]
+        rows = sum(len(np.load(self.run_dir.embedding_part(self.descriptor, p), mmap_mode="r"))
+                   for p in embedding_parts(self.run_dir, self.descriptor))
         return [str(j) for j in range(max(1, -(-rows // self.rows_per_task)))]
 
     def _uses_ivf_join(self) -> bool:
