@@ -180,7 +180,7 @@ def extract_images(shards: list[Path], folder: Path) -> dict[str, Any]:
     summary_file = folder / "_extracted.json"
     if summary_file.exists():
         return json.loads(summary_file.read_text())
-    from dedup.shards import read_shard
+    from dedup.stages.read import read_shard
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

@@ -24,10 +24,10 @@ import numpy as np
 
 from dedup import pipeline
 from dedup.descriptors import DescriptorBuilder
-from dedup.embed import CHUNK_SIZE
-from dedup.shards import read_shard
+from dedup.stages.embed import CHUNK_SIZE
+from dedup.stages.embed_worker import process_chunk
+from dedup.stages.read import read_shard
 from dedup.synth import demo_photos, make_laion_like, write_shards
-from dedup.worker import process_chunk
 
 
 def build_shards(folder: Path, n: int, per_shard: int) -> list[str]:

@@ -35,9 +35,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dedup.cluster import connected_components
-from dedup.index import build_index, spec_for_kind
-from dedup.neighbors import find_pairs, find_pairs_ivf_join, iter_blocks
+from dedup.search.faiss_index import build_index
+from dedup.search.index_choice import spec_for_kind
+from dedup.search.pairs import find_pairs, find_pairs_ivf_join, iter_blocks
+from dedup.search.union_find import connected_components
 
 METHODS = ("flat", "ivf_range", "ivf_join", "semdedup")
 

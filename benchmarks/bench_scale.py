@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from dedup import config as cfg
+from dedup import settings as cfg
 from dedup.descriptors.perceptual import DIM, dihedral_variants
-from dedup.store import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, record_shards, write_array, write_table
+from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, record_shards, write_array, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_DIR = REPO_ROOT / "benchmarks" / "_work" / "speed_scale"

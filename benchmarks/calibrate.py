@@ -6,8 +6,8 @@
 1. Build (or reuse) the TUNING set (seed 1) and the HELD-OUT set (seed 2) with make_benchmark.py.
 2. Run dedup once per set (perceptual descriptor) with neighbours searched down to `--search-threshold`
    (0.45), so every cut at or above it can be applied from the stored edges without searching again.
-3. On the tuning set, re-cluster (`dedup.clustering.cluster_run`) and score (`dedup.evaluate.evaluate`)
-   every (cut, guard offset) of the grid; the guard is `cut - offset`, as `dedup.config.default_guard`.
+3. On the tuning set, re-cluster (`dedup.stages.cluster.cluster_run`) and score (`dedup.stages.evaluate.evaluate`)
+   every (cut, guard offset) of the grid; the guard is `cut - offset`, as `dedup.settings.default_guard`.
 4. Measure, for every cut, the same-group pair recall on the real duplicate photos of
    `shared/data/real-dups` (corrected labels, as `benchmarks/perceptual_realdups.py`): the generated
    sets have no edits such as 8 % crops, squashes or the Kodak 500x500 crops, which real copies score
@@ -58,11 +58,11 @@ from quality import (
 )
 from rich.console import Console
 
-from dedup import config as cfg
 from dedup import pipeline
+from dedup import settings as cfg
 from dedup.errors import DedupError
-from dedup.evaluate import load_truth
-from dedup.store import RunDir
+from dedup.records import RunDir
+from dedup.stages.evaluate import load_truth
 
 TUNING_SEED = 1
 REAL_DUPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-dups"

@@ -14,7 +14,7 @@ Steps:
 3. Extract the images dedup decodes into `{key}.{ext}` files (samples that fail to decode are skipped and
    counted) and run every peer tool on that folder through `benchmarks/peers/run_peer.py` in the peers
    venv; their pairs become clusters by connected components.
-4. Score everything with `dedup.evaluate.evaluate`, plus: benign pair P/R/F1 (truth restricted to the
+4. Score everything with `dedup.stages.evaluate.evaluate`, plus: benign pair P/R/F1 (truth restricted to the
    `original` and `benign` families, so hard copies and negatives drop out of both sides), precision with
    overlapping crop siblings set aside (see `crop_sibling_pairs`), and per-transform recall for dedup.
 
@@ -44,14 +44,14 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from dedup import config as cfg
 from dedup import pipeline
-from dedup.cluster import connected_components
-from dedup.clustering import cluster_run
+from dedup import settings as cfg
 from dedup.errors import DedupError
-from dedup.evaluate import evaluate, joined, load_truth, pair_scores
-from dedup.shards import read_shard
-from dedup.store import RunDir, load_samples
+from dedup.records import RunDir, load_samples
+from dedup.search.union_find import connected_components
+from dedup.stages.cluster import cluster_run
+from dedup.stages.evaluate import evaluate, joined, load_truth, pair_scores
+from dedup.stages.read import read_shard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_DIR = REPO_ROOT / "benchmarks" / "_data"
@@ -159,7 +159,7 @@ def pairwise_iou(boxes: np.ndarray) -> np.ndarray:
 def crop_sibling_pairs(frame: pd.DataFrame, min_iou: float = SIBLING_IOU) -> int:
     """Predicted pairs that join two *different* groups cut from one parent photo with box IoU > min_iou.
 
-    `frame` is `dedup.evaluate.joined` output (truth columns `parent`, `crop_box` included). Only such
+    `frame` is `dedup.stages.evaluate.joined` output (truth columns `parent`, `crop_box` included). Only such
     pairs inside one cluster are counted: they are the predicted pairs set aside for the second precision.
     """
     crops = frame[frame["crop_box"].fillna("") != ""]
@@ -226,7 +226,7 @@ def score_clusters(clusters: pd.DataFrame, truth: pd.DataFrame, details: bool = 
 
 
 def false_pair_kinds(frame: pd.DataFrame) -> dict[str, int]:
-    """Predicted pairs of two different groups, by what joined them (`frame` from `dedup.evaluate.joined`).
+    """Predicted pairs of two different groups, by what joined them (`frame` from `dedup.stages.evaluate.joined`).
 
     'crops of one photo': two derived crop sources of one parent; 'crop and its parent': a crop source
     and the group of the photo it was cut from; 'unrelated': anything else.

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dedup.console import print_embed_summary, print_top
 from dedup.errors import DedupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -49,7 +50,7 @@ def _guarded(fn):
 
 
 def _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address):
-    from dedup.pipeline import EmbedOptions
+    from dedup.stages.embed import EmbedOptions
 
     return EmbedOptions(
         descriptors=descriptor or [],
@@ -109,7 +110,7 @@ def embed_command(
 
     options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
     report = pipeline.embed(shards, out, options, err_console)
-    pipeline.print_embed_summary(report, err_console)
+    print_embed_summary(report, err_console)
 
 
 @app.command("index")
@@ -153,23 +154,23 @@ def rank_command(out: OutArg, top: Annotated[int, typer.Option(help="Rows to pri
     """Rank clusters by copies -> OUT/top_duplicates.parquet."""
     from dedup import pipeline
 
-    pipeline.print_top(pipeline.rank(out), out_console, top)
+    print_top(pipeline.rank(out), out_console, top)
 
 
 @app.command("manifests")
 @_guarded
 def manifests_command(out: OutArg, keep: KeepOpt = "first") -> None:
     """Write OUT/manifests/{shard}.parquet and OUT/remove_keys.parquet."""
-    from dedup import pipeline
+    from dedup.stages.manifests import manifests_stage
 
-    err_console.print(pipeline.write_manifests(out, keep))
+    err_console.print(manifests_stage(out, keep))
 
 
 @app.command("report")
 @_guarded
 def report_command(out: OutArg, top: Annotated[int, typer.Option(help="Clusters shown.")] = 50) -> None:
     """Write the self-contained HTML report OUT/report/index.html."""
-    from dedup.report import write_report
+    from dedup.stages.report import write_report
 
     path = write_report(out, top=top)
     err_console.print(f"report: {path}")
@@ -199,7 +200,7 @@ def run_command(
 
     options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
     ranking = pipeline.run_all(shards, out, options, threshold, memory, keep, report, err_console)
-    pipeline.print_top(ranking, out_console, top)
+    print_top(ranking, out_console, top)
 
 
 @app.command("demo")
@@ -217,7 +218,7 @@ def demo_command(
     err_console.print(f"demo: {len(shards)} shards, {len(truth)} samples with planted duplicates in {out / 'shards'}")
     options = _embed_options(["perceptual"], "ViT-B-32", "laion2b_s34b_b79k", "auto", 64, workers, "local", None)
     ranking = pipeline.run_all([str(p) for p in shards], out / "run", options, None, "2GB", "first", True, err_console)
-    pipeline.print_top(ranking, out_console, top)
+    print_top(ranking, out_console, top)
     err_console.print(f"outputs: {out / 'run'}  (report: {out / 'run' / 'report' / 'index.html'})")
 
 
@@ -234,7 +235,7 @@ def query_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""
-    from dedup.query import print_results, query
+    from dedup.stages.query import print_results, query
 
     results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor)
     if as_json:
@@ -251,7 +252,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Score a run's clusters against labelled ground truth."""
-    from dedup.evaluate import evaluate_run, print_metrics
+    from dedup.stages.evaluate import evaluate_run, print_metrics
 
     metrics = evaluate_run(out, truth)
     if as_json:

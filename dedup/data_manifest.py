@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dedup.errors import DedupError
-from dedup.shards import expand_shard_specs, is_remote
+from dedup.stages.read import expand_shard_specs, is_remote
 
 REQUIRED_FIELDS = ("name", "shards")
 MAX_MANIFEST_BYTES = 1024 * 1024

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from dedup.errors import DedupError, require
 from dedup.progress import Progress
-from dedup.store import RunDir, write_json
+from dedup.records import RunDir, write_json
 
 ProgressFn = Callable[[int], None]
 

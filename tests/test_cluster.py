@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dedup.cluster import choose_representatives, cluster_with_guard, connected_components
-from dedup.neighbors import brute_force_pairs, pair_similarity
+from dedup.search.pairs import brute_force_pairs, pair_similarity
+from dedup.search.union_find import choose_representatives, cluster_with_guard, connected_components
 
 
 def reference_components(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dedup.data_manifest import expand_inputs, load_data_manifest
-from dedup.shards import expand_shard_specs
+from dedup.stages.read import expand_shard_specs
 from dedup.synth import DEMO_SAMPLES, DEMO_SHARDS, build_demo
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "data_manifests"

@@ -9,7 +9,7 @@ import pytest
 
 from dedup.engine import LocalEngine, StageFailed
 from dedup.errors import MissingExtraError, require
-from dedup.store import RunDir
+from dedup.records import RunDir
 
 
 class CountingStage:

@@ -1,4 +1,4 @@
-"""dedup.evaluate on small hand-made clusters and truth tables whose answers are worked out by hand."""
+"""dedup.stages.evaluate on small hand-made clusters and truth tables whose answers are worked out by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from dedup.errors import DedupError
-from dedup.evaluate import (
+from dedup.stages.evaluate import (
     bcubed_f1,
     copy_count_spearman,
     evaluate,

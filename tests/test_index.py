@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 
 from dedup.errors import DedupError, IndexInfeasible, StoreError
-from dedup.index import (
+from dedup.search.faiss_index import build_index
+from dedup.search.index_choice import (
     KINDS,
     IndexSpec,
-    build_index,
     check_fits,
     choose_index,
     default_nlist,
     estimate_memory_bytes,
-    load_index,
-    save_index,
     spec_for_kind,
 )
+from dedup.stages.index import load_index, save_index
 
 GB = 10**9
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from dedup.errors import DedupError
-from dedup.index import build_index, spec_for_kind
-from dedup.neighbors import (
+from dedup.search.faiss_index import build_index
+from dedup.search.index_choice import spec_for_kind
+from dedup.search.pairs import (
     brute_force_pairs,
     find_pairs,
     find_pairs_ivf_join,

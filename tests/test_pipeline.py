@@ -14,9 +14,12 @@ import pandas as pd
 import pytest
 
 from dedup import pipeline
-from dedup.manifests import DropDuplicates, KeepPolicy, decide_keep
-from dedup.query import query
-from dedup.store import RunDir
+from dedup import settings as cfg
+from dedup.loader import DropDuplicates
+from dedup.records import RunDir
+from dedup.stages.manifests import KeepPolicy, decide_keep
+from dedup.stages.neighbors import NeighborsStage
+from dedup.stages.query import query
 from dedup.synth import build_demo
 
 QUIET = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
@@ -174,10 +177,10 @@ def test_neighbour_search_in_small_row_blocks_equals_one_pass(demo_run, tmp_path
 
     out, _, _, _ = demo_run
     run = RunDir(shutil.copytree(out, tmp_path / "copy"))
-    threshold = pipeline.cfg.RunConfig.load(run).search_thresholds["perceptual"]
+    threshold = cfg.RunConfig.load(run).search_thresholds["perceptual"]
 
     def edges(rows_per_task):
-        stage = pipeline.NeighborsStage(run, "perceptual", threshold, rows_per_task=rows_per_task)
+        stage = NeighborsStage(run, "perceptual", threshold, rows_per_task=rows_per_task)
         parts = []
         shutil.rmtree(run.neighbors_dir("perceptual"), ignore_errors=True)
         for task in stage.task_ids():
@@ -197,8 +200,10 @@ def test_ivf_runs_find_the_same_duplicates_as_exact_ones(demo_run, tmp_path):
     """An IVF-Flat index (the choice for large runs) takes the cell-join path; probing every cell it must be exact."""
     import shutil
 
-    from dedup.index import build_index, save_index, spec_for_kind
-    from dedup.store import load_embeddings
+    from dedup.records import load_embeddings
+    from dedup.search.faiss_index import build_index
+    from dedup.search.index_choice import spec_for_kind
+    from dedup.stages.index import save_index
 
     out, _, _, _ = demo_run
     copy = RunDir(shutil.copytree(out, tmp_path / "ivf"))

@@ -21,7 +21,7 @@ from conftest import write_tar
 from rich.console import Console
 
 from dedup import pipeline
-from dedup.store import RunDir
+from dedup.records import RunDir
 
 LABEL_FIXES = {
     "JImageHash:highQuality_png": "forest",

@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dedup import report
 from dedup.decode import OK, DecodeFailure, decode_image
-from dedup.manifests import KeepPolicy, write_manifests
-from dedup.rank import rank_clusters
-from dedup.shards import read_shard
-from dedup.store import RunDir, make_sample_id, write_json, write_table
+from dedup.records import RunDir, make_sample_id, write_json, write_table
+from dedup.stages import report
+from dedup.stages.manifests import KeepPolicy, write_manifests
+from dedup.stages.rank import rank_clusters
+from dedup.stages.read import read_shard
 from dedup.synth import demo_photos, make_laion_like, write_shards
 
 XSS_CAPTION = "<script>alert(1)</script> a tagged caption"

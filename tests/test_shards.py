@@ -9,7 +9,7 @@ from PIL import Image
 
 from dedup import decode
 from dedup.errors import ShardSpecError
-from dedup.shards import expand_shard_specs, read_shard, split_member_name
+from dedup.stages.read import expand_shard_specs, read_shard, split_member_name
 
 
 def photo(seed: int = 0, size=(96, 64)) -> Image.Image:
@@ -73,7 +73,7 @@ def _bad_kinds_shard(tmp_path):
 
 
 def _processed(shard):
-    from dedup.worker import process_chunk
+    from dedup.stages.embed_worker import process_chunk
 
     return {p.row["key"]: p for p in process_chunk(list(read_shard(str(shard), 0)), (), decode.DEFAULT_MAX_PIXELS)}
 
@@ -113,7 +113,7 @@ def test_truncated_tar_keeps_samples_read_so_far(tmp_path):
 
 
 def test_oversized_member_is_refused_without_reading(tmp_path, monkeypatch):
-    import dedup.shards as shards
+    import dedup.stages.read as shards
 
     monkeypatch.setattr(shards, "MAX_IMAGE_BYTES", 1000)
     shard = write_tar(tmp_path / "00000.tar", sample_members("big", jpeg_bytes(photo(0, (300, 300)))))

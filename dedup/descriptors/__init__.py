@@ -61,6 +61,15 @@ def choose_default_descriptors(cuda_available: bool) -> tuple[list[str], str]:
     return ["perceptual"], "no CUDA GPU found, so the weight-free perceptual descriptor runs (add --descriptor clip to force CLIP on CPU)"
 
 
+def query_transform_for(descriptor: str):
+    """Perceptual vectors are searched with their 8 flips/rotations (a sign/transposition in DCT space)."""
+    if descriptor == "perceptual":
+        from dedup.descriptors.perceptual import dihedral_variants
+
+        return dihedral_variants
+    return None
+
+
 __all__ = [
     "REGISTRY",
     "Descriptor",
@@ -68,5 +77,6 @@ __all__ = [
     "DescriptorInfo",
     "build_descriptor",
     "choose_default_descriptors",
+    "query_transform_for",
     "vector_descriptor_names",
 ]

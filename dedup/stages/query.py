@@ -19,11 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dedup import config as cfg
+from dedup import settings as cfg
 from dedup.decode import DecodeFailure, decode_image
 from dedup.descriptors import DescriptorBuilder
 from dedup.errors import QueryError, StoreError
-from dedup.store import RunDir
+from dedup.records import RunDir
 
 MATCH_COLUMNS = ["sample_id", "key", "url", "caption", "similarity", "cluster_id"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -77,8 +77,8 @@ class RunIndex:
 
     def index(self):
         if self._index is None:
-            from dedup.index import load_index
-            from dedup.store import load_embeddings
+            from dedup.records import load_embeddings
+            from dedup.stages.index import load_index
 
             index, spec = load_index(self.run.index_dir, self.descriptor)
             ids, stored = load_embeddings(self.run, self.descriptor)
@@ -92,7 +92,7 @@ class RunIndex:
         return self._describer
 
     def matches_for_vectors(self, vectors: np.ndarray, threshold: float) -> list[pd.DataFrame]:
-        from dedup.pipeline import query_transform_for
+        from dedup.descriptors import query_transform_for
 
         index, spec, ids, stored = self.index()
         q, pos, sim = search_external(index, spec, stored, vectors, threshold, query_transform_for(self.descriptor))
@@ -104,7 +104,7 @@ class RunIndex:
         return rows[MATCH_COLUMNS].sort_values("similarity", ascending=False, ignore_index=True)
 
     def exact_matches(self, sha256: str) -> pd.DataFrame:
-        from dedup.store import load_samples
+        from dedup.records import load_samples
 
         samples = load_samples(self.run, ["sample_id", "sha256"])
         hit = samples.loc[samples["sha256"] == sha256, "sample_id"].to_numpy()
@@ -118,7 +118,7 @@ RERANK_MARGIN = 0.05
 
 def search_external(index, spec, stored: np.ndarray, queries: np.ndarray, threshold: float, transform=None):
     """Every stored row within `threshold` of each query (max over the query's variants): exact, uncapped."""
-    from dedup.index import apply_search_params
+    from dedup.search.faiss_index import apply_search_params
 
     apply_search_params(index, spec)
     queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -101,7 +101,7 @@ def cluster_with_guard(
     """Connected components with a chaining guard (see module doc).
 
     `similarity(reps, members)` gives the exact similarity of node pairs
-    (e.g. `dedup.neighbors.pair_similarity(vectors)`); it is called once per
+    (e.g. `dedup.search.pairs.pair_similarity(vectors)`); it is called once per
     pass with every (representative, member) pair. `guard_threshold=None`
     keeps whole components. Nodes still unresolved after `max_passes` passes
     stay singletons: the guard never merges what it could not check.

@@ -9,12 +9,15 @@ byte-identical to the representative or passes *some* descriptor's guard.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dedup.cluster import cluster_with_guard
-from dedup.store import RunDir, load_embeddings, load_samples
+from dedup import settings as cfg
+from dedup.errors import DedupError
+from dedup.records import RunDir, load_embeddings, load_samples, write_table
+from dedup.search.union_find import cluster_with_guard
 
 CLUSTER_COLUMNS = [
     "sample_id", "shard_index", "shard", "key", "url", "caption", "status",
@@ -29,13 +32,13 @@ class _DescriptorView:
 
     name: str
     row_of_node: np.ndarray
-    similarity: object  # dedup.neighbors.PairSimilarity over rows
+    similarity: object  # dedup.search.pairs.PairSimilarity over rows
     guard: float
 
 
 def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: dict[str, float]) -> list[_DescriptorView]:
-    from dedup.neighbors import pair_similarity
-    from dedup.pipeline import query_transform_for
+    from dedup.descriptors import query_transform_for
+    from dedup.search.pairs import pair_similarity
 
     views = []
     for name in descriptors:
@@ -60,7 +63,7 @@ def _exact_edges(sha: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _descriptor_edges(run: RunDir, name: str, threshold: float, node_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dedup.pipeline import load_edges
+    from dedup.records import load_edges
 
     edges = load_edges(run, name, threshold)
     return np.searchsorted(node_ids, edges["id_a"].to_numpy()), np.searchsorted(node_ids, edges["id_b"].to_numpy())
@@ -126,3 +129,19 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
         "guard_passes": int(result.passes),
     }
     return clusters, stats
+
+
+def cluster(out: str | Path, thresholds: list[str] | None = None, guards: list[str] | None = None) -> dict[str, int]:
+    run = RunDir(out)
+    config = cfg.RunConfig.load(run)
+    cut = {**config.thresholds, **cfg.parse_assignments(thresholds, "threshold")}
+    guard = {**config.guards, **cfg.parse_assignments(guards, "guard")}
+    for name, value in cut.items():
+        if name in config.search_thresholds and value < config.search_thresholds[name] - 1e-9:
+            raise DedupError(
+                f"threshold {name}={value} is below the {config.search_thresholds[name]} the neighbours were searched at",
+                hint=f"run 'dedup neighbors {run.root} --threshold {name}={value}' first",
+            )
+    clusters, stats = cluster_run(run, config.descriptors, cut, guard)
+    write_table(clusters, run.clusters)
+    return stats

@@ -37,9 +37,9 @@ from PIL import Image
 
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
-from dedup.rank import url_domain
-from dedup.shards import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
-from dedup.store import RunDir, make_sample_id, read_shards, split_sample_id
+from dedup.records import RunDir, make_sample_id, read_shards, split_sample_id
+from dedup.stages.rank import url_domain
+from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
 
 THUMB_SIDE = 128
 THUMB_QUALITY = 70

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dedup.errors import DedupError
-from dedup.store import RunDir, write_json
+from dedup.records import RunDir, write_json
 
 # Cosine-similarity cut per vector descriptor. `perceptual` is calibrated on
 # real copies (see BENCHMARKS.md and dedup/descriptors/perceptual.py). `clip`

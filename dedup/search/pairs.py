@@ -12,7 +12,7 @@ ever reported while querying row q (the "forward rule"). With an approximate
 index the recall is therefore that of the query from the smaller row.
 
 Rows of `vectors` / `ids` must be the index's labels 0..n-1 in order (what
-`dedup.index.build_index` produces). There is no top-k cap anywhere: an image
+`dedup.search.faiss_index.build_index` produces). There is no top-k cap anywhere: an image
 with 10,000 copies gets all of them.
 
 Two engines:
@@ -115,7 +115,7 @@ def _as_float32(threshold: float) -> np.float32:
 def pair_similarity(vectors: np.ndarray, query_transform: QueryTransform | None = None) -> PairSimilarity:
     """A vectorised `sim(rows_a, rows_b)`: max over variants of row a against row b.
 
-    Used to re-score candidates and by `dedup.cluster` for similarity to the
+    Used to re-score candidates and by `dedup.search.union_find` for similarity to the
     representative.
     """
     metric = _Metric.of(vectors)

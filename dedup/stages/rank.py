@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
+
+from dedup.errors import StoreError
+from dedup.records import RunDir, write_table
 
 TOP_COLUMNS = [
     "rank",
@@ -57,3 +61,12 @@ def _dtype(column: str) -> str:
     if column in ("representative_key", "representative_url", "representative_caption"):
         return "object"
     return "int64"
+
+
+def rank(out: str | Path) -> pd.DataFrame:
+    run = RunDir(out)
+    if not run.clusters.exists():
+        raise StoreError(f"{run.root} has no clusters.parquet", hint=f"run 'dedup cluster {run.root}' first")
+    ranking = rank_clusters(pd.read_parquet(run.clusters))
+    write_table(ranking, run.top_duplicates)
+    return ranking

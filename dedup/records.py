@@ -1,4 +1,4 @@
-"""The run directory: paths, atomic writes and readers of what stages wrote.
+"""Every on-disk contract: Arrow schemas, the one atomic write, and readers of what stages wrote.
 
 Layout (see ARCHITECTURE.md): the embeddings follow clip-retrieval's
 `img_emb/img_emb_{i}.npy` + `metadata/metadata_{i}.parquet`, so
@@ -21,70 +21,7 @@ import pyarrow.parquet as pq
 
 from dedup.errors import StoreError
 from dedup.ids import SAMPLE_ID_SHIFT, make_sample_id, split_sample_id  # noqa: F401 - re-exported
-
-
-class RunDir:
-    """Paths of one run's outputs; every path a stage writes comes from here."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    # ingest
-    @property
-    def shards_table(self) -> Path:
-        return self.root / "shards.parquet"
-
-    def samples_part(self, shard_index: int) -> Path:
-        return self.root / "samples" / f"samples_{shard_index}.parquet"
-
-    def embedding_dir(self, descriptor: str) -> Path:
-        return self.root / "embeddings" / descriptor
-
-    def embedding_part(self, descriptor: str, shard_index: int) -> Path:
-        return self.embedding_dir(descriptor) / "img_emb" / f"img_emb_{shard_index}.npy"
-
-    def metadata_part(self, descriptor: str, shard_index: int) -> Path:
-        return self.embedding_dir(descriptor) / "metadata" / f"metadata_{shard_index}.parquet"
-
-    # later stages
-    @property
-    def index_dir(self) -> Path:
-        return self.root / "index"
-
-    def neighbors_dir(self, descriptor: str) -> Path:
-        return self.root / "neighbors" / descriptor
-
-    @property
-    def clusters(self) -> Path:
-        return self.root / "clusters.parquet"
-
-    @property
-    def top_duplicates(self) -> Path:
-        return self.root / "top_duplicates.parquet"
-
-    @property
-    def manifests_dir(self) -> Path:
-        return self.root / "manifests"
-
-    @property
-    def remove_keys(self) -> Path:
-        return self.root / "remove_keys.parquet"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def run_config(self) -> Path:
-        return self.root / "run.json"
-
-    def marker(self, stage: str, task_id: str) -> Path:
-        return self.root / "_markers" / stage / f"{task_id}.done"
-
-    def descriptors(self) -> list[str]:
-        base = self.root / "embeddings"
-        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
-
+from dedup.run import RunDir
 
 # ---------------------------------------------------------------- atomic writes
 
@@ -240,3 +177,14 @@ def remove_stale_temp_files(run: RunDir) -> int:
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def load_edges(run: RunDir, descriptor: str, threshold: float) -> pd.DataFrame:
+    folder = run.neighbors_dir(descriptor)
+    parts = sorted(folder.glob("part_*.parquet"))
+    if not parts:
+        raise StoreError(f"no neighbour edges for {descriptor} in {folder}", hint=f"run 'dedup neighbors {run.root}' first")
+    edges = pd.concat([pd.read_parquet(p, columns=["id_a", "id_b", "similarity"]) for p in parts], ignore_index=True)
+    edges = edges[edges["similarity"] >= threshold]
+    # A pair is found from both ends (and from several parts); keep it once.
+    return edges.sort_values("similarity", ascending=False).drop_duplicates(["id_a", "id_b"])

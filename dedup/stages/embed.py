@@ -10,18 +10,34 @@ flight, so memory stays bounded whatever the shard size.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from rich.console import Console
 
 from dedup import decode
+from dedup import settings as cfg
+from dedup.descriptors import choose_default_descriptors, vector_descriptor_names
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
-from dedup.shards import RawSample, read_shard
-from dedup.store import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, write_array, write_table
-from dedup.worker import ProcessedSample, cached_descriptor, process_chunk
+from dedup.engine import StageReport, make_engine
+from dedup.errors import DedupError, StoreError
+from dedup.records import (
+    METADATA_SCHEMA,
+    SAMPLES_SCHEMA,
+    RunDir,
+    record_shards,
+    remove_stale_temp_files,
+    write_array,
+    write_table,
+)
+from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, process_chunk
+from dedup.stages.read import RawSample, read_shard
 
 CHUNK_SIZE = 32
 
@@ -163,3 +179,117 @@ def _shard_stats(rows: list[dict[str, Any]]) -> dict[str, int]:
     for row in rows:
         stats[f"status.{row['status']}"] = stats.get(f"status.{row['status']}", 0) + 1
     return stats
+
+
+# ---------------------------------------------------------------- stage wiring
+
+
+@dataclass
+class EmbedOptions:
+    descriptors: list[str] = field(default_factory=list)
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "laion2b_s34b_b79k"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # None: chosen by resolve_workers
+    engine: str = "local"
+    ray_address: str | None = None
+    show_progress: bool = True
+
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_descriptors(options: EmbedOptions, log: Console | None = None) -> list[str]:
+    if options.descriptors:
+        names = list(dict.fromkeys(options.descriptors))
+        reason = "chosen with --descriptor"
+        unknown = [n for n in names if n not in vector_descriptor_names()]
+        if unknown:
+            raise DedupError(
+                f"unknown descriptor {unknown[0]!r}",
+                hint=f"choose from {', '.join(vector_descriptor_names())} (sha256 is always computed); 'dedup descriptors' lists them",
+            )
+    else:
+        names, reason = choose_default_descriptors(_cuda_available())
+    if log is not None:
+        log.print(f"descriptors: {', '.join(names)} ({reason})")
+    return names
+
+
+def resolve_workers(options: EmbedOptions, names: list[str]) -> int:
+    """Decode processes: one per core, except that CLIP on a CPU needs every core for the model.
+
+    Measured on 2 cores (benchmarks/bench_embed.py, ViT-B-32): decode+prepare
+    costs ~5% of the CPU forward pass; decoding inline reaches 0.95 of the bare
+    model rate, one decode process 0.73 (it preempts torch's threads).
+    """
+    if options.workers is not None:
+        return options.workers
+    cores = os.cpu_count() or 1
+    clip_on_cpu = "clip" in names and (options.device == "cpu" or (options.device == "auto" and not _cuda_available()))
+    return 0 if clip_on_cpu else cores
+
+
+def descriptor_builders(names: list[str], options: EmbedOptions) -> list[DescriptorBuilder]:
+    builders = []
+    for name in names:
+        opts: dict[str, Any] = {}
+        if name == "clip":
+            opts = {"model": options.clip_model, "pretrained": options.clip_pretrained, "device": options.device}
+        builders.append(DescriptorBuilder(name, opts))
+    return builders
+
+
+def embed(shard_specs: list[str], out: str | Path, options: EmbedOptions, log: Console | None = None) -> StageReport:
+    from dedup.data_manifest import expand_inputs
+    
+    run = RunDir(out)
+    remove_stale_temp_files(run)
+    shards = expand_inputs(shard_specs)
+    names = resolve_descriptors(options, log)
+    config = _start_config(run, shard_specs, names, options)
+    record_shards(run, shards)
+    builders = descriptor_builders(names, options)
+    _check_builders(builders, log)
+    workers = resolve_workers(options, names)
+    if log is not None:
+        log.print(f"decode workers: {workers}")
+    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=options.batch_size)
+    engine = make_engine(options.engine, run, show_progress=options.show_progress, ray_address=options.ray_address)
+    report = engine.run(stage)
+    config.save(run)
+    return report
+
+
+def _start_config(run: RunDir, shard_specs: list[str], names: list[str], options: EmbedOptions) -> cfg.RunConfig:
+    if run.run_config.exists():
+        config = cfg.RunConfig.load(run)
+        if config.descriptors != names:
+            raise StoreError(
+                f"{run.root} was embedded with {config.descriptors}, not {names}",
+                hint="resume with the same --descriptor list, or use a new --out directory",
+            )
+        return config
+    config = cfg.RunConfig(shard_specs=list(shard_specs), descriptors=names)
+    config.descriptor_options = {b.name: b.options for b in descriptor_builders(names, options)}
+    config.fill_defaults().save(run)
+    return config
+
+
+def _check_builders(builders: list[DescriptorBuilder], log: Console | None) -> None:
+    """Build each descriptor once up front so a bad model name fails before any shard is read."""
+    from dedup.stages.embed_worker import cached_descriptor
+
+    for builder in builders:
+        descriptor = cached_descriptor(builder)
+        if builder.name == "clip":
+            # One tiny forward pass loads the weights: a bad checkpoint fails here, not mid-shard.
+            side = descriptor.min_side
+            descriptor.embed(np.zeros((1, 3, side, side), dtype=np.uint8))
+        if log is not None and hasattr(descriptor, "describe_device"):
+            log.print(f"{builder.name}: {descriptor.describe_device()}")

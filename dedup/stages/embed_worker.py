@@ -15,7 +15,7 @@ import numpy as np
 from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
-from dedup.shards import RawSample, meta_int, meta_str
+from dedup.stages.read import RawSample, meta_int, meta_str
 
 
 @dataclass

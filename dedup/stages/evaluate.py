@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import DedupError
-from dedup.store import RunDir
+from dedup.records import RunDir
 
 
 def _pairs(counts: pd.Series | np.ndarray) -> float:

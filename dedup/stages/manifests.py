@@ -1,0 +1,81 @@
+"""Write manifests: per-shard keep/drop tables and a global list of removed keys.
+
+Keep policies (one kept sample per cluster unless `max-copies=N`):
+- `first`: the earliest sample in shard order (the smallest sample_id);
+- `largest`: the sample with the most pixels (ties -> earliest);
+- `max-copies=N`: keep the N earliest, drop the rest (limits repetition
+  without removing an image entirely).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dedup.errors import DedupError
+from dedup.records import RunDir, load_samples, write_table
+
+MANIFEST_COLUMNS = ["key", "sample_id", "keep", "cluster_id", "reason"]
+REMOVE_COLUMNS = ["shard", "key", "sample_id", "cluster_id", "reason"]
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    name: str  # "first" | "largest" | "max-copies"
+    max_copies: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> KeepPolicy:
+        if text in ("first", "largest"):
+            return cls(text)
+        if text.startswith("max-copies="):
+            try:
+                count = int(text.split("=", 1)[1])
+            except ValueError:
+                count = 0
+            if count >= 1:
+                return cls("max-copies", count)
+        raise DedupError(f"unknown keep policy {text!r}", hint="use --keep first, --keep largest or --keep max-copies=N (N >= 1)")
+
+
+def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
+    """Add `keep` and `reason` columns. Failed samples are dropped with reason `status:<kind>`."""
+    frame = clusters.copy()
+    frame["pixels"] = frame.get("width", pd.Series(0, index=frame.index)).fillna(0).astype(np.int64) * frame.get(
+        "height", pd.Series(0, index=frame.index)
+    ).fillna(0).astype(np.int64)
+    if policy.name == "largest":
+        frame = frame.sort_values(["cluster_id", "pixels", "sample_id"], ascending=[True, False, True])
+    else:
+        frame = frame.sort_values(["cluster_id", "sample_id"])
+    order_in_cluster = frame.groupby("cluster_id").cumcount()
+    frame["keep"] = order_in_cluster < policy.max_copies
+    frame["reason"] = np.where(frame["keep"], np.where(frame["cluster_size"] > 1, "kept_copy", "unique"), "duplicate")
+    failed = frame["status"] != "ok"
+    frame.loc[failed, "keep"] = False
+    frame.loc[failed, "reason"] = "status:" + frame.loc[failed, "status"].astype(str)
+    return frame.sort_values("sample_id").drop(columns=["pixels"]).reset_index(drop=True)
+
+
+def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> dict[str, int]:
+    decided = decide_keep(clusters, policy)
+    for shard_index, part in decided.groupby("shard_index"):
+        write_table(part[MANIFEST_COLUMNS].reset_index(drop=True), run.manifests_dir / f"{int(shard_index):05d}.parquet")
+    removed = decided[~decided["keep"]]
+    write_table(removed[REMOVE_COLUMNS].reset_index(drop=True), run.remove_keys)
+    return {
+        "kept": int(decided["keep"].sum()),
+        "removed_duplicates": int((removed["reason"] == "duplicate").sum()),
+        "removed_failed": int(removed["reason"].str.startswith("status:").sum()),
+    }
+
+
+def manifests_stage(out: str | Path, keep: str = "first") -> dict[str, int]:
+    run = RunDir(out)
+    policy = KeepPolicy.parse(keep)
+    clusters = pd.read_parquet(run.clusters)
+    sizes = load_samples(run, ["sample_id", "width", "height"])
+    return write_manifests(run, clusters.merge(sizes, on="sample_id", how="left"), policy)
