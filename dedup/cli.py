@@ -14,6 +14,8 @@ from rich.table import Table
 
 from dedup.console import print_embed_summary, print_top
 from dedup.errors import DedupError
+from dedup.run import Run
+from dedup.settings import DEFAULT_MEMORY, EngineSettings, Settings, parse_assignments
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 out_console = Console()
@@ -49,35 +51,79 @@ def _guarded(fn):
     return wrapper
 
 
-def _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address):
-    from dedup.stages.embed import EmbedOptions
-
-    return EmbedOptions(
-        descriptors=descriptor or [],
-        clip_model=model,
-        clip_pretrained=pretrained,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        engine=engine,
-        ray_address=ray_address,
-    )
-
-
 DescriptorOpt = Annotated[
     Optional[list[str]],
     typer.Option("--descriptor", "-d", help="perceptual and/or clip (repeat). Default: clip+perceptual on a GPU, perceptual otherwise."),
 ]
 ModelOpt = Annotated[str, typer.Option(help="open_clip model name (or a model-config JSON path).")]
 PretrainedOpt = Annotated[str, typer.Option(help="open_clip pretrained tag, or a local checkpoint PATH.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
-BatchOpt = Annotated[int, typer.Option(help="Images per model forward pass.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+BatchOpt = Annotated[int, typer.Option(help="Images per model forward pass (>= 1).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 0 when CLIP runs on the CPU (the model needs the cores).")]
 EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup\\[ray]').")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
+RayActorsOpt = Annotated[int, typer.Option("--ray-actors", help="Ray actors (parallel tasks) per stage.")]
+RayCpusOpt = Annotated[float, typer.Option("--ray-cpus-per-actor", help="CPUs reserved by each Ray actor.")]
+RayGpusOpt = Annotated[float, typer.Option("--ray-gpus-per-actor", help="GPUs reserved by each Ray actor (CLIP on GPU nodes: 1).")]
 ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
-MemoryOpt = Annotated[str, typer.Option("--memory", help="Memory budget for the index, e.g. 8GB.")]
-KeepOpt = Annotated[str, typer.Option(help="first | largest | max-copies=N")]
+GuardOpt = Annotated[Optional[list[str]], typer.Option("--guard", help="NAME=VALUE chaining guard (default: the applied threshold minus the descriptor's offset).")]
+MemoryOpt = Annotated[Optional[str], typer.Option("--memory", help="Memory budget, e.g. 8GB (default: 8GB, or the run's).")]
+KeepOpt = Annotated[Optional[str], typer.Option(help="first | largest | max-copies=N (default: first, or the run's).")]
+TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+GpuOpt = Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dedup import __version__
+
+        out_console.print(f"dedup {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Find, rank and remove duplicated images in LAION-style training sets."""
+
+
+def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: float, ray_gpus: float,
+            progress: bool) -> EngineSettings:
+    return EngineSettings(name=engine, ray_address=ray_address, ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus,
+                          ray_gpus_per_actor=ray_gpus, show_progress=progress).validated()
+
+
+def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
+               engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None) -> Run:
+    """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
+    thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
+    requested = Settings.build(
+        shard_specs=shards, descriptors=descriptor or [], keep=keep or "first", memory=memory or DEFAULT_MEMORY,
+        batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
+        model_options={"model": model, "pretrained": pretrained},
+    )
+    given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory)) if value}
+    run = Run.start(out, requested, err_console, given=frozenset(given))
+    if thresholds or guards:  # a resumed run keeps its cuts unless new ones are given
+        run.settings = run.settings.with_cuts(thresholds, guards).validated()
+        run.save()
+    how = "chosen with --descriptor" if descriptor else "the default where no --descriptor is given"
+    run.log(f"descriptors: {', '.join(run.settings.descriptors)} ({how})")
+    return run
+
+
+def _open_run(out: Path, threshold=None, guard=None, search: bool = True, **changes) -> Run:
+    """An existing run; options given here update its run.json before the stage runs."""
+    return Run.open(out, err_console, thresholds=parse_assignments(threshold, "threshold"),
+                    guards=parse_assignments(guard, "guard"), search=search, **changes)
+
+
+def _with_engine(run: Run, engine: EngineSettings) -> Run:
+    from dataclasses import replace
+
+    run.settings = replace(run.settings, engine=engine)
+    return run
 
 
 @app.command("descriptors")
@@ -85,9 +131,10 @@ def descriptors_command() -> None:
     """List the descriptors dedup can compute."""
     from dedup.descriptors import REGISTRY
 
-    table = Table("name", "kind", "needs weights", "what it is")
+    table = Table("name", "kind", "needs weights", "default threshold", "what it is")
     for info in REGISTRY.values():
-        table.add_row(info.name, info.kind, "yes" if info.needs_weights else "no", info.summary)
+        threshold = "exact" if info.kind == "exact" else f"{info.threshold():.2f}"
+        table.add_row(info.name, info.kind, "yes" if info.needs_weights else "no", threshold, info.summary)
     out_console.print(table)
 
 
@@ -104,23 +151,29 @@ def embed_command(
     workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 2,
+    ray_cpus_per_actor: RayCpusOpt = 1.0,
+    ray_gpus_per_actor: RayGpusOpt = 0.0,
+    progress: ProgressOpt = True,
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
-    from dedup import pipeline
+    from dedup.stages.embed import embed
 
-    options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
-    report = pipeline.embed(shards, out, options, err_console)
-    print_embed_summary(report, err_console)
+    engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress)
+    run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings)
+    print_embed_summary(embed(run), err_console)
 
 
 @app.command("index")
 @_guarded
-def index_command(out: OutArg, memory: MemoryOpt = "8GB", gpu: Annotated[bool, typer.Option(help="Use faiss-gpu.")] = False) -> None:
+def index_command(out: OutArg, memory: MemoryOpt = None, gpu: GpuOpt = None) -> None:
     """Build a FAISS index per descriptor (type chosen from size, dim and --memory)."""
-    from dedup import pipeline
+    from dedup.settings import parse_size
+    from dedup.stages.index import build_indexes
 
-    for name, spec in pipeline.build_indexes(out, memory, gpu).items():
-        err_console.print(f"index {name}: {spec.kind} ({spec.factory}), {spec.n_vectors:,} vectors")
+    run = _open_run(out, memory_budget_bytes=parse_size(memory) if memory else None)
+    for name, spec in build_indexes(run, gpu=gpu).items():
+        err_console.print(f"index {name}: {spec.kind} ({spec.factory}), {spec.n_vectors:,} vectors", markup=False)
 
 
 @app.command("neighbors")
@@ -128,52 +181,55 @@ def index_command(out: OutArg, memory: MemoryOpt = "8GB", gpu: Annotated[bool, t
 def neighbors_command(
     out: OutArg,
     threshold: ThresholdOpt = None,
-    gpu: Annotated[bool, typer.Option(help="Search on the GPU (faiss-gpu; counts stay uncapped).")] = False,
+    gpu: GpuOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 2,
+    ray_cpus_per_actor: RayCpusOpt = 1.0,
+    progress: ProgressOpt = True,
 ) -> None:
     """All-vs-all range search -> OUT/neighbors/<descriptor>/part_*.parquet."""
-    from dedup import pipeline
+    from dedup.stages.neighbors import find_neighbors
 
-    pipeline.find_neighbors(out, threshold, gpu, engine=engine, ray_address=ray_address)
+    run = _with_engine(_open_run(out, threshold),
+                       _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, 0.0, progress))
+    find_neighbors(run, gpu=gpu)
 
 
 @app.command("cluster")
 @_guarded
-def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE chaining guard.")] = None) -> None:
+def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: GuardOpt = None) -> None:
     """Union-find over the edges with a chaining guard -> OUT/clusters.parquet."""
-    from dedup import pipeline
+    from dedup.stages.cluster import cluster
 
-    stats = pipeline.cluster(out, threshold, guard)
-    err_console.print(stats)
+    err_console.print(cluster(_open_run(out, threshold, guard, search=False)))
 
 
 @app.command("rank")
 @_guarded
-def rank_command(out: OutArg, top: Annotated[int, typer.Option(help="Rows to print.")] = 20) -> None:
+def rank_command(out: OutArg, top: TopOpt = 20) -> None:
     """Rank clusters by copies -> OUT/top_duplicates.parquet."""
-    from dedup import pipeline
+    from dedup.stages.rank import rank
 
-    print_top(pipeline.rank(out), out_console, top)
+    print_top(rank(_open_run(out, optional=True)), out_console, top)
 
 
 @app.command("manifests")
 @_guarded
-def manifests_command(out: OutArg, keep: KeepOpt = "first") -> None:
-    """Write OUT/manifests/{shard}.parquet and OUT/remove_keys.parquet."""
+def manifests_command(out: OutArg, keep: KeepOpt = None) -> None:
+    """Write OUT/manifests/ and OUT/remove_keys.parquet with the run's (or the given) keep policy."""
     from dedup.stages.manifests import manifests_stage
 
-    err_console.print(manifests_stage(out, keep))
+    err_console.print(manifests_stage(_open_run(out, keep=keep)))
 
 
 @app.command("report")
 @_guarded
-def report_command(out: OutArg, top: Annotated[int, typer.Option(help="Clusters shown.")] = 50) -> None:
+def report_command(out: OutArg, top: Annotated[int, typer.Option(min=1, help="Clusters shown.")] = 50) -> None:
     """Write the self-contained HTML report OUT/report/index.html."""
-    from dedup.stages.report import write_report
+    from dedup.stages.report import report_stage
 
-    path = write_report(out, top=top)
-    err_console.print(f"report: {path}")
+    err_console.print(f"report: {report_stage(_open_run(out), top=top)}", markup=False)
 
 
 @app.command("run")
@@ -189,18 +245,24 @@ def run_command(
     workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 2,
+    ray_cpus_per_actor: RayCpusOpt = 1.0,
+    ray_gpus_per_actor: RayGpusOpt = 0.0,
     threshold: ThresholdOpt = None,
-    memory: MemoryOpt = "8GB",
-    keep: KeepOpt = "first",
+    guard: GuardOpt = None,
+    memory: MemoryOpt = None,
+    keep: KeepOpt = None,
     report: Annotated[bool, typer.Option(help="Write the HTML report.")] = True,
-    top: Annotated[int, typer.Option(help="Top clusters printed.")] = 15,
+    top: TopOpt = 15,
+    progress: ProgressOpt = True,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
-    from dedup import pipeline
+    from dedup.pipeline import run_all
 
-    options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
-    ranking = pipeline.run_all(shards, out, options, threshold, memory, keep, report, err_console)
-    print_top(ranking, out_console, top)
+    engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress)
+    run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
+                     threshold, guard, memory, keep)
+    print_top(run_all(run, with_report=report), out_console, top)
 
 
 @app.command("demo")
@@ -208,18 +270,19 @@ def run_command(
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo shards and run go.")] = Path("demo_out"),
     workers: WorkersOpt = None,
-    top: Annotated[int, typer.Option(help="Top clusters printed.")] = 10,
+    top: TopOpt = 10,
 ) -> None:
     """Build LAION-style demo shards from real photos shipped in the package (offline) and run everything."""
-    from dedup import pipeline
+    from dedup.pipeline import run_all
     from dedup.synth import build_demo
 
     shards, truth = build_demo(out / "shards")
-    err_console.print(f"demo: {len(shards)} shards, {len(truth)} samples with planted duplicates in {out / 'shards'}")
-    options = _embed_options(["perceptual"], "ViT-B-32", "laion2b_s34b_b79k", "auto", 64, workers, "local", None)
-    ranking = pipeline.run_all([str(p) for p in shards], out / "run", options, None, "2GB", "first", True, err_console)
-    print_top(ranking, out_console, top)
-    err_console.print(f"outputs: {out / 'run'}  (report: {out / 'run' / 'report' / 'index.html'})")
+    err_console.print(f"demo: {len(shards)} shards, {len(truth)} samples with planted duplicates in {out / 'shards'}",
+                      markup=False)
+    run = _start_run(out / "run", [str(p) for p in shards], ["perceptual"], "ViT-B-32", "laion2b_s34b_b79k", "auto",
+                     64, workers, EngineSettings(), memory="2GB")
+    print_top(run_all(run), out_console, top)
+    err_console.print(f"outputs: {out / 'run'}  (report: {out / 'run' / 'report' / 'index.html'})", markup=False)
 
 
 @app.command("query")
@@ -231,7 +294,7 @@ def query_command(
     key: Annotated[Optional[str], typer.Option(help="A sample key of the run.")] = None,
     text: Annotated[Optional[str], typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
     descriptor: Annotated[Optional[str], typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
-    limit: Annotated[int, typer.Option(help="Matches listed per query (the count is always exact).")] = 20,
+    limit: Annotated[int, typer.Option(min=0, help="Matches listed per query (the count is always exact).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""

@@ -20,11 +20,16 @@ from typing import Any, Protocol
 from dedup.errors import DedupError, require
 from dedup.progress import Progress
 from dedup.records import RunDir, write_json
+from dedup.settings import EngineSettings
 
 ProgressFn = Callable[[int], None]
 
 
 class Stage(Protocol):
+    """What the engine runs. Optional: `fingerprint()` (a str naming the inputs and settings the outputs
+    depend on: a finished task whose marker carries another fingerprint is stale) and `reset()` (remove
+    the stage's outputs before stale tasks run again)."""
+
     name: str
 
     def task_ids(self) -> list[str]: ...
@@ -49,12 +54,41 @@ class StageReport:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def _is_done(run: RunDir, stage: str, task_id: str) -> bool:
-    return run.marker(stage, task_id).exists()
+def _fingerprint(stage: Stage) -> str | None:
+    method = getattr(stage, "fingerprint", None)
+    return method() if method is not None else None
 
 
-def _mark_done(run: RunDir, stage: str, task_id: str, stats: dict[str, Any], seconds: float, attempts: int) -> None:
-    write_json({"stats": stats, "seconds": round(seconds, 3), "attempts": attempts}, run.marker(stage, task_id))
+def _is_done(run: RunDir, stage: str, task_id: str, fingerprint: str | None = None) -> bool:
+    path = run.marker(stage, task_id)
+    if not path.exists():
+        return False
+    return fingerprint is None or json.loads(path.read_text()).get("fingerprint") == fingerprint
+
+
+def _mark_done(run: RunDir, stage: str, task_id: str, stats: dict[str, Any], seconds: float, attempts: int,
+               fingerprint: str | None = None) -> None:
+    record = {"stats": stats, "seconds": round(seconds, 3), "attempts": attempts, "fingerprint": fingerprint}
+    write_json(record, run.marker(stage, task_id))
+
+
+def unfinished_tasks(run: RunDir, stage: Stage) -> list[str]:
+    """Tasks without a current marker (read-only: nothing is reset)."""
+    fingerprint = _fingerprint(stage)
+    return [t for t in stage.task_ids() if not _is_done(run, stage.name, t, fingerprint)]
+
+
+def pending_tasks(run: RunDir, stage: Stage, task_ids: list[str]) -> tuple[list[str], str | None]:
+    """Tasks still to run. A stage whose inputs or settings changed (another fingerprint) starts over."""
+    fingerprint = _fingerprint(stage)
+    pending = [t for t in task_ids if not _is_done(run, stage.name, t, fingerprint)]
+    stale = [t for t in task_ids if t in pending and run.marker(stage.name, t).exists()]
+    if stale and hasattr(stage, "reset"):
+        stage.reset()
+        for path in (run.root / "_markers" / stage.name).glob("*.done"):
+            path.unlink(missing_ok=True)
+        pending = list(task_ids)
+    return pending, fingerprint
 
 
 def collect_stats(run: RunDir, stage: str, task_ids: list[str]) -> Counter:
@@ -93,7 +127,7 @@ class LocalEngine:
     def run(self, stage: Stage, unit: str = "samples") -> StageReport:
         started = time.perf_counter()
         task_ids = stage.task_ids()
-        pending = [t for t in task_ids if not _is_done(self.run_dir, stage.name, t)]
+        pending, self._fingerprint = pending_tasks(self.run_dir, stage, task_ids)
         report = StageReport(stage.name, len(task_ids), len(pending), len(task_ids) - len(pending), 0.0)
         try:
             with Progress(stage.name, len(task_ids), unit, enabled=self.show_progress) as bar:
@@ -116,7 +150,8 @@ class LocalEngine:
                 report.failures[task_id] = traceback.format_exc()
                 continue
             report.failures.pop(task_id, None)
-            _mark_done(self.run_dir, stage.name, task_id, stats, time.perf_counter() - began, attempt)
+            _mark_done(self.run_dir, stage.name, task_id, stats, time.perf_counter() - began, attempt,
+                       self._fingerprint)
             return
 
 
@@ -128,7 +163,8 @@ class RayEngine:
     """
 
     def __init__(self, run: RunDir, address: str | None = None, num_actors: int = 2,
-                 cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, retries: int = 1) -> None:
+                 cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, retries: int = 1,
+                 show_progress: bool = True) -> None:
         self.ray = require("ray", "ray", "ray", "the Ray engine")
         self.run_dir = run
         self.address = address
@@ -136,6 +172,7 @@ class RayEngine:
         self.cpus_per_actor = cpus_per_actor
         self.gpus_per_actor = gpus_per_actor
         self.retries = retries
+        self.show_progress = show_progress
 
     def run(self, stage: Stage, unit: str = "samples") -> StageReport:
         ray = self.ray
@@ -143,17 +180,17 @@ class RayEngine:
         if not ray.is_initialized():
             ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
         task_ids = stage.task_ids()
-        pending = [t for t in task_ids if not _is_done(self.run_dir, stage.name, t)]
+        pending, fingerprint = pending_tasks(self.run_dir, stage, task_ids)
         report = StageReport(stage.name, len(task_ids), len(pending), len(task_ids) - len(pending), 0.0)
         actor_cls = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor)(_StageActor)
         actors = [actor_cls.remote(stage) for _ in range(max(1, min(self.num_actors, len(pending) or 1)))]
         pool = ray.util.ActorPool(actors)
         outcomes = pool.map_unordered(lambda actor, tid: actor.run.remote(tid, self.retries), pending)
-        with Progress(stage.name, len(task_ids), unit, enabled=True) as bar:
+        with Progress(stage.name, len(task_ids), unit, enabled=self.show_progress) as bar:
             bar.advance_tasks(len(task_ids) - len(pending))
             for task_id, stats, seconds, attempts, error in outcomes:
                 if error is None:
-                    _mark_done(self.run_dir, stage.name, task_id, stats, seconds, attempts)
+                    _mark_done(self.run_dir, stage.name, task_id, stats, seconds, attempts, fingerprint)
                     bar.advance_items(int(stats.get("samples", 0)))
                 else:
                     report.failures[task_id] = error
@@ -182,9 +219,18 @@ class _StageActor:
         self.stage.close()
 
 
-def make_engine(name: str, run: RunDir, **options) -> LocalEngine | RayEngine:
-    if name == "local":
-        return LocalEngine(run, show_progress=options.get("show_progress", True))
-    if name == "ray":
-        return RayEngine(run, address=options.get("ray_address"), num_actors=options.get("ray_actors", 2))
-    raise DedupError(f"unknown engine {name!r}", hint="use --engine local or --engine ray")
+def make_engine(run: RunDir, settings: EngineSettings | None = None) -> LocalEngine | RayEngine:
+    """The engine the run's settings name (`run.settings.engine` when `run` is a `dedup.run.Run`)."""
+    engine = settings or getattr(getattr(run, "settings", None), "engine", None) or EngineSettings()
+    if engine.name == "local":
+        return LocalEngine(run, retries=engine.retries, show_progress=engine.show_progress)
+    if engine.name == "ray":
+        return RayEngine(run, address=engine.ray_address, num_actors=engine.ray_actors,
+                         cpus_per_actor=engine.ray_cpus_per_actor, gpus_per_actor=engine.ray_gpus_per_actor,
+                         retries=engine.retries, show_progress=engine.show_progress)
+    raise DedupError(f"unknown engine {engine.name!r}", hint="use --engine local or --engine ray")
+
+
+def run_stage(run: RunDir, stage: Stage, unit: str = "samples") -> StageReport:
+    """Run one stage behind the run's engine (markers, retries, stats, progress)."""
+    return make_engine(run).run(stage, unit=unit)

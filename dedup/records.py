@@ -188,3 +188,14 @@ def load_edges(run: RunDir, descriptor: str, threshold: float) -> pd.DataFrame:
     edges = edges[edges["similarity"] >= threshold]
     # A pair is found from both ends (and from several parts); keep it once.
     return edges.sort_values("similarity", ascending=False).drop_duplicates(["id_a", "id_b"])
+
+
+def fingerprint(paths: Iterator[Path] | list[Path], values: Any = None) -> str:
+    """A short digest of files (name, size, mtime) and settings: what a stage's outputs were made from."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for path in sorted(Path(p) for p in paths):
+        stat = path.stat() if path.exists() else None
+        digest.update(f"{path.name}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1};".encode())
+    return digest.hexdigest()[:16]

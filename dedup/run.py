@@ -6,14 +6,22 @@ ARCHITECTURE.md is defined here once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
+
+from dedup.settings import Settings
 
 
 class RunDir:
     """Paths of one run's outputs; every path a stage writes comes from here."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+
+    def __fspath__(self) -> str:
+        # Path-like: functions taking `out: str | Path` accept a run (or a Run context) as well.
+        return str(self.root)
 
     # ingest
     @property
@@ -70,3 +78,65 @@ class RunDir:
     def descriptors(self) -> list[str]:
         base = self.root / "embeddings"
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+
+class Run(RunDir):
+    """The run context handed to every stage: the run directory, its settings, and where to log.
+
+    `Run.start` (embed, run, demo) creates or resumes a run from the CLI's
+    settings; `Run.open` (every later stage, query, report) reads run.json and
+    applies the few options that command takes. Either way run.json is written
+    before the stage that uses a value runs, so the record never lags the work.
+    """
+
+    def __init__(self, root: str | Path, settings: Settings, console: Any = None) -> None:
+        super().__init__(root)
+        self.settings = settings
+        self.console = console
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The console holds terminal handles; stages shipped to workers log through the engine.
+        return {**self.__dict__, "console": None}
+
+    def log(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message, soft_wrap=True, markup=False)
+
+    def save(self) -> None:
+        from dedup.records import write_json
+
+        write_json(self.settings.to_json(), self.run_config)
+
+    @classmethod
+    def start(cls, root: str | Path, requested: Settings, console: Any = None,
+              given: frozenset[str] = frozenset({"descriptors", "keep", "memory_budget_bytes"})) -> Run:
+        """A new run with `requested`, or the existing one at `root` resumed with them (checked)."""
+        from dedup.settings import SettingsError
+
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise SettingsError(f"--out {root} is an existing file, not a directory",
+                                hint="choose a new --out directory (it is created)")
+        run = cls(root, requested, console)
+        if run.run_config.exists():
+            saved = Settings.load(run.run_config)
+            run.settings = saved.resumed_with(requested, set(given))
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, root: str | Path, console: Any = None, *, thresholds: dict[str, float] | None = None,
+             guards: dict[str, float] | None = None, save: bool = True, search: bool = True, **changes: Any) -> Run:
+        """An existing run; `thresholds`/`guards`/`changes` (e.g. keep=...) update run.json when given."""
+        from dataclasses import replace
+
+        path = Path(root) / "run.json"
+        # Stages that need no settings (rank) name their missing input instead of run.json.
+        settings = Settings.load(path) if path.exists() or not changes.pop("optional", False) else Settings()
+        if thresholds or guards:
+            settings = settings.with_cuts(thresholds or {}, guards or {}, search=search)
+        settings = replace(settings, **{k: v for k, v in changes.items() if v is not None}).validated()
+        run = cls(root, settings, console)
+        if save and path.exists() and (thresholds or guards or any(v is not None for v in changes.values())):
+            run.save()
+        return run

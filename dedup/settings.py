@@ -1,49 +1,69 @@
-"""Run configuration: what a run was asked to do, saved as OUT/run.json.
+"""Settings: every option that shapes a result, typed and validated before any work, saved as OUT/run.json.
 
-Later stages (index, neighbours, cluster, query) read thresholds and model
-settings from here, so a query uses exactly the settings of the run it asks.
+The CLI parses its options once into a `Settings` (`Settings.build`); nothing
+below the CLI parses `NAME=VALUE` strings or sizes. A stage reads its values
+from the run context (`dedup.run.Run.settings`), and `query`, `report` and every
+later stage read the same run.json, so a run is exactly what run.json says.
+
+Rules that keep results and the record in step:
+* a descriptor's chaining guard follows the threshold actually applied
+  (threshold - its guard offset) unless a guard is given with it;
+* neighbours are searched `SEARCH_MARGIN` below the cut, so a later, slightly
+  looser cut reuses the stored edges; a cut below the searched one lowers the
+  search threshold, and the neighbour stage then searches again.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from dedup.errors import DedupError
-from dedup.records import RunDir, write_json
 
-# Cosine-similarity cut per vector descriptor. `perceptual` is calibrated on
-# real copies (see BENCHMARKS.md and dedup/descriptors/perceptual.py). `clip`
-# follows common LAION near-duplicate practice (>= 0.95 for ViT-B-32); it could
-# not be calibrated here because no CLIP weights can be downloaded offline.
-CLIP_THRESHOLD = 0.95
 # Search this much below the cut so a stricter or slightly looser cut can be
 # applied later from the stored edges without searching again.
 SEARCH_MARGIN = 0.04
-# Chaining guard: a member must be within this of the edge threshold when
-# compared with its cluster's representative directly (tuned on the generated
-# benchmark sets, see BENCHMARKS.md).
-GUARD_OFFSET = 0.08
+SETTINGS_VERSION = 2
+ENGINES = ("local", "ray")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+DEFAULT_MEMORY = 8 * 1024**3
 
 
-def default_threshold(descriptor: str) -> float:
-    if descriptor == "perceptual":
-        from dedup.descriptors.perceptual import DEFAULT_THRESHOLD
-
-        return float(DEFAULT_THRESHOLD)
-    if descriptor == "clip":
-        return CLIP_THRESHOLD
-    raise DedupError(f"no default threshold for descriptor {descriptor!r}", hint="pass --threshold NAME=VALUE")
+class SettingsError(DedupError):
+    """An option is out of range or contradicts the run it resumes."""
 
 
-def default_guard(descriptor: str) -> float:
-    """Chaining guard: every member must be this similar to its cluster's representative."""
-    return default_threshold(descriptor) - GUARD_OFFSET
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where stages run. Not result-shaping: a rerun may change these freely."""
+
+    name: str = "local"
+    ray_address: str | None = None
+    ray_actors: int = 2
+    ray_cpus_per_actor: float = 1.0
+    ray_gpus_per_actor: float = 0.0
+    retries: int = 1
+    show_progress: bool = True
+
+    def validated(self) -> EngineSettings:
+        _check(self.name in ENGINES, f"unknown engine {self.name!r}", "use --engine local or --engine ray")
+        _check(self.ray_actors >= 1, f"--ray-actors must be at least 1, not {self.ray_actors}", "e.g. --ray-actors 8")
+        _check(self.ray_cpus_per_actor > 0, f"--ray-cpus-per-actor must be > 0, not {self.ray_cpus_per_actor}",
+               "e.g. --ray-cpus-per-actor 1")
+        _check(self.ray_gpus_per_actor >= 0, f"--ray-gpus-per-actor must be >= 0, not {self.ray_gpus_per_actor}",
+               "e.g. --ray-gpus-per-actor 1 for CLIP on GPU nodes")
+        _check(self.retries >= 0, f"retries must be >= 0, not {self.retries}", "e.g. retries=2")
+        return self
 
 
 @dataclass
-class RunConfig:
+class Settings:
+    """What a run was asked to do. Field names are the keys of run.json (stable)."""
+
     shard_specs: list[str] = field(default_factory=list)
     descriptors: list[str] = field(default_factory=list)
     descriptor_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -51,24 +71,153 @@ class RunConfig:
     guards: dict[str, float] = field(default_factory=dict)
     search_thresholds: dict[str, float] = field(default_factory=dict)
     keep: str = "first"
-    memory_budget_bytes: int = 8 * 1024**3
-    version: int = 1
+    memory_budget_bytes: int = DEFAULT_MEMORY
+    batch_size: int = 64
+    workers: int | None = None  # decode processes; None: chosen from the descriptors and cores
+    device: str = "auto"
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    version: int = SETTINGS_VERSION
 
-    def fill_defaults(self) -> RunConfig:
-        for name in self.descriptors:
-            self.thresholds.setdefault(name, default_threshold(name))
-            self.guards.setdefault(name, default_guard(name))
-            self.search_thresholds.setdefault(name, round(self.thresholds[name] - SEARCH_MARGIN, 6))
-        return self
-
-    def save(self, run: RunDir) -> None:
-        write_json(asdict(self), run.run_config)
+    # ------------------------------------------------------------ building
 
     @classmethod
-    def load(cls, run: RunDir) -> RunConfig:
-        if not run.run_config.exists():
-            raise DedupError(f"{run.root} is not a dedup run (no run.json)", hint="run 'dedup embed' or 'dedup run' first")
-        return cls(**json.loads(run.run_config.read_text()))
+    def build(cls, *, shard_specs: list[str] | None = None, descriptors: list[str] | None = None,
+              thresholds: dict[str, float] | None = None, guards: dict[str, float] | None = None,
+              keep: str = "first", memory: str | int = DEFAULT_MEMORY, batch_size: int = 64,
+              workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
+              engine: EngineSettings | None = None, cuda_available: bool | None = None) -> Settings:
+        """Validated settings for a new run; descriptors default from the registry (GPU or not).
+
+        `model_options` are the CLI's model values (model, pretrained, ...): each descriptor keeps
+        the ones its registry entry takes.
+        """
+        from dedup.descriptors import builder_options, resolve_descriptor_names
+
+        names = resolve_descriptor_names(descriptors or [], device, cuda_available)
+        settings = cls(
+            shard_specs=list(shard_specs or []), descriptors=names, keep=keep,
+            memory_budget_bytes=parse_size(memory) if isinstance(memory, str) else int(memory),
+            batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
+        )
+        settings.descriptor_options = {n: _shaping(builder_options(n, model_options or {})) for n in names}
+        return settings.with_cuts(thresholds or {}, guards or {}).validated()
+
+    def with_cuts(self, thresholds: dict[str, float], guards: dict[str, float], search: bool = True) -> Settings:
+        """Apply cuts (and guards); a guard not given follows its threshold.
+
+        `search`: also lower the search thresholds far enough (commands that then search: run,
+        neighbors). The cluster command passes False: it can only use the edges already found.
+        """
+        from dedup.descriptors import descriptor_policy
+
+        _check_names(thresholds, self.descriptors, "--threshold")
+        _check_names(guards, self.descriptors, "--guard")
+        new = replace(self, thresholds=dict(self.thresholds), guards=dict(self.guards),
+                      search_thresholds=dict(self.search_thresholds))
+        for name in self.descriptors:
+            policy = descriptor_policy(name)
+            given = name in thresholds
+            cut = float(thresholds[name]) if given else new.thresholds.get(name, policy.threshold())
+            new.thresholds[name] = cut
+            if name in guards:
+                new.guards[name] = float(guards[name])
+            elif given or name not in new.guards:
+                new.guards[name] = round(cut - policy.guard_offset, 6)
+            searched = new.search_thresholds.get(name, math.inf)
+            if search or name not in new.search_thresholds:
+                new.search_thresholds[name] = min(searched, round(cut - SEARCH_MARGIN, 6))
+        return new
+
+    def validated(self) -> Settings:
+        """Every range check, before any shard is read."""
+        from dedup.stages.manifests import KeepPolicy
+
+        for name, value in self.thresholds.items():
+            _check(0.0 < value <= 1.0, f"threshold {name}={value} is outside (0, 1]",
+                   f"thresholds are cosine similarities, e.g. --threshold {name}=0.9")
+        for name, value in self.guards.items():
+            _check(-1.0 <= value <= 1.0, f"guard {name}={value} is outside [-1, 1]", f"e.g. --guard {name}=0.5")
+        KeepPolicy.parse(self.keep)
+        _check(self.memory_budget_bytes > 0, f"memory budget must be positive, not {self.memory_budget_bytes}",
+               "write e.g. --memory 8GB")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}", "e.g. --batch-size 64")
+        _check(self.workers is None or self.workers >= 0, f"--workers must be 0 or more, not {self.workers}",
+               "--workers 0 decodes in the main process")
+        _check(bool(DEVICE_PATTERN.match(self.device)), f"unknown device {self.device!r}",
+               "use --device auto, cpu, cuda or cuda:N")
+        self.engine = self.engine.validated()
+        return self
+
+    # ------------------------------------------------------------ resuming
+
+    def resumed_with(self, requested: Settings, given: set[str]) -> Settings:
+        """These (saved) settings, changed by what a new invocation asked for; contradictions are errors.
+
+        `given` names the options the user set this time ("descriptors", "keep", "memory_budget_bytes"):
+        only those replace saved values. Batch size, workers, device and engine are how this
+        invocation runs, not what it computes, and always come from it.
+        """
+        if "descriptors" in given and requested.descriptors != self.descriptors:
+            raise SettingsError(
+                f"this run was embedded with {self.descriptors}, not {requested.descriptors}",
+                hint="resume with the same --descriptor list, or use a new --out directory")
+        for name in self.descriptors if "descriptors" in given else []:
+            saved, asked = self.descriptor_options.get(name, {}), requested.descriptor_options.get(name, {})
+            if _shaping(saved) != _shaping(asked):
+                raise SettingsError(
+                    f"this run's {name} vectors were made with {_shaping(saved)}, not {_shaping(asked)}",
+                    hint="resume with the same --model/--pretrained, or use a new --out directory")
+        changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes") if k in given}
+        if requested.shard_specs:  # the embed stage checks them against the shards already recorded
+            changes["shard_specs"] = requested.shard_specs
+        return replace(self, **changes, batch_size=requested.batch_size, workers=requested.workers,
+                       device=requested.device, engine=requested.engine).validated()
+
+    # ------------------------------------------------------------ run.json
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        engine = values.pop("engine", None)
+        settings = cls(**values)
+        settings.engine = EngineSettings(**engine) if isinstance(engine, dict) else EngineSettings()
+        settings.version = SETTINGS_VERSION
+        return settings
+
+    @classmethod
+    def load(cls, path: Path) -> Settings:
+        if not path.exists():
+            raise SettingsError(f"{path.parent} is not a dedup run (no run.json)",
+                                hint="run 'dedup embed' or 'dedup run' first")
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"{path} cannot be read: {exc}",
+                                hint="restore it, or start again with a new --out directory") from None
+
+
+# The old name: run.json was a "RunConfig" in earlier versions.
+RunConfig = Settings
+
+
+def _shaping(options: dict[str, Any]) -> dict[str, Any]:
+    """The descriptor options that change the vectors (the device does not)."""
+    return {k: v for k, v in sorted(options.items()) if k != "device"}
+
+
+def _check(ok: bool, message: str, hint: str) -> None:
+    if not ok:
+        raise SettingsError(message, hint=hint)
+
+
+def _check_names(values: dict[str, float], descriptors: list[str], option: str) -> None:
+    for name in values:
+        _check(name in descriptors, f"{option} names {name!r}, which this run does not compute",
+               f"this run's descriptors are {', '.join(descriptors)}")
 
 
 def parse_assignments(items: list[str] | None, what: str) -> dict[str, float]:
@@ -77,21 +226,24 @@ def parse_assignments(items: list[str] | None, what: str) -> dict[str, float]:
     for item in items or []:
         name, sep, value = item.partition("=")
         try:
-            result[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise DedupError(f"cannot read {what} {item!r}", hint=f"write it as NAME=VALUE, e.g. --{what} perceptual=0.9")
+        if not sep or not name.strip() or not math.isfinite(number):
+            raise SettingsError(f"cannot read {what} {item!r}",
+                                hint=f"write it as NAME=VALUE, e.g. --{what} perceptual=0.9")
+        result[name.strip()] = number
     return result
 
 
 def parse_size(text: str) -> int:
-    """'8GB' / '512MB' / '1.5G' / '1000000' -> bytes."""
+    """'8GB' / '512MB' / '1.5G' / '1000000' -> bytes (positive)."""
     units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    cleaned = text.strip().lower().removesuffix("b").removesuffix("i")
+    cleaned = str(text).strip().lower().removesuffix("b").removesuffix("i")
     try:
-        if cleaned and cleaned[-1] in units:
-            return int(float(cleaned[:-1]) * units[cleaned[-1]])
-        return int(float(cleaned))
-    except ValueError:
-        raise DedupError(f"cannot read size {text!r}", hint="write e.g. --memory 8GB or --memory 512MB") from None
+        value = float(cleaned[:-1]) * units[cleaned[-1]] if cleaned and cleaned[-1] in units else float(cleaned)
+    except (ValueError, IndexError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"cannot read size {text!r}", hint="write e.g. --memory 8GB or --memory 512MB")
+    return int(value)

@@ -76,3 +76,15 @@ def sample_members(key: str, image: bytes | None, caption: str = "a photo", url:
     members.append((f"{key}.txt", caption.encode()))
     members.append((f"{key}.json", json.dumps(meta).encode()))
     return members
+
+
+def make_run(out: Path, shards, *, descriptors=("perceptual",), workers: int = 0, memory: str = "1GB",
+             keep: str = "first", engine: str = "local", **settings):
+    """A run context as the CLI makes one: validated settings, run.json written, progress off."""
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
+
+    requested = Settings.build(shard_specs=[str(s) for s in shards], descriptors=list(descriptors), workers=workers,
+                               memory=memory, keep=keep, engine=EngineSettings(name=engine, show_progress=False),
+                               **settings)
+    return Run.start(out, requested)

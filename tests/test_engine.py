@@ -6,6 +6,7 @@ import importlib.util
 import sys
 
 import pytest
+from conftest import make_run
 
 from dedup.engine import LocalEngine, StageFailed
 from dedup.errors import MissingExtraError, require
@@ -78,15 +79,14 @@ def test_ray_engine_runs_the_embed_stage_like_the_local_one(tmp_path):
 
     shards, _ = build_demo(tmp_path / "shards")
     specs = [str(p) for p in shards]
-    local = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
-    ray_options = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False, engine="ray")
+    runs = {engine: make_run(tmp_path / engine, specs, engine=engine) for engine in ("local", "ray")}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        pipeline.embed(specs, tmp_path / "local", local)
-        report = pipeline.embed(specs, tmp_path / "ray", ray_options)
-        for out, engine in ((tmp_path / "local", "local"), (tmp_path / "ray", "ray")):
-            pipeline.build_indexes(out, "1GB")
-            pipeline.find_neighbors(out, show_progress=False, engine=engine)
+        pipeline.embed(runs["local"])
+        report = pipeline.embed(runs["ray"])
+        for run in runs.values():
+            pipeline.build_indexes(run)
+            pipeline.find_neighbors(run)
     finally:
         ray.shutdown()
     edges = [pd.read_parquet(RunDir(tmp_path / name).neighbors_dir("perceptual")).sort_values(["id_a", "id_b"], ignore_index=True)
@@ -100,3 +100,40 @@ def test_ray_engine_runs_the_embed_stage_like_the_local_one(tmp_path):
         np.testing.assert_array_equal(np.load(a.embedding_part("perceptual", i)), np.load(b.embedding_part("perceptual", i)))
         pd.testing.assert_frame_equal(pd.read_parquet(a.samples_part(i)), pd.read_parquet(b.samples_part(i)))
         assert b.marker("embed", str(i)).exists()
+
+
+def test_every_stage_runs_behind_the_engine_and_reruns_only_when_its_inputs_change(tmp_path):
+    import pandas as pd
+
+    from dedup import pipeline
+    from dedup.run import Run
+    from dedup.synth import build_demo
+
+    shards, _ = build_demo(tmp_path / "shards")
+    run = make_run(tmp_path / "run", shards)
+    pipeline.run_all(run)
+    markers = run.root / "_markers"
+    for stage in ("embed", "index-perceptual", "neighbors-perceptual", "cluster", "rank", "manifests", "report"):
+        assert list((markers / stage).glob("*.done")), f"{stage} left no completion marker"
+    stamp = (markers / "cluster" / "0.done").stat().st_mtime_ns
+    pipeline.cluster(Run.open(run.root))  # same inputs and cuts: skipped
+    assert (markers / "cluster" / "0.done").stat().st_mtime_ns == stamp
+    stricter = Run.open(run.root, thresholds={"perceptual": 0.9}, search=False)
+    pipeline.cluster(stricter)
+    assert (markers / "cluster" / "0.done").stat().st_mtime_ns != stamp
+    ranking = pipeline.rank(stricter)
+    assert ranking.equals(pd.read_parquet(run.top_duplicates))
+
+
+def test_ray_settings_reach_the_engine(tmp_path):
+    pytest.importorskip("ray")
+    from dataclasses import replace
+
+    from dedup.engine import RayEngine, make_engine
+
+    run = make_run(tmp_path / "run", [])
+    run.settings = replace(run.settings, engine=replace(run.settings.engine, name="ray", ray_actors=5,
+                                                        ray_cpus_per_actor=2.0, ray_gpus_per_actor=1.0))
+    engine = make_engine(run)
+    assert isinstance(engine, RayEngine)
+    assert (engine.num_actors, engine.cpus_per_actor, engine.gpus_per_actor, engine.show_progress) == (5, 2.0, 1.0, False)

@@ -12,17 +12,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_run
 
 from dedup import pipeline
 from dedup import settings as cfg
 from dedup.loader import DropDuplicates
 from dedup.records import RunDir
+from dedup.run import Run
+from dedup.settings import Settings
+from dedup.stages.embed import resolve_workers
 from dedup.stages.manifests import KeepPolicy, decide_keep
 from dedup.stages.neighbors import NeighborsStage
 from dedup.stages.query import query
 from dedup.synth import build_demo
-
-QUIET = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,7 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     shards, truth = build_demo(root / "shards")
     out = root / "run"
-    from rich.console import Console
-
-    ranking = pipeline.run_all([str(p) for p in shards], out, QUIET, None, "1GB", "first", False, Console(quiet=True))
+    ranking = pipeline.run_all(make_run(out, shards), with_report=False)
     return out, truth, ranking, shards
 
 
@@ -127,10 +127,8 @@ def test_query_by_image_finds_the_cluster(demo_run, tmp_path):
 
 def test_run_resumes_without_redoing_stages(demo_run, tmp_path):
     out, _, ranking, shards = demo_run
-    from rich.console import Console
-
     before = {p: p.stat().st_mtime_ns for p in RunDir(out).root.glob("embeddings/*/img_emb/*.npy")}
-    again = pipeline.run_all([str(p) for p in shards], out, QUIET, None, "1GB", "first", False, Console(quiet=True))
+    again = pipeline.run_all(make_run(out, shards), with_report=False)
     after = {p: p.stat().st_mtime_ns for p in RunDir(out).root.glob("embeddings/*/img_emb/*.npy")}
     assert before == after
     pd.testing.assert_frame_equal(again, ranking)
@@ -177,7 +175,7 @@ def test_neighbour_search_in_small_row_blocks_equals_one_pass(demo_run, tmp_path
 
     out, _, _, _ = demo_run
     run = RunDir(shutil.copytree(out, tmp_path / "copy"))
-    threshold = cfg.RunConfig.load(run).search_thresholds["perceptual"]
+    threshold = cfg.Settings.load(run.run_config).search_thresholds["perceptual"]
 
     def edges(rows_per_task):
         stage = NeighborsStage(run, "perceptual", threshold, rows_per_task=rows_per_task)
@@ -212,8 +210,9 @@ def test_ivf_runs_find_the_same_duplicates_as_exact_ones(demo_run, tmp_path):
     save_index(build_index(spec, vectors), spec, copy.index_dir, "perceptual")
     shutil.rmtree(copy.neighbors_dir("perceptual"))
     shutil.rmtree(copy.root / "_markers" / "neighbors-perceptual")
-    pipeline.find_neighbors(copy.root, show_progress=False)
-    pipeline.cluster(copy.root)
+    reopened = Run.open(copy.root)
+    pipeline.find_neighbors(reopened)
+    pipeline.cluster(reopened)
     exact = pd.read_parquet(RunDir(out).clusters).set_index("sample_id")["cluster_id"]
     ivf = pd.read_parquet(copy.clusters).set_index("sample_id")["cluster_id"]
     assert (exact == ivf.reindex(exact.index)).all()
@@ -221,6 +220,6 @@ def test_ivf_runs_find_the_same_duplicates_as_exact_ones(demo_run, tmp_path):
 
 def test_decode_workers_leave_the_cores_to_a_cpu_model():
     cores = os.cpu_count() or 1
-    assert pipeline.resolve_workers(pipeline.EmbedOptions(), ["perceptual"]) == cores
-    assert pipeline.resolve_workers(pipeline.EmbedOptions(device="cpu"), ["perceptual", "clip"]) == 0
-    assert pipeline.resolve_workers(pipeline.EmbedOptions(workers=3, device="cpu"), ["clip"]) == 3
+    assert resolve_workers(Settings(descriptors=["perceptual"])) == cores
+    assert resolve_workers(Settings(descriptors=["perceptual", "clip"], device="cpu")) == 0
+    assert resolve_workers(Settings(descriptors=["clip"], workers=3, device="cpu")) == 3

@@ -17,8 +17,7 @@ from collections import defaultdict
 
 import pandas as pd
 import pytest
-from conftest import write_tar
-from rich.console import Console
+from conftest import make_run, write_tar
 
 from dedup import pipeline
 from dedup.records import RunDir
@@ -61,8 +60,7 @@ def real_run(real_dups, tmp_path_factory):
         members.append((f"{row.key}.txt", row.file.encode()))
     half = len(members) // 2 // 2 * 2
     shards = [write_tar(root / "00000.tar", members[:half]), write_tar(root / "00001.tar", members[half:])]
-    options = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
-    pipeline.run_all([str(s) for s in shards], root / "run", options, None, "1GB", "first", False, Console(quiet=True))
+    pipeline.run_all(make_run(root / "run", shards), with_report=False)
     clusters = pd.read_parquet(RunDir(root / "run").clusters)
     return truth.merge(clusters[["key", "cluster_id", "status"]], on="key")
 

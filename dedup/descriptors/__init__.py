@@ -1,73 +1,161 @@
-"""Descriptor registry.
+"""Descriptor registry: each descriptor's policy lives in its entry, not in branches across the stages.
 
 `sha256` (exact bytes) is always computed and lives in the samples table; the
 vector descriptors below are stored as embeddings and searched with FAISS.
+Adding a descriptor is one module (a class following `base.Descriptor`) plus
+one `register(DescriptorInfo(...))` call.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.errors import DedupError
 
+# Chaining guard: a member must be within this of the edge threshold when
+# compared with its cluster's representative directly (tuned on the generated
+# benchmark sets, see BENCHMARKS.md).
+GUARD_OFFSET = 0.08
+# `clip` follows common LAION near-duplicate practice (>= 0.95 for ViT-B-32); it
+# could not be calibrated here because no CLIP weights can be downloaded offline.
+CLIP_THRESHOLD = 0.95
+
+
+def _resolve(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
 
 @dataclass(frozen=True)
 class DescriptorInfo:
+    """One descriptor: how to build it, and the policy every stage applies to it."""
+
     name: str
     module: str
     class_name: str
     kind: str  # "exact" | "vector"
     needs_weights: bool
     summary: str
+    # A float, or "module:ATTR" read lazily (so the registry imports no model code).
+    default_threshold: float | str = 0.9
+    guard_offset: float = GUARD_OFFSET
+    # "module:function" mapping (n, d) queries to (variants, n, d): searched like extra queries.
+    query_variants: str | None = None
+    # Settings fields handed to the builder as keyword arguments (e.g. the CLI's --model).
+    cli_options: tuple[str, ...] = ()
+    # One tiny forward pass before any shard is read, so a bad checkpoint fails at once.
+    warm_up: bool = False
+    supports_text: bool = False
+    # Its model needs every core on a CPU, so decoding runs inline (measured: benchmarks/bench_embed.py).
+    uses_all_cores_on_cpu: bool = False
+    extra_options: dict[str, Any] = field(default_factory=dict)
+
+    def threshold(self) -> float:
+        value = self.default_threshold
+        return float(_resolve(value) if isinstance(value, str) else value)
+
+    def query_transform(self) -> Callable | None:
+        return _resolve(self.query_variants) if self.query_variants else None
 
 
-REGISTRY: dict[str, DescriptorInfo] = {
-    "sha256": DescriptorInfo(
-        "sha256", "", "", "exact", False,
-        "SHA-256 of the image bytes: byte-identical copies, always computed.",
-    ),
-    "perceptual": DescriptorInfo(
-        "perceptual", "dedup.descriptors.perceptual", "PerceptualDescriptor", "vector", False,
-        "Weight-free 256-d DCT descriptor (letterbox trim, flip/rotation aware search). Offline default.",
-    ),
-    "clip": DescriptorInfo(
-        "clip", "dedup.descriptors.clip", "ClipDescriptor", "vector", True,
-        "open_clip image embedding (default ViT-B-32 / laion2b_s34b_b79k). Default where a GPU is present.",
-    ),
-}
+REGISTRY: dict[str, DescriptorInfo] = {}
+
+
+def register(info: DescriptorInfo) -> DescriptorInfo:
+    """Add (or replace) a registry entry; tests register toy descriptors this way."""
+    REGISTRY[info.name] = info
+    return info
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+register(DescriptorInfo(
+    "sha256", "", "", "exact", False,
+    "SHA-256 of the image bytes: byte-identical copies, always computed.",
+    default_threshold=1.0,
+))
+register(DescriptorInfo(
+    "perceptual", "dedup.descriptors.perceptual", "PerceptualDescriptor", "vector", False,
+    "Weight-free 256-d DCT descriptor (letterbox trim, flip/rotation aware search). Offline default.",
+    default_threshold="dedup.descriptors.perceptual:DEFAULT_THRESHOLD",
+    query_variants="dedup.descriptors.perceptual:dihedral_variants",
+))
+register(DescriptorInfo(
+    "clip", "dedup.descriptors.clip", "ClipDescriptor", "vector", True,
+    "open_clip image embedding (default ViT-B-32 / laion2b_s34b_b79k). Default where a GPU is present.",
+    default_threshold=CLIP_THRESHOLD,
+    cli_options=("model", "pretrained", "device"),
+    warm_up=True, supports_text=True, uses_all_cores_on_cpu=True,
+))
 
 
 def vector_descriptor_names() -> list[str]:
     return [name for name, info in REGISTRY.items() if info.kind == "vector"]
 
 
-def build_descriptor(name: str, **options) -> Descriptor:
+def descriptor_policy(name: str) -> DescriptorInfo:
     info = REGISTRY.get(name)
-    if info is None or info.kind != "vector":
+    if info is None:
         raise DedupError(
-            f"unknown vector descriptor {name!r}",
-            hint=f"choose from {', '.join(vector_descriptor_names())} ('dedup descriptors' lists them)",
+            f"unknown descriptor {name!r}",
+            hint=f"choose from {', '.join(vector_descriptor_names())} (sha256 is always computed); 'dedup descriptors' lists them",
         )
+    return info
+
+
+def build_descriptor(name: str, **options) -> Descriptor:
+    info = descriptor_policy(name)
+    if info.kind != "vector":
+        raise DedupError(f"{name!r} is not a vector descriptor", hint=f"choose from {', '.join(vector_descriptor_names())}")
     cls = getattr(importlib.import_module(info.module), info.class_name)
     return cls(**options)
 
 
-def choose_default_descriptors(cuda_available: bool) -> tuple[list[str], str]:
+def query_transform_for(descriptor: str):
+    """The query variants a descriptor is searched with (perceptual: its 8 flips/rotations), or None."""
+    info = REGISTRY.get(descriptor)
+    return info.query_transform() if info is not None else None
+
+
+def builder_options(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The builder's keyword arguments: the entry's fixed options plus the CLI values it takes."""
+    info = descriptor_policy(name)
+    return {**info.extra_options, **{k: values[k] for k in info.cli_options if k in values}}
+
+
+def cuda_available() -> bool:
+    """A CUDA GPU torch can use; False (not an error) where torch is not installed (the lean install)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_default_descriptors(cuda: bool) -> tuple[list[str], str]:
     """The descriptors a run uses when the user names none, and why."""
-    if cuda_available:
+    if cuda:
         return ["perceptual", "clip"], "a CUDA GPU is present, so CLIP runs beside the weight-free descriptor"
     return ["perceptual"], "no CUDA GPU found, so the weight-free perceptual descriptor runs (add --descriptor clip to force CLIP on CPU)"
 
 
-def query_transform_for(descriptor: str):
-    """Perceptual vectors are searched with their 8 flips/rotations (a sign/transposition in DCT space)."""
-    if descriptor == "perceptual":
-        from dedup.descriptors.perceptual import dihedral_variants
-
-        return dihedral_variants
-    return None
+def resolve_descriptor_names(names: list[str], device: str = "auto", cuda: bool | None = None) -> list[str]:
+    """Validated, de-duplicated names; the default set when none are given."""
+    if not names:
+        cuda = cuda_available() if cuda is None and device != "cpu" else bool(cuda)
+        return choose_default_descriptors(cuda)[0]
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if descriptor_policy(name).kind != "vector":
+            raise DedupError(f"{name!r} is always computed; it is not a --descriptor choice",
+                             hint=f"choose from {', '.join(vector_descriptor_names())}")
+    return names
 
 
 __all__ = [
@@ -76,7 +164,12 @@ __all__ = [
     "DescriptorBuilder",
     "DescriptorInfo",
     "build_descriptor",
+    "builder_options",
     "choose_default_descriptors",
+    "descriptor_policy",
     "query_transform_for",
+    "register",
+    "resolve_descriptor_names",
+    "unregister",
     "vector_descriptor_names",
 ]

@@ -9,14 +9,15 @@ byte-identical to the representative or passes *some* descriptor's guard.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dedup import settings as cfg
+from dedup.engine import run_stage
 from dedup.errors import DedupError
-from dedup.records import RunDir, load_embeddings, load_samples, write_table
+from dedup.records import RunDir, fingerprint, load_embeddings, load_samples, write_table
+from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard
 
 CLUSTER_COLUMNS = [
@@ -131,17 +132,65 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     return clusters, stats
 
 
-def cluster(out: str | Path, thresholds: list[str] | None = None, guards: list[str] | None = None) -> dict[str, int]:
-    run = RunDir(out)
-    config = cfg.RunConfig.load(run)
-    cut = {**config.thresholds, **cfg.parse_assignments(thresholds, "threshold")}
-    guard = {**config.guards, **cfg.parse_assignments(guards, "guard")}
-    for name, value in cut.items():
-        if name in config.search_thresholds and value < config.search_thresholds[name] - 1e-9:
+class ClusterStage:
+    """One task: every descriptor's edges + identical bytes -> clusters.parquet.
+
+    The fingerprint names the edges, the samples and the cuts, so a changed
+    threshold or guard (run.json) or new edges cluster again.
+    """
+
+    name = "cluster"
+
+    def __init__(self, run: Run) -> None:
+        self.run_dir = run
+        self.settings = run.settings
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def fingerprint(self) -> str:
+        inputs = [*self.run_dir.root.glob("neighbors/*/part_*.parquet"), *self.run_dir.root.glob("samples/*.parquet")]
+        cuts = {"thresholds": self.settings.thresholds, "guards": self.settings.guards}
+        return fingerprint(inputs, cuts)
+
+    def reset(self) -> None:
+        self.run_dir.clusters.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        settings = self.settings
+        clusters, stats = cluster_run(self.run_dir, settings.descriptors, settings.thresholds, settings.guards)
+        write_table(clusters, self.run_dir.clusters)
+        progress(len(clusters))
+        return stats
+
+    def close(self) -> None:
+        pass
+
+
+def check_cuts(run: Run) -> None:
+    """Clustering on missing edges would be silently wrong: the neighbour search must be complete and
+    no cut may lie below the threshold it searched at."""
+    from dedup.engine import unfinished_tasks
+    from dedup.stages.neighbors import NeighborsStage
+
+    settings = run.settings
+    for name in settings.descriptors:
+        stage = NeighborsStage(run, name, settings.search_thresholds[name])
+        gpu_stage = NeighborsStage(run, name, settings.search_thresholds[name], knn_cap=2048)
+        if unfinished_tasks(run, stage) and unfinished_tasks(run, gpu_stage):
+            raise DedupError(f"the neighbour search of {name} is missing or unfinished",
+                             hint=f"run 'dedup neighbors {run.root}' first")
+    for name, value in settings.thresholds.items():
+        searched = settings.search_thresholds.get(name)
+        if searched is not None and value < searched - 1e-9:
             raise DedupError(
-                f"threshold {name}={value} is below the {config.search_thresholds[name]} the neighbours were searched at",
+                f"threshold {name}={value} is below the {searched} the neighbours were searched at",
                 hint=f"run 'dedup neighbors {run.root} --threshold {name}={value}' first",
             )
-    clusters, stats = cluster_run(run, config.descriptors, cut, guard)
-    write_table(clusters, run.clusters)
-    return stats
+
+
+def cluster(run: Run) -> dict[str, int]:
+    """Cluster at the run's cuts behind the engine; returns the cluster stats."""
+    check_cuts(run)
+    report = run_stage(run, ClusterStage(run))
+    return {k: int(v) for k, v in report.stats.items()}

@@ -13,20 +13,15 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from rich.console import Console
 
 from dedup import decode
-from dedup import settings as cfg
-from dedup.descriptors import choose_default_descriptors, vector_descriptor_names
+from dedup.descriptors import builder_options, cuda_available, descriptor_policy
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
-from dedup.engine import StageReport, make_engine
-from dedup.errors import DedupError, StoreError
+from dedup.engine import StageReport, run_stage
 from dedup.records import (
     METADATA_SCHEMA,
     SAMPLES_SCHEMA,
@@ -36,6 +31,8 @@ from dedup.records import (
     write_array,
     write_table,
 )
+from dedup.run import Run
+from dedup.settings import Settings
 from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, process_chunk
 from dedup.stages.read import RawSample, read_shard
 
@@ -184,112 +181,49 @@ def _shard_stats(rows: list[dict[str, Any]]) -> dict[str, int]:
 # ---------------------------------------------------------------- stage wiring
 
 
-@dataclass
-class EmbedOptions:
-    descriptors: list[str] = field(default_factory=list)
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str = "laion2b_s34b_b79k"
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None  # None: chosen by resolve_workers
-    engine: str = "local"
-    ray_address: str | None = None
-    show_progress: bool = True
-
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def resolve_descriptors(options: EmbedOptions, log: Console | None = None) -> list[str]:
-    if options.descriptors:
-        names = list(dict.fromkeys(options.descriptors))
-        reason = "chosen with --descriptor"
-        unknown = [n for n in names if n not in vector_descriptor_names()]
-        if unknown:
-            raise DedupError(
-                f"unknown descriptor {unknown[0]!r}",
-                hint=f"choose from {', '.join(vector_descriptor_names())} (sha256 is always computed); 'dedup descriptors' lists them",
-            )
-    else:
-        names, reason = choose_default_descriptors(_cuda_available())
-    if log is not None:
-        log.print(f"descriptors: {', '.join(names)} ({reason})")
-    return names
-
-
-def resolve_workers(options: EmbedOptions, names: list[str]) -> int:
-    """Decode processes: one per core, except that CLIP on a CPU needs every core for the model.
+def resolve_workers(settings: Settings) -> int:
+    """Decode processes: one per core, except where a descriptor's model needs every core on a CPU.
 
     Measured on 2 cores (benchmarks/bench_embed.py, ViT-B-32): decode+prepare
     costs ~5% of the CPU forward pass; decoding inline reaches 0.95 of the bare
     model rate, one decode process 0.73 (it preempts torch's threads).
     """
-    if options.workers is not None:
-        return options.workers
-    cores = os.cpu_count() or 1
-    clip_on_cpu = "clip" in names and (options.device == "cpu" or (options.device == "auto" and not _cuda_available()))
-    return 0 if clip_on_cpu else cores
+    if settings.workers is not None:
+        return settings.workers
+    on_cpu = settings.device == "cpu" or (settings.device == "auto" and not cuda_available())
+    greedy = any(descriptor_policy(n).uses_all_cores_on_cpu for n in settings.descriptors)
+    return 0 if (greedy and on_cpu) else (os.cpu_count() or 1)
 
 
-def descriptor_builders(names: list[str], options: EmbedOptions) -> list[DescriptorBuilder]:
-    builders = []
-    for name in names:
-        opts: dict[str, Any] = {}
-        if name == "clip":
-            opts = {"model": options.clip_model, "pretrained": options.clip_pretrained, "device": options.device}
-        builders.append(DescriptorBuilder(name, opts))
-    return builders
+def descriptor_builders(settings: Settings) -> list[DescriptorBuilder]:
+    """Picklable recipes, built inside each worker; options come from the registry entry and run.json."""
+    values = {"device": settings.device}
+    return [DescriptorBuilder(name, builder_options(name, {**values, **settings.descriptor_options.get(name, {})}))
+            for name in settings.descriptors]
 
 
-def embed(shard_specs: list[str], out: str | Path, options: EmbedOptions, log: Console | None = None) -> StageReport:
+def embed(run: Run) -> StageReport:
+    """Read every shard, store hashes + descriptors; resumes shard by shard."""
     from dedup.data_manifest import expand_inputs
-    
-    run = RunDir(out)
+
     remove_stale_temp_files(run)
-    shards = expand_inputs(shard_specs)
-    names = resolve_descriptors(options, log)
-    config = _start_config(run, shard_specs, names, options)
+    shards = expand_inputs(run.settings.shard_specs)
     record_shards(run, shards)
-    builders = descriptor_builders(names, options)
-    _check_builders(builders, log)
-    workers = resolve_workers(options, names)
-    if log is not None:
-        log.print(f"decode workers: {workers}")
-    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=options.batch_size)
-    engine = make_engine(options.engine, run, show_progress=options.show_progress, ray_address=options.ray_address)
-    report = engine.run(stage)
-    config.save(run)
-    return report
+    builders = descriptor_builders(run.settings)
+    _check_builders(builders, run)
+    workers = resolve_workers(run.settings)
+    run.log(f"decode workers: {workers}")
+    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size)
+    return run_stage(run, stage)
 
 
-def _start_config(run: RunDir, shard_specs: list[str], names: list[str], options: EmbedOptions) -> cfg.RunConfig:
-    if run.run_config.exists():
-        config = cfg.RunConfig.load(run)
-        if config.descriptors != names:
-            raise StoreError(
-                f"{run.root} was embedded with {config.descriptors}, not {names}",
-                hint="resume with the same --descriptor list, or use a new --out directory",
-            )
-        return config
-    config = cfg.RunConfig(shard_specs=list(shard_specs), descriptors=names)
-    config.descriptor_options = {b.name: b.options for b in descriptor_builders(names, options)}
-    config.fill_defaults().save(run)
-    return config
-
-
-def _check_builders(builders: list[DescriptorBuilder], log: Console | None) -> None:
+def _check_builders(builders: list[DescriptorBuilder], run: Run) -> None:
     """Build each descriptor once up front so a bad model name fails before any shard is read."""
-    from dedup.stages.embed_worker import cached_descriptor
-
     for builder in builders:
         descriptor = cached_descriptor(builder)
-        if builder.name == "clip":
+        if descriptor_policy(builder.name).warm_up:
             # One tiny forward pass loads the weights: a bad checkpoint fails here, not mid-shard.
             side = descriptor.min_side
             descriptor.embed(np.zeros((1, 3, side, side), dtype=np.uint8))
-        if log is not None and hasattr(descriptor, "describe_device"):
-            log.print(f"{builder.name}: {descriptor.describe_device()}")
+        if hasattr(descriptor, "describe_device"):
+            run.log(f"{builder.name}: {descriptor.describe_device()}")

@@ -9,30 +9,63 @@ from typing import Any
 
 import faiss
 
-from dedup import settings as cfg
 from dedup.descriptors import query_transform_for
+from dedup.engine import run_stage
 from dedup.errors import StoreError
-from dedup.records import RunDir, load_embeddings
+from dedup.records import RunDir, fingerprint, load_embeddings
+from dedup.run import Run
 from dedup.search.faiss_index import _to_gpu, apply_search_params
 from dedup.search.index_choice import IndexSpec
 
 
-def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> dict[str, Any]:
-    from dedup.search.faiss_index import build_index
-    from dedup.search.index_choice import choose_index
+class IndexStage:
+    """One task per descriptor: choose the index from (vectors, dim, budget, GPU), build it, save it.
 
-    run = RunDir(out)
-    config = cfg.RunConfig.load(run)
-    budget = cfg.parse_size(memory)
-    specs = {}
-    for name in config.descriptors:
-        ids, vectors = load_embeddings(run, name)
-        transform = query_transform_for(name)
+    Its fingerprint names the embedding parts and the budget, so added or
+    re-embedded vectors rebuild the index, and the neighbour stage (whose
+    fingerprint names the index files) searches again.
+    """
+
+    def __init__(self, run: RunDir, descriptor: str, memory_budget_bytes: int, gpu: bool) -> None:
+        self.run_dir, self.descriptor = run, descriptor
+        self.memory_budget_bytes, self.gpu = memory_budget_bytes, gpu
+        self.name = f"index-{descriptor}"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def fingerprint(self) -> str:
+        parts = (self.run_dir.embedding_dir(self.descriptor) / "img_emb").glob("*.npy")
+        return fingerprint(parts, {"memory": self.memory_budget_bytes, "gpu": self.gpu})
+
+    def reset(self) -> None:
+        for path in index_paths(self.run_dir.index_dir, self.descriptor):
+            path.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        from dedup.search.faiss_index import build_index
+        from dedup.search.index_choice import choose_index
+
+        ids, vectors = load_embeddings(self.run_dir, self.descriptor)
+        transform = query_transform_for(self.descriptor)
         variants = len(transform(vectors[:1])) if transform is not None else 1
-        spec = choose_index(len(vectors), vectors.shape[1], budget, gpu=gpu, query_variants=variants)
-        index = build_index(spec, vectors)
-        save_index(index, spec, run.index_dir, name)
-        specs[name] = spec
+        spec = choose_index(len(vectors), vectors.shape[1], self.memory_budget_bytes, gpu=self.gpu,
+                            query_variants=variants)
+        save_index(build_index(spec, vectors), spec, self.run_dir.index_dir, self.descriptor)
+        progress(len(vectors))
+        return {"vectors": len(vectors)}
+
+    def close(self) -> None:
+        pass
+
+
+def build_indexes(run: Run, gpu: bool | None = None) -> dict[str, IndexSpec]:
+    """Index every descriptor of the run behind the engine; returns the specs chosen."""
+    gpu = faiss_gpu_available() if gpu is None else gpu
+    specs = {}
+    for name in run.settings.descriptors:
+        run_stage(run, IndexStage(run, name, run.settings.memory_budget_bytes, gpu), unit="vectors")
+        specs[name] = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
     return specs
 
 
@@ -41,17 +74,6 @@ def faiss_gpu_available() -> bool:
     import faiss
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def index_stale(run: RunDir) -> bool:
-    """Rebuild indexes when any embedding part is newer than the index files."""
-    config = cfg.RunConfig.load(run)
-    for name in config.descriptors:
-        index_file = run.index_dir / f"{name}.faiss"
-        parts = list((run.embedding_dir(name) / "img_emb").glob("*.npy"))
-        if not index_file.exists() or any(p.stat().st_mtime > index_file.stat().st_mtime for p in parts):
-            return True
-    return False
 
 
 # ---------------------------------------------------------------- save / load

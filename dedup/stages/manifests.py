@@ -10,13 +10,14 @@ Keep policies (one kept sample per cluster unless `max-copies=N`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dedup.engine import run_stage
 from dedup.errors import DedupError
-from dedup.records import RunDir, load_samples, write_table
+from dedup.records import RunDir, fingerprint, load_samples, write_table
+from dedup.run import Run
 
 MANIFEST_COLUMNS = ["key", "sample_id", "keep", "cluster_id", "reason"]
 REMOVE_COLUMNS = ["shard", "key", "sample_id", "cluster_id", "reason"]
@@ -73,9 +74,37 @@ def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> 
     }
 
 
-def manifests_stage(out: str | Path, keep: str = "first") -> dict[str, int]:
-    run = RunDir(out)
-    policy = KeepPolicy.parse(keep)
-    clusters = pd.read_parquet(run.clusters)
-    sizes = load_samples(run, ["sample_id", "width", "height"])
-    return write_manifests(run, clusters.merge(sizes, on="sample_id", how="left"), policy)
+class ManifestsStage:
+    """One task: clusters + keep policy -> manifests/ and remove_keys.parquet."""
+
+    name = "manifests"
+
+    def __init__(self, run: Run) -> None:
+        self.run_dir = run
+        self.keep = run.settings.keep
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def fingerprint(self) -> str:
+        return fingerprint([self.run_dir.clusters], {"keep": self.keep})
+
+    def reset(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.run_dir.manifests_dir, ignore_errors=True)
+        self.run_dir.remove_keys.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        clusters = pd.read_parquet(self.run_dir.clusters)
+        sizes = load_samples(self.run_dir, ["sample_id", "width", "height"])
+        return write_manifests(self.run_dir, clusters.merge(sizes, on="sample_id", how="left"), KeepPolicy.parse(self.keep))
+
+    def close(self) -> None:
+        pass
+
+
+def manifests_stage(run: Run) -> dict[str, int]:
+    """Write manifests with the run's keep policy behind the engine; returns kept/removed counts."""
+    report = run_stage(run, ManifestsStage(run))
+    return {k: int(v) for k, v in report.stats.items()}

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dedup import settings as cfg
 from dedup.descriptors import query_transform_for
-from dedup.engine import StageReport, make_engine
-from dedup.records import RunDir, load_embeddings, load_samples, write_table
+from dedup.engine import StageReport, run_stage
+from dedup.records import RunDir, fingerprint, load_embeddings, load_samples, write_table
+from dedup.run import Run
 
 
 class NeighborsStage:
@@ -87,29 +87,33 @@ class NeighborsStage:
         write_table(edges, self.run_dir.neighbors_dir(self.descriptor) / f"part_{task_id}.parquet")
         return {"queries": rows.stop - rows.start, "edges": len(edges)}
 
+    def fingerprint(self) -> str:
+        from dedup.stages.index import index_paths
+
+        return fingerprint(index_paths(self.run_dir.index_dir, self.descriptor),
+                           {"threshold": self.threshold, "knn_cap": self.knn_cap, "rows": self.rows_per_task})
+
+    def reset(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.run_dir.neighbors_dir(self.descriptor), ignore_errors=True)
+
     def close(self) -> None:
         self._loaded = None
 
 
 
 
-def find_neighbors(out: str | Path, thresholds: list[str] | None = None, gpu: bool = False,
-                   show_progress: bool = True, engine: str = "local", ray_address: str | None = None,
-                   ) -> dict[str, StageReport]:
-    run = RunDir(out)
-    config = cfg.RunConfig.load(run)
-    overrides = cfg.parse_assignments(thresholds, "threshold")
+def find_neighbors(run: Run, gpu: bool | None = None) -> dict[str, StageReport]:
+    """Search every descriptor at its search threshold (run.json) behind the engine."""
+    from dedup.stages.index import faiss_gpu_available
+
+    gpu = faiss_gpu_available() if gpu is None else gpu
     reports = {}
-    for name in config.descriptors:
-        search_at = min(config.search_thresholds[name], overrides.get(name, np.inf))
-        if search_at < config.search_thresholds[name]:
-            clear_stage(run, f"neighbors-{name}", run.neighbors_dir(name))
-            config.search_thresholds[name] = search_at
-            config.save(run)
+    for name in run.settings.descriptors:
         knn_cap = 2048 if gpu else None  # faiss-gpu's k limit; saturated queries are redone exactly
-        stage = NeighborsStage(run, name, search_at, knn_cap)
-        runner = make_engine(engine, run, show_progress=show_progress, ray_address=ray_address)
-        reports[name] = runner.run(stage, unit="queries")
+        stage = NeighborsStage(run, name, run.settings.search_thresholds[name], knn_cap)
+        reports[name] = run_stage(run, stage, unit="queries")
     return reports
 
 

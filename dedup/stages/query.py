@@ -19,11 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dedup import settings as cfg
 from dedup.decode import DecodeFailure, decode_image
-from dedup.descriptors import DescriptorBuilder
+from dedup.descriptors import DescriptorBuilder, descriptor_policy
 from dedup.errors import QueryError, StoreError
 from dedup.records import RunDir
+from dedup.settings import Settings
 
 MATCH_COLUMNS = ["sample_id", "key", "url", "caption", "similarity", "cluster_id"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -57,7 +57,7 @@ class RunIndex:
 
     def __init__(self, out: str | Path, descriptor: str | None) -> None:
         self.run = RunDir(out)
-        self.config = cfg.RunConfig.load(self.run)
+        self.config = Settings.load(self.run.run_config)
         if not self.run.clusters.exists():
             raise StoreError(f"{self.run.root} has no clusters yet", hint=f"run 'dedup run' (or 'dedup cluster {self.run.root}') first")
         self.clusters = pd.read_parquet(self.run.clusters)
@@ -173,11 +173,23 @@ def query_key(run_index: RunIndex, key: str) -> QueryResult:
     return QueryResult(f"key:{key}", "clusters", len(members), cluster_id, len(members), matches)
 
 
+def text_descriptor(out: str | Path) -> str:
+    """The run's first descriptor that embeds text too (the registry says which can)."""
+    names = Settings.load(RunDir(out).run_config).descriptors
+    for name in names:
+        if descriptor_policy(name).supports_text:
+            return name
+    raise QueryError(
+        f"text queries need a text-capable descriptor (e.g. CLIP), and this run has only {names}",
+        hint="embed with '--descriptor clip' into a new --out, then query it",
+    )
+
+
 def query_text(run_index: RunIndex, text: str) -> QueryResult:
-    if run_index.descriptor != "clip":
+    if not descriptor_policy(run_index.descriptor).supports_text:
         raise QueryError(
-            "text queries need CLIP embeddings, and this run has none selected",
-            hint="embed with '--descriptor clip' and pass '--descriptor clip' to the query",
+            f"the {run_index.descriptor!r} descriptor cannot embed text",
+            hint="pass --descriptor clip (a run embedded with CLIP)",
         )
     vector = run_index.describer().embed_text([text])
     index, spec, ids, _ = run_index.index()
@@ -186,7 +198,7 @@ def query_text(run_index: RunIndex, text: str) -> QueryResult:
     matches = run_index._frame(ids[positions[0][keep]], scores[0][keep])
     best = int(matches["cluster_id"].iloc[0]) if len(matches) else None
     size = int((run_index.clusters["cluster_id"] == best).sum()) if best is not None else 0
-    return QueryResult(f"text:{text}", "clip", size, best, size, matches)
+    return QueryResult(f"text:{text}", run_index.descriptor, size, best, size, matches)
 
 
 def query(out: str | Path, *, image: Path | None = None, images: Path | None = None, key: str | None = None,
@@ -194,7 +206,7 @@ def query(out: str | Path, *, image: Path | None = None, images: Path | None = N
     chosen = [name for name, value in (("--image", image), ("--images", images), ("--key", key), ("--text", text)) if value]
     if len(chosen) != 1:
         raise QueryError("give exactly one of --image, --images, --key, --text", hint="e.g. dedup query OUT --image photo.jpg")
-    run_index = RunIndex(out, "clip" if text and descriptor is None else descriptor)
+    run_index = RunIndex(out, text_descriptor(out) if text and descriptor is None else descriptor)
     if key is not None:
         return [query_key(run_index, key)]
     if text is not None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
 
+from dedup.engine import run_stage
 from dedup.errors import StoreError
-from dedup.records import RunDir, write_table
+from dedup.records import RunDir, fingerprint, write_table
+from dedup.run import Run
 
 TOP_COLUMNS = [
     "rank",
@@ -63,10 +64,36 @@ def _dtype(column: str) -> str:
     return "int64"
 
 
-def rank(out: str | Path) -> pd.DataFrame:
-    run = RunDir(out)
-    if not run.clusters.exists():
-        raise StoreError(f"{run.root} has no clusters.parquet", hint=f"run 'dedup cluster {run.root}' first")
-    ranking = rank_clusters(pd.read_parquet(run.clusters))
-    write_table(ranking, run.top_duplicates)
-    return ranking
+class RankStage:
+    """One task: clusters.parquet -> top_duplicates.parquet."""
+
+    name = "rank"
+
+    def __init__(self, run: RunDir) -> None:
+        self.run_dir = run
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def fingerprint(self) -> str:
+        return fingerprint([self.run_dir.clusters])
+
+    def reset(self) -> None:
+        self.run_dir.top_duplicates.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        if not self.run_dir.clusters.exists():
+            raise StoreError(f"{self.run_dir.root} has no clusters.parquet",
+                             hint=f"run 'dedup cluster {self.run_dir.root}' first")
+        ranking = rank_clusters(pd.read_parquet(self.run_dir.clusters))
+        write_table(ranking, self.run_dir.top_duplicates)
+        return {"clusters_ranked": len(ranking)}
+
+    def close(self) -> None:
+        pass
+
+
+def rank(run: Run) -> pd.DataFrame:
+    """Rank behind the engine; returns the ranking (read back when the stage was already done)."""
+    run_stage(run, RankStage(run))
+    return pd.read_parquet(run.top_duplicates)

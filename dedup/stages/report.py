@@ -37,7 +37,7 @@ from PIL import Image
 
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
-from dedup.records import RunDir, make_sample_id, read_shards, split_sample_id
+from dedup.records import RunDir, fingerprint, make_sample_id, read_shards, split_sample_id
 from dedup.stages.rank import url_domain
 from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
 
@@ -790,3 +790,36 @@ def write_report(out: str | Path, top: int = 50, copies_shown: int = 12) -> Path
     partial.replace(path)
     return path
 
+
+class ReportStage:
+    """One task: clusters + ranking + samples -> report/index.html."""
+
+    name = "report"
+
+    def __init__(self, run: RunDir, top: int = 50, copies_shown: int = 12) -> None:
+        self.run_dir, self.top, self.copies_shown = run, top, copies_shown
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def fingerprint(self) -> str:
+        inputs = [self.run_dir.clusters, self.run_dir.top_duplicates, self.run_dir.run_config]
+        return fingerprint(inputs, {"top": self.top, "copies_shown": self.copies_shown})
+
+    def reset(self) -> None:
+        (self.run_dir.report_dir / "index.html").unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown)
+        return {"report_bytes": path.stat().st_size}
+
+    def close(self) -> None:
+        pass
+
+
+def report_stage(run: RunDir, top: int = 50) -> Path:
+    """Write the report behind the engine; returns its path."""
+    from dedup.engine import run_stage
+
+    run_stage(run, ReportStage(run, top=top))
+    return run.report_dir / "index.html"
