@@ -7,6 +7,7 @@ embedding-reader and autofaiss read them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -70,36 +71,105 @@ def write_json(value: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is published at `path` (fsync, rename).
+
+    For writers that need a file name (faiss, HTML): the same guarantees as `write_table`.
+    """
+    tmp = _atomic_target(path)
+    try:
+        yield tmp
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- schemas
+#
+# Every table dedup writes or reads, with its column names and types. These
+# are the stable contracts documented in ARCHITECTURE.md: a data engineer opens
+# them with pandas, DuckDB or Polars without dedup installed.
 
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("shard_index", pa.int32()),
-        ("shard", pa.string()),
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-        ("image_member", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
+
+def _schema(*columns: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema(list(columns))
+
+
+SHARDS = _schema(("shard_index", pa.int32()), ("url", pa.string()))
+SAMPLES = _schema(
+    ("sample_id", pa.int64()), ("shard_index", pa.int32()), ("shard", pa.string()), ("key", pa.string()),
+    ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
+    ("image_member", pa.string()), ("status", pa.string()), ("error", pa.string()),
+)
+EMBEDDING_METADATA = _schema(
+    ("sample_id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+    ("shard_index", pa.int32()),
+)
+EDGES = _schema(
+    ("id_a", pa.int64()), ("id_b", pa.int64()), ("key_a", pa.string()), ("key_b", pa.string()),
+    ("similarity", pa.float32()), ("descriptor", pa.string()),
+)
+CLUSTERS = _schema(
+    ("sample_id", pa.int64()), ("shard_index", pa.int32()), ("shard", pa.string()), ("key", pa.string()),
+    ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()), ("cluster_id", pa.int64()),
+    ("cluster_size", pa.int64()), ("is_representative", pa.bool_()),
+    ("similarity_to_representative", pa.float32()), ("matched_by", pa.string()),
+)
+TOP_DUPLICATES = _schema(
+    ("rank", pa.int64()), ("cluster_id", pa.int64()), ("copies", pa.int64()), ("representative_key", pa.string()),
+    ("representative_url", pa.string()), ("representative_caption", pa.string()),
+    ("distinct_captions", pa.int64()), ("url_domains", pa.int64()), ("shards_spanned", pa.int64()),
+)
+MANIFEST = _schema(
+    ("key", pa.string()), ("sample_id", pa.int64()), ("keep", pa.bool_()), ("cluster_id", pa.int64()),
+    ("reason", pa.string()),
+)
+REMOVE_LIST = _schema(
+    ("shard", pa.string()), ("key", pa.string()), ("sample_id", pa.int64()), ("cluster_id", pa.int64()),
+    ("reason", pa.string()),
+)
+# `dedup eval --truth`: key and group_id required; family optional ("bad" rows are not scored).
+EVALUATION_TRUTH = _schema(("key", pa.string()), ("group_id", pa.string()), ("family", pa.string()))
+# The per-shard parquet img2dataset writes beside each tar (read as input, never written by a run).
+IMG2DATASET_PARQUET = _schema(
+    ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
+    ("sha256", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
 )
 
-METADATA_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("shard_index", pa.int32()),
-    ]
-)
+TABLES: dict[str, pa.Schema] = {
+    "shards": SHARDS, "samples": SAMPLES, "embedding_metadata": EMBEDDING_METADATA, "edges": EDGES,
+    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "remove_list": REMOVE_LIST,
+    "evaluation_truth": EVALUATION_TRUTH, "img2dataset_parquet": IMG2DATASET_PARQUET,
+}
+# Older names, kept for callers outside the package.
+SAMPLES_SCHEMA, METADATA_SCHEMA = SAMPLES, EMBEDDING_METADATA
+
+
+def conform(table: pa.Table | pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """The table with exactly the schema's columns, in order and type; a missing or mistyped column is an error."""
+    columns = table.columns if isinstance(table, pd.DataFrame) else table.column_names
+    missing = [name for name in schema.names if name not in columns]
+    if missing:
+        raise StoreError(f"table lacks columns {missing} of its contract", hint="this is a bug in dedup: please report it")
+    try:
+        if isinstance(table, pd.DataFrame):
+            return pa.Table.from_pandas(table[schema.names], schema=schema, preserve_index=False)
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise StoreError(f"table does not match its contract: {exc}", hint="this is a bug in dedup: please report it") from None
+
+
+def write_record(table: pa.Table | pd.DataFrame, path: Path, schema: pa.Schema) -> None:
+    """Validate against the table's schema, then write atomically: every dedup table goes through here."""
+    write_table(conform(table, schema), path)
+
+
+def empty_sample_row() -> dict[str, Any]:
+    """A samples row with every column of the contract, all null: the one definition of the row."""
+    return dict.fromkeys(SAMPLES.names)
 
 
 # ---------------------------------------------------------------- shard list
@@ -116,7 +186,7 @@ def record_shards(run: RunDir, shards: list[str]) -> None:
             )
         return
     frame = pd.DataFrame({"shard_index": np.arange(len(shards), dtype=np.int32), "url": shards})
-    write_table(frame, run.shards_table)
+    write_record(frame, run.shards_table, SHARDS)
 
 
 def read_shards(run: RunDir) -> pd.DataFrame:

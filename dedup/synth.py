@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from dedup.errors import DedupError
+from dedup.records import IMG2DATASET_PARQUET
 
 Transform = Callable[[Image.Image, random.Random], Image.Image]
 
@@ -571,18 +572,7 @@ def _write_tar(path: Path, samples: Sequence[SynthSample]) -> None:
     partial.replace(path)
 
 
-_PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("url", pa.string()),
-    ("caption", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("original_width", pa.int32()),
-    ("original_height", pa.int32()),
-    ("sha256", pa.string()),
-    ("status", pa.string()),
-    ("error_message", pa.string()),
-])
+_PARQUET_SCHEMA = IMG2DATASET_PARQUET  # the contract lives in dedup/records.py
 
 
 def _write_parquet(path: Path, samples: Sequence[SynthSample]) -> None:

@@ -88,3 +88,19 @@ def make_run(out: Path, shards, *, descriptors=("perceptual",), workers: int = 0
                                memory=memory, keep=keep, engine=EngineSettings(name=engine, show_progress=False),
                                **settings)
     return Run.start(out, requested)
+
+
+@pytest.fixture(scope="session")
+def demo_session_run(tmp_path_factory):
+    """One `dedup demo`-style run (every stage, report included) shared by the tests that only read it.
+
+    Tests that change a run copy it first (shutil.copytree) so the others keep seeing the original.
+    """
+    from dedup import pipeline
+    from dedup.synth import build_demo
+
+    root = tmp_path_factory.mktemp("demo-session")
+    shards, truth = build_demo(root / "shards")
+    run = make_run(root / "run", shards)
+    ranking = pipeline.run_all(run)
+    return run, truth, ranking, shards

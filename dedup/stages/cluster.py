@@ -16,14 +16,11 @@ import pandas as pd
 
 from dedup.engine import run_stage
 from dedup.errors import DedupError
-from dedup.records import RunDir, fingerprint, load_embeddings, load_samples, write_table
+from dedup.records import CLUSTERS, RunDir, fingerprint, load_embeddings, load_samples, write_record
 from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard
 
-CLUSTER_COLUMNS = [
-    "sample_id", "shard_index", "shard", "key", "url", "caption", "status",
-    "cluster_id", "cluster_size", "is_representative", "similarity_to_representative", "matched_by",
-]
+CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
 EXACT = "sha256"
 
 
@@ -159,7 +156,7 @@ class ClusterStage:
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         settings = self.settings
         clusters, stats = cluster_run(self.run_dir, settings.descriptors, settings.thresholds, settings.guards)
-        write_table(clusters, self.run_dir.clusters)
+        write_record(clusters, self.run_dir.clusters, CLUSTERS)
         progress(len(clusters))
         return stats
 

@@ -23,13 +23,13 @@ from dedup.descriptors import builder_options, cuda_available, descriptor_policy
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.engine import StageReport, run_stage
 from dedup.records import (
-    METADATA_SCHEMA,
-    SAMPLES_SCHEMA,
+    EMBEDDING_METADATA,
+    SAMPLES,
     RunDir,
     record_shards,
     remove_stale_temp_files,
     write_array,
-    write_table,
+    write_record,
 )
 from dedup.run import Run
 from dedup.settings import Settings
@@ -67,8 +67,8 @@ class _Batcher:
         self.flush()
         dim = self.descriptor.dim
         vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float16)
-        columns = {name: [r[name] for r in self.rows] for name in METADATA_SCHEMA.names}
-        return vectors, pa.Table.from_pydict(columns, schema=METADATA_SCHEMA)
+        columns = {name: [r[name] for r in self.rows] for name in EMBEDDING_METADATA.names}
+        return vectors, pa.Table.from_pydict(columns, schema=EMBEDDING_METADATA)
 
 
 def _chunks(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
@@ -160,9 +160,9 @@ class EmbedStage:
         for batcher in batchers:
             vectors, metadata = batcher.result()
             write_array(vectors, self.run_dir.embedding_part(batcher.name, shard_index))
-            write_table(metadata, self.run_dir.metadata_part(batcher.name, shard_index))
-        columns = {name: [r[name] for r in rows] for name in SAMPLES_SCHEMA.names}
-        write_table(pa.Table.from_pydict(columns, schema=SAMPLES_SCHEMA), self.run_dir.samples_part(shard_index))
+            write_record(metadata, self.run_dir.metadata_part(batcher.name, shard_index), EMBEDDING_METADATA)
+        columns = {name: [r[name] for r in rows] for name in SAMPLES.names}
+        write_record(pa.Table.from_pydict(columns, schema=SAMPLES), self.run_dir.samples_part(shard_index), SAMPLES)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -15,6 +15,7 @@ import numpy as np
 from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
+from dedup.records import empty_sample_row
 from dedup.stages.read import RawSample, meta_int, meta_str
 
 
@@ -71,19 +72,11 @@ def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: i
 
 def _base_row(raw: RawSample) -> dict[str, Any]:
     meta = raw.meta
-    return {
-        "sample_id": make_sample_id(raw.shard_index, raw.position),
-        "shard_index": raw.shard_index,
-        "shard": raw.shard,
-        "key": raw.key,
-        "url": meta_str(meta, "url"),
-        "caption": raw.caption,
-        "width": None,
-        "height": None,
-        "original_width": meta_int(meta, "original_width"),
-        "original_height": meta_int(meta, "original_height"),
-        "sha256": None,
-        "image_member": raw.image_member,
-        "status": decode.OK,
-        "error": None,
-    }
+    row = empty_sample_row()
+    row.update(
+        sample_id=make_sample_id(raw.shard_index, raw.position), shard_index=raw.shard_index, shard=raw.shard,
+        key=raw.key, url=meta_str(meta, "url"), caption=raw.caption, image_member=raw.image_member,
+        original_width=meta_int(meta, "original_width"), original_height=meta_int(meta, "original_height"),
+        status=decode.OK,
+    )
+    return row

@@ -16,11 +16,11 @@ import pandas as pd
 
 from dedup.engine import run_stage
 from dedup.errors import DedupError
-from dedup.records import RunDir, fingerprint, load_samples, write_table
+from dedup.records import MANIFEST, REMOVE_LIST, RunDir, fingerprint, load_samples, write_record
 from dedup.run import Run
 
-MANIFEST_COLUMNS = ["key", "sample_id", "keep", "cluster_id", "reason"]
-REMOVE_COLUMNS = ["shard", "key", "sample_id", "cluster_id", "reason"]
+# The contracts live in dedup/records.py.
+MANIFEST_COLUMNS, REMOVE_COLUMNS = MANIFEST.names, REMOVE_LIST.names
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,9 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
 def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> dict[str, int]:
     decided = decide_keep(clusters, policy)
     for shard_index, part in decided.groupby("shard_index"):
-        write_table(part[MANIFEST_COLUMNS].reset_index(drop=True), run.manifests_dir / f"{int(shard_index):05d}.parquet")
+        write_record(part.reset_index(drop=True), run.manifests_dir / f"{int(shard_index):05d}.parquet", MANIFEST)
     removed = decided[~decided["keep"]]
-    write_table(removed[REMOVE_COLUMNS].reset_index(drop=True), run.remove_keys)
+    write_record(removed.reset_index(drop=True), run.remove_keys, REMOVE_LIST)
     return {
         "kept": int(decided["keep"].sum()),
         "removed_duplicates": int((removed["reason"] == "duplicate").sum()),

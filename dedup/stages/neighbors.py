@@ -10,7 +10,7 @@ import pandas as pd
 
 from dedup.descriptors import query_transform_for
 from dedup.engine import StageReport, run_stage
-from dedup.records import RunDir, fingerprint, load_embeddings, load_samples, write_table
+from dedup.records import EDGES, RunDir, fingerprint, load_embeddings, load_samples, write_record
 from dedup.run import Run
 
 
@@ -84,7 +84,7 @@ class NeighborsStage:
             "similarity": sim.astype(np.float32),
             "descriptor": self.descriptor,
         })
-        write_table(edges, self.run_dir.neighbors_dir(self.descriptor) / f"part_{task_id}.parquet")
+        write_record(edges, self.run_dir.neighbors_dir(self.descriptor) / f"part_{task_id}.parquet", EDGES)
         return {"queries": rows.stop - rows.start, "edges": len(edges)}
 
     def fingerprint(self) -> str:

@@ -8,20 +8,10 @@ import pandas as pd
 
 from dedup.engine import run_stage
 from dedup.errors import StoreError
-from dedup.records import RunDir, fingerprint, write_table
+from dedup.records import TOP_DUPLICATES, RunDir, fingerprint, write_record
 from dedup.run import Run
 
-TOP_COLUMNS = [
-    "rank",
-    "cluster_id",
-    "copies",
-    "representative_key",
-    "representative_url",
-    "representative_caption",
-    "distinct_captions",
-    "url_domains",
-    "shards_spanned",
-]
+TOP_COLUMNS = TOP_DUPLICATES.names  # the contract lives in dedup/records.py
 
 
 def url_domain(url: object) -> str | None:
@@ -38,7 +28,7 @@ def rank_clusters(clusters: pd.DataFrame) -> pd.DataFrame:
     """One row per cluster of >= 2 members: copies, caption/domain/shard spread."""
     dups = clusters[clusters["cluster_size"] >= 2].copy()
     if dups.empty:
-        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in TOP_COLUMNS})
+        return TOP_DUPLICATES.empty_table().to_pandas()
     dups["domain"] = dups["url"].map(url_domain)
     grouped = dups.groupby("cluster_id")
     summary = pd.DataFrame(
@@ -57,11 +47,6 @@ def rank_clusters(clusters: pd.DataFrame) -> pd.DataFrame:
     summary.insert(0, "rank", range(1, len(summary) + 1))
     return summary[TOP_COLUMNS].reset_index(drop=True)
 
-
-def _dtype(column: str) -> str:
-    if column in ("representative_key", "representative_url", "representative_caption"):
-        return "object"
-    return "int64"
 
 
 class RankStage:
@@ -86,7 +71,7 @@ class RankStage:
             raise StoreError(f"{self.run_dir.root} has no clusters.parquet",
                              hint=f"run 'dedup cluster {self.run_dir.root}' first")
         ranking = rank_clusters(pd.read_parquet(self.run_dir.clusters))
-        write_table(ranking, self.run_dir.top_duplicates)
+        write_record(ranking, self.run_dir.top_duplicates, TOP_DUPLICATES)
         return {"clusters_ranked": len(ranking)}
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ from PIL import Image
 
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
-from dedup.records import RunDir, fingerprint, make_sample_id, read_shards, split_sample_id
+from dedup.records import RunDir, atomic_file, fingerprint, make_sample_id, read_shards, split_sample_id
 from dedup.stages.rank import url_domain
 from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
 
@@ -784,10 +784,8 @@ def write_report(out: str | Path, top: int = 50, copies_shown: int = 12) -> Path
     run = RunDir(out)
     document = build_report_html(run.root, top=top, copies_shown=copies_shown)
     path = run.report_dir / "index.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(document, encoding="utf-8")
-    partial.replace(path)
+    with atomic_file(path) as partial:
+        partial.write_text(document, encoding="utf-8")
     return path
 
 
