@@ -175,18 +175,28 @@ def empty_sample_row() -> dict[str, Any]:
 # ---------------------------------------------------------------- shard list
 
 
-def record_shards(run: RunDir, shards: list[str]) -> None:
-    """Write the shard list, or check that a resumed run expands to the same one."""
-    if run.shards_table.exists():
-        existing = pd.read_parquet(run.shards_table)["url"].tolist()
-        if existing != shards:
-            raise StoreError(
-                f"{run.root} was started on {len(existing)} other shards (first: {existing[:1]})",
-                hint="pass the same shard specs to resume, or choose a new --out directory",
-            )
-        return
-    frame = pd.DataFrame({"shard_index": np.arange(len(shards), dtype=np.int32), "url": shards})
-    write_record(frame, run.shards_table, SHARDS)
+def record_shards(run: RunDir, shards: list[str]) -> list[str]:
+    """Write the shard list and return every shard of the run, in shard_index order.
+
+    Shard ids are append-only: a resumed run may add shards (they get the next
+    indices, in the order given), but never renumbers or drops the recorded ones,
+    so sample ids, embedding parts and manifests of earlier shards stay valid.
+    """
+    existing = pd.read_parquet(run.shards_table)["url"].tolist() if run.shards_table.exists() else []
+    missing = sorted(set(existing) - set(shards))
+    if missing:
+        raise StoreError(
+            f"{run.root} was started on {len(existing)} shards, {len(missing)} of which are not given now "
+            f"(first: {missing[0]})",
+            hint="pass all of the run's shards again (plus any new ones), or choose a new --out directory",
+        )
+    known = set(existing)
+    added = [s for s in dict.fromkeys(shards) if s not in known]
+    if added or not run.shards_table.exists():
+        every = existing + added
+        frame = pd.DataFrame({"shard_index": np.arange(len(every), dtype=np.int32), "url": every})
+        write_record(frame, run.shards_table, SHARDS)
+    return existing + added
 
 
 def read_shards(run: RunDir) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -137,3 +138,27 @@ def test_ray_settings_reach_the_engine(tmp_path):
     engine = make_engine(run)
     assert isinstance(engine, RayEngine)
     assert (engine.num_actors, engine.cpus_per_actor, engine.gpus_per_actor, engine.show_progress) == (5, 2.0, 1.0, False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'dedup[ray]')")
+def test_every_stage_on_ray_gives_the_local_answer(tmp_path):
+    import pandas as pd
+    import ray
+
+    from dedup import pipeline
+    from dedup.synth import build_demo
+
+    shards, _ = build_demo(tmp_path / "shards")
+    runs = {engine: make_run(tmp_path / engine, shards, engine=engine) for engine in ("local", "ray")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for run in runs.values():
+            pipeline.run_all(run)
+    finally:
+        ray.shutdown()
+    local, remote = runs["local"], runs["ray"]
+    for stage in ("cluster", "rank", "manifests", "report"):
+        marker = json.loads((remote.root / "_markers" / stage / "0.done").read_text())
+        assert marker["fingerprint"], stage
+    for table in ("clusters.parquet", "top_duplicates.parquet", "remove_keys.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(local.root / table), pd.read_parquet(remote.root / table))

@@ -223,3 +223,30 @@ def test_decode_workers_leave_the_cores_to_a_cpu_model():
     assert resolve_workers(Settings(descriptors=["perceptual"])) == cores
     assert resolve_workers(Settings(descriptors=["perceptual", "clip"], device="cpu")) == 0
     assert resolve_workers(Settings(descriptors=["clip"], workers=3, device="cpu")) == 3
+
+
+def test_adding_shards_embeds_only_the_new_ones_and_equals_a_run_from_scratch(tmp_path):
+    shards, _ = build_demo(tmp_path / "shards")
+    first, everything = shards[:2], shards
+    grown = make_run(tmp_path / "grown", first)
+    pipeline.run_all(grown, with_report=False)
+    old_parts = {p: p.stat().st_mtime_ns for p in grown.root.glob("embeddings/*/img_emb/*.npy")}
+    grown = make_run(tmp_path / "grown", everything)
+    pipeline.run_all(grown, with_report=False)
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in old_parts.items()), "an old shard was embedded again"
+    assert len(list(grown.root.glob("embeddings/*/img_emb/*.npy"))) == len(everything)
+    scratch = make_run(tmp_path / "scratch", everything)
+    pipeline.run_all(scratch, with_report=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(grown.clusters), pd.read_parquet(scratch.clusters))
+    pd.testing.assert_frame_equal(pd.read_parquet(grown.remove_keys), pd.read_parquet(scratch.remove_keys))
+    assert pd.read_parquet(grown.shards_table)["url"].tolist()[:2] == [str(s) for s in first]
+
+
+def test_a_run_never_drops_or_renumbers_its_shards(tmp_path):
+    from dedup.errors import StoreError
+
+    shards, _ = build_demo(tmp_path / "shards")
+    run = make_run(tmp_path / "run", shards)
+    pipeline.embed(run)
+    with pytest.raises(StoreError, match="not given now"):
+        pipeline.embed(make_run(tmp_path / "run", shards[1:]))

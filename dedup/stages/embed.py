@@ -207,8 +207,7 @@ def embed(run: Run) -> StageReport:
     from dedup.data_manifest import expand_inputs
 
     remove_stale_temp_files(run)
-    shards = expand_inputs(run.settings.shard_specs)
-    record_shards(run, shards)
+    shards = record_shards(run, expand_inputs(run.settings.shard_specs))
     builders = descriptor_builders(run.settings)
     _check_builders(builders, run)
     workers = resolve_workers(run.settings)
