@@ -1,5 +1,10 @@
 """Write manifests: per-shard keep/drop tables and a global list of removed keys.
 
+Files (see README "Manifests"): `manifests/<stem>-<hash>.parquet` per shard (name
+from `dedup.run.manifest_name`), `manifests/_index.parquet` (shard location ->
+file) and `remove_keys.parquet`. A sample is (shard, key, occurrence), never a key
+alone: img2dataset outputs all start their keys at 000000000.
+
 Keep policies (one kept sample per cluster unless `max-copies=N`):
 - `first`: the earliest sample in shard order (the smallest sample_id);
 - `largest`: the sample with the most pixels (ties -> earliest);
@@ -18,8 +23,13 @@ import pandas as pd
 from dedup.errors import DedupError
 from dedup.records import RunDir, load_samples, write_table
 
-MANIFEST_COLUMNS = ["key", "sample_id", "keep", "cluster_id", "reason"]
-REMOVE_COLUMNS = ["shard", "key", "sample_id", "cluster_id", "reason"]
+# Per-shard manifest and remove list. `occurrence` tells repeated keys inside one
+# shard apart: the n-th sample with key K in a shard (in tar order) has occurrence n,
+# from 0 -- the loader counts the same way.
+MANIFEST_COLUMNS = ["shard", "key", "occurrence", "sample_id", "keep", "cluster_id", "reason"]
+REMOVE_COLUMNS = ["shard", "key", "occurrence", "sample_id", "cluster_id", "reason"]
+# manifests/_index.parquet: one row per shard (shard = its location as given to the run).
+INDEX_COLUMNS = ["shard_index", "shard", "manifest", "samples", "removed"]
 
 
 @dataclass(frozen=True)
@@ -60,17 +70,57 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
     return frame.sort_values("sample_id").drop(columns=["pixels"]).reset_index(drop=True)
 
 
+def with_occurrence(frame: pd.DataFrame) -> pd.DataFrame:
+    """Number repeated keys within a shard by order of appearance (sample_id order is tar order)."""
+    frame = frame.sort_values("sample_id", ignore_index=True)
+    occurrence = frame.groupby(["shard_index", "key"], sort=False, dropna=False).cumcount()
+    return frame.assign(occurrence=occurrence.astype(np.int32))
+
+
 def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> dict[str, int]:
-    decided = decide_keep(clusters, policy)
-    for shard_index, part in decided.groupby("shard_index"):
-        write_table(part[MANIFEST_COLUMNS].reset_index(drop=True), run.manifests_dir / f"{int(shard_index):05d}.parquet")
+    decided = with_occurrence(decide_keep(clusters, policy))
+    index = _write_shard_manifests(run, decided)
     removed = decided[~decided["keep"]]
     write_table(removed[REMOVE_COLUMNS].reset_index(drop=True), run.remove_keys)
+    # The index goes last: a loader that finds it finds every file it names.
+    write_table(index, run.manifest_index)
     return {
         "kept": int(decided["keep"].sum()),
         "removed_duplicates": int((removed["reason"] == "duplicate").sum()),
         "removed_failed": int(removed["reason"].str.startswith("status:").sum()),
+        "manifests": len(index),
     }
+
+
+def _write_shard_manifests(run: RunDir, decided: pd.DataFrame) -> pd.DataFrame:
+    """One file per shard, named from its location (see `dedup.run.manifest_name`); returns the index."""
+    rows = []
+    for shard_index, part in decided.groupby("shard_index", sort=True):
+        shard = str(part["shard"].iloc[0])
+        path = run.manifest_part(shard)
+        write_table(part[MANIFEST_COLUMNS].reset_index(drop=True), path)
+        rows.append((int(shard_index), shard, path.name, len(part), int((~part["keep"]).sum())))
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    _check_unique_names(index)
+    _remove_stale(run, set(index["manifest"]))
+    return index
+
+
+def _check_unique_names(index: pd.DataFrame) -> None:
+    # Same stem and same 48-bit hash: never seen, but two shards must never share a file.
+    clash = index[index["manifest"].duplicated(keep=False)]
+    if len(clash):
+        raise DedupError(
+            f"shards {clash['shard'].tolist()[:2]} map to one manifest file {clash['manifest'].iloc[0]!r}",
+            hint="report this as a bug; rename one of the shards meanwhile",
+        )
+
+
+def _remove_stale(run: RunDir, current: set[str]) -> None:
+    """Drop manifests of an earlier write (other shards, older naming) so the folder matches the index."""
+    for path in run.manifests_dir.glob("*.parquet"):
+        if path.name not in current and path != run.manifest_index:
+            path.unlink(missing_ok=True)
 
 
 def manifests_stage(out: str | Path, keep: str = "first") -> dict[str, int]:
