@@ -51,7 +51,7 @@ def load_manifest_index(run: RunDir, prefix_map: Mapping[str, str] | None = None
             f"{run.root} has no {run.manifest_index.relative_to(run.root)}",
             hint=f"run 'dedup manifests {run.root}' (runs written before dedup 0.3 need it once)",
         )
-    table = pq.read_table(run.manifest_index, columns=["shard", "manifest"])
+    table = pq.ParquetFile(run.manifest_index).read(columns=["shard", "manifest"], use_threads=False)
     shards = table.column("shard").to_pylist()
     names = table.column("manifest").to_pylist()
     return {map_prefix(shard, prefix_map): name for shard, name in zip(shards, names, strict=True)}
@@ -70,26 +70,37 @@ def _is_remote(url: str) -> bool:
 
 
 class ShardFilter:
-    """The removed samples of one shard and the occurrence count of its keys so far."""
+    """The removed keys of a shard whose keys are all distinct (the usual case): one set lookup a sample."""
+
+    def __init__(self, removed: set[str]) -> None:
+        self.removed = removed
+
+    def keep(self, key: str) -> bool:
+        return key not in self.removed
+
+    @staticmethod
+    def read(path: Path) -> ShardFilter | RepeatedKeyFilter:
+        import pyarrow.parquet as pq
+
+        # One thread: on a 1,000-row file, starting the thread pool costs 10x the read.
+        table = pq.ParquetFile(path).read(columns=["key", "occurrence", "keep"], use_threads=False)
+        keys, occurrences, keep = (table.column(name).to_pylist() for name in ("key", "occurrence", "keep"))
+        if not any(occurrences):
+            return ShardFilter({key for key, kept in zip(keys, keep, strict=True) if not kept})
+        copies: dict[str, int] = {}
+        for key, occurrence in zip(keys, occurrences, strict=True):
+            copies[key] = max(copies.get(key, 0), occurrence + 1)
+        removed = {(key, n) for key, n, kept in zip(keys, occurrences, keep, strict=True) if not kept}
+        return RepeatedKeyFilter(removed, {key: n for key, n in copies.items() if n > 1})
+
+
+class RepeatedKeyFilter:
+    """A shard with repeated keys: samples are (key, occurrence), counted in order of appearance."""
 
     def __init__(self, removed: set[tuple[str, int]], copies: dict[str, int]) -> None:
         self.removed = removed
         self.copies = copies  # keys that repeat in this shard -> how many times
         self.seen: dict[str, int] = {}
-
-    @classmethod
-    def read(cls, path: Path) -> ShardFilter:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["key", "occurrence", "keep"])
-        gone = table.filter(pc.invert(table.column("keep")))
-        removed = set(zip(gone.column("key").to_pylist(), gone.column("occurrence").to_pylist(), strict=True))
-        repeats = table.filter(pc.greater(table.column("occurrence"), 0))
-        copies: dict[str, int] = {}
-        for key, occurrence in zip(repeats.column("key").to_pylist(), repeats.column("occurrence").to_pylist(), strict=True):
-            copies[key] = max(copies.get(key, 1), occurrence + 1)
-        return cls(removed, copies)
 
     def keep(self, key: str) -> bool:
         occurrence = self.seen.get(key, 0)
@@ -122,26 +133,34 @@ class DropDuplicates:
     def __init__(self, run_or_path: str | Path, prefix_map: Mapping[str, str] | None = None) -> None:
         self.run = RunDir(run_root(run_or_path))
         self.manifest_of = load_manifest_index(self.run, prefix_map)
-        self._open: OrderedDict[str, ShardFilter | None] = OrderedDict()
+        self._open: OrderedDict[str, ShardFilter | RepeatedKeyFilter | None] = OrderedDict()
         self._warned: set[str] = set()
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        url, shard = None, None
         for sample in samples:
-            if self.keep(sample):
+            key = sample.get("__key__")
+            if sample.get("__url__") != url or key.__class__ is not str:
+                url = sample.get("__url__")
+                shard = self._shard_of(sample)
+            if shard is None or shard.keep(key):
                 yield sample
 
     def keep(self, sample: dict) -> bool:
         """For `dataset.select(dropper.keep)`."""
+        shard = self._shard_of(sample)
+        return shard is None or shard.keep(sample["__key__"])
+
+    def _shard_of(self, sample: dict) -> ShardFilter | RepeatedKeyFilter | None:
         url, key = sample.get("__url__"), sample.get("__key__")
         if not isinstance(url, str) or not isinstance(key, str):
             raise DedupError(
                 "DropDuplicates needs each sample's __url__ and __key__ (a sample is its shard plus its key)",
                 hint="compose it straight after wds.WebDataset(urls), before .decode()/.to_tuple()",
             )
-        shard = self._shard(url)
-        return shard is None or shard.keep(key)
+        return self._shard(url)
 
-    def _shard(self, url: str) -> ShardFilter | None:
+    def _shard(self, url: str) -> ShardFilter | RepeatedKeyFilter | None:
         if url in self._open:
             self._open.move_to_end(url)
             return self._open[url]
@@ -150,7 +169,7 @@ class DropDuplicates:
             self._open.popitem(last=False)
         return shard
 
-    def _read(self, url: str) -> ShardFilter | None:
+    def _read(self, url: str) -> ShardFilter | RepeatedKeyFilter | None:
         name = self.manifest_of.get(url)
         if name is None and not _is_remote(url):
             name = self.manifest_of.get(os.path.abspath(url))
