@@ -27,7 +27,7 @@ OPEN_SHARDS = 4
 
 
 class MissingManifestWarning(UserWarning):
-    """A shard the loader reads has no manifest in the run: its samples pass unfiltered."""
+    """A shard the loader reads has no manifest in the run, or one of part of it: those samples pass unfiltered."""
 
 
 def run_root(run_or_path: str | Path) -> Path:
@@ -42,8 +42,8 @@ def run_root(run_or_path: str | Path) -> Path:
     raise StoreError(f"{path} is not a dedup run directory", hint="pass the --out directory of 'dedup run'")
 
 
-def load_manifest_index(run: RunDir, prefix_map: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Shard location (as the loader will see it) -> manifest file name."""
+def load_manifest_index(run: RunDir, prefix_map: Mapping[str, str] | None = None) -> tuple[dict[str, str], set[str]]:
+    """Shard location (as the loader will see it) -> manifest file name, and the shards the run read only in part."""
     import pyarrow.parquet as pq
 
     if not run.manifest_index.exists():
@@ -51,10 +51,11 @@ def load_manifest_index(run: RunDir, prefix_map: Mapping[str, str] | None = None
             f"{run.root} has no {run.manifest_index.relative_to(run.root)}",
             hint=f"run 'dedup manifests {run.root}' (runs written before dedup 0.3 need it once)",
         )
-    table = pq.ParquetFile(run.manifest_index).read(columns=["shard", "manifest"], use_threads=False)
-    shards = table.column("shard").to_pylist()
-    names = table.column("manifest").to_pylist()
-    return {map_prefix(shard, prefix_map): name for shard, name in zip(shards, names, strict=True)}
+    table = pq.ParquetFile(run.manifest_index).read(columns=["shard", "manifest", "complete"], use_threads=False)
+    shards = [map_prefix(shard, prefix_map) for shard in table.column("shard").to_pylist()]
+    complete = table.column("complete").to_pylist()
+    incomplete = {shard for shard, whole in zip(shards, complete, strict=True) if not whole}
+    return dict(zip(shards, table.column("manifest").to_pylist(), strict=True)), incomplete
 
 
 def map_prefix(shard: str, prefix_map: Mapping[str, str] | None) -> str:
@@ -132,7 +133,7 @@ class DropDuplicates:
 
     def __init__(self, run_or_path: str | Path, prefix_map: Mapping[str, str] | None = None) -> None:
         self.run = RunDir(run_root(run_or_path))
-        self.manifest_of = load_manifest_index(self.run, prefix_map)
+        self.manifest_of, self.incomplete = load_manifest_index(self.run, prefix_map)
         self._open: OrderedDict[str, ShardFilter | RepeatedKeyFilter | None] = OrderedDict()
         self._warned: set[str] = set()
 
@@ -170,23 +171,25 @@ class DropDuplicates:
         return shard
 
     def _read(self, url: str) -> ShardFilter | RepeatedKeyFilter | None:
-        name = self.manifest_of.get(url)
-        if name is None and not _is_remote(url):
-            name = self.manifest_of.get(os.path.abspath(url))
-        if name is None or not (self.run.manifests_dir / name).exists():
-            self._warn_missing(url)
+        location = self._location(url)
+        if location is None or not (self.run.manifests_dir / self.manifest_of[location]).exists():
+            self._warn(url, "has no manifest in the run: its samples pass unfiltered "
+                            "(a shard the run did not read; or pass prefix_map= for shards moved since)")
             return None
-        return ShardFilter.read(self.run.manifests_dir / name)
+        if location in self.incomplete:
+            self._warn(url, "was not read to its end by the run: samples after the part it read pass "
+                            "unfiltered; rerun 'dedup run' with the same shards to retry it")
+        return ShardFilter.read(self.run.manifests_dir / self.manifest_of[location])
 
-    def _warn_missing(self, url: str) -> None:
+    def _location(self, url: str) -> str | None:
+        """The run's name for the shard at `url`: as given, or for a local path its absolute / resolved form."""
+        candidates = [url] if _is_remote(url) else [url, os.path.abspath(url), os.path.realpath(url)]
+        return next((c for c in candidates if c in self.manifest_of), None)
+
+    def _warn(self, url: str, problem: str) -> None:
         if url not in self._warned:
             self._warned.add(url)
-            warnings.warn(
-                f"shard {url!r} has no manifest in {self.run.root}: its samples pass unfiltered "
-                "(a shard the run did not read, or failed to read; or pass prefix_map= for moved shards)",
-                MissingManifestWarning,
-                stacklevel=3,
-            )
+            warnings.warn(f"shard {url!r} {problem} [{self.run.root}]", MissingManifestWarning, stacklevel=4)
 
 
 def load_removed_keys(run_or_path: str | Path) -> set[tuple[str, str, int]]:

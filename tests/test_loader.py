@@ -108,14 +108,15 @@ def test_dedup_and_compat_imports_are_one_class():
 # ---------------------------------------------------------------- synthetic manifests
 
 
-def manifests_for(out: Path, shards: dict[str, list[str]], removed: set[tuple[str, int]]) -> RunDir:
+def manifests_for(out: Path, shards: dict[str, list[str]], removed: set[tuple[str, int]],
+                  status: dict[tuple[str, int], str] | None = None) -> RunDir:
     """Manifests for shards {location: keys in tar order}; `removed` = (location, position) pairs."""
     rows = []
     for shard_index, (shard, keys) in enumerate(shards.items()):
         for position, key in enumerate(keys):
             gone = (shard, position) in removed
             rows.append({"sample_id": (shard_index << 32) | position, "shard_index": shard_index, "shard": shard,
-                         "key": key, "status": "ok", "cluster_id": -1 if gone else (shard_index << 32) | position,
+                         "key": key, "status": (status or {}).get((shard, position), "ok"), "cluster_id": -1 if gone else (shard_index << 32) | position,
                          "cluster_size": 2 if gone else 1, "width": 8, "height": 8})
     frame = pd.DataFrame(rows)
     # a removed sample joins the cluster of a kept copy with a smaller sample_id (cluster -1 sorts first)
@@ -170,6 +171,19 @@ def test_a_shard_without_manifest_passes_with_one_warning(tmp_path):
     assert kept == [(unknown, "a"), (unknown, "b"), (unknown, "c")] * 2
     missing = [w for w in caught if issubclass(w.category, MissingManifestWarning)]
     assert len(missing) == 1 and unknown in str(missing[0].message)
+
+
+def test_a_shard_the_run_read_in_part_warns_and_passes_the_rest(tmp_path):
+    url = tar_of(tmp_path / "00000.tar", ["a", "b", "c", "d"])
+    manifests_for(tmp_path / "run", {url: ["a", "b", "__shard_error_2"]}, removed={(url, 0)},
+                  status={(url, 2): "shard_error"})
+    assert not pd.read_parquet(RunDir(tmp_path / "run").manifest_index)["complete"].iloc[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = [k for _, k in keys_read([url, url], DropDuplicates(tmp_path / "run"))]
+    assert kept == ["b", "c", "d"] * 2
+    (warning,) = [w for w in caught if issubclass(w.category, MissingManifestWarning)]
+    assert "not read to its end" in str(warning.message)
 
 
 def test_a_relative_loader_path_matches_an_absolute_run_location(tmp_path, monkeypatch):

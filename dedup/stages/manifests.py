@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dedup.decode import SHARD_ERROR
 from dedup.errors import DedupError
 from dedup.records import RunDir, load_samples, write_table
 
@@ -29,7 +30,8 @@ from dedup.records import RunDir, load_samples, write_table
 MANIFEST_COLUMNS = ["shard", "key", "occurrence", "sample_id", "keep", "cluster_id", "reason"]
 REMOVE_COLUMNS = ["shard", "key", "occurrence", "sample_id", "cluster_id", "reason"]
 # manifests/_index.parquet: one row per shard (shard = its location as given to the run).
-INDEX_COLUMNS = ["shard_index", "shard", "manifest", "samples", "removed"]
+# `complete` is False when the run could not read the shard to its end (a `shard_error` row).
+INDEX_COLUMNS = ["shard_index", "shard", "manifest", "samples", "removed", "complete"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def _write_shard_manifests(run: RunDir, decided: pd.DataFrame) -> pd.DataFrame:
         shard = str(part["shard"].iloc[0])
         path = run.manifest_part(shard)
         write_table(part[MANIFEST_COLUMNS].reset_index(drop=True), path)
-        rows.append((int(shard_index), shard, path.name, len(part), int((~part["keep"]).sum())))
+        complete = not (part["status"] == SHARD_ERROR).any()
+        rows.append((int(shard_index), shard, path.name, len(part), int((~part["keep"]).sum()), complete))
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
     _check_unique_names(index)
     _remove_stale(run, set(index["manifest"]))
