@@ -13,7 +13,7 @@ from conftest import sample_members, write_tar
 from PIL import Image
 
 from dedup.errors import DedupError, StoreError
-from dedup.loader import DropDuplicates, MissingManifestWarning, load_removed_keys
+from dedup.loader import OPEN_SHARDS, DropDuplicates, MissingManifestWarning, load_removed_keys
 from dedup.records import RunDir
 from dedup.stages.manifests import KeepPolicy, write_manifests
 
@@ -148,6 +148,21 @@ def test_a_shard_read_twice_in_a_row_is_filtered_both_times(tmp_path):
     manifests_for(tmp_path / "run", {url: keys}, removed={(url, 1), (url, 2)})
     kept = [k for _, k in keys_read([url, url], DropDuplicates(tmp_path / "run"))]
     assert kept == ["k1", "k1"]
+
+
+def test_the_loader_reads_only_the_manifests_of_the_shards_it_sees(tmp_path):
+    """Memory O(one shard): neither remove_keys.parquet nor other shards' manifests are read."""
+    urls = [tar_of(tmp_path / f"{i:05d}.tar", ["a", "b"]) for i in range(10)]
+    run = manifests_for(tmp_path / "run", {url: ["a", "b"] for url in urls}, removed={(url, 1) for url in urls})
+    names = pd.read_parquet(run.manifest_index).set_index("shard")["manifest"]
+    run.remove_keys.write_bytes(b"not parquet")
+    for url in urls[1:]:
+        (run.manifests_dir / names[url]).write_bytes(b"not parquet")
+    assert keys_read(urls[:1], DropDuplicates(run.root)) == [(urls[0], "a")]
+    manifests_for(tmp_path / "run", {url: ["a", "b"] for url in urls}, removed={(url, 1) for url in urls})
+    dropper = DropDuplicates(run.root)
+    assert len(keys_read(urls, dropper)) == 10
+    assert len(dropper._open) <= OPEN_SHARDS  # shards already passed are let go
 
 
 def test_prefix_map_finds_shards_copied_elsewhere(tmp_path):
