@@ -244,3 +244,15 @@ def test_a_run_without_manifest_index_says_what_to_run(tmp_path):
     with pytest.raises(StoreError, match="_index.parquet") as error:
         DropDuplicates(tmp_path / "run")
     assert "dedup manifests" in error.value.hint
+
+
+def test_select_and_pickled_copies_filter_the_same(tmp_path):
+    """`.select(dropper.keep)` works too, and a DataLoader worker's pickled copy filters alike."""
+    import pickle
+
+    keys = ["a", "b", "a", "c"]
+    url = tar_of(tmp_path / "00000.tar", keys)
+    manifests_for(tmp_path / "run", {url: keys}, removed={(url, 1), (url, 2)})
+    dropper = pickle.loads(pickle.dumps(DropDuplicates(tmp_path / "run")))
+    selected = [s["__key__"] for s in wds.WebDataset([url], shardshuffle=False).select(dropper.keep)]
+    assert selected == [k for _, k in keys_read([url], DropDuplicates(tmp_path / "run"))] == ["a", "c"]
