@@ -217,7 +217,7 @@ def rank_command(out: OutArg, top: TopOpt = 20) -> None:
 @app.command("manifests")
 @_guarded
 def manifests_command(out: OutArg, keep: KeepOpt = None) -> None:
-    """Write OUT/manifests/ and OUT/remove_keys.parquet with the run's (or the given) keep policy."""
+    """Write OUT/manifests/<stem>-<hash>.parquet (index: OUT/manifests/_index.parquet) and OUT/remove_keys.parquet."""
     from dedup.stages.manifests import manifests_stage
 
     err_console.print(manifests_stage(_open_run(out, keep=keep)))

@@ -123,12 +123,17 @@ TOP_DUPLICATES = _schema(
     ("distinct_captions", pa.int64()), ("url_domains", pa.int64()), ("shards_spanned", pa.int64()),
 )
 MANIFEST = _schema(
-    ("key", pa.string()), ("sample_id", pa.int64()), ("keep", pa.bool_()), ("cluster_id", pa.int64()),
-    ("reason", pa.string()),
+    ("shard", pa.string()), ("key", pa.string()), ("occurrence", pa.int32()), ("sample_id", pa.int64()),
+    ("keep", pa.bool_()), ("cluster_id", pa.int64()), ("reason", pa.string()),
 )
 REMOVE_LIST = _schema(
-    ("shard", pa.string()), ("key", pa.string()), ("sample_id", pa.int64()), ("cluster_id", pa.int64()),
-    ("reason", pa.string()),
+    ("shard", pa.string()), ("key", pa.string()), ("occurrence", pa.int32()), ("sample_id", pa.int64()),
+    ("cluster_id", pa.int64()), ("reason", pa.string()),
+)
+# manifests/_index.parquet: shard location -> its manifest file, read once by the loader.
+MANIFEST_INDEX = _schema(
+    ("shard_index", pa.int32()), ("shard", pa.string()), ("manifest", pa.string()), ("samples", pa.int64()),
+    ("removed", pa.int64()), ("complete", pa.bool_()),
 )
 # `dedup eval --truth`: key and group_id required; family optional ("bad" rows are not scored).
 EVALUATION_TRUTH = _schema(("key", pa.string()), ("group_id", pa.string()), ("family", pa.string()))
@@ -141,7 +146,7 @@ IMG2DATASET_PARQUET = _schema(
 
 TABLES: dict[str, pa.Schema] = {
     "shards": SHARDS, "samples": SAMPLES, "embedding_metadata": EMBEDDING_METADATA, "edges": EDGES,
-    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "remove_list": REMOVE_LIST,
+    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST,
     "evaluation_truth": EVALUATION_TRUTH, "img2dataset_parquet": IMG2DATASET_PARQUET,
 }
 # Older names, kept for callers outside the package.

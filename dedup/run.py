@@ -6,11 +6,17 @@ ARCHITECTURE.md is defined here once.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from dedup.settings import Settings
+
+# Characters kept from a shard's file name in its manifest's name; the rest become '_'.
+_STEM_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+MANIFEST_HASH_CHARS = 12
 
 
 class RunDir:
@@ -59,6 +65,14 @@ class RunDir:
     @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
+
+    @property
+    def manifest_index(self) -> Path:
+        """One row per shard: location -> manifest file (the `_` prefix keeps parquet dataset readers off it)."""
+        return self.manifests_dir / "_index.parquet"
+
+    def manifest_part(self, shard: str) -> Path:
+        return self.manifests_dir / manifest_name(shard)
 
     @property
     def remove_keys(self) -> Path:
@@ -140,3 +154,14 @@ class Run(RunDir):
         if save and path.exists() and (thresholds or guards or any(v is not None for v in changes.values())):
             run.save()
         return run
+def manifest_name(shard: str) -> str:
+    """`<stem>-<hash>.parquet` for a shard location, e.g. `00002-1f0c9a3b7d21.parquet`.
+
+    The hash is of the full location as given to the run, so two outputs that both
+    hold a `00000.tar` never share a file, and a name never changes when shards are
+    added. The stem is only for people; it never reaches a path unsanitised.
+    """
+    digest = hashlib.sha256(shard.encode("utf-8", errors="surrogatepass")).hexdigest()[:MANIFEST_HASH_CHARS]
+    base = shard.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    stem = _STEM_UNSAFE.sub("_", base)[:40].strip("_") or "shard"
+    return f"{stem}-{digest}.parquet"

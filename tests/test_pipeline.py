@@ -62,7 +62,7 @@ def test_manifests_keep_exactly_one_per_cluster_under_first(demo_run):
     out, _, _, _ = demo_run
     run = RunDir(out)
     clusters = pd.read_parquet(run.clusters)
-    manifests = pd.concat([pd.read_parquet(p) for p in sorted(run.manifests_dir.glob("*.parquet"))])
+    manifests = pd.read_parquet(run.manifests_dir)  # one table; parquet readers skip manifests/_index.parquet
     assert len(manifests) == len(clusters)
     ok = clusters[clusters["status"] == "ok"].merge(manifests[["sample_id", "keep"]], on="sample_id")
     kept_per_cluster = ok.groupby("cluster_id")["keep"].sum()
@@ -72,7 +72,7 @@ def test_manifests_keep_exactly_one_per_cluster_under_first(demo_run):
     assert first["keep"].all()
     removed = pd.read_parquet(run.remove_keys)
     assert len(removed) == (~manifests["keep"]).sum()
-    assert set(removed.columns) == {"shard", "key", "sample_id", "cluster_id", "reason"}
+    assert set(removed.columns) == {"shard", "key", "occurrence", "sample_id", "cluster_id", "reason"}
 
 
 def test_max_copies_policy_keeps_n(demo_run):
@@ -89,12 +89,12 @@ def test_drop_duplicates_filters_a_webdataset_stream(demo_run):
     import webdataset as wds
 
     out, _, _, shards = demo_run
-    removed = set(pd.read_parquet(RunDir(out).remove_keys)["key"])
+    removed = pd.read_parquet(RunDir(out).remove_keys)
     dataset = wds.WebDataset([str(p) for p in shards], shardshuffle=False).compose(DropDuplicates(out))
-    keys = [sample["__key__"] for sample in dataset]
-    assert keys and not (set(keys) & removed)
-    manifests = pd.concat([pd.read_parquet(p) for p in sorted(RunDir(out).manifests_dir.glob("*.parquet"))])
-    assert set(keys) == set(manifests.loc[manifests["keep"], "key"])
+    kept = [(sample["__url__"], sample["__key__"]) for sample in dataset]
+    assert kept and not (set(kept) & set(zip(removed["shard"], removed["key"])))
+    manifests = pd.read_parquet(RunDir(out).manifests_dir)
+    assert set(kept) == set(zip(manifests.loc[manifests["keep"], "shard"], manifests.loc[manifests["keep"], "key"]))
 
 
 def test_query_by_key_counts_equal_cluster_sizes(demo_run):

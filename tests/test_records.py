@@ -13,6 +13,7 @@ from dedup.records import (
     EDGES,
     EMBEDDING_METADATA,
     MANIFEST,
+    MANIFEST_INDEX,
     REMOVE_LIST,
     SAMPLES,
     SHARDS,
@@ -56,7 +57,8 @@ def test_every_table_a_run_writes_matches_its_contract(demo_session_run):
         EDGES: sorted(run.root.glob("neighbors/*/part_*.parquet")),
         CLUSTERS: [run.clusters],
         TOP_DUPLICATES: [run.top_duplicates],
-        MANIFEST: sorted(run.manifests_dir.glob("*.parquet")),
+        MANIFEST: sorted(p for p in run.manifests_dir.glob("*.parquet") if p != run.manifest_index),
+        MANIFEST_INDEX: [run.manifest_index],
         REMOVE_LIST: [run.remove_keys],
     }
     for schema, paths in written.items():

@@ -1,9 +1,11 @@
 """Cluster stage wiring: edges of every descriptor + exact-hash groups -> clusters.parquet.
 
 Node i is the i-th sample in sample_id order (failed samples included, so
-every sample gets a row). The chaining guard compares each member with its
-cluster's representative using every descriptor: a member stays if it is
-byte-identical to the representative or passes *some* descriptor's guard.
+every sample gets a row; only samples with status `ok` get edges, so a failed
+one is always alone). Identical bytes (sha256) are one node for the chaining
+guard and expand afterwards, so they always share a cluster. The guard
+compares each member with its cluster's representative using every
+descriptor: a member stays if it passes *some* descriptor's guard.
 """
 
 from __future__ import annotations
@@ -47,17 +49,42 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
     return views
 
 
-def _exact_edges(sha: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Star edges from the first node of each identical-bytes group to the others."""
-    known = sha.notna().to_numpy()
-    nodes = np.flatnonzero(known)
+def _exact_heads(sha: np.ndarray) -> np.ndarray:
+    """Node -> first node with the same bytes (itself when its bytes are unique or unknown)."""
+    head = np.arange(len(sha), dtype=np.int64)
+    known = np.flatnonzero(sha != None)
+    if not len(known):
+        return head
     codes, _ = pd.factorize(sha[known])
-    order = np.lexsort((nodes, codes))
-    codes, nodes = codes[order], nodes[order]
-    first = np.ones(len(nodes), dtype=bool)
-    first[1:] = codes[1:] != codes[:-1]
-    head = nodes[first][np.cumsum(first) - 1]
-    return head[~first], nodes[~first]
+    first_of_code = np.full(codes.max() + 1, len(sha), dtype=np.int64)
+    np.minimum.at(first_of_code, codes, known)
+    head[known] = first_of_code[codes]
+    return head
+
+
+@dataclass(frozen=True)
+class GuardedClusters:
+    labels: np.ndarray  # int64 node index of each node's representative
+    is_representative: np.ndarray  # bool
+    passes: int  # guard passes that ran
+
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.labels))[self.labels]
+
+
+def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> GuardedClusters:
+    """Chaining guard over identical-bytes groups contracted to one node each, then expanded.
+
+    Each group travels as its head: edges are moved onto heads, the guard sees one
+    node per group, and every member takes its head's label afterwards. So identical
+    bytes end in one cluster whatever the guard does (however many passes it needs).
+    """
+    n_nodes = len(head)
+    a, b = head[a], head[b]
+    apart = a != b
+    result = cluster_with_guard(n_nodes, a[apart], b[apart], margin, guard_threshold=0.0)
+    is_head = head == np.arange(n_nodes)
+    return GuardedClusters(result.labels[head], result.is_representative & is_head, int(result.passes))
 
 
 def _descriptor_edges(run: RunDir, name: str, threshold: float, node_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +112,7 @@ def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray,
         better = sims - view.guard > margin[both]
         chosen = both[better]
         margin[chosen], similarity[chosen], matched_by[chosen] = sims[better] - view.guard, sims[better], view.name
-    same_bytes = (sha[reps] == sha[members]) & (sha[members] != None)  # noqa: E711 - object array
+    same_bytes = (sha[reps] == sha[members]) & (sha[members] != None)
     margin[same_bytes], similarity[same_bytes], matched_by[same_bytes] = np.inf, 1.0, EXACT
     return margin, similarity, matched_by
 
@@ -104,13 +131,12 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     samples = load_samples(run, ["sample_id", "shard_index", "shard", "key", "url", "caption", "status", "sha256"])
     samples = samples.sort_values("sample_id", ignore_index=True)
     node_ids = samples["sample_id"].to_numpy()
-    sha = samples["sha256"].to_numpy(dtype=object)
-    sha = np.where(pd.isna(sha), None, sha)
-    parts = [_exact_edges(samples["sha256"])] + [_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors]
-    a = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    b = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    ok = (samples["status"] == "ok").to_numpy()
+    sha = _usable_sha(samples["sha256"], ok)
+    head = _exact_heads(sha)
+    a, b = _ok_edges([_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors], ok)
     views = _views(run, node_ids, descriptors, guards)
-    result = cluster_with_guard(len(node_ids), a, b, lambda r, m: _best_match(views, sha, r, m)[0], guard_threshold=0.0)
+    result = guarded_clusters(head, a, b, lambda r, m: _best_match(views, sha, r, m)[0])
     similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)
     clusters = samples.drop(columns=["sha256"]).assign(
         cluster_id=node_ids[result.labels],
@@ -120,13 +146,32 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
         matched_by=matched_by.astype(str),
     )[CLUSTER_COLUMNS]
     stats = {
-        "samples": int(len(clusters)),
-        "edges": int(len(a)),
+        "samples": len(clusters),
+        "edges": int(len(a) + (head != np.arange(len(head))).sum()),
         "clusters_with_copies": int(clusters.loc[clusters["cluster_size"] > 1, "cluster_id"].nunique()),
         "samples_in_clusters": int((clusters["cluster_size"] > 1).sum()),
         "guard_passes": int(result.passes),
     }
     return clusters, stats
+
+
+def _usable_sha(sha256: pd.Series, ok: np.ndarray) -> np.ndarray:
+    """sha256 of samples that decoded; None elsewhere.
+
+    A failed sample never matches by bytes: every 0-byte image has the sha256 of
+    empty bytes, and twenty of them are not twenty copies of one picture.
+    """
+    sha = sha256.to_numpy(dtype=object)
+    return np.where(pd.isna(sha) | ~ok, None, sha)
+
+
+def _ok_edges(parts: list[tuple[np.ndarray, np.ndarray]], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptor edges between two usable samples (a failed sample keeps its row, alone)."""
+    empty = np.empty(0, dtype=np.int64)
+    a = np.concatenate([empty] + [p[0] for p in parts]).astype(np.int64)
+    b = np.concatenate([empty] + [p[1] for p in parts]).astype(np.int64)
+    both = ok[a] & ok[b]
+    return a[both], b[both]
 
 
 class ClusterStage:

@@ -1,5 +1,10 @@
 """Write manifests: per-shard keep/drop tables and a global list of removed keys.
 
+Files (see README "Manifests"): `manifests/<stem>-<hash>.parquet` per shard (name
+from `dedup.run.manifest_name`), `manifests/_index.parquet` (shard location ->
+file) and `remove_keys.parquet`. A sample is (shard, key, occurrence), never a key
+alone: img2dataset outputs all start their keys at 000000000.
+
 Keep policies (one kept sample per cluster unless `max-copies=N`):
 - `first`: the earliest sample in shard order (the smallest sample_id);
 - `largest`: the sample with the most pixels (ties -> earliest);
@@ -14,13 +19,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dedup.decode import SHARD_ERROR
 from dedup.engine import run_stage
 from dedup.errors import DedupError
-from dedup.records import MANIFEST, REMOVE_LIST, RunDir, fingerprint, load_samples, write_record
+from dedup.records import MANIFEST, MANIFEST_INDEX, REMOVE_LIST, RunDir, fingerprint, load_samples, write_record
 from dedup.run import Run
 
-# The contracts live in dedup/records.py.
-MANIFEST_COLUMNS, REMOVE_COLUMNS = MANIFEST.names, REMOVE_LIST.names
+# The contracts live in dedup/records.py. `occurrence` tells repeated keys inside one
+# shard apart: the n-th sample with key K in a shard (in tar order) has occurrence n,
+# from 0 -- the loader counts the same way. manifests/_index.parquet: one row per shard;
+# `complete` is False when the run could not read the shard to its end (a `shard_error` row).
+MANIFEST_COLUMNS, REMOVE_COLUMNS, INDEX_COLUMNS = MANIFEST.names, REMOVE_LIST.names, MANIFEST_INDEX.names
 
 
 @dataclass(frozen=True)
@@ -61,17 +70,58 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
     return frame.sort_values("sample_id").drop(columns=["pixels"]).reset_index(drop=True)
 
 
+def with_occurrence(frame: pd.DataFrame) -> pd.DataFrame:
+    """Number repeated keys within a shard by order of appearance (sample_id order is tar order)."""
+    frame = frame.sort_values("sample_id", ignore_index=True)
+    occurrence = frame.groupby(["shard_index", "key"], sort=False, dropna=False).cumcount()
+    return frame.assign(occurrence=occurrence.astype(np.int32))
+
+
 def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> dict[str, int]:
-    decided = decide_keep(clusters, policy)
-    for shard_index, part in decided.groupby("shard_index"):
-        write_record(part.reset_index(drop=True), run.manifests_dir / f"{int(shard_index):05d}.parquet", MANIFEST)
+    decided = with_occurrence(decide_keep(clusters, policy))
+    index = _write_shard_manifests(run, decided)
     removed = decided[~decided["keep"]]
     write_record(removed.reset_index(drop=True), run.remove_keys, REMOVE_LIST)
+    # The index goes last: a loader that finds it finds every file it names.
+    write_record(index, run.manifest_index, MANIFEST_INDEX)
     return {
         "kept": int(decided["keep"].sum()),
         "removed_duplicates": int((removed["reason"] == "duplicate").sum()),
         "removed_failed": int(removed["reason"].str.startswith("status:").sum()),
+        "manifests": len(index),
     }
+
+
+def _write_shard_manifests(run: RunDir, decided: pd.DataFrame) -> pd.DataFrame:
+    """One file per shard, named from its location (see `dedup.run.manifest_name`); returns the index."""
+    rows = []
+    for shard_index, part in decided.groupby("shard_index", sort=True):
+        shard = str(part["shard"].iloc[0])
+        path = run.manifest_part(shard)
+        write_record(part.reset_index(drop=True), path, MANIFEST)
+        complete = not (part["status"] == SHARD_ERROR).any()
+        rows.append((int(shard_index), shard, path.name, len(part), int((~part["keep"]).sum()), complete))
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    _check_unique_names(index)
+    _remove_stale(run, set(index["manifest"]))
+    return index
+
+
+def _check_unique_names(index: pd.DataFrame) -> None:
+    # Same stem and same 48-bit hash: never seen, but two shards must never share a file.
+    clash = index[index["manifest"].duplicated(keep=False)]
+    if len(clash):
+        raise DedupError(
+            f"shards {clash['shard'].tolist()[:2]} map to one manifest file {clash['manifest'].iloc[0]!r}",
+            hint="report this as a bug; rename one of the shards meanwhile",
+        )
+
+
+def _remove_stale(run: RunDir, current: set[str]) -> None:
+    """Drop manifests of an earlier write (other shards, older naming) so the folder matches the index."""
+    for path in run.manifests_dir.glob("*.parquet"):
+        if path.name not in current and path != run.manifest_index:
+            path.unlink(missing_ok=True)
 
 
 class ManifestsStage:
