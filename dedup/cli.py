@@ -261,6 +261,25 @@ def eval_command(
         print_metrics(metrics, out_console)
 
 
+@app.command("compare")
+@_guarded
+def compare_command(
+    train_out: Annotated[Path, typer.Argument(help="Finished training run (dedup run ... --out TRAIN_OUT).")],
+    eval_shards: Annotated[Optional[list[str]], typer.Argument(help="Evaluation shards (embedded into OUT/eval_run with the training run's settings).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where contamination.parquet and the report go.")] = Path("contamination"),
+    eval_run: Annotated[Optional[Path], typer.Option(help="A finished evaluation run instead of shards.")] = None,
+    remove_from: Annotated[Optional[str], typer.Option(help="train: write remove_from_train.parquet; eval: remove_from_eval.parquet.")] = None,
+    workers: WorkersOpt = None,
+    report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
+) -> None:
+    """Which evaluation samples have copies in the training run (its descriptors and thresholds)?"""
+    from dedup.stages.compare import compare, summary_line
+
+    summary = compare(train_out, out, eval_shards=eval_shards or None, eval_out=eval_run, remove_from=remove_from,
+                      workers=workers, with_report=report, log=err_console)
+    out_console.print(summary_line(summary), soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
 

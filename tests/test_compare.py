@@ -1,0 +1,155 @@
+"""`dedup compare`: evaluation samples with copies in a training run (real photos split into train and eval)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_tar
+from rich.console import Console
+from test_real_dups import _truth
+
+from dedup import pipeline
+from dedup import settings as cfg
+from dedup.descriptors.perceptual import dihedral_variants
+from dedup.errors import DedupError
+from dedup.loader import load_removed_keys
+from dedup.records import RunDir, load_embeddings
+from dedup.stages.compare import _pair_row, compare, summary_line
+from dedup.stages.manifests import REMOVE_COLUMNS
+
+TWO_IN_EVAL = "bridge"  # this group puts two members in eval: their mutual match must not count
+
+
+def _split(truth: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """First member of every near group (two of TWO_IN_EVAL's) in eval, the rest in train; loners alternate."""
+    truth = truth.reset_index(drop=True)
+    near = truth[truth["kind"] == "near"]
+    rank = near.groupby("group_id").cumcount()
+    limit = np.where(near["group_id"].str.contains(TWO_IN_EVAL), 2, 1)
+    eval_index = set(near.index[rank < limit])
+    loners = truth.index[truth["kind"] != "near"]
+    eval_index |= set(loners[::2])
+    in_eval = truth.index.isin(sorted(eval_index))
+    return truth[~in_eval], truth[in_eval]
+
+
+def _shards(real_dups, part: pd.DataFrame, root, prefix: str) -> list[str]:
+    members = []
+    for row in part.itertuples():
+        ext = row.file.rsplit(".", 1)[1].lower()
+        members.append((f"{row.key}.{ext}", (real_dups / "images" / row.file).read_bytes()))
+        members.append((f"{row.key}.txt", row.file.encode()))
+    half = len(members) // 4 * 2
+    return [str(write_tar(root / f"{prefix}0.tar", members[:half])), str(write_tar(root / f"{prefix}1.tar", members[half:]))]
+
+
+@pytest.fixture(scope="module")
+def split_runs(real_dups, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    train, evaluation = _split(_truth(real_dups))
+    options = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
+    train_shards = _shards(real_dups, train, root, "train")
+    pipeline.run_all(train_shards, root / "train", options, None, "1GB", "first", False, Console(quiet=True))
+    eval_shards = _shards(real_dups, evaluation, root, "eval")
+    summary = compare(root / "train", root / "cmp", eval_shards=eval_shards, remove_from="train", workers=0)
+    table = pd.read_parquet(root / "cmp" / "contamination.parquet")
+    return {"root": root, "train": train, "eval": evaluation, "summary": summary, "table": table.merge(evaluation, on="key")}
+
+
+def _known_cross_copies(train: pd.DataFrame, evaluation: pd.DataFrame) -> pd.Series:
+    """Per eval key: does its group have a member in train?"""
+    train_groups = set(train.loc[train["kind"] == "near", "group_id"])
+    return evaluation.set_index("key").apply(lambda r: r["kind"] == "near" and r["group_id"] in train_groups, axis=1)
+
+
+def test_one_row_per_eval_sample_with_documented_columns(split_runs):
+    table = pd.read_parquet(split_runs["root"] / "cmp" / "contamination.parquet")
+    assert list(table.columns) == ["shard", "key", "sample_id", "status", "train_copies", "best_similarity",
+                                   "train_cluster_id", "best_train_key", "matched_by"]
+    assert sorted(table["key"]) == sorted(split_runs["eval"]["key"])
+    assert table["train_copies"].dtype == np.int64
+
+
+# Crop groups: Kodak images beside their 500x500 crops, Grace Hopper beside Pillow's 128 px crops. The
+# perceptual descriptor misses large crops (README, known limits), so they are scored apart.
+CROP_GROUPS = ("kodak:", "grace_hopper")
+
+
+def test_known_cross_set_copies_are_found_and_loners_are_not(split_runs):
+    table = split_runs["table"].set_index("key")
+    truth = _known_cross_copies(split_runs["train"], split_runs["eval"]).reindex(table.index)
+    found = table["train_copies"] > 0
+    crops = table["group_id"].str.contains("|".join(CROP_GROUPS))
+    missed = table[truth & ~found & ~crops]
+    assert missed.empty, f"missed: {missed['file'].tolist()}"
+    crop_recall = (found & truth & crops).sum() / (truth & crops).sum()
+    assert crop_recall >= 0.6, crop_recall
+    false_hits = table[~truth & found]
+    assert false_hits.empty, false_hits[["file", "kind", "best_train_key"]]
+
+
+def test_best_match_lies_in_the_same_group(split_runs):
+    table = split_runs["table"]
+    hits = table[table["train_copies"] > 0]
+    group_of_train = split_runs["train"].set_index("key")["group_id"]
+    assert (hits["best_train_key"].map(group_of_train) == hits["group_id"]).all()
+
+
+def test_train_copies_are_direct_uncapped_matches_against_train_only(split_runs):
+    """train_copies equals a brute-force count over the training vectors (eval siblings never count)."""
+    root = split_runs["root"]
+    threshold = cfg.RunConfig.load(RunDir(root / "train")).thresholds["perceptual"]
+    _, train_vectors = load_embeddings(RunDir(root / "train"), "perceptual")
+    eval_ids, eval_vectors = load_embeddings(RunDir(root / "cmp" / "eval_run"), "perceptual")
+    similarity = np.max(np.einsum("tnd,md->tnm", dihedral_variants(eval_vectors), train_vectors), axis=0)
+    brute = pd.Series((similarity >= threshold).sum(axis=1), index=eval_ids)
+    table = split_runs["table"].set_index("sample_id")
+    # sha256 matches can only add to the count; the real-dups files hold no byte-identical cross-set copies.
+    assert (table["train_copies"] == brute.reindex(table.index)).all()
+    bridge = table[table["group_id"].str.contains(TWO_IN_EVAL)]
+    assert len(bridge) == 2 and bridge["train_copies"].max() > 10
+
+
+def test_summary_reports_the_contaminated_share(split_runs):
+    summary, table = split_runs["summary"], split_runs["table"]
+    assert summary["eval_samples"] == len(table)
+    assert summary["contaminated"] == int((table["train_copies"] > 0).sum())
+    assert summary["share_contaminated"] == pytest.approx(summary["contaminated"] / len(table), abs=1e-6)
+    assert f"{summary['contaminated']:,} of {len(table):,}" in summary_line(summary)
+
+
+def test_remove_from_train_uses_the_remove_list_schema_and_loader_reads_it(split_runs):
+    path = split_runs["root"] / "cmp" / "remove_from_train.parquet"
+    removed = pd.read_parquet(path)
+    assert list(removed.columns) == REMOVE_COLUMNS
+    pairs = pd.read_parquet(split_runs["root"] / "cmp" / "contamination_pairs.parquet")
+    direct = removed[removed["reason"] == "eval_copy"]
+    assert set(direct["sample_id"]) == set(pairs["train_sample_id"])
+    assert {key for _, key in load_removed_keys(path)} == set(removed["key"])
+
+
+def test_eval_run_mode_gives_the_same_table(split_runs):
+    root = split_runs["root"]
+    compare(root / "train", root / "cmp2", eval_out=root / "cmp" / "eval_run", with_report=False)
+    again = pd.read_parquet(root / "cmp2" / "contamination.parquet")
+    pd.testing.assert_frame_equal(again, pd.read_parquet(root / "cmp" / "contamination.parquet"))
+
+
+def test_report_shows_pairs_side_by_side(split_runs):
+    page = (split_runs["root"] / "cmp" / "report" / "index.html").read_text()
+    pairs = pd.read_parquet(split_runs["root"] / "cmp" / "contamination_pairs.parquet")
+    assert page.count("<tr>") == min(len(pairs), 200) + 1
+    assert page.count("<img") == 2 * min(len(pairs), 200)
+
+
+def test_report_escapes_keys():
+    pair = pd.DataFrame([{"eval_sample_id": 1, "eval_key": "<script>x</script>", "train_sample_id": 2,
+                          "train_key": "a'b", "similarity": 0.9, "matched_by": "perceptual", "train_cluster_id": 2}])
+    row = _pair_row(next(pair.itertuples()), lambda i, alt: "", lambda i, alt: "")
+    assert "<script>" not in row and "&lt;script&gt;" in row and "a&#x27;b" in row
+
+
+def test_needs_exactly_one_eval_source(tmp_path):
+    with pytest.raises(DedupError):
+        compare(tmp_path, tmp_path / "cmp")
