@@ -77,7 +77,7 @@ EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup\
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
 ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
 MemoryOpt = Annotated[str, typer.Option("--memory", help="Memory budget for the index, e.g. 8GB.")]
-KeepOpt = Annotated[str, typer.Option(help="first | largest | max-copies=N")]
+KeepOpt = Annotated[str, typer.Option(help="best (colour, most pixels, least re-encoded) | first | largest | max-copies=N")]
 
 
 @app.command("descriptors")
@@ -159,7 +159,7 @@ def rank_command(out: OutArg, top: Annotated[int, typer.Option(help="Rows to pri
 
 @app.command("manifests")
 @_guarded
-def manifests_command(out: OutArg, keep: KeepOpt = "first") -> None:
+def manifests_command(out: OutArg, keep: KeepOpt = "best") -> None:
     """Write OUT/manifests/{shard}.parquet and OUT/remove_keys.parquet."""
     from dedup.stages.manifests import manifests_stage
 
@@ -191,7 +191,7 @@ def run_command(
     ray_address: RayAddressOpt = None,
     threshold: ThresholdOpt = None,
     memory: MemoryOpt = "8GB",
-    keep: KeepOpt = "first",
+    keep: KeepOpt = "best",
     report: Annotated[bool, typer.Option(help="Write the HTML report.")] = True,
     top: Annotated[int, typer.Option(help="Top clusters printed.")] = 15,
 ) -> None:
@@ -217,7 +217,7 @@ def demo_command(
     shards, truth = build_demo(out / "shards")
     err_console.print(f"demo: {len(shards)} shards, {len(truth)} samples with planted duplicates in {out / 'shards'}")
     options = _embed_options(["perceptual"], "ViT-B-32", "laion2b_s34b_b79k", "auto", 64, workers, "local", None)
-    ranking = pipeline.run_all([str(p) for p in shards], out / "run", options, None, "2GB", "first", True, err_console)
+    ranking = pipeline.run_all([str(p) for p in shards], out / "run", options, None, "2GB", "best", True, err_console)
     print_top(ranking, out_console, top)
     err_console.print(f"outputs: {out / 'run'}  (report: {out / 'run' / 'report' / 'index.html'})")
 

@@ -50,7 +50,7 @@ class RunConfig:
     thresholds: dict[str, float] = field(default_factory=dict)
     guards: dict[str, float] = field(default_factory=dict)
     search_thresholds: dict[str, float] = field(default_factory=dict)
-    keep: str = "first"
+    keep: str = "best"
     memory_budget_bytes: int = 8 * 1024**3
     version: int = 1
 

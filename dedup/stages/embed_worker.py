@@ -15,6 +15,7 @@ import numpy as np
 from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
+from dedup.image_quality import colourfulness
 from dedup.stages.read import RawSample, meta_int, meta_str
 
 
@@ -59,6 +60,7 @@ def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: i
         row["status"], row["error"] = failure.status, failure.message
         return ProcessedSample(row)
     row["width"], row["height"] = decoded.width, decoded.height
+    row["colourfulness"] = colourfulness(decoded.image)
     prepared = {}
     for name, descriptor in descriptors:
         try:
@@ -86,4 +88,6 @@ def _base_row(raw: RawSample) -> dict[str, Any]:
         "image_member": raw.image_member,
         "status": decode.OK,
         "error": None,
+        "colourfulness": None,
+        "image_bytes": len(raw.image_bytes) if raw.image_bytes is not None else None,
     }

@@ -1,6 +1,14 @@
 """Write manifests: per-shard keep/drop tables and a global list of removed keys.
 
 Keep policies (one kept sample per cluster unless `max-copies=N`):
+- `best` (the default): colour over grayscale (`colourfulness` of the decoded
+  image, see dedup/image_quality.py), then the most pixels (original_width x
+  original_height where the metadata has it, else the decoded size), then a
+  lossless format (png, bmp, tiff) over a lossy one, then the fewest bytes lost
+  to re-encoding (the most bytes per pixel relative to the median of the same
+  format in the run), ties to the earliest. Colour comes first because a
+  grayscale copy has lost information no resolution gives back. Size cannot
+  tell an upscaled copy from its original: an upscale with more pixels wins;
 - `first`: the earliest sample in shard order (the smallest sample_id);
 - `largest`: the sample with the most pixels (ties -> earliest);
 - `max-copies=N`: keep the N earliest, drop the rest (limits repetition
@@ -29,7 +37,7 @@ class KeepPolicy:
 
     @classmethod
     def parse(cls, text: str) -> KeepPolicy:
-        if text in ("first", "largest"):
+        if text in ("best", "first", "largest"):
             return cls(text)
         if text.startswith("max-copies="):
             try:
@@ -38,7 +46,7 @@ class KeepPolicy:
                 count = 0
             if count >= 1:
                 return cls("max-copies", count)
-        raise DedupError(f"unknown keep policy {text!r}", hint="use --keep first, --keep largest or --keep max-copies=N (N >= 1)")
+        raise DedupError(f"unknown keep policy {text!r}", hint="use --keep best, first, largest or max-copies=N (N >= 1)")
 
 
 def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
@@ -49,6 +57,8 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
     ).fillna(0).astype(np.int64)
     if policy.name == "largest":
         frame = frame.sort_values(["cluster_id", "pixels", "sample_id"], ascending=[True, False, True])
+    elif policy.name == "best":
+        frame = best_first(frame)
     else:
         frame = frame.sort_values(["cluster_id", "sample_id"])
     order_in_cluster = frame.groupby("cluster_id").cumcount()
@@ -58,6 +68,43 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
     frame.loc[failed, "keep"] = False
     frame.loc[failed, "reason"] = "status:" + frame.loc[failed, "status"].astype(str)
     return frame.sort_values("sample_id").drop(columns=["pixels"]).reset_index(drop=True)
+
+
+LOSSLESS_EXTENSIONS = ("png", "bmp", "tif", "tiff")
+BEST_COLUMNS = ["original_width", "original_height", "colourfulness", "image_bytes", "image_member"]
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column that older runs may lack (then all unknown)."""
+    return frame[name] if name in frame else pd.Series(np.nan, index=frame.index, dtype="float64")
+
+
+def quality_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """The `best` policy's sort keys, larger = better (see the module docstring)."""
+    from dedup.image_quality import GRAYSCALE_MAX
+
+    decoded = _column(frame, "width").astype("float64") * _column(frame, "height").astype("float64")
+    original = _column(frame, "original_width").astype("float64") * _column(frame, "original_height").astype("float64")
+    colour = _column(frame, "colourfulness").astype("float64")
+    ext = _column(frame, "image_member").map(lambda m: m.rsplit(".", 1)[-1].lower() if isinstance(m, str) else "")
+    per_pixel = _column(frame, "image_bytes").astype("float64") / decoded.where(decoded > 0)
+    relative = per_pixel / per_pixel.groupby(ext).transform("median")
+    return pd.DataFrame({
+        "_ok": frame["status"] == "ok",
+        "_colour": ~(colour < GRAYSCALE_MAX),  # unknown (older runs) counts as colour
+        "_pixels": original.fillna(decoded).fillna(0.0),
+        "_lossless": ext.isin(LOSSLESS_EXTENSIONS),
+        "_quality": relative.fillna(0.0),
+    }, index=frame.index)
+
+
+def best_first(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by cluster, then best copy first; ties keep sample order."""
+    keys = quality_keys(frame)
+    ranked = pd.concat([frame, keys], axis=1)
+    order = ["cluster_id", *keys.columns, "sample_id"]
+    ranked = ranked.sort_values(order, ascending=[True] + [False] * len(keys.columns) + [True], kind="stable")
+    return ranked.drop(columns=list(keys.columns))
 
 
 def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> dict[str, int]:
@@ -73,9 +120,18 @@ def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> 
     }
 
 
-def manifests_stage(out: str | Path, keep: str = "first") -> dict[str, int]:
+def manifests_stage(out: str | Path, keep: str = "best") -> dict[str, int]:
     run = RunDir(out)
     policy = KeepPolicy.parse(keep)
     clusters = pd.read_parquet(run.clusters)
-    sizes = load_samples(run, ["sample_id", "width", "height"])
+    sizes = load_samples(run, ["sample_id", "width", "height", *_present(run, BEST_COLUMNS)])
     return write_manifests(run, clusters.merge(sizes, on="sample_id", how="left"), policy)
+
+
+def _present(run: RunDir, columns: list[str]) -> list[str]:
+    """The columns the run's samples table has (runs embedded before a column existed lack it)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((run.root / "samples").glob("samples_*.parquet"))
+    names = set(pq.read_schema(parts[0]).names) if parts else set()
+    return [c for c in columns if c in names]
