@@ -150,11 +150,12 @@ def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: Annotate
 
 @app.command("rank")
 @_guarded
-def rank_command(out: OutArg, top: Annotated[int, typer.Option(help="Rows to print.")] = 20) -> None:
-    """Rank clusters by copies -> OUT/top_duplicates.parquet."""
+def rank_command(out: OutArg, top: Annotated[int, typer.Option(help="Rows to print.")] = 20,
+                 by: Annotated[str, typer.Option(help="copies, or risk (memorisation risk: copies, caption sameness, domains).")] = "copies") -> None:
+    """Rank clusters by copies or memorisation risk -> OUT/top_duplicates.parquet."""
     from dedup import pipeline
 
-    print_top(pipeline.rank(out), out_console, top)
+    print_top(pipeline.rank(out, by), out_console, top)
 
 
 @app.command("manifests")
