@@ -234,11 +234,12 @@ def query_command(
     descriptor: Annotated[Optional[str], typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
     limit: Annotated[int, typer.Option(help="Matches listed per query (the count is always exact).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    min_similarity: Annotated[Optional[float], typer.Option(help="--text: count images at or above this image-text cosine (default: LAION's caption cut for the model, 0.28 for ViT-B-32).")] = None,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""
     from dedup.stages.query import print_results, query
 
-    results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor)
+    results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor, min_similarity=min_similarity)
     if as_json:
         out_console.print_json(json.dumps([r.to_dict(limit) for r in results]))
     else:
