@@ -49,10 +49,11 @@ def _guarded(fn):
     return wrapper
 
 
-def _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address):
+def _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address, torchscript=None):
     from dedup.stages.embed import EmbedOptions
 
     return EmbedOptions(
+        torchscript=torchscript or {},
         descriptors=descriptor or [],
         clip_model=model,
         clip_pretrained=pretrained,
@@ -77,6 +78,10 @@ EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup\
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
 ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
 MemoryOpt = Annotated[str, typer.Option("--memory", help="Memory budget for the index, e.g. 8GB.")]
+InputSizeOpt = Annotated[int, typer.Option(help="torchscript: model input side S (images become S x S).")]
+MeanOpt = Annotated[str, typer.Option(help="torchscript: per-channel mean, R,G,B in 0..1.")]
+StdOpt = Annotated[str, typer.Option(help="torchscript: per-channel std, R,G,B.")]
+ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x S) or crop (short side S, centre crop).")]
 KeepOpt = Annotated[str, typer.Option(help="best (colour, most pixels, least re-encoded) | first | largest | max-copies=N")]
 
 
@@ -104,11 +109,16 @@ def embed_command(
     workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    input_size: InputSizeOpt = 320,
+    mean: MeanOpt = "0.485,0.456,0.406",
+    std: StdOpt = "0.229,0.224,0.225",
+    resize: ResizeOpt = "square",
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
     from dedup import pipeline
 
-    options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
+    options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address,
+                             {"image_size": input_size, "mean": mean, "std": std, "resize": resize})
     report = pipeline.embed(shards, out, options, err_console)
     print_embed_summary(report, err_console)
 
@@ -190,6 +200,10 @@ def run_command(
     workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    input_size: InputSizeOpt = 320,
+    mean: MeanOpt = "0.485,0.456,0.406",
+    std: StdOpt = "0.229,0.224,0.225",
+    resize: ResizeOpt = "square",
     threshold: ThresholdOpt = None,
     memory: MemoryOpt = "8GB",
     keep: KeepOpt = "best",
@@ -199,7 +213,8 @@ def run_command(
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup import pipeline
 
-    options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
+    options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address,
+                             {"image_size": input_size, "mean": mean, "std": std, "resize": resize})
     ranking = pipeline.run_all(shards, out, options, threshold, memory, keep, report, err_console)
     print_top(ranking, out_console, top)
 

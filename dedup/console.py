@@ -27,7 +27,7 @@ def print_top(ranking: pd.DataFrame, console: Console, top: int = 15) -> None:
     table = Table("rank", "copies", "captions", "domains", "shards", "verbatim", "risk", "representative key", "caption",
                   title="Most duplicated images")
     for row in ranking.head(top).itertuples():
-        caption = (row.representative_caption or "")[:60]
+        caption = row.representative_caption[:60] if isinstance(row.representative_caption, str) else ""
         verbatim = str(getattr(row, "verbatim_copies", ""))
         risk = f"{row.risk:.2f}" if hasattr(row, "risk") else ""
         # Keys and captions are web content: plain Text, never console markup.

@@ -34,6 +34,10 @@ def default_threshold(descriptor: str) -> float:
         return float(DEFAULT_THRESHOLD)
     if descriptor == "clip":
         return CLIP_THRESHOLD
+    if descriptor == "torchscript":
+        from dedup.descriptors.torchscript import DEFAULT_THRESHOLD as TORCHSCRIPT_THRESHOLD
+
+        return float(TORCHSCRIPT_THRESHOLD)
     raise DedupError(f"no default threshold for descriptor {descriptor!r}", hint="pass --threshold NAME=VALUE")
 
 

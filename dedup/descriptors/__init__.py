@@ -36,6 +36,10 @@ REGISTRY: dict[str, DescriptorInfo] = {
         "clip", "dedup.descriptors.clip", "ClipDescriptor", "vector", True,
         "open_clip image embedding (default ViT-B-32 / laion2b_s34b_b79k). Default where a GPU is present.",
     ),
+    "torchscript": DescriptorInfo(
+        "torchscript", "dedup.descriptors.torchscript", "TorchScriptDescriptor", "vector", True,
+        "A user-supplied TorchScript image model (--pretrained FILE.pt), e.g. the SSCD copy detector.",
+    ),
 }
 
 

@@ -195,6 +195,7 @@ class EmbedOptions:
     engine: str = "local"
     ray_address: str | None = None
     show_progress: bool = True
+    torchscript: dict[str, Any] = field(default_factory=dict)  # image_size, mean, std, resize of --descriptor torchscript
 
 
 
@@ -241,6 +242,10 @@ def descriptor_builders(names: list[str], options: EmbedOptions) -> list[Descrip
         opts: dict[str, Any] = {}
         if name == "clip":
             opts = {"model": options.clip_model, "pretrained": options.clip_pretrained, "device": options.device}
+        elif name == "torchscript":
+            # An absolute path: compare and query rebuild the model from run.json, maybe from another directory.
+            opts = {"pretrained": str(Path(options.clip_pretrained).expanduser().resolve()), "device": options.device,
+                    **options.torchscript}
         builders.append(DescriptorBuilder(name, opts))
     return builders
 
@@ -287,7 +292,7 @@ def _check_builders(builders: list[DescriptorBuilder], log: Console | None) -> N
 
     for builder in builders:
         descriptor = cached_descriptor(builder)
-        if builder.name == "clip":
+        if builder.name in ("clip", "torchscript"):
             # One tiny forward pass loads the weights: a bad checkpoint fails here, not mid-shard.
             side = descriptor.min_side
             descriptor.embed(np.zeros((1, 3, side, side), dtype=np.uint8))
