@@ -297,6 +297,20 @@ def compare_command(
     out_console.print(summary_line(summary), soft_wrap=True)
 
 
+@app.command("export")
+@_guarded
+def export_command(
+    out: OutArg,
+    dest: Annotated[Path, typer.Option("--out", "-o", help="Folder for urls.parquet (and shards/).")],
+    shards: Annotated[bool, typer.Option("--shards", help="Also write deduplicated webdataset shards (kept samples, members unchanged).")] = False,
+    remove: Annotated[Optional[list[Path]], typer.Option(help="Extra remove list(s) with shard and key columns, e.g. remove_from_train.parquet.")] = None,
+) -> None:
+    """Kept samples only: a url+caption parquet img2dataset downloads again, and optionally rewritten shards."""
+    from dedup.stages.export import export
+
+    err_console.print(export(out, dest, shards=shards, remove_lists=remove or []))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
 
