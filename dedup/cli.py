@@ -311,6 +311,34 @@ def export_command(
     err_console.print(export(out, dest, shards=shards, remove_lists=remove or []))
 
 
+@app.command("review")
+@_guarded
+def review_command(
+    out: OutArg,
+    decision: Annotated[str, typer.Argument(help="not-duplicate-cluster CLUSTER_ID | not-duplicate-pair KEY_A KEY_B | keep KEY | list")],
+    refs: Annotated[Optional[list[str]], typer.Argument(help="Cluster id, or sample keys (id:SAMPLE_ID for a sample id).")] = None,
+    note: Annotated[Optional[str], typer.Option(help="Why (kept in overrides.parquet and shown in the report).")] = None,
+) -> None:
+    """Record a reviewer's decision in OUT/overrides.parquet; cluster and manifests apply it on every rerun."""
+    import pandas as pd
+    from rich.text import Text
+
+    from dedup.records import RunDir
+    from dedup.stages.overrides import add_override, load_overrides, review_row
+
+    run = RunDir(out)
+    if decision == "list":
+        table = load_overrides(run)
+    else:
+        table = add_override(run, review_row(run, decision.replace("-", "_"), refs or [], note))
+        err_console.print(f"recorded; apply it with: dedup cluster {escape(str(out))} && dedup rank {escape(str(out))} "
+                          f"&& dedup manifests {escape(str(out))}", soft_wrap=True)
+    shown = Table("kind", "cluster", "a", "b", "keep", "note")
+    for row in table.itertuples():
+        shown.add_row(*(Text("" if pd.isna(v) else str(v)) for v in (row.kind, row.cluster_id, row.sample_id_a, row.sample_id_b, row.keep_sample_id, row.note)))
+    out_console.print(shown)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
 

@@ -18,6 +18,7 @@ from dedup import settings as cfg
 from dedup.errors import DedupError
 from dedup.records import RunDir, load_embeddings, load_samples, write_table
 from dedup.search.union_find import cluster_with_guard
+from dedup.stages.overrides import drop_separated_edges
 
 CLUSTER_COLUMNS = [
     "sample_id", "shard_index", "shard", "key", "url", "caption", "status",
@@ -111,6 +112,7 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     parts = [_exact_edges(samples["sha256"])] + [_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors]
     a = np.concatenate([p[0] for p in parts]).astype(np.int64)
     b = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    a, b = drop_separated_edges(run, node_ids, a, b)  # review overrides (OUT/overrides.parquet)
     views = _views(run, node_ids, descriptors, guards)
     result = cluster_with_guard(len(node_ids), a, b, lambda r, m: _best_match(views, sha, r, m)[0], guard_threshold=0.0)
     similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)

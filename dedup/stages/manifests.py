@@ -49,8 +49,11 @@ class KeepPolicy:
         raise DedupError(f"unknown keep policy {text!r}", hint="use --keep best, first, largest or max-copies=N (N >= 1)")
 
 
-def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
-    """Add `keep` and `reason` columns. Failed samples are dropped with reason `status:<kind>`."""
+def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy, pinned: set[int] | None = None) -> pd.DataFrame:
+    """Add `keep` and `reason` columns. Failed samples are dropped with reason `status:<kind>`.
+
+    `pinned` samples (review overrides) come first in their cluster, whatever the policy.
+    """
     frame = clusters.copy()
     frame["pixels"] = frame.get("width", pd.Series(0, index=frame.index)).fillna(0).astype(np.int64) * frame.get(
         "height", pd.Series(0, index=frame.index)
@@ -61,9 +64,13 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy) -> pd.DataFrame:
         frame = best_first(frame)
     else:
         frame = frame.sort_values(["cluster_id", "sample_id"])
+    is_pinned = frame["sample_id"].isin(pinned or set())
+    frame = frame.assign(_pinned=is_pinned).sort_values(["cluster_id", "_pinned"], ascending=[True, False], kind="stable")
     order_in_cluster = frame.groupby("cluster_id").cumcount()
     frame["keep"] = order_in_cluster < policy.max_copies
     frame["reason"] = np.where(frame["keep"], np.where(frame["cluster_size"] > 1, "kept_copy", "unique"), "duplicate")
+    frame.loc[frame["_pinned"] & frame["keep"], "reason"] = "kept_by_review"
+    frame = frame.drop(columns=["_pinned"])
     failed = frame["status"] != "ok"
     frame.loc[failed, "keep"] = False
     frame.loc[failed, "reason"] = "status:" + frame.loc[failed, "status"].astype(str)
@@ -108,7 +115,9 @@ def best_first(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_manifests(run: RunDir, clusters: pd.DataFrame, policy: KeepPolicy) -> dict[str, int]:
-    decided = decide_keep(clusters, policy)
+    from dedup.stages.overrides import pinned_samples
+
+    decided = decide_keep(clusters, policy, pinned_samples(run))
     for shard_index, part in decided.groupby("shard_index"):
         write_table(part[MANIFEST_COLUMNS].reset_index(drop=True), run.manifests_dir / f"{int(shard_index):05d}.parquet")
     removed = decided[~decided["keep"]]

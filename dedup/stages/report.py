@@ -38,6 +38,7 @@ from PIL import Image
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
 from dedup.records import RunDir, make_sample_id, read_shards, split_sample_id
+from dedup.stages.overrides import overrides_section
 from dedup.stages.rank import url_domain
 from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
 
@@ -774,6 +775,7 @@ def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12) ->
                 f"<div class='gallery'>{cards}</div></section>"
             ),
             _plots_section(run, tables),
+            overrides_section(run),
             f"<section id='clusters'><h2>Clusters in detail</h2>{sections}</section>",
         ],
     )
