@@ -179,11 +179,12 @@ def manifests_command(out: OutArg, keep: KeepOpt = "best") -> None:
 
 @app.command("report")
 @_guarded
-def report_command(out: OutArg, top: Annotated[int, typer.Option(help="Clusters shown.")] = 50) -> None:
+def report_command(out: OutArg, top: Annotated[int, typer.Option(help="Clusters shown.")] = 50,
+                   by: Annotated[str, typer.Option(help="Gallery order: copies, or risk (memorisation risk).")] = "copies") -> None:
     """Write the self-contained HTML report OUT/report/index.html."""
     from dedup.stages.report import write_report
 
-    path = write_report(out, top=top)
+    path = write_report(out, top=top, order=by)
     err_console.print(f"report: {path}")
 
 
