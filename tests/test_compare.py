@@ -153,3 +153,22 @@ def test_report_escapes_keys():
 def test_needs_exactly_one_eval_source(tmp_path):
     with pytest.raises(DedupError):
         compare(tmp_path, tmp_path / "cmp")
+
+
+def test_best_match_compares_margins_over_each_descriptors_cut():
+    from dedup.stages.compare import best_per_pair
+
+    pairs = pd.DataFrame({"eval_sample_id": [1, 1, 1], "train_sample_id": [5, 6, 6],
+                          "similarity": np.array([0.96, 0.90, 0.97], np.float32), "matched_by": ["clip", "perceptual", "clip"]})
+    best = best_per_pair(pairs, {"clip": 0.95, "perceptual": 0.6})
+    assert best[["train_sample_id", "matched_by"]].values.tolist() == [[6, "perceptual"], [5, "clip"]]
+
+
+def test_remove_from_eval_lists_the_contaminated_eval_samples(split_runs):
+    root = split_runs["root"]
+    compare(root / "train", root / "cmp3", eval_out=root / "cmp" / "eval_run", remove_from="eval", with_report=False)
+    removed = pd.read_parquet(root / "cmp3" / "remove_from_eval.parquet")
+    assert list(removed.columns) == REMOVE_COLUMNS
+    assert set(removed["key"]) == set(split_runs["table"].query("train_copies > 0")["key"])
+    with pytest.raises(DedupError, match="remove-from"):
+        compare(root / "train", root / "cmp4", eval_out=root / "cmp" / "eval_run", remove_from="both")

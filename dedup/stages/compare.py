@@ -152,17 +152,23 @@ def exact_pairs(train_samples: pd.DataFrame, eval_samples: pd.DataFrame) -> pd.D
     return _pairs_frame(joined["sample_id_eval"].to_numpy(), joined["sample_id_train"].to_numpy(), similarity, EXACT)
 
 
-def best_per_pair(pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (eval, train) pair: identical bytes first, then the highest similarity."""
-    order = pairs.assign(_exact=pairs["matched_by"] == EXACT)
-    order = order.sort_values(["_exact", "similarity"], ascending=[False, False], kind="stable")
-    return order.drop_duplicates(["eval_sample_id", "train_sample_id"]).drop(columns=["_exact"])
+def best_per_pair(pairs: pd.DataFrame, thresholds: dict[str, float]) -> pd.DataFrame:
+    """One row per (eval, train) pair, best first: identical bytes, then the descriptor clearing its cut by most.
+
+    Margins, not raw similarities, are compared: 0.96 under clip (cut 0.95) is a weaker match than
+    0.9 under perceptual (cut 0.6), as in the cluster stage's explanation of a member.
+    """
+    cut = pairs["matched_by"].map(thresholds).astype("float64")
+    margin = np.where(pairs["matched_by"] == EXACT, np.inf, pairs["similarity"].astype("float64") - cut)
+    order = pairs.assign(_margin=margin).sort_values(["_margin", "eval_sample_id", "train_sample_id"],
+                                                      ascending=[False, True, True], kind="stable")
+    return order.drop_duplicates(["eval_sample_id", "train_sample_id"]).drop(columns=["_margin"])
 
 
 def contamination_table(eval_samples: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """One row per evaluation sample with its direct training copies and best match."""
     copies = pairs.groupby("eval_sample_id").size().rename("train_copies")
-    best = pairs.drop_duplicates("eval_sample_id").set_index("eval_sample_id")  # pairs arrive best first
+    best = pairs.drop_duplicates("eval_sample_id").set_index("eval_sample_id")  # pairs arrive best match first
     table = eval_samples[["shard", "key", "sample_id", "status"]].sort_values("sample_id", ignore_index=True)
     table["train_copies"] = table["sample_id"].map(copies).fillna(0).astype(np.int64)
     table["best_similarity"] = table["sample_id"].map(best["similarity"]).astype("float32")
@@ -180,7 +186,7 @@ def match_runs(train: RunDir, eval_run: RunDir) -> Contamination:
     train_samples, eval_samples = load_samples(train, columns), load_samples(eval_run, columns)
     found = [exact_pairs(train_samples, eval_samples)]
     found += [descriptor_pairs(train, eval_run, name, float(config.thresholds[name])) for name in config.descriptors]
-    pairs = best_per_pair(pd.concat(found, ignore_index=True))
+    pairs = best_per_pair(pd.concat(found, ignore_index=True), {k: float(v) for k, v in config.thresholds.items()})
     clusters = pd.read_parquet(train.clusters, columns=["sample_id", "cluster_id"]).set_index("sample_id")["cluster_id"]
     pairs = _describe_pairs(pairs, train_samples.set_index("sample_id"), eval_samples.set_index("sample_id"), clusters)
     return Contamination(contamination_table(eval_samples, pairs), pairs)
