@@ -88,9 +88,10 @@ SAMPLES_SCHEMA = pa.schema(
         ("image_member", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
-        # For --keep best: Hasler-Suesstrunk colourfulness of the decoded image
-        # (dedup/image_quality.py) and the size of the stored image bytes.
+        # For --keep best (dedup/image_quality.py): Hasler-Suesstrunk colourfulness of the
+        # decoded image, its share inside letterbox bars, and the size of the stored image bytes.
         ("colourfulness", pa.float32()),
+        ("content_fraction", pa.float32()),
         ("image_bytes", pa.int64()),
     ]
 )

@@ -12,7 +12,7 @@ from PIL import Image
 from rich.console import Console
 
 from dedup import pipeline
-from dedup.image_quality import GRAYSCALE_MAX, colourfulness
+from dedup.image_quality import GRAYSCALE_MAX, colourfulness, content_fraction
 from dedup.records import RunDir, load_samples
 from dedup.stages.manifests import KeepPolicy, decide_keep, manifests_stage
 from dedup.synth import build_demo
@@ -41,12 +41,13 @@ def test_first_policy_keeps_the_grayscale_copy_of_the_demo_largest_cluster(demo_
     assert kept["colourfulness"] < GRAYSCALE_MAX  # the old default's choice
 
 
-def test_best_keeps_a_colour_copy_with_the_most_pixels(demo_run):
+def test_best_keeps_a_colour_copy_with_the_most_content_pixels(demo_run):
     kept, members = _largest_cluster_kept(demo_run, "best")
     colour = members[(members["colourfulness"] >= GRAYSCALE_MAX) & (members["status"] == "ok")]
-    pixels = colour["original_width"] * colour["original_height"]
+    content = colour["original_width"] * colour["original_height"] * colour["content_fraction"]
     assert kept["colourfulness"] >= GRAYSCALE_MAX
-    assert kept["original_width"] * kept["original_height"] == pixels.max()
+    assert kept["original_width"] * kept["original_height"] * kept["content_fraction"] >= 0.95 * content.max()
+    assert kept["content_fraction"] > 0.95  # not a letterboxed copy
     assert (members["keep"]).sum() == 1
 
 
@@ -115,3 +116,65 @@ def test_best_is_the_default_policy():
     import inspect
 
     assert inspect.signature(manifests_stage).parameters["keep"].default == "best"
+
+
+def test_content_fraction_measures_letterbox_bars():
+    photo = _noise(3, (120, 160))  # 160 wide, 120 high
+    padded = Image.new("RGB", (160, 240), (0, 0, 0))
+    padded.paste(photo, (0, 60))  # bars above and below: half the area is picture
+    assert content_fraction(photo) == 1.0
+    assert content_fraction(padded) == pytest.approx(0.5, abs=0.02)
+
+
+def test_padded_copy_loses_to_the_unpadded_original_of_equal_content():
+    frame = _cluster(width=[160, 160], height=[240, 120], content_fraction=[0.5, 1.0], image_bytes=[2100, 2000])
+    assert _kept(frame) == [1]
+    # 683x384 pillarboxed around a 384x384 picture: the bar estimate (0.563, not 0.5622) must not win by rounding.
+    near = _cluster(width=[683, 384], height=[384, 384], content_fraction=[0.563, 1.0], image_bytes=[9000, 9000])
+    assert _kept(near) == [1]
+    bigger = _cluster(width=[1366, 384], height=[768, 384], content_fraction=[0.563, 1.0])
+    assert _kept(bigger) == [0]  # four times the content: resolution first
+
+
+@pytest.fixture(scope="module")
+def real_run(real_dups, tmp_path_factory):
+    from conftest import write_tar
+    from test_real_dups import _truth
+
+    root = tmp_path_factory.mktemp("keep_best_real")
+    truth = _truth(real_dups)
+    members = []
+    for row in truth.itertuples():
+        members.append((f"{row.key}.{row.file.rsplit('.', 1)[1].lower()}", (real_dups / "images" / row.file).read_bytes()))
+    shard = write_tar(root / "00000.tar", members)
+    options = pipeline.EmbedOptions(descriptors=["perceptual"], workers=0, show_progress=False)
+    pipeline.run_all([str(shard)], root / "run", options, None, "1GB", "best", False, Console(quiet=True))
+    return RunDir(root / "run"), truth
+
+
+def _kept_files(run: RunDir, truth: pd.DataFrame, keep: str) -> pd.DataFrame:
+    manifests_stage(run.root, keep)
+    manifests = pd.concat([pd.read_parquet(p) for p in sorted(run.manifests_dir.glob("*.parquet"))])
+    samples = load_samples(run, ["sample_id", "width", "height", "colourfulness"])
+    return manifests.merge(samples, on="sample_id").merge(truth[["key", "file", "group_id"]], on="key")
+
+
+def test_real_photos_colour_hopper_beats_its_larger_grayscale_copies(real_run):
+    run, truth = real_run
+    largest = _kept_files(run, truth, "largest")
+    gray = largest[largest["file"].str.contains("hopper_bw_500")].iloc[0]
+    cluster = largest[largest["cluster_id"] == gray["cluster_id"]]
+    assert cluster.loc[cluster["keep"], "colourfulness"].iloc[0] < GRAYSCALE_MAX  # most pixels = the grayscale one
+    best = _kept_files(run, truth, "best")
+    kept = best[(best["cluster_id"] == gray["cluster_id"]) & best["keep"]].iloc[0]
+    assert kept["colourfulness"] >= GRAYSCALE_MAX and "hopper" in kept["file"]
+
+
+def test_real_photos_forest_keeps_a_full_size_copy_not_the_thumbnail_or_low_quality(real_run):
+    run, truth = real_run
+    best = _kept_files(run, truth, "best")
+    forest = best[best["group_id"] == "forest"]
+    kept = forest[forest["keep"]]
+    assert len(kept) == 1
+    assert kept["width"].iloc[0] * kept["height"].iloc[0] == (forest["width"] * forest["height"]).max()
+    assert not kept["file"].str.contains("thumb|lowQuality|forest-low").any()

@@ -15,7 +15,7 @@ import numpy as np
 from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
-from dedup.image_quality import colourfulness
+from dedup.image_quality import colourfulness, content_fraction
 from dedup.stages.read import RawSample, meta_int, meta_str
 
 
@@ -61,6 +61,7 @@ def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: i
         return ProcessedSample(row)
     row["width"], row["height"] = decoded.width, decoded.height
     row["colourfulness"] = colourfulness(decoded.image)
+    row["content_fraction"] = content_fraction(decoded.image)
     prepared = {}
     for name, descriptor in descriptors:
         try:
@@ -89,5 +90,6 @@ def _base_row(raw: RawSample) -> dict[str, Any]:
         "status": decode.OK,
         "error": None,
         "colourfulness": None,
+        "content_fraction": None,
         "image_bytes": len(raw.image_bytes) if raw.image_bytes is not None else None,
     }

@@ -2,11 +2,12 @@
 
 Keep policies (one kept sample per cluster unless `max-copies=N`):
 - `best` (the default): colour over grayscale (`colourfulness` of the decoded
-  image, see dedup/image_quality.py), then the most pixels (original_width x
-  original_height where the metadata has it, else the decoded size), then a
-  lossless format (png, bmp, tiff) over a lossy one, then the fewest bytes lost
-  to re-encoding (the most bytes per pixel relative to the median of the same
-  format in the run), ties to the earliest. Colour comes first because a
+  image, see dedup/image_quality.py), then the most content pixels (original_width
+  x original_height where the metadata has it, else the decoded size, times the
+  share inside letterbox bars, `content_fraction`; compared in ~4% steps), then
+  a copy without bars, then a lossless format (png, bmp, tiff) over a lossy one,
+  then the fewest bytes lost to re-encoding (the most bytes per content pixel
+  relative to the median of the same format in the run), ties to the earliest. Colour comes first because a
   grayscale copy has lost information no resolution gives back. Size cannot
   tell an upscaled copy from its original: an upscale with more pixels wins;
 - `first`: the earliest sample in shard order (the smallest sample_id);
@@ -78,7 +79,8 @@ def decide_keep(clusters: pd.DataFrame, policy: KeepPolicy, pinned: set[int] | N
 
 
 LOSSLESS_EXTENSIONS = ("png", "bmp", "tif", "tiff")
-BEST_COLUMNS = ["original_width", "original_height", "colourfulness", "image_bytes", "image_member"]
+UNPADDED_MIN = 0.98  # content_fraction at or above this counts as "no bars"
+BEST_COLUMNS = ["original_width", "original_height", "colourfulness", "content_fraction", "image_bytes", "image_member"]
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -93,16 +95,29 @@ def quality_keys(frame: pd.DataFrame) -> pd.DataFrame:
     decoded = _column(frame, "width").astype("float64") * _column(frame, "height").astype("float64")
     original = _column(frame, "original_width").astype("float64") * _column(frame, "original_height").astype("float64")
     colour = _column(frame, "colourfulness").astype("float64")
+    content = _column(frame, "content_fraction").astype("float64").fillna(1.0)  # letterbox bars are not resolution
     ext = _column(frame, "image_member").map(lambda m: m.rsplit(".", 1)[-1].lower() if isinstance(m, str) else "")
-    per_pixel = _column(frame, "image_bytes").astype("float64") / decoded.where(decoded > 0)
+    # Bars compress to almost nothing: bytes are spread over the content pixels only.
+    per_pixel = _column(frame, "image_bytes").astype("float64") / (decoded * content).where(decoded * content > 0)
     relative = per_pixel / per_pixel.groupby(ext).transform("median")
     return pd.DataFrame({
         "_ok": frame["status"] == "ok",
         "_colour": ~(colour < GRAYSCALE_MAX),  # unknown (older runs) counts as colour
-        "_pixels": original.fillna(decoded).fillna(0.0),
+        "_pixels": _resolution_step(original.fillna(decoded) * content),
+        "_unpadded": content >= UNPADDED_MIN,
         "_lossless": ext.isin(LOSSLESS_EXTENSIONS),
         "_quality": relative.fillna(0.0),
     }, index=frame.index)
+
+
+# Content pixels compare in steps of 2**(1/16) (~4.4%): bar trimming is measured on a reduced
+# copy, so a padded copy's content estimate must not beat the unpadded original by rounding.
+RESOLUTION_STEPS_PER_DOUBLING = 16
+
+
+def _resolution_step(pixels: pd.Series) -> pd.Series:
+    steps = np.floor(np.log2(pixels.where(pixels > 0)) * RESOLUTION_STEPS_PER_DOUBLING + 0.5)
+    return steps.fillna(-1.0)
 
 
 def best_first(frame: pd.DataFrame) -> pd.DataFrame:
