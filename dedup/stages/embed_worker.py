@@ -15,7 +15,7 @@ import numpy as np
 from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
-from dedup.image_quality import colourfulness, content_fraction
+from dedup.image_quality import quality_signals
 from dedup.stages.read import RawSample, meta_int, meta_str
 
 
@@ -60,8 +60,7 @@ def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: i
         row["status"], row["error"] = failure.status, failure.message
         return ProcessedSample(row)
     row["width"], row["height"] = decoded.width, decoded.height
-    row["colourfulness"] = colourfulness(decoded.image)
-    row["content_fraction"] = content_fraction(decoded.image)
+    row["colourfulness"], row["content_fraction"] = quality_signals(decoded.image)
     prepared = {}
     for name, descriptor in descriptors:
         try:
