@@ -141,13 +141,17 @@ def test_report_shows_pairs_side_by_side(split_runs):
     pairs = pd.read_parquet(split_runs["root"] / "cmp" / "contamination_pairs.parquet")
     assert page.count("<tr>") == min(len(pairs), 200) + 1
     assert page.count("<img") == 2 * min(len(pairs), 200)
+    files = split_runs["eval"].set_index("key")["file"]
+    assert all(files[key] in page for key in pairs["eval_key"])  # captions (here: file names) beside the images
 
 
 def test_report_escapes_keys():
     pair = pd.DataFrame([{"eval_sample_id": 1, "eval_key": "<script>x</script>", "train_sample_id": 2,
-                          "train_key": "a'b", "similarity": 0.9, "matched_by": "perceptual", "train_cluster_id": 2}])
+                          "train_key": "a'b", "similarity": 0.9, "matched_by": "perceptual", "train_cluster_id": 2,
+                          "eval_caption": "<img src=x onerror=alert(1)>", "train_caption": None}])
     row = _pair_row(next(pair.itertuples()), lambda i, alt: "", lambda i, alt: "")
     assert "<script>" not in row and "&lt;script&gt;" in row and "a&#x27;b" in row
+    assert "<img" not in row and "&lt;img src=x" in row
 
 
 def test_needs_exactly_one_eval_source(tmp_path):

@@ -274,6 +274,8 @@ def write_compare_report(folder: Path, train: RunDir, eval_run: RunDir, result: 
 
     eval_html = _ThumbnailHtml(read_thumbnails(eval_run.root, shown["eval_sample_id"].tolist()))
     train_html = _ThumbnailHtml(read_thumbnails(train.root, shown["train_sample_id"].tolist()))
+    shown = shown.assign(eval_caption=shown["eval_sample_id"].map(_captions(eval_run, shown["eval_sample_id"])),
+                         train_caption=shown["train_sample_id"].map(_captions(train, shown["train_sample_id"])))
     rows = "".join(_pair_row(pair, eval_html, train_html) for pair in shown.itertuples())
     document = _compare_page(summary_line(result.summary()), len(result.pairs), len(shown), rows)
     path = folder / "report" / "index.html"
@@ -284,13 +286,22 @@ def write_compare_report(folder: Path, train: RunDir, eval_run: RunDir, result: 
     return path
 
 
+def _captions(run: RunDir, sample_ids: pd.Series) -> pd.Series:
+    from dedup.stages.report import sample_rows
+
+    rows = sample_rows(run, sorted({int(i) for i in sample_ids}), ["caption"])
+    return rows.set_index("sample_id")["caption"]
+
+
 def _pair_row(pair, eval_html, train_html) -> str:
     from dedup.stages.report import MAX_KEY_CHARS, _text
 
     return (
         "<tr>"
-        f"<td>{eval_html(pair.eval_sample_id, 'evaluation sample')}<code>{_text(pair.eval_key, MAX_KEY_CHARS)}</code></td>"
-        f"<td>{train_html(pair.train_sample_id, 'training copy')}<code>{_text(pair.train_key, MAX_KEY_CHARS)}</code></td>"
+        f"<td>{eval_html(pair.eval_sample_id, 'evaluation sample')}<code>{_text(pair.eval_key, MAX_KEY_CHARS)}</code>"
+        f"<div class='caption small'>{_text(getattr(pair, 'eval_caption', None), 200)}</div></td>"
+        f"<td>{train_html(pair.train_sample_id, 'training copy')}<code>{_text(pair.train_key, MAX_KEY_CHARS)}</code>"
+        f"<div class='caption small'>{_text(getattr(pair, 'train_caption', None), 200)}</div></td>"
         f"<td class='num'>{float(pair.similarity):.3f}</td><td>{_text(pair.matched_by, 40)}</td>"
         f"<td class='num'>{int(pair.train_cluster_id)}</td></tr>"
     )
