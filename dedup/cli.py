@@ -283,8 +283,8 @@ def eval_command(
 @_guarded
 def compare_command(
     train_out: Annotated[Path, typer.Argument(help="Finished training run (dedup run ... --out TRAIN_OUT).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where contamination.parquet and the report go.")],
     eval_shards: Annotated[Optional[list[str]], typer.Argument(help="Evaluation shards (embedded into OUT/eval_run with the training run's settings).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where contamination.parquet and the report go.")] = Path("contamination"),
     eval_run: Annotated[Optional[Path], typer.Option(help="A finished evaluation run instead of shards.")] = None,
     remove_from: Annotated[Optional[str], typer.Option(help="train: write remove_from_train.parquet; eval: remove_from_eval.parquet.")] = None,
     workers: WorkersOpt = None,

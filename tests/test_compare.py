@@ -176,3 +176,30 @@ def test_remove_from_eval_lists_the_contaminated_eval_samples(split_runs):
     assert set(removed["key"]) == set(split_runs["table"].query("train_copies > 0")["key"])
     with pytest.raises(DedupError, match="remove-from"):
         compare(root / "train", root / "cmp4", eval_out=root / "cmp" / "eval_run", remove_from="both")
+
+
+def test_eval_run_with_other_descriptor_settings_is_refused(split_runs, tmp_path):
+    import shutil
+
+    root = split_runs["root"]
+    other = tmp_path / "other_eval"
+    shutil.copytree(root / "cmp" / "eval_run", other)
+    config = cfg.RunConfig.load(RunDir(other))
+    config.descriptor_options = {"perceptual": {"variant": "other"}}
+    config.save(RunDir(other))
+    with pytest.raises(DedupError, match="settings differ"):
+        compare(root / "train", tmp_path / "cmp", eval_out=other, with_report=False)
+
+
+def test_cli_prints_the_summary_line(split_runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from dedup.cli import app
+
+    root = split_runs["root"]
+    result = CliRunner().invoke(app, ["compare", str(root / "train"), "--eval-run", str(root / "cmp" / "eval_run"),
+                                      "--out", str(tmp_path / "c"), "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert summary_line(split_runs["summary"]) in result.stdout.replace("\n", " ")
+    both = CliRunner().invoke(app, ["compare", str(root / "train"), "x.tar", "--eval-run", str(root), "--out", str(tmp_path)])
+    assert both.exit_code == 2 and "not both" in both.output

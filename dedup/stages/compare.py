@@ -178,8 +178,21 @@ def contamination_table(eval_samples: pd.DataFrame, pairs: pd.DataFrame) -> pd.D
     return table[CONTAMINATION_COLUMNS]
 
 
+def check_same_settings(train_config: cfg.RunConfig, eval_run: RunDir) -> None:
+    """Vectors are only comparable when both runs used the same descriptors with the same settings."""
+    eval_config = cfg.RunConfig.load(eval_run)
+    for name in train_config.descriptors:
+        if name not in eval_config.descriptors:
+            raise StoreError(f"the evaluation run {eval_run.root} has no {name!r} embeddings, the training run's descriptor",
+                             hint="pass the evaluation shards instead of --eval-run: they are embedded with the training settings")
+        if eval_config.descriptor_options.get(name, {}) != train_config.descriptor_options.get(name, {}):
+            raise StoreError(f"{name} settings differ between the training run and {eval_run.root}",
+                             hint="pass the evaluation shards instead of --eval-run: they are embedded with the training settings")
+
+
 def match_runs(train: RunDir, eval_run: RunDir) -> Contamination:
     config = cfg.RunConfig.load(train)
+    check_same_settings(config, eval_run)
     if not train.clusters.exists():
         raise StoreError(f"{train.root} has no clusters.parquet", hint=f"finish the training run first: 'dedup run SHARDS --out {train.root}'")
     columns = ["sample_id", "shard", "key", "status", "sha256"]

@@ -7,9 +7,10 @@ Keep policies (one kept sample per cluster unless `max-copies=N`):
   share inside letterbox bars, `content_fraction`; compared in ~4% steps), then
   a copy without bars, then a lossless format (png, bmp, tiff) over a lossy one,
   then the fewest bytes lost to re-encoding (the most bytes per content pixel
-  relative to the median of the same format in the run), ties to the earliest. Colour comes first because a
-  grayscale copy has lost information no resolution gives back. Size cannot
-  tell an upscaled copy from its original: an upscale with more pixels wins;
+  relative to the median of the same format in the run), ties to the earliest.
+  Colour comes first because a grayscale copy has lost information no
+  resolution gives back. Size cannot tell an upscaled copy from its original:
+  an upscale with more pixels wins;
 - `first`: the earliest sample in shard order (the smallest sample_id);
 - `largest`: the sample with the most pixels (ties -> earliest);
 - `max-copies=N`: keep the N earliest, drop the rest (limits repetition
