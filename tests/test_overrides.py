@@ -94,3 +94,16 @@ def test_all_three_decisions_apply_on_every_rerun_and_show_in_the_report(demo):
     page = build_report_html(demo.root, top=5)
     assert "Review overrides" in page and "&lt;b&gt;distinct&lt;/b&gt; shots" in page and "<b>distinct</b>" not in page
     assert f"keep {not_kept['key']}" in page
+
+
+def test_report_says_when_a_separated_pair_is_still_joined(tmp_path):
+    from dedup.stages.overrides import add_override, overrides_section
+
+    run = RunDir(tmp_path)
+    pd.DataFrame({"sample_id": [1, 2, 3], "key": ["a", "b", "c"], "cluster_id": [1, 1, 1]}).to_parquet(run.clusters)
+    row = {"kind": "not_duplicate_pair", "cluster_id": None, "sample_id_a": 1, "sample_id_b": 2, "keep_sample_id": None,
+           "members": [], "note": None, "created_at": "2026-01-01T00:00:00+00:00"}
+    add_override(run, row)
+    assert "still in one cluster" in overrides_section(run)
+    pd.DataFrame({"sample_id": [1, 2, 3], "key": ["a", "b", "c"], "cluster_id": [1, 2, 2]}).to_parquet(run.clusters)
+    assert "still in one cluster" not in overrides_section(run)

@@ -193,16 +193,24 @@ def _int(value) -> int | None:
     return None if value is None or pd.isna(value) else int(value)
 
 
-def _keys(run: RunDir, overrides: pd.DataFrame) -> dict[int, str]:
+def _keys(run: RunDir, overrides: pd.DataFrame) -> dict[int, tuple[str, int]]:
+    """(key, current cluster_id) of every sample the overrides name."""
     ids = pd.concat([overrides[c] for c in ("sample_id_a", "sample_id_b", "keep_sample_id")]).dropna().astype("int64")
-    clusters = pd.read_parquet(run.clusters, columns=["sample_id", "key"]) if run.clusters.exists() else pd.DataFrame(columns=["sample_id", "key"])
+    columns = ["sample_id", "key", "cluster_id"]
+    clusters = pd.read_parquet(run.clusters, columns=columns) if run.clusters.exists() else pd.DataFrame(columns=columns)
     found = clusters[clusters["sample_id"].isin(set(ids))]
-    return dict(zip(found["sample_id"].astype("int64"), found["key"].astype(str)))
+    return {int(i): (str(k), int(c)) for i, k, c in zip(found["sample_id"], found["key"], found["cluster_id"])}
 
 
-def _who(row, keys: dict[int, str]) -> str:
+def _who(row, keys: dict[int, tuple[str, int]]) -> str:
+    def key(sample_id) -> str:
+        return keys[_int(sample_id)][0] if _int(sample_id) in keys else str(sample_id)
+
     if row.kind == "not_duplicate_cluster":
         return f"{len(row.members)} members as reviewed"
     if row.kind == "not_duplicate_pair":
-        return f"{keys.get(_int(row.sample_id_a), row.sample_id_a)} / {keys.get(_int(row.sample_id_b), row.sample_id_b)}"
-    return f"keep {keys.get(_int(row.keep_sample_id), row.keep_sample_id)}"
+        a, b = keys.get(_int(row.sample_id_a)), keys.get(_int(row.sample_id_b))
+        # Removing their edge does not separate two samples that other copies still link.
+        joined = " (still in one cluster through other copies: mark the cluster)" if a and b and a[1] == b[1] else ""
+        return f"{key(row.sample_id_a)} / {key(row.sample_id_b)}{joined}"
+    return f"keep {key(row.keep_sample_id)}"
