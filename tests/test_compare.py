@@ -203,3 +203,13 @@ def test_cli_prints_the_summary_line(split_runs, tmp_path):
     assert summary_line(split_runs["summary"]) in result.stdout.replace("\n", " ")
     both = CliRunner().invoke(app, ["compare", str(root / "train"), "x.tar", "--eval-run", str(root), "--out", str(tmp_path)])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_identical_bytes_match_by_sha256(split_runs, real_dups, tmp_path):
+    train_row = split_runs["train"][split_runs["train"]["kind"] == "distinct"].iloc[0]
+    data = (real_dups / "images" / train_row.file).read_bytes()
+    shard = write_tar(tmp_path / "eval.tar", [(f"copy.{train_row.file.rsplit('.', 1)[1]}", data), ("copy.txt", b"x")])
+    compare(split_runs["root"] / "train", tmp_path / "cmp", eval_shards=[str(shard)], workers=0, with_report=False)
+    row = pd.read_parquet(tmp_path / "cmp" / "contamination.parquet").iloc[0]
+    assert row["matched_by"] == "sha256" and row["best_similarity"] == 1.0
+    assert row["best_train_key"] == train_row.key and row["train_copies"] >= 1

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from rich.console import Console
 
 from dedup import settings as cfg
@@ -143,13 +144,37 @@ def _pairs_frame(eval_ids: np.ndarray, train_ids: np.ndarray, similarity: np.nda
     })
 
 
-def exact_pairs(train_samples: pd.DataFrame, eval_samples: pd.DataFrame) -> pd.DataFrame:
-    """Byte-identical images: equal sha256 (failed samples included, their bytes were hashed)."""
+def exact_pairs(train: RunDir, eval_samples: pd.DataFrame) -> pd.DataFrame:
+    """Byte-identical images: equal sha256 (failed samples included, their bytes were hashed).
+
+    The training samples table is read one part at a time, keeping only rows whose hash occurs in
+    the evaluation set, so memory follows the evaluation set, not the training run.
+    """
     left = eval_samples.loc[eval_samples["sha256"].notna(), ["sample_id", "sha256"]]
-    right = train_samples.loc[train_samples["sha256"].notna(), ["sample_id", "sha256"]]
-    joined = left.merge(right, on="sha256", suffixes=("_eval", "_train"))
+    wanted = sorted(set(left["sha256"]))
+    frames = [pd.DataFrame({"sample_id": pd.Series(dtype="int64"), "sha256": pd.Series(dtype="object")})]
+    for part in _sample_parts(train) if wanted else []:
+        frames.append(pq.read_table(part, columns=["sample_id", "sha256"], filters=[("sha256", "in", wanted)]).to_pandas())
+    joined = left.merge(pd.concat(frames, ignore_index=True), on="sha256", suffixes=("_eval", "_train"))
     similarity = np.ones(len(joined), np.float32)
     return _pairs_frame(joined["sample_id_eval"].to_numpy(), joined["sample_id_train"].to_numpy(), similarity, EXACT)
+
+
+def _sample_parts(run: RunDir) -> list[Path]:
+    parts = sorted((run.root / "samples").glob("samples_*.parquet"))
+    if not parts:
+        raise StoreError(f"{run.root} has no samples table", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
+    return parts
+
+
+def train_rows(train: RunDir, column: str, values: set[int], columns: list[str]) -> pd.DataFrame:
+    """Rows of the training clusters.parquet whose `column` is in `values`, streamed in batches."""
+    frames = [pd.DataFrame({c: pd.Series(dtype="object") for c in columns})]
+    if values:
+        for batch in pq.ParquetFile(train.clusters).iter_batches(batch_size=262_144, columns=columns):
+            frame = batch.to_pandas()
+            frames.append(frame[frame[column].isin(values)])
+    return pd.concat(frames, ignore_index=True)
 
 
 def best_per_pair(pairs: pd.DataFrame, thresholds: dict[str, float]) -> pd.DataFrame:
@@ -195,23 +220,22 @@ def match_runs(train: RunDir, eval_run: RunDir) -> Contamination:
     check_same_settings(config, eval_run)
     if not train.clusters.exists():
         raise StoreError(f"{train.root} has no clusters.parquet", hint=f"finish the training run first: 'dedup run SHARDS --out {train.root}'")
-    columns = ["sample_id", "shard", "key", "status", "sha256"]
-    train_samples, eval_samples = load_samples(train, columns), load_samples(eval_run, columns)
-    found = [exact_pairs(train_samples, eval_samples)]
+    eval_samples = load_samples(eval_run, ["sample_id", "shard", "key", "status", "sha256"])
+    found = [exact_pairs(train, eval_samples)]
     found += [descriptor_pairs(train, eval_run, name, float(config.thresholds[name])) for name in config.descriptors]
     pairs = best_per_pair(pd.concat(found, ignore_index=True), {k: float(v) for k, v in config.thresholds.items()})
-    clusters = pd.read_parquet(train.clusters, columns=["sample_id", "cluster_id"]).set_index("sample_id")["cluster_id"]
-    pairs = _describe_pairs(pairs, train_samples.set_index("sample_id"), eval_samples.set_index("sample_id"), clusters)
+    matched = train_rows(train, "sample_id", set(pairs["train_sample_id"].tolist()), ["sample_id", "shard", "key", "cluster_id"])
+    pairs = _describe_pairs(pairs, matched.set_index("sample_id"), eval_samples.set_index("sample_id"))
     return Contamination(contamination_table(eval_samples, pairs), pairs)
 
 
-def _describe_pairs(pairs: pd.DataFrame, train: pd.DataFrame, evaluation: pd.DataFrame, clusters: pd.Series) -> pd.DataFrame:
+def _describe_pairs(pairs: pd.DataFrame, train: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataFrame:
     described = pairs.assign(
         eval_shard=pairs["eval_sample_id"].map(evaluation["shard"]),
         eval_key=pairs["eval_sample_id"].map(evaluation["key"]),
         train_shard=pairs["train_sample_id"].map(train["shard"]),
         train_key=pairs["train_sample_id"].map(train["key"]),
-        train_cluster_id=pairs["train_sample_id"].map(clusters).astype("int64"),
+        train_cluster_id=pairs["train_sample_id"].map(train["cluster_id"]).astype("int64"),
     )
     return described[PAIR_COLUMNS].reset_index(drop=True)
 
@@ -223,10 +247,9 @@ def remove_from_train(train: RunDir, pairs: pd.DataFrame) -> pd.DataFrame:
     """Direct matches (`eval_copy`) and the rest of their training clusters (`eval_copy_cluster`)."""
     from dedup.stages.manifests import REMOVE_COLUMNS
 
-    clusters = pd.read_parquet(train.clusters, columns=["sample_id", "shard", "key", "cluster_id"])
     direct = set(pairs["train_sample_id"].tolist())
-    hit_clusters = set(pairs["train_cluster_id"].tolist())
-    rows = clusters[clusters["cluster_id"].isin(hit_clusters) | clusters["sample_id"].isin(direct)].copy()
+    # Every direct match lies in one of these clusters, so the cluster filter finds them all.
+    rows = train_rows(train, "cluster_id", set(pairs["train_cluster_id"].tolist()), ["sample_id", "shard", "key", "cluster_id"])
     rows["reason"] = np.where(rows["sample_id"].isin(direct), "eval_copy", "eval_copy_cluster")
     return rows.sort_values("sample_id")[REMOVE_COLUMNS].reset_index(drop=True)
 
