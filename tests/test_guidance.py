@@ -28,6 +28,25 @@ def test_removal_curve_counts_one_kept_per_connected_group():
     assert removal_curve(edges, exact, np.array([0.7, 0.99])).tolist() == [4, 1]
 
 
+def test_one_pass_curve_equals_components_counted_at_each_cut():
+    from dedup.search.union_find import connected_components
+
+    rng = np.random.default_rng(3)
+    edges = _edges([(int(a), int(b), float(s)) for a, b, s in zip(rng.integers(0, 300, 600), rng.integers(300, 600, 600),
+                                                                  rng.uniform(0.5, 1.0, 600))])
+    exact = (rng.integers(0, 600, 20), rng.integers(600, 650, 20))
+    cuts = np.linspace(0.5, 1.0, 11)
+    expected = []
+    for cut in cuts:
+        keep = edges[edges["similarity"] >= np.float32(cut)]
+        a = np.concatenate([keep["id_a"].to_numpy(), exact[0]])
+        b = np.concatenate([keep["id_b"].to_numpy(), exact[1]])
+        nodes = np.unique(np.concatenate([edges["id_a"], edges["id_b"], *exact]))
+        labels = connected_components(len(nodes), np.searchsorted(nodes, a), np.searchsorted(nodes, b))
+        expected.append(len(nodes) - len(np.unique(labels)))
+    assert removal_curve(edges, exact, cuts).tolist() == expected
+
+
 def test_band_pairs_stay_in_their_band_and_are_bounded():
     rng = np.random.default_rng(0)
     edges = _edges([(i, i + 1000, s) for i, s in enumerate(rng.uniform(0.8, 1.0, 200))])

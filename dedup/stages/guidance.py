@@ -49,20 +49,26 @@ def _exact_pairs(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 
 
 def removal_curve(edges: pd.DataFrame, exact: tuple[np.ndarray, np.ndarray], cuts: np.ndarray) -> np.ndarray:
-    """Samples removed (one kept per connected group) at each cut, edges >= cut plus identical bytes."""
+    """Samples removed (one kept per connected group) at each cut, edges >= cut plus identical bytes.
+
+    One pass from the highest cut down (Kruskal's order): each step joins only the edges between
+    it and the previous cut, on the groups found so far, so the cost is O(edges + cuts * nodes).
+    """
     from dedup.search.union_find import connected_components
 
     ids = np.unique(np.concatenate([edges["id_a"].to_numpy(np.int64), edges["id_b"].to_numpy(np.int64), *exact]))
-    a_all = np.searchsorted(ids, edges["id_a"].to_numpy(np.int64))
-    b_all = np.searchsorted(ids, edges["id_b"].to_numpy(np.int64))
-    ea, eb = np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1])
+    a = np.searchsorted(ids, edges["id_a"].to_numpy(np.int64))
+    b = np.searchsorted(ids, edges["id_b"].to_numpy(np.int64))
     similarity = edges["similarity"].to_numpy(np.float32)
-    removed = []
-    for cut in cuts:
-        keep = similarity >= np.float32(cut)
-        labels = connected_components(len(ids), np.concatenate([a_all[keep], ea]), np.concatenate([b_all[keep], eb]))
-        removed.append(len(ids) - len(np.unique(labels)))
-    return np.asarray(removed, dtype=np.int64)
+    labels = connected_components(len(ids), np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1]))
+    removed = np.zeros(len(cuts), dtype=np.int64)
+    done = np.zeros(len(similarity), dtype=bool)
+    for position in np.argsort(-np.asarray(cuts, dtype=np.float64), kind="stable"):
+        step = ~done & (similarity >= np.float32(cuts[position]))
+        labels = connected_components(len(ids), labels[a[step]], labels[b[step]])[labels]
+        done |= step
+        removed[position] = len(ids) - len(np.unique(labels))
+    return removed
 
 
 def band_pairs(edges: pd.DataFrame, low: float, bands: int = BANDS, per_band: int = PAIRS_PER_BAND) -> list[tuple[float, float, pd.DataFrame]]:
