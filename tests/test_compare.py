@@ -136,10 +136,14 @@ def test_eval_run_mode_gives_the_same_table(split_runs):
     pd.testing.assert_frame_equal(again, pd.read_parquet(root / "cmp" / "contamination.parquet"))
 
 
-def test_report_shows_pairs_side_by_side(split_runs):
+def test_report_shows_pairs_side_by_side_and_shares_per_shard(split_runs):
+    from dedup.stages.compare import per_shard
+
     page = (split_runs["root"] / "cmp" / "report" / "index.html").read_text()
     pairs = pd.read_parquet(split_runs["root"] / "cmp" / "contamination_pairs.parquet")
-    assert page.count("<tr>") == min(len(pairs), 200) + 1
+    shards = per_shard(split_runs["table"])
+    assert len(shards) == 2 and shards["contaminated"].sum() == split_runs["summary"]["contaminated"]
+    assert page.count("<tr>") == min(len(pairs), 200) + 1 + len(shards) + 1
     assert page.count("<img") == 2 * min(len(pairs), 200)
     files = split_runs["eval"].set_index("key")["file"]
     assert all(files[key] in page for key in pairs["eval_key"])  # captions (here: file names) beside the images

@@ -313,7 +313,7 @@ def write_compare_report(folder: Path, train: RunDir, eval_run: RunDir, result: 
     shown = shown.assign(eval_caption=shown["eval_sample_id"].map(_captions(eval_run, shown["eval_sample_id"])),
                          train_caption=shown["train_sample_id"].map(_captions(train, shown["train_sample_id"])))
     rows = "".join(_pair_row(pair, eval_html, train_html) for pair in shown.itertuples())
-    document = _compare_page(summary_line(result.summary()), len(result.pairs), len(shown), rows)
+    document = _compare_page(summary_line(result.summary()), len(result.pairs), len(shown), rows, _shard_table(result.table))
     path = folder / "report" / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -343,7 +343,25 @@ def _pair_row(pair, eval_html, train_html) -> str:
     )
 
 
-def _compare_page(summary: str, total_pairs: int, shown: int, rows: str) -> str:
+def per_shard(table: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluation shard: samples, contaminated samples and their share (benchmarks often are one shard set each)."""
+    grouped = table.assign(contaminated=table["train_copies"] > 0).groupby("shard", sort=True)
+    frame = pd.DataFrame({"samples": grouped.size(), "contaminated": grouped["contaminated"].sum().astype("int64")})
+    frame["share"] = frame["contaminated"] / frame["samples"]
+    return frame.reset_index()
+
+
+def _shard_table(table: pd.DataFrame) -> str:
+    from dedup.stages.report import MAX_URL_CHARS, _text
+
+    body = "".join(f"<tr><td>{_text(r.shard, MAX_URL_CHARS)}</td><td class='num'>{r.samples:,}</td>"
+                   f"<td class='num'>{r.contaminated:,}</td><td class='num'>{100 * r.share:.2f}%</td></tr>"
+                   for r in per_shard(table).itertuples())
+    return ("<section id='shards'><h2>By evaluation shard</h2><table class='grid'><tr><th>shard</th><th>samples</th>"
+            f"<th>with training copies</th><th>share</th></tr>{body}</table></section>")
+
+
+def _compare_page(summary: str, total_pairs: int, shown: int, rows: str, shards: str = "") -> str:
     from dedup.stages.report import _CSP, _CSS
 
     note = f"{shown:,} of {total_pairs:,} pairs shown, most similar first" if total_pairs else "no contaminated pairs"
@@ -354,6 +372,6 @@ def _compare_page(summary: str, total_pairs: int, shown: int, rows: str) -> str:
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">"
         "<meta name='referrer' content='no-referrer'><title>dedup contamination</title>"
         f"<style>{_CSS}</style></head><body><header><h1>dedup contamination</h1>"
-        f"<p>{html.escape(summary)}</p></header><main><section id='pairs'><h2>Contaminated pairs "
+        f"<p>{html.escape(summary)}</p></header><main>{shards}<section id='pairs'><h2>Contaminated pairs "
         f"<span class='muted small'>{note}</span></h2>{table}</section></main></body></html>"
     )
