@@ -156,6 +156,7 @@ def _write_shard(run: RunDir, shard_index: int, shard: str, rows: slice, vectors
         "original_height": [None] * len(positions),
         "sha256": [f"{h:064x}" for h in hash_source[rows]], "image_member": [f"{k}.jpg" for k in keys],
         "status": ["ok"] * len(positions), "error": [None] * len(positions),
+        "colourfulness": [None] * len(positions), "content_fraction": [None] * len(positions), "image_bytes": [None] * len(positions),
     }
     write_table(pa.table(samples, schema=SAMPLES_SCHEMA), run.samples_part(shard_index))
     metadata = {name: samples[name] for name in METADATA_SCHEMA.names}

@@ -68,7 +68,12 @@ RayGpusOpt = Annotated[float, typer.Option("--ray-gpus-per-actor", help="GPUs re
 ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
 GuardOpt = Annotated[Optional[list[str]], typer.Option("--guard", help="NAME=VALUE chaining guard (default: the applied threshold minus the descriptor's offset).")]
 MemoryOpt = Annotated[Optional[str], typer.Option("--memory", help="Memory budget, e.g. 8GB (default: 8GB, or the run's).")]
-KeepOpt = Annotated[Optional[str], typer.Option(help="first | largest | max-copies=N (default: first, or the run's).")]
+KeepOpt = Annotated[Optional[str], typer.Option(help="best (colour, most pixels, least re-encoded) | first | largest | max-copies=N (default: best, or the run's).")]
+InputSizeOpt = Annotated[int, typer.Option(help="torchscript: model input side S (images become S x S).")]
+MeanOpt = Annotated[str, typer.Option(help="torchscript: per-channel mean, R,G,B in 0..1.")]
+StdOpt = Annotated[str, typer.Option(help="torchscript: per-channel std, R,G,B.")]
+ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x S) or crop (short side S, centre crop).")]
+ByOpt = Annotated[str, typer.Option(help="copies, or risk (memorisation risk: copies, caption sameness, domains).")]
 TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 GpuOpt = Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
@@ -95,13 +100,14 @@ def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: flo
 
 
 def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
-               engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None) -> Run:
+               engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None,
+               model_extra: dict | None = None) -> Run:
     """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
     thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
     requested = Settings.build(
-        shard_specs=shards, descriptors=descriptor or [], keep=keep or "first", memory=memory or DEFAULT_MEMORY,
+        shard_specs=shards, descriptors=descriptor or [], keep=keep or "best", memory=memory or DEFAULT_MEMORY,
         batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
-        model_options={"model": model, "pretrained": pretrained},
+        model_options={"model": model, "pretrained": pretrained, **(model_extra or {})},
     )
     given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory)) if value}
     run = Run.start(out, requested, err_console, given=frozenset(given))
@@ -155,12 +161,17 @@ def embed_command(
     ray_cpus_per_actor: RayCpusOpt = 1.0,
     ray_gpus_per_actor: RayGpusOpt = 0.0,
     progress: ProgressOpt = True,
+    input_size: InputSizeOpt = 320,
+    mean: MeanOpt = "0.485,0.456,0.406",
+    std: StdOpt = "0.229,0.224,0.225",
+    resize: ResizeOpt = "square",
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
     from dedup.stages.embed import embed
 
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress)
-    run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings)
+    run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
+                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize})
     print_embed_summary(embed(run), err_console)
 
 
@@ -207,11 +218,12 @@ def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: GuardOpt
 
 @app.command("rank")
 @_guarded
-def rank_command(out: OutArg, top: TopOpt = 20) -> None:
-    """Rank clusters by copies -> OUT/top_duplicates.parquet."""
+def rank_command(out: OutArg, top: TopOpt = 20, by: Annotated[Optional[str], typer.Option(
+        help="copies, or risk (memorisation risk: copies, caption sameness, domains). Default: the run's (copies).")] = None) -> None:
+    """Rank clusters by copies or memorisation risk -> OUT/top_duplicates.parquet."""
     from dedup.stages.rank import rank
 
-    print_top(rank(_open_run(out, optional=True)), out_console, top)
+    print_top(rank(_open_run(out, optional=True, rank_by=by)), out_console, top)
 
 
 @app.command("manifests")
@@ -225,11 +237,12 @@ def manifests_command(out: OutArg, keep: KeepOpt = None) -> None:
 
 @app.command("report")
 @_guarded
-def report_command(out: OutArg, top: Annotated[int, typer.Option(min=1, help="Clusters shown.")] = 50) -> None:
+def report_command(out: OutArg, top: Annotated[int, typer.Option(min=1, help="Clusters shown.")] = 50,
+                   by: Annotated[str, typer.Option(help="Gallery order: copies, or risk (memorisation risk).")] = "copies") -> None:
     """Write the self-contained HTML report OUT/report/index.html."""
     from dedup.stages.report import report_stage
 
-    err_console.print(f"report: {report_stage(_open_run(out), top=top)}", markup=False)
+    err_console.print(f"report: {report_stage(_open_run(out), top=top, order=by)}", markup=False)
 
 
 @app.command("run")
@@ -255,13 +268,18 @@ def run_command(
     report: Annotated[bool, typer.Option(help="Write the HTML report.")] = True,
     top: TopOpt = 15,
     progress: ProgressOpt = True,
+    input_size: InputSizeOpt = 320,
+    mean: MeanOpt = "0.485,0.456,0.406",
+    std: StdOpt = "0.229,0.224,0.225",
+    resize: ResizeOpt = "square",
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.pipeline import run_all
 
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
-                     threshold, guard, memory, keep)
+                     threshold, guard, memory, keep,
+                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize})
     print_top(run_all(run, with_report=report), out_console, top)
 
 
@@ -296,11 +314,12 @@ def query_command(
     descriptor: Annotated[Optional[str], typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
     limit: Annotated[int, typer.Option(min=0, help="Matches listed per query (the count is always exact).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    min_similarity: Annotated[Optional[float], typer.Option(help="--text: count images at or above this image-text cosine (default: LAION's caption cut for the model, 0.28 for ViT-B-32).")] = None,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""
     from dedup.stages.query import print_results, query
 
-    results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor)
+    results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor, min_similarity=min_similarity)
     if as_json:
         out_console.print_json(json.dumps([r.to_dict(limit) for r in results]))
     else:
@@ -322,6 +341,67 @@ def eval_command(
         out_console.print_json(json.dumps(metrics))
     else:
         print_metrics(metrics, out_console)
+
+
+@app.command("compare")
+@_guarded
+def compare_command(
+    train_out: Annotated[Path, typer.Argument(help="Finished training run (dedup run ... --out TRAIN_OUT).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where contamination.parquet and the report go.")],
+    eval_shards: Annotated[Optional[list[str]], typer.Argument(help="Evaluation shards (embedded into OUT/eval_run with the training run's settings).")] = None,
+    eval_run: Annotated[Optional[Path], typer.Option(help="A finished evaluation run instead of shards.")] = None,
+    remove_from: Annotated[Optional[str], typer.Option(help="train: write remove_from_train.parquet; eval: remove_from_eval.parquet.")] = None,
+    workers: WorkersOpt = None,
+    report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
+) -> None:
+    """Which evaluation samples have copies in the training run (its descriptors and thresholds)?"""
+    from dedup.stages.compare import compare, summary_line
+
+    summary = compare(train_out, out, eval_shards=eval_shards or None, eval_out=eval_run, remove_from=remove_from,
+                      workers=workers, with_report=report, log=err_console)
+    out_console.print(summary_line(summary), soft_wrap=True)
+
+
+@app.command("export")
+@_guarded
+def export_command(
+    out: OutArg,
+    dest: Annotated[Path, typer.Option("--out", "-o", help="Folder for urls.parquet (and shards/).")],
+    shards: Annotated[bool, typer.Option("--shards", help="Also write deduplicated webdataset shards (kept samples, members unchanged).")] = False,
+    remove: Annotated[Optional[list[Path]], typer.Option(help="Extra remove list(s) with shard and key columns, e.g. remove_from_train.parquet.")] = None,
+) -> None:
+    """Kept samples only: a url+caption parquet img2dataset downloads again, and optionally rewritten shards."""
+    from dedup.stages.export import export
+
+    err_console.print(export(out, dest, shards=shards, remove_lists=remove or []))
+
+
+@app.command("review")
+@_guarded
+def review_command(
+    out: OutArg,
+    decision: Annotated[str, typer.Argument(help="not-duplicate-cluster CLUSTER_ID | not-duplicate-pair KEY_A KEY_B | keep KEY | list")],
+    refs: Annotated[Optional[list[str]], typer.Argument(help="Cluster id, or sample keys (id:SAMPLE_ID for a sample id).")] = None,
+    note: Annotated[Optional[str], typer.Option(help="Why (kept in overrides.parquet and shown in the report).")] = None,
+) -> None:
+    """Record a reviewer's decision in OUT/overrides.parquet; cluster and manifests apply it on every rerun."""
+    import pandas as pd
+    from rich.text import Text
+
+    from dedup.records import RunDir
+    from dedup.stages.overrides import add_override, load_overrides, review_row
+
+    run = RunDir(out)
+    if decision == "list":
+        table = load_overrides(run)
+    else:
+        table = add_override(run, review_row(run, decision.replace("-", "_"), refs or [], note))
+        err_console.print(f"recorded; apply it with: dedup cluster {escape(str(out))} && dedup rank {escape(str(out))} "
+                          f"&& dedup manifests {escape(str(out))}", soft_wrap=True)
+    shown = Table("kind", "cluster", "a", "b", "keep", "note")
+    for row in table.itertuples():
+        shown.add_row(*(Text("" if pd.isna(v) else str(v)) for v in (row.kind, row.cluster_id, row.sample_id_a, row.sample_id_b, row.keep_sample_id, row.note)))
+    out_console.print(shown)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -24,10 +24,13 @@ def print_top(ranking: pd.DataFrame, console: Console, top: int = 15) -> None:
     if ranking.empty:
         console.print("no duplicate clusters found")
         return
-    table = Table("rank", "copies", "captions", "domains", "shards", "representative key", "caption", title="Most duplicated images")
+    table = Table("rank", "copies", "captions", "domains", "shards", "verbatim", "risk", "representative key", "caption",
+                  title="Most duplicated images")
     for row in ranking.head(top).itertuples():
-        caption = (row.representative_caption or "")[:60]
+        caption = row.representative_caption[:60] if isinstance(row.representative_caption, str) else ""
+        verbatim = str(getattr(row, "verbatim_copies", ""))
+        risk = f"{row.risk:.2f}" if hasattr(row, "risk") else ""
         # Keys and captions are web content: plain Text, never console markup.
         table.add_row(str(row.rank), str(row.copies), str(row.distinct_captions), str(row.url_domains),
-                      str(row.shards_spanned), Text(str(row.representative_key)), Text(caption))
+                      str(row.shards_spanned), verbatim, risk, Text(str(row.representative_key)), Text(caption))
     console.print(table)

@@ -79,6 +79,11 @@ class ShardFilter:
     def keep(self, key: str) -> bool:
         return key not in self.removed
 
+    def remove(self, key: str, occurrence: int) -> None:
+        # Keys are distinct in this shard (its manifest says so): only occurrence 0 exists.
+        if occurrence == 0:
+            self.removed.add(key)
+
     @staticmethod
     def read(path: Path) -> ShardFilter | RepeatedKeyFilter:
         import pyarrow.parquet as pq
@@ -113,6 +118,9 @@ class RepeatedKeyFilter:
         self.seen[key] = occurrence + 1
         return (key, occurrence) not in self.removed
 
+    def remove(self, key: str, occurrence: int) -> None:
+        self.removed.add((key, int(occurrence)))
+
 
 class DropDuplicates:
     """A webdataset pipeline stage that drops the samples a run removed, while streaming.
@@ -131,9 +139,13 @@ class DropDuplicates:
     passes through unfiltered with one `MissingManifestWarning`.
     """
 
-    def __init__(self, run_or_path: str | Path, prefix_map: Mapping[str, str] | None = None) -> None:
+    def __init__(self, run_or_path: str | Path, prefix_map: Mapping[str, str] | None = None,
+                 also_remove: Iterable[str | Path] = ()) -> None:
         self.run = RunDir(run_root(run_or_path))
         self.manifest_of, self.incomplete = load_manifest_index(self.run, prefix_map)
+        # Extra remove lists (e.g. `dedup compare`'s remove_from_train.parquet), read per shard as it arrives.
+        self.also_remove = [str(check_remove_list(path)) for path in also_remove]
+        self.prefix_map = dict(prefix_map or {})
         self._open: OrderedDict[str, ShardFilter | RepeatedKeyFilter | None] = OrderedDict()
         self._warned: set[str] = set()
 
@@ -179,7 +191,29 @@ class DropDuplicates:
         if location in self.incomplete:
             self._warn(url, "was not read to its end by the run: samples after the part it read pass "
                             "unfiltered; rerun 'dedup run' with the same shards to retry it")
-        return ShardFilter.read(self.run.manifests_dir / self.manifest_of[location])
+        shard_filter = ShardFilter.read(self.run.manifests_dir / self.manifest_of[location])
+        for key, occurrence in self._extra_removed(location):
+            shard_filter.remove(key, occurrence)
+        return shard_filter
+
+    def _extra_removed(self, location: str) -> list[tuple[str, int]]:
+        """(key, occurrence) of `location` in the extra remove lists (which name shards as the run does)."""
+        import pyarrow.parquet as pq
+
+        names = [shard for shard in self._run_names(location)]
+        found: list[tuple[str, int]] = []
+        for path in self.also_remove:
+            table = pq.read_table(path, columns=["key", "occurrence"], filters=[("shard", "in", names)])
+            found += zip(table.column("key").to_pylist(), table.column("occurrence").to_pylist(), strict=True)
+        return found
+
+    def _run_names(self, location: str) -> list[str]:
+        """The run's own names for a loader location: `prefix_map` maps run names to loader names."""
+        names = {location}
+        for run_prefix, loader_prefix in self.prefix_map.items():
+            if location.startswith(loader_prefix):
+                names.add(run_prefix + location[len(loader_prefix):])
+        return sorted(names)
 
     def _location(self, url: str) -> str | None:
         """The run's name for the shard at `url`: as given, or for a local path its absolute / resolved form."""
@@ -192,10 +226,28 @@ class DropDuplicates:
             warnings.warn(f"shard {url!r} {problem} [{self.run.root}]", MissingManifestWarning, stacklevel=4)
 
 
-def load_removed_keys(run_or_path: str | Path) -> set[tuple[str, str, int]]:
-    """(shard, key, occurrence) of every removed sample; accepts a run directory or a remove_keys.parquet path."""
+def check_remove_list(path: str | Path) -> Path:
+    """A parquet file in the remove-list schema (shard, key, occurrence, ...), or a clear error."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(RunDir(run_root(run_or_path)).remove_keys, columns=["shard", "key", "occurrence"])
+    path = Path(path)
+    try:
+        names = set(pq.read_schema(path).names)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path} is not a readable remove list ({exc})",
+                         hint="pass OUT/remove_keys.parquet or a file 'dedup compare --remove-from' wrote") from None
+    if not {"shard", "key", "occurrence"} <= names:
+        raise StoreError(f"{path} lacks the shard, key and occurrence columns of a remove list",
+                         hint="pass OUT/remove_keys.parquet or a file 'dedup compare --remove-from' wrote")
+    return path
+
+
+def load_removed_keys(run_or_path: str | Path) -> set[tuple[str, str, int]]:
+    """(shard, key, occurrence) of every removed sample: a run directory, or any remove-list parquet file."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_or_path)
+    source = path if path.is_file() and path.name != "_index.parquet" else RunDir(run_root(run_or_path)).remove_keys
+    table = pq.read_table(check_remove_list(source), columns=["shard", "key", "occurrence"])
     columns = [table.column(name).to_pylist() for name in ("shard", "key", "occurrence")]
     return set(zip(*columns, strict=True))

@@ -102,6 +102,9 @@ SAMPLES = _schema(
     ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
     ("image_member", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    # For --keep best (dedup/image_quality.py): Hasler-Suesstrunk colourfulness of the decoded
+    # image, its share inside letterbox bars, and the size of the stored image bytes.
+    ("colourfulness", pa.float32()), ("content_fraction", pa.float32()), ("image_bytes", pa.int64()),
 )
 EMBEDDING_METADATA = _schema(
     ("sample_id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
@@ -121,6 +124,8 @@ TOP_DUPLICATES = _schema(
     ("rank", pa.int64()), ("cluster_id", pa.int64()), ("copies", pa.int64()), ("representative_key", pa.string()),
     ("representative_url", pa.string()), ("representative_caption", pa.string()),
     ("distinct_captions", pa.int64()), ("url_domains", pa.int64()), ("shards_spanned", pa.int64()),
+    # Memorisation risk (README: "Memorisation risk"): share and count of copies captioned like the representative.
+    ("caption_sameness", pa.float64()), ("verbatim_copies", pa.int64()), ("risk", pa.float64()),
 )
 MANIFEST = _schema(
     ("shard", pa.string()), ("key", pa.string()), ("occurrence", pa.int32()), ("sample_id", pa.int64()),
@@ -135,6 +140,24 @@ MANIFEST_INDEX = _schema(
     ("shard_index", pa.int32()), ("shard", pa.string()), ("manifest", pa.string()), ("samples", pa.int64()),
     ("removed", pa.int64()), ("complete", pa.bool_()),
 )
+# `dedup compare`: one row per evaluation sample, and every (eval, train) match (dedup/stages/compare.py).
+CONTAMINATION = _schema(
+    ("shard", pa.string()), ("key", pa.string()), ("sample_id", pa.int64()), ("status", pa.string()),
+    ("train_copies", pa.int64()), ("best_similarity", pa.float32()), ("train_cluster_id", pa.int64()),
+    ("best_train_key", pa.string()), ("matched_by", pa.string()),
+)
+CONTAMINATION_PAIRS = _schema(
+    ("eval_sample_id", pa.int64()), ("eval_shard", pa.string()), ("eval_key", pa.string()),
+    ("train_sample_id", pa.int64()), ("train_shard", pa.string()), ("train_key", pa.string()),
+    ("train_cluster_id", pa.int64()), ("similarity", pa.float32()), ("matched_by", pa.string()),
+)
+# OUT/overrides.parquet: a reviewer's decisions, appended by `dedup review` (dedup/stages/overrides.py).
+OVERRIDES = _schema(
+    ("kind", pa.string()), ("cluster_id", pa.int64()), ("sample_id_a", pa.int64()), ("sample_id_b", pa.int64()),
+    ("keep_sample_id", pa.int64()), ("members", pa.list_(pa.int64())), ("note", pa.string()), ("created_at", pa.string()),
+)
+# `dedup export`: DIR/urls.parquet, kept samples for img2dataset to download again.
+EXPORT_URLS = _schema(("url", pa.string()), ("caption", pa.string()), ("key", pa.string()), ("shard", pa.string()))
 # `dedup eval --truth`: key and group_id required; family optional ("bad" rows are not scored).
 EVALUATION_TRUTH = _schema(("key", pa.string()), ("group_id", pa.string()), ("family", pa.string()))
 # The per-shard parquet img2dataset writes beside each tar (read as input, never written by a run).
@@ -147,7 +170,8 @@ IMG2DATASET_PARQUET = _schema(
 TABLES: dict[str, pa.Schema] = {
     "shards": SHARDS, "samples": SAMPLES, "embedding_metadata": EMBEDDING_METADATA, "edges": EDGES,
     "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST,
-    "evaluation_truth": EVALUATION_TRUTH, "img2dataset_parquet": IMG2DATASET_PARQUET,
+    "contamination": CONTAMINATION, "contamination_pairs": CONTAMINATION_PAIRS, "evaluation_truth": EVALUATION_TRUTH,
+    "overrides": OVERRIDES, "export_urls": EXPORT_URLS, "img2dataset_parquet": IMG2DATASET_PARQUET,
 }
 # Older names, kept for callers outside the package.
 SAMPLES_SCHEMA, METADATA_SCHEMA = SAMPLES, EMBEDDING_METADATA

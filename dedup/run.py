@@ -79,6 +79,11 @@ class RunDir:
         return self.root / "remove_keys.parquet"
 
     @property
+    def overrides(self) -> Path:
+        """Review decisions (dedup/stages/overrides.py), applied by cluster and manifests on every rerun."""
+        return self.root / "overrides.parquet"
+
+    @property
     def report_dir(self) -> Path:
         return self.root / "report"
 
@@ -146,7 +151,8 @@ class Run(RunDir):
 
         path = Path(root) / "run.json"
         # Stages that need no settings (rank) name their missing input instead of run.json.
-        settings = Settings.load(path) if path.exists() or not changes.pop("optional", False) else Settings()
+        optional = changes.pop("optional", False)
+        settings = Settings.load(path) if path.exists() or not optional else Settings()
         if thresholds or guards:
             settings = settings.with_cuts(thresholds or {}, guards or {}, search=search)
         settings = replace(settings, **{k: v for k, v in changes.items() if v is not None}).validated()

@@ -70,7 +70,8 @@ class Settings:
     thresholds: dict[str, float] = field(default_factory=dict)
     guards: dict[str, float] = field(default_factory=dict)
     search_thresholds: dict[str, float] = field(default_factory=dict)
-    keep: str = "first"
+    keep: str = "best"
+    rank_by: str = "copies"  # top_duplicates order: copies, or risk (memorisation risk)
     memory_budget_bytes: int = DEFAULT_MEMORY
     batch_size: int = 64
     workers: int | None = None  # decode processes; None: chosen from the descriptors and cores
@@ -83,7 +84,7 @@ class Settings:
     @classmethod
     def build(cls, *, shard_specs: list[str] | None = None, descriptors: list[str] | None = None,
               thresholds: dict[str, float] | None = None, guards: dict[str, float] | None = None,
-              keep: str = "first", memory: str | int = DEFAULT_MEMORY, batch_size: int = 64,
+              keep: str = "best", memory: str | int = DEFAULT_MEMORY, batch_size: int = 64,
               workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
               engine: EngineSettings | None = None, cuda_available: bool | None = None) -> Settings:
         """Validated settings for a new run; descriptors default from the registry (GPU or not).
@@ -131,6 +132,7 @@ class Settings:
     def validated(self) -> Settings:
         """Every range check, before any shard is read."""
         from dedup.stages.manifests import KeepPolicy
+        from dedup.stages.rank import check_order
 
         for name, value in self.thresholds.items():
             _check(0.0 < value <= 1.0, f"threshold {name}={value} is outside (0, 1]",
@@ -138,6 +140,7 @@ class Settings:
         for name, value in self.guards.items():
             _check(-1.0 <= value <= 1.0, f"guard {name}={value} is outside [-1, 1]", f"e.g. --guard {name}=0.5")
         KeepPolicy.parse(self.keep)
+        check_order(self.rank_by)
         _check(self.memory_budget_bytes > 0, f"memory budget must be positive, not {self.memory_budget_bytes}",
                "write e.g. --memory 8GB")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}", "e.g. --batch-size 64")

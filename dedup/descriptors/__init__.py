@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
@@ -52,6 +53,8 @@ class DescriptorInfo:
     supports_text: bool = False
     # Its model needs every core on a CPU, so decoding runs inline (measured: benchmarks/bench_embed.py).
     uses_all_cores_on_cpu: bool = False
+    # Options naming a file: made absolute when the run starts, so query and compare find it from anywhere.
+    path_options: tuple[str, ...] = ()
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def threshold(self) -> float:
@@ -93,6 +96,13 @@ register(DescriptorInfo(
     cli_options=("model", "pretrained", "device"),
     warm_up=True, supports_text=True, uses_all_cores_on_cpu=True,
 ))
+register(DescriptorInfo(
+    "torchscript", "dedup.descriptors.torchscript", "TorchScriptDescriptor", "vector", True,
+    "A user-supplied TorchScript image model (--pretrained FILE.pt), e.g. the SSCD copy detector.",
+    default_threshold="dedup.descriptors.torchscript:DEFAULT_THRESHOLD",
+    cli_options=("pretrained", "image_size", "mean", "std", "resize", "device"),
+    path_options=("pretrained",), warm_up=True,
+))
 
 
 def vector_descriptor_names() -> list[str]:
@@ -126,7 +136,11 @@ def query_transform_for(descriptor: str):
 def builder_options(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """The builder's keyword arguments: the entry's fixed options plus the CLI values it takes."""
     info = descriptor_policy(name)
-    return {**info.extra_options, **{k: values[k] for k in info.cli_options if k in values}}
+    options = {**info.extra_options, **{k: values[k] for k in info.cli_options if k in values and values[k] is not None}}
+    for key in info.path_options:
+        if key in options:
+            options[key] = str(Path(str(options[key])).expanduser().resolve())
+    return options
 
 
 def cuda_available() -> bool:

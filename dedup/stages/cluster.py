@@ -21,6 +21,7 @@ from dedup.errors import DedupError
 from dedup.records import CLUSTERS, RunDir, fingerprint, load_embeddings, load_samples, write_record
 from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard
+from dedup.stages.overrides import drop_separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
 EXACT = "sha256"
@@ -135,6 +136,7 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     sha = _usable_sha(samples["sha256"], ok)
     head = _exact_heads(sha)
     a, b = _ok_edges([_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors], ok)
+    a, b = drop_separated_edges(run, node_ids, a, b)  # review overrides (OUT/overrides.parquet)
     views = _views(run, node_ids, descriptors, guards)
     result = guarded_clusters(head, a, b, lambda r, m: _best_match(views, sha, r, m)[0])
     similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)
@@ -191,7 +193,8 @@ class ClusterStage:
         return ["0"]
 
     def fingerprint(self) -> str:
-        inputs = [*self.run_dir.root.glob("neighbors/*/part_*.parquet"), *self.run_dir.root.glob("samples/*.parquet")]
+        inputs = [*self.run_dir.root.glob("neighbors/*/part_*.parquet"), *self.run_dir.root.glob("samples/*.parquet"),
+                  self.run_dir.overrides]
         cuts = {"thresholds": self.settings.thresholds, "guards": self.settings.guards}
         return fingerprint(inputs, cuts)
 

@@ -15,6 +15,7 @@ import numpy as np
 from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
+from dedup.image_quality import quality_signals
 from dedup.records import empty_sample_row
 from dedup.stages.read import RawSample, meta_int, meta_str
 
@@ -60,6 +61,7 @@ def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: i
         row["status"], row["error"] = failure.status, failure.message
         return ProcessedSample(row)
     row["width"], row["height"] = decoded.width, decoded.height
+    row["colourfulness"], row["content_fraction"] = quality_signals(decoded.image)
     prepared = {}
     for name, descriptor in descriptors:
         try:
@@ -77,6 +79,6 @@ def _base_row(raw: RawSample) -> dict[str, Any]:
         sample_id=make_sample_id(raw.shard_index, raw.position), shard_index=raw.shard_index, shard=raw.shard,
         key=raw.key, url=meta_str(meta, "url"), caption=raw.caption, image_member=raw.image_member,
         original_width=meta_int(meta, "original_width"), original_height=meta_int(meta, "original_height"),
-        status=decode.OK,
+        status=decode.OK, image_bytes=len(raw.image_bytes) if raw.image_bytes is not None else None,
     )
     return row

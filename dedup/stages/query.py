@@ -27,7 +27,13 @@ from dedup.settings import Settings
 
 MATCH_COLUMNS = ["sample_id", "key", "url", "caption", "similarity", "cluster_id"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-TEXT_TOP = 50  # a prompt has no "copy" threshold; list the best-matching images
+TEXT_TOP = 50  # best-matching images listed for a prompt (the count above --min-similarity is exact)
+# Default --min-similarity of a text query: the image-text cosine LAION used to keep a caption for an
+# image (LAION-400M/5B: 0.28 with ViT-B/32, 0.26 with ViT-L/14). An image above it "shows" the prompt.
+TEXT_MIN_SIMILARITY = {"ViT-B-32": 0.28, "ViT-B-16": 0.28, "ViT-L-14": 0.26, "ViT-H-14": 0.26}
+TEXT_MIN_SIMILARITY_OTHER = 0.28
+# Stored vectors scored per matrix product in the exact text scan.
+TEXT_SCAN_ROWS = 65_536
 
 
 @dataclass
@@ -39,6 +45,7 @@ class QueryResult:
     cluster_size: int  # size of that cluster (transitive copies)
     matches: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MATCH_COLUMNS))
     error: str | None = None
+    min_similarity: float | None = None  # text queries: `copies` counts images at or above it
 
     def to_dict(self, limit: int = 20) -> dict[str, Any]:
         return {
@@ -48,6 +55,7 @@ class QueryResult:
             "cluster_id": self.cluster_id,
             "cluster_size": self.cluster_size,
             "error": self.error,
+            "min_similarity": self.min_similarity,
             "matches": self.matches.head(limit).replace({np.nan: None}).to_dict("records"),
         }
 
@@ -185,24 +193,46 @@ def text_descriptor(out: str | Path) -> str:
     )
 
 
-def query_text(run_index: RunIndex, text: str) -> QueryResult:
+def default_text_min_similarity(model: str) -> float:
+    return TEXT_MIN_SIMILARITY.get(str(model), TEXT_MIN_SIMILARITY_OTHER)
+
+
+def scan_text(run: RunDir, vector: np.ndarray, min_similarity: float, top: int,
+              descriptor: str = "clip") -> tuple[int, np.ndarray, np.ndarray]:
+    """Exact scan of every stored vector of a text-capable descriptor: (count at or above min_similarity, top ids, their scores)."""
+    from dedup.records import iter_embeddings
+
+    count, best_ids, best_scores = 0, np.zeros(0, np.int64), np.zeros(0, np.float32)
+    query = np.asarray(vector, np.float32).reshape(-1)
+    for ids, vectors in iter_embeddings(run, descriptor):
+        for start in range(0, len(vectors), TEXT_SCAN_ROWS):
+            scores = np.asarray(vectors[start:start + TEXT_SCAN_ROWS], np.float32) @ query
+            count += int((scores >= np.float32(min_similarity)).sum())
+            best_ids = np.concatenate([best_ids, ids[start:start + TEXT_SCAN_ROWS]])
+            best_scores = np.concatenate([best_scores, scores])
+            keep = np.argsort(-best_scores, kind="stable")[:top]  # only `top` candidates survive a block
+            best_ids, best_scores = best_ids[keep], best_scores[keep]
+    return count, best_ids, best_scores
+
+
+def query_text(run_index: RunIndex, text: str, min_similarity: float | None = None) -> QueryResult:
     if not descriptor_policy(run_index.descriptor).supports_text:
         raise QueryError(
             f"the {run_index.descriptor!r} descriptor cannot embed text",
             hint="pass --descriptor clip (a run embedded with CLIP)",
         )
+    model = run_index.config.descriptor_options.get(run_index.descriptor, {}).get("model", "")
+    cut = default_text_min_similarity(model) if min_similarity is None else float(min_similarity)
     vector = run_index.describer().embed_text([text])
-    index, spec, ids, _ = run_index.index()
-    scores, positions = index.search(vector.astype(np.float32), min(TEXT_TOP, len(ids)))
-    keep = positions[0] >= 0
-    matches = run_index._frame(ids[positions[0][keep]], scores[0][keep])
+    count, ids, scores = scan_text(run_index.run, vector[0], cut, TEXT_TOP, run_index.descriptor)
+    matches = run_index._frame(ids, scores)
     best = int(matches["cluster_id"].iloc[0]) if len(matches) else None
     size = int((run_index.clusters["cluster_id"] == best).sum()) if best is not None else 0
-    return QueryResult(f"text:{text}", run_index.descriptor, size, best, size, matches)
+    return QueryResult(f"text:{text}", run_index.descriptor, count, best, size, matches, min_similarity=cut)
 
 
 def query(out: str | Path, *, image: Path | None = None, images: Path | None = None, key: str | None = None,
-          text: str | None = None, descriptor: str | None = None) -> list[QueryResult]:
+          text: str | None = None, descriptor: str | None = None, min_similarity: float | None = None) -> list[QueryResult]:
     chosen = [name for name, value in (("--image", image), ("--images", images), ("--key", key), ("--text", text)) if value]
     if len(chosen) != 1:
         raise QueryError("give exactly one of --image, --images, --key, --text", hint="e.g. dedup query OUT --image photo.jpg")
@@ -210,7 +240,7 @@ def query(out: str | Path, *, image: Path | None = None, images: Path | None = N
     if key is not None:
         return [query_key(run_index, key)]
     if text is not None:
-        return [query_text(run_index, text)]
+        return [query_text(run_index, text, min_similarity)]
     if image is not None:
         if not image.is_file():
             raise QueryError(f"{image} is not a file", hint="pass an image path, or --images DIR for a folder")
@@ -226,7 +256,8 @@ def print_results(results: list[QueryResult], console: Console, limit: int = 20)
         if result.error:
             console.print(f"[red]{escape(result.query)}: {escape(result.error)}[/]")
             continue
-        console.print(f"[bold]{escape(result.query)}[/]: {result.copies} copies above threshold "
+        counted = "copies above threshold" if result.min_similarity is None else f"images at similarity >= {result.min_similarity:g}"
+        console.print(f"[bold]{escape(result.query)}[/]: {result.copies} {counted} "
                       f"({result.descriptor}); best match's cluster has {result.cluster_size} members")
         table = Table("similarity", "key", "caption", "url")
         for row in result.matches.head(limit).itertuples():

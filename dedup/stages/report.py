@@ -38,6 +38,8 @@ from PIL import Image
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
 from dedup.records import RunDir, atomic_file, fingerprint, make_sample_id, read_shards, split_sample_id
+from dedup.stages.guidance import threshold_guidance_section
+from dedup.stages.overrides import overrides_section
 from dedup.stages.rank import url_domain
 from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
 
@@ -253,7 +255,7 @@ class _RunTables:
     clusters: _ClusterScan
 
 
-def _load_run(run: RunDir, top: int) -> _RunTables:
+def _load_run(run: RunDir, top: int, order: str = "copies") -> _RunTables:
     needed = (
         (run.run_config, f"dedup run SHARDS --out {run.root}"),
         (run.clusters, f"dedup cluster {run.root}"),
@@ -264,7 +266,7 @@ def _load_run(run: RunDir, top: int) -> _RunTables:
             raise StoreError(f"{run.root} has no {path.name}", hint=f"run '{command}' first")
     config = json.loads(run.run_config.read_text())
     shards = read_shards(run)
-    ranking = _first_rows(run.top_duplicates, top).sort_values("rank").reset_index(drop=True)
+    ranking = gallery_rows(run.top_duplicates, top, order)
     parts = sorted((run.root / "samples").glob("samples_*.parquet"))
     if not parts:
         raise StoreError(f"{run.root} has no samples table", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
@@ -277,6 +279,19 @@ def _load_run(run: RunDir, top: int) -> _RunTables:
         removed=_count_values([run.remove_keys], "reason") if run.remove_keys.exists() else None,
         clusters=_scan_clusters(run.clusters, set(ranking["cluster_id"].astype(int)), len(shards)),
     )
+
+
+def gallery_rows(path: Path, top: int, order: str) -> pd.DataFrame:
+    """The `top` clusters the gallery shows: by copies (the file's rank order) or by memorisation risk."""
+    from dedup.stages.rank import check_order
+
+    if check_order(order) == "copies" or "risk" not in pq.read_schema(path).names:
+        return _first_rows(path, top).sort_values("rank").reset_index(drop=True)
+    # Only two columns of every cluster are read to choose; then the chosen rows in full.
+    scores = pd.read_parquet(path, columns=["cluster_id", "risk", "rank"])
+    chosen = scores.sort_values(["risk", "rank"], ascending=[False, True]).head(top)["cluster_id"].tolist()
+    rows = pd.read_parquet(path, filters=[("cluster_id", "in", chosen)]) if chosen else _first_rows(path, 0)
+    return rows.set_index("cluster_id").loc[chosen].reset_index()[rows.columns] if chosen else rows
 
 
 def _first_rows(path: Path, count: int) -> pd.DataFrame:
@@ -490,10 +505,17 @@ def _gallery_card(row: Any, shown: pd.DataFrame, members: pd.DataFrame, thumb: _
         "<dl class='stats'>"
         f"<dt>captions</dt><dd>{_number(row.distinct_captions)}</dd>"
         f"<dt>domains</dt><dd>{_number(row.url_domains)}</dd>"
-        f"<dt>shards</dt><dd>{_number(row.shards_spanned)}</dd></dl>"
+        f"<dt>shards</dt><dd>{_number(row.shards_spanned)}</dd>{_risk_stats(row)}</dl>"
         f"<div class='domains small'>{domain_list}{more}</div>"
         f"<a class='more' href='#cluster-{rank}'>see how the copies differ &rarr;</a></article>"
     )
+
+
+def _risk_stats(row: Any) -> str:
+    """Verbatim copies and memorisation risk (top_duplicates files older than these columns show none)."""
+    if not hasattr(row, "risk"):
+        return ""
+    return f"<dt>verbatim</dt><dd>{_number(row.verbatim_copies)}</dd><dt>risk</dt><dd>{float(row.risk):.2f}</dd>"
 
 
 def _member_figure(member: Any, thumb: _ThumbnailHtml) -> str:
@@ -753,10 +775,10 @@ def _page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     )
 
 
-def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12) -> str:
-    """The report as one HTML string (see `write_report`)."""
+def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies") -> str:
+    """The report as one HTML string (see `write_report`); `order` = copies | risk for the gallery."""
     run = RunDir(out)
-    tables = _load_run(run, top)
+    tables = _load_run(run, top, order)
     clusters = _top_clusters(run, tables, copies_shown)
     thumb = _ThumbnailHtml(read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]]))
     cards = "".join(_gallery_card(row, shown, members, thumb) for row, shown, members in clusters)
@@ -774,15 +796,17 @@ def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12) ->
                 f"<div class='gallery'>{cards}</div></section>"
             ),
             _plots_section(run, tables),
+            overrides_section(run),
+            threshold_guidance_section(run, tables.config),
             f"<section id='clusters'><h2>Clusters in detail</h2>{sections}</section>",
         ],
     )
 
 
-def write_report(out: str | Path, top: int = 50, copies_shown: int = 12) -> Path:
+def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies") -> Path:
     """Write `OUT/report/index.html`, a single self-contained file, and return its path."""
     run = RunDir(out)
-    document = build_report_html(run.root, top=top, copies_shown=copies_shown)
+    document = build_report_html(run.root, top=top, copies_shown=copies_shown, order=order)
     path = run.report_dir / "index.html"
     with atomic_file(path) as partial:
         partial.write_text(document, encoding="utf-8")
@@ -794,30 +818,32 @@ class ReportStage:
 
     name = "report"
 
-    def __init__(self, run: RunDir, top: int = 50, copies_shown: int = 12) -> None:
-        self.run_dir, self.top, self.copies_shown = run, top, copies_shown
+    def __init__(self, run: RunDir, top: int = 50, copies_shown: int = 12, order: str = "copies") -> None:
+        self.run_dir, self.top, self.copies_shown, self.order = run, top, copies_shown, order
 
     def task_ids(self) -> list[str]:
         return ["0"]
 
     def fingerprint(self) -> str:
-        inputs = [self.run_dir.clusters, self.run_dir.top_duplicates, self.run_dir.run_config]
-        return fingerprint(inputs, {"top": self.top, "copies_shown": self.copies_shown})
+        inputs = [self.run_dir.clusters, self.run_dir.top_duplicates, self.run_dir.run_config, self.run_dir.overrides,
+                  *self.run_dir.root.glob("neighbors/*/part_*.parquet")]
+        return fingerprint(inputs, {"top": self.top, "copies_shown": self.copies_shown, "order": self.order})
 
     def reset(self) -> None:
         (self.run_dir.report_dir / "index.html").unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, int]:
-        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown)
+        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown, order=self.order)
         return {"report_bytes": path.stat().st_size}
 
     def close(self) -> None:
         pass
 
 
-def report_stage(run: RunDir, top: int = 50) -> Path:
+def report_stage(run: RunDir, top: int = 50, order: str = "copies") -> Path:
     """Write the report behind the engine; returns its path."""
     from dedup.engine import run_stage
+    from dedup.stages.rank import check_order
 
-    run_stage(run, ReportStage(run, top=top))
+    run_stage(run, ReportStage(run, top=top, order=check_order(order)))
     return run.report_dir / "index.html"

@@ -1,0 +1,180 @@
+"""`--keep best` (the default): colour over grayscale, most pixels, least re-encoded, ties to the first."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_run
+from PIL import Image
+
+from dedup import pipeline
+from dedup.image_quality import GRAYSCALE_MAX, colourfulness, content_fraction
+from dedup.records import RunDir, load_samples
+from dedup.run import Run
+from dedup.stages.manifests import KeepPolicy, decide_keep, manifests_stage
+from dedup.synth import build_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keep_best")
+    shards, _ = build_demo(root / "shards")
+    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="first"), with_report=False)
+    return RunDir(root / "run")
+
+
+def _largest_cluster_kept(run: RunDir, keep: str) -> tuple[pd.Series, pd.DataFrame]:
+    manifests_stage(Run.open(run.root, keep=keep))
+    top = pd.read_parquet(run.top_duplicates).iloc[0]
+    manifests = pd.read_parquet(run.manifests_dir)  # the dataset reader skips _index.parquet
+    samples = load_samples(run)
+    members = manifests[manifests["cluster_id"] == top["cluster_id"]].merge(samples, on=["sample_id", "key"])
+    return members[members["keep"]].iloc[0], members
+
+
+def test_first_policy_keeps_the_grayscale_copy_of_the_demo_largest_cluster(demo_run):
+    kept, _ = _largest_cluster_kept(demo_run, "first")
+    assert kept["colourfulness"] < GRAYSCALE_MAX  # the old default's choice
+
+
+def test_best_keeps_a_colour_copy_with_the_most_content_pixels(demo_run):
+    kept, members = _largest_cluster_kept(demo_run, "best")
+    colour = members[(members["colourfulness"] >= GRAYSCALE_MAX) & (members["status"] == "ok")]
+    content = colour["original_width"] * colour["original_height"] * colour["content_fraction"]
+    assert kept["colourfulness"] >= GRAYSCALE_MAX
+    assert kept["original_width"] * kept["original_height"] * kept["content_fraction"] >= 0.95 * content.max()
+    assert kept["content_fraction"] > 0.95  # not a letterboxed copy
+    assert (members["keep"]).sum() == 1
+
+
+def test_samples_record_colourfulness_and_image_bytes(demo_run):
+    samples = load_samples(demo_run).set_index("key")
+    shard = pd.read_parquet(demo_run.shards_table)["url"].iloc[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".jpg", ".png", ".webp")))
+    key = member.name.split(".")[0]
+    assert samples.loc[key, "image_bytes"] == member.size
+    ok = samples[samples["status"] == "ok"]
+    assert ok["colourfulness"].notna().all()
+    assert (ok["colourfulness"] < GRAYSCALE_MAX).any() and (ok["colourfulness"] > 15).any()
+
+
+def _noise(seed: int, size=(96, 96)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def test_colourfulness_separates_grayscale_from_colour():
+    photo = _noise(1)
+    gray_jpeg = io.BytesIO()
+    photo.convert("L").convert("RGB").save(gray_jpeg, "JPEG", quality=60)
+    assert colourfulness(photo.convert("L").convert("RGB")) == 0.0
+    assert colourfulness(Image.open(gray_jpeg).convert("RGB")) < GRAYSCALE_MAX
+    assert colourfulness(photo) > 30
+
+
+def _cluster(**columns) -> pd.DataFrame:
+    count = len(next(iter(columns.values())))
+    base = {"sample_id": np.arange(count), "cluster_id": np.zeros(count, np.int64), "cluster_size": count,
+            "status": "ok", "width": 100, "height": 100, "original_width": np.nan, "original_height": np.nan,
+            "colourfulness": 20.0, "image_bytes": 5000, "image_member": [f"k{i}.jpg" for i in range(count)]}
+    return pd.DataFrame({**base, **columns})
+
+
+def _kept(frame: pd.DataFrame) -> list[int]:
+    return decide_keep(frame, KeepPolicy.parse("best")).query("keep")["sample_id"].tolist()
+
+
+def test_colour_beats_a_larger_grayscale_copy():
+    assert _kept(_cluster(width=[400, 100], height=[400, 100], colourfulness=[0.5, 20.0])) == [1]
+
+
+def test_original_size_from_metadata_beats_decoded_size():
+    frame = _cluster(width=[200, 100], height=[200, 100], original_width=[np.nan, 800], original_height=[np.nan, 800])
+    assert _kept(frame) == [1]
+
+
+def test_lossless_then_more_bytes_per_pixel_at_equal_size():
+    assert _kept(_cluster(image_member=["a.jpg", "b.png"], image_bytes=[9000, 4000])) == [1]
+    assert _kept(_cluster(image_bytes=[3000, 7000, 5000])) == [1]
+
+
+def test_ties_go_to_the_first_and_failed_samples_never_win():
+    assert _kept(_cluster(image_bytes=[5000, 5000])) == [0]
+    assert _kept(_cluster(status=["decode_error", "ok"], width=[900, 100], height=[900, 100])) == [1]
+
+
+def test_runs_without_the_new_columns_still_work():
+    frame = _cluster(width=[100, 300], height=[100, 300]).drop(columns=["colourfulness", "image_bytes", "image_member"])
+    assert _kept(frame) == [1]
+
+
+def test_best_is_the_default_policy():
+    from dedup.settings import Settings
+
+    assert Settings().keep == "best"
+    assert Settings.build(descriptors=["perceptual"]).keep == "best"
+
+
+def test_content_fraction_measures_letterbox_bars():
+    photo = _noise(3, (120, 160))  # 160 wide, 120 high
+    padded = Image.new("RGB", (160, 240), (0, 0, 0))
+    padded.paste(photo, (0, 60))  # bars above and below: half the area is picture
+    assert content_fraction(photo) == 1.0
+    assert content_fraction(padded) == pytest.approx(0.5, abs=0.02)
+
+
+def test_padded_copy_loses_to_the_unpadded_original_of_equal_content():
+    frame = _cluster(width=[160, 160], height=[240, 120], content_fraction=[0.5, 1.0], image_bytes=[2100, 2000])
+    assert _kept(frame) == [1]
+    # 683x384 pillarboxed around a 384x384 picture: the bar estimate (0.563, not 0.5622) must not win by rounding.
+    near = _cluster(width=[683, 384], height=[384, 384], content_fraction=[0.563, 1.0], image_bytes=[9000, 9000])
+    assert _kept(near) == [1]
+    bigger = _cluster(width=[1366, 384], height=[768, 384], content_fraction=[0.563, 1.0])
+    assert _kept(bigger) == [0]  # four times the content: resolution first
+
+
+@pytest.fixture(scope="module")
+def real_run(real_dups, tmp_path_factory):
+    from conftest import write_tar
+    from test_real_dups import _truth
+
+    root = tmp_path_factory.mktemp("keep_best_real")
+    truth = _truth(real_dups)
+    members = []
+    for row in truth.itertuples():
+        members.append((f"{row.key}.{row.file.rsplit('.', 1)[1].lower()}", (real_dups / "images" / row.file).read_bytes()))
+    shard = write_tar(root / "00000.tar", members)
+    pipeline.run_all(make_run(root / "run", [str(shard)], keep="best"), with_report=False)
+    return RunDir(root / "run"), truth
+
+
+def _kept_files(run: RunDir, truth: pd.DataFrame, keep: str) -> pd.DataFrame:
+    manifests_stage(Run.open(run.root, keep=keep))
+    manifests = pd.read_parquet(run.manifests_dir)  # the dataset reader skips _index.parquet
+    samples = load_samples(run, ["sample_id", "width", "height", "colourfulness"])
+    return manifests.merge(samples, on="sample_id").merge(truth[["key", "file", "group_id"]], on="key")
+
+
+def test_real_photos_colour_hopper_beats_its_larger_grayscale_copies(real_run):
+    run, truth = real_run
+    largest = _kept_files(run, truth, "largest")
+    gray = largest[largest["file"].str.contains("hopper_bw_500")].iloc[0]
+    cluster = largest[largest["cluster_id"] == gray["cluster_id"]]
+    assert cluster.loc[cluster["keep"], "colourfulness"].iloc[0] < GRAYSCALE_MAX  # most pixels = the grayscale one
+    best = _kept_files(run, truth, "best")
+    kept = best[(best["cluster_id"] == gray["cluster_id"]) & best["keep"]].iloc[0]
+    assert kept["colourfulness"] >= GRAYSCALE_MAX and "hopper" in kept["file"]
+
+
+def test_real_photos_forest_keeps_a_full_size_copy_not_the_thumbnail_or_low_quality(real_run):
+    run, truth = real_run
+    best = _kept_files(run, truth, "best")
+    forest = best[best["group_id"] == "forest"]
+    kept = forest[forest["keep"]]
+    assert len(kept) == 1
+    assert kept["width"].iloc[0] * kept["height"].iloc[0] == (forest["width"] * forest["height"]).max()
+    assert not kept["file"].str.contains("thumb|lowQuality|forest-low").any()

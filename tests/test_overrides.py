@@ -1,0 +1,109 @@
+"""Review overrides: OUT/overrides.parquet, written by `dedup review`, respected by cluster and manifests.
+
+The tests share one demo run; the one that records decisions runs last.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import make_run
+from typer.testing import CliRunner
+
+from dedup import pipeline
+from dedup.cli import app
+from dedup.errors import DedupError
+from dedup.records import RunDir
+from dedup.run import Run
+from dedup.stages.cluster import cluster
+from dedup.stages.manifests import manifests_stage
+from dedup.stages.overrides import OVERRIDES_SCHEMA, load_overrides, overrides_path, review_row
+from dedup.stages.report import build_report_html
+from dedup.synth import build_demo
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("overrides")
+    shards, _ = build_demo(root / "shards")
+    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="best"), with_report=False)
+    return RunDir(root / "run")
+
+
+def _review(run: RunDir, *args: str) -> None:
+    result = runner.invoke(app, ["review", str(run.root), *args])
+    assert result.exit_code == 0, result.output
+
+
+def _clusters(run: RunDir) -> pd.DataFrame:
+    return pd.read_parquet(run.clusters)
+
+
+def _manifest(run: RunDir) -> pd.DataFrame:
+    return pd.read_parquet(run.manifests_dir)  # the dataset reader skips _index.parquet
+
+
+def test_without_overrides_nothing_changes(demo):
+    before = _clusters(demo)
+    cluster(Run.open(demo.root))
+    pd.testing.assert_frame_equal(_clusters(demo), before)
+    assert not overrides_path(demo).exists()
+    assert "Review overrides" not in build_report_html(demo.root, top=3)
+
+
+def test_bad_references_are_user_errors(demo):
+    with pytest.raises(DedupError, match="no sample"):
+        review_row(demo, "keep", ["no-such-key"])
+    with pytest.raises(DedupError, match="no copies"):
+        singleton = _clusters(demo).query("cluster_size == 1").iloc[0]
+        review_row(demo, "not_duplicate_cluster", [str(int(singleton["cluster_id"]))])
+    result = runner.invoke(app, ["review", str(demo.root), "keep"])
+    assert result.exit_code == 2 and "not-duplicate-pair" in result.output
+
+
+def test_all_three_decisions_apply_on_every_rerun_and_show_in_the_report(demo):
+    before = _clusters(demo)
+    sizes = before.groupby("cluster_id").size().sort_values(ascending=False)
+    largest, pair_cluster = int(sizes.index[0]), int(sizes[sizes == 2].index[0])
+    pair_keys = before.loc[before["cluster_id"] == pair_cluster, "key"].tolist()
+    pinned_cluster = int(sizes.index[1])
+    manifest = _manifest(demo)
+    not_kept = manifest[(manifest["cluster_id"] == pinned_cluster) & ~manifest["keep"]].iloc[0]
+
+    _review(demo, "not-duplicate-cluster", str(largest), "--note", "<b>distinct</b> shots")
+    _review(demo, "not-duplicate-pair", *pair_keys)
+    _review(demo, "keep", f"id:{int(not_kept['sample_id'])}")
+    table = load_overrides(demo)
+    assert list(table.columns) == OVERRIDES_SCHEMA.names and len(table) == 3
+
+    for _ in range(2):  # and again: the file is re-read on every rerun
+        cluster(Run.open(demo.root))
+        manifests_stage(Run.open(demo.root))
+        after = _clusters(demo)
+        reviewed = after[after["sample_id"].isin(before.loc[before["cluster_id"] == largest, "sample_id"])]
+        assert reviewed["cluster_id"].value_counts().max() == 1  # no two reviewed members share a cluster now
+        assert after.loc[after["key"].isin(pair_keys), "cluster_size"].tolist() == [1, 1]
+        decided = _manifest(demo).set_index("sample_id")
+        assert decided.loc[int(not_kept["sample_id"]), "keep"]
+        assert decided.loc[int(not_kept["sample_id"]), "reason"] == "kept_by_review"
+        assert decided[decided["cluster_id"] == decided.loc[int(not_kept["sample_id"]), "cluster_id"]]["keep"].sum() == 1
+
+    pipeline.rank(Run.open(demo.root))
+    page = build_report_html(demo.root, top=5)
+    assert "Review overrides" in page and "&lt;b&gt;distinct&lt;/b&gt; shots" in page and "<b>distinct</b>" not in page
+    assert f"keep {not_kept['key']}" in page
+
+
+def test_report_says_when_a_separated_pair_is_still_joined(tmp_path):
+    from dedup.stages.overrides import add_override, overrides_section
+
+    run = RunDir(tmp_path)
+    pd.DataFrame({"sample_id": [1, 2, 3], "key": ["a", "b", "c"], "cluster_id": [1, 1, 1]}).to_parquet(run.clusters)
+    row = {"kind": "not_duplicate_pair", "cluster_id": None, "sample_id_a": 1, "sample_id_b": 2, "keep_sample_id": None,
+           "members": [], "note": None, "created_at": "2026-01-01T00:00:00+00:00"}
+    add_override(run, row)
+    assert "still in one cluster" in overrides_section(run)
+    pd.DataFrame({"sample_id": [1, 2, 3], "key": ["a", "b", "c"], "cluster_id": [1, 2, 2]}).to_parquet(run.clusters)
+    assert "still in one cluster" not in overrides_section(run)

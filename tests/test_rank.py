@@ -1,0 +1,91 @@
+"""Ranking: caption sameness, verbatim copies and the memorisation-risk score; `--by copies|risk`."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from conftest import make_run
+from typer.testing import CliRunner
+
+from dedup import pipeline
+from dedup.cli import app
+from dedup.errors import DedupError
+from dedup.records import RunDir
+from dedup.run import Run
+from dedup.settings import Settings
+from dedup.stages.rank import normalise_caption, rank, rank_clusters, risk_score
+from dedup.synth import build_demo
+
+
+def _members(cluster_id: int, captions: list, urls: list[str]) -> list[dict]:
+    return [
+        {"sample_id": cluster_id + i, "cluster_id": cluster_id, "cluster_size": len(captions), "is_representative": i == 0,
+         "caption": caption, "url": url, "shard_index": i % 2, "key": f"k{cluster_id + i}"}
+        for i, (caption, url) in enumerate(zip(captions, urls))
+    ]
+
+
+def test_normalise_caption_ignores_case_punctuation_and_spacing():
+    assert normalise_caption("Photo of a CAT!!  ") == normalise_caption("photo of a cat") == "photo of a cat"
+    assert normalise_caption("photo-of_a cat") == "photo of a cat"
+    assert normalise_caption(None) is None and normalise_caption(" ... ") is None
+    assert normalise_caption("a dog") != normalise_caption("a cat")
+
+
+def test_caption_sameness_and_verbatim_copies_count_the_representatives_caption():
+    clusters = pd.DataFrame(_members(100, ["A cat.", "a cat", "A  CAT!", "a dog", None], ["https://a.com/1"] * 5))
+    row = rank_clusters(clusters).iloc[0]
+    assert row["verbatim_copies"] == 3
+    assert row["caption_sameness"] == pytest.approx(3 / 5)
+
+
+def test_missing_representative_caption_is_never_verbatim():
+    clusters = pd.DataFrame(_members(100, [None, None, "x"], ["https://a.com/1"] * 3))
+    assert rank_clusters(clusters).iloc[0]["verbatim_copies"] == 0
+
+
+def test_risk_follows_the_documented_formula_and_can_reorder():
+    template = _members(0, [f"caption {i}" for i in range(10)], ["https://shop.com/x"] * 10)  # many copies, one site
+    verbatim = _members(1000, ["the same caption"] * 6, [f"https://site{i}.org/a.jpg" for i in range(6)])
+    clusters = pd.DataFrame(template + verbatim)
+    by_copies, by_risk = rank_clusters(clusters, "copies"), rank_clusters(clusters, "risk")
+    assert by_copies["cluster_id"].tolist() == [0, 1000]
+    assert by_risk["cluster_id"].tolist() == [1000, 0] and by_risk["rank"].tolist() == [1, 2]
+    row = by_risk.iloc[0]
+    assert row["risk"] == pytest.approx(math.log1p(6) * (0.5 + 1.0) * (1 + math.log10(6)))
+    assert row["risk"] == pytest.approx(risk_score(row["copies"], row["caption_sameness"], row["url_domains"]))
+
+
+def test_unknown_order_is_a_user_error(tmp_path):
+    with pytest.raises(DedupError, match="ranking order"):
+        Settings(rank_by="size").validated()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rank")
+    shards, _ = build_demo(root / "shards")
+    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="best"), with_report=False)
+    return RunDir(root / "run")
+
+
+def test_demo_ranking_has_the_new_columns_and_sorts_by_risk(demo_run):
+    ranking = rank(Run.open(demo_run.root, rank_by="risk"))
+    assert {"caption_sameness", "verbatim_copies", "risk"} <= set(ranking.columns)
+    assert ranking["risk"].is_monotonic_decreasing
+    assert ((ranking["caption_sameness"] >= 0) & (ranking["caption_sameness"] <= 1)).all()
+    assert (ranking["verbatim_copies"] <= ranking["copies"]).all()
+    # The demo's captions vary per copy ("Photo of ...", "Buy ..."), and some copies repeat the caption exactly.
+    assert ranking["verbatim_copies"].max() >= 2 and ranking["caption_sameness"].min() < 1
+    stored = pd.read_parquet(demo_run.top_duplicates)
+    pd.testing.assert_frame_equal(stored, ranking)
+
+
+def test_cli_rank_by_risk(demo_run):
+    result = CliRunner().invoke(app, ["rank", str(demo_run.root), "--by", "risk", "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert "risk" in result.output
+    bad = CliRunner().invoke(app, ["rank", str(demo_run.root), "--by", "size"])
+    assert bad.exit_code == 2 and "--by copies" in bad.output
