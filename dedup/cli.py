@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dedup.console import print_embed_summary, print_top
+from dedup.console import print_embed_summary, print_failed_shards, print_top, terminal_safe
 from dedup.errors import DedupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -29,10 +29,28 @@ ShardsArg = Annotated[
 
 def _fail(error: DedupError) -> None:
     # soft_wrap: messages stay on one line for grep; escape: paths and keys may hold [brackets].
-    err_console.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(terminal_safe(error.message))}", soft_wrap=True)
     if error.hint:
-        err_console.print(f"[yellow]hint:[/] {escape(error.hint)}", soft_wrap=True)
+        err_console.print(f"[yellow]hint:[/] {escape(terminal_safe(error.hint))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+# Exit status of a run that finished but could not read every shard (see OUT/failed_shards.parquet).
+EXIT_FAILED_SHARDS = 3
+EXIT_INTERRUPTED = 130
+
+
+def _retry_command() -> str:
+    import shlex
+
+    return shlex.join(["dedup", *sys.argv[1:]])
+
+
+def _exit_if_shards_failed(out: Path) -> None:
+    from dedup.run import RunDir
+
+    if print_failed_shards(RunDir(out), err_console, _retry_command()):
+        raise typer.Exit(EXIT_FAILED_SHARDS)
 
 
 def _guarded(fn):
@@ -45,6 +63,10 @@ def _guarded(fn):
             return fn(*args, **kwargs)
         except DedupError as error:
             _fail(error)
+        except KeyboardInterrupt:
+            # Finished tasks carry markers and outputs are written atomically: a rerun resumes.
+            err_console.print("interrupted; rerun the same command to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 
@@ -111,6 +133,7 @@ def embed_command(
     options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
     report = pipeline.embed(shards, out, options, err_console)
     print_embed_summary(report, err_console)
+    _exit_if_shards_failed(out)
 
 
 @app.command("index")
@@ -201,6 +224,7 @@ def run_command(
     options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
     ranking = pipeline.run_all(shards, out, options, threshold, memory, keep, report, err_console)
     print_top(ranking, out_console, top)
+    _exit_if_shards_failed(out)
 
 
 @app.command("demo")

@@ -67,6 +67,9 @@ class Timeouts:
     read: float = 60.0
 
 
+DEFAULT_TIMEOUTS = Timeouts()
+
+
 @dataclass
 class RawSample:
     """One sample as found in a shard, before decoding."""
@@ -145,7 +148,7 @@ def _expand_one(spec: str) -> list[str]:
 
 
 @contextmanager
-def open_shard(url: str, timeouts: Timeouts = Timeouts()) -> Iterator[IO[bytes]]:
+def open_shard(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[IO[bytes]]:
     """Open a local path, an http(s) URL, a `pipe:` command or an fsspec URL as a byte stream."""
     if not is_remote(url):
         with open(url, "rb") as handle:
@@ -303,7 +306,7 @@ class ShardStream:
     break are yielded, and `failure` holds the status and message.
     """
 
-    def __init__(self, url: str, shard_index: int, timeouts: Timeouts = Timeouts()) -> None:
+    def __init__(self, url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         self.url, self.shard_index, self.timeouts = url, shard_index, timeouts
         self.failure: ShardFailure | None = None
         self.samples_read = 0
@@ -380,7 +383,7 @@ def _status_of(exc: BaseException) -> str:
     return SHARD_TRUNCATED if cut else SHARD_UNREADABLE
 
 
-def read_shard(url: str, shard_index: int, timeouts: Timeouts = Timeouts()) -> Iterator[RawSample]:
+def read_shard(url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[RawSample]:
     """Stream the samples of one shard; a shard not read to its end ends with a `shard_error` sample."""
     stream = ShardStream(url, shard_index, timeouts)
     yield from stream
