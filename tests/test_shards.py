@@ -378,3 +378,52 @@ def test_connection_refused_is_unreadable():
     stream = ShardStream(f"http://127.0.0.1:{port}/a.tar", 0, Timeouts(connect=1, read=1))
     assert list(stream) == [] and stream.failure.status == SHARD_UNREADABLE
     assert f"127.0.0.1:{port}" in stream.failure.message
+
+
+# ---------------------------------------------------------------- decoding cost bounded from the header
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def sixteen_bit_png(width: int, height: int) -> bytes:
+    """A real, valid all-black 16-bit greyscale PNG, built row by row (never held decoded)."""
+    import struct
+    import zlib
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + 2 * width)  # filter byte + 2 bytes a pixel
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_bomb_is_refused_from_its_header(monkeypatch):
+    from PIL import ImageFile
+
+    bomb = sixteen_bit_png(10000, 8900)
+    assert len(bomb) < 400_000  # ~173 KB on disk, 178 MB of pixels, GBs once rescaled
+    assert Image.open(io.BytesIO(bomb)).size == (10000, 8900)
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(decode.DecodeFailure) as info:
+        decode.decode_image(bomb)
+    assert info.value.status == "too_large" and "10000x8900" in info.value.message
+
+
+def test_pixel_limit_is_pillows_and_small_deep_images_still_decode():
+    assert decode.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    decoded = decode.decode_image(sixteen_bit_png(300, 200))
+    assert decoded.image.mode == "RGB" and decoded.image.size == (300, 200)
+    # An 8-bit image between Pillow's warning and our old 120 MP limit is refused, not warned about.
+    big = png_bytes(Image.new("L", (9500, 9500)))
+    with pytest.raises(decode.DecodeFailure) as info:
+        decode.decode_image(big)
+    assert info.value.status == "too_large"
