@@ -195,7 +195,7 @@ def report_command(out: OutArg, top: Annotated[int, typer.Option(help="Clusters 
     """Write the self-contained HTML report OUT/report/index.html."""
     from dedup.stages.report import write_report
 
-    path = write_report(out, top=top)
+    path = write_report(out, top=top, log=err_console)
     err_console.print(f"report: {path}")
 
 

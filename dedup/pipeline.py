@@ -45,6 +45,6 @@ def run_all(shard_specs: list[str], out: str | Path, options: EmbedOptions, thre
     if with_report:
         from dedup.stages.report import write_report
 
-        log.print(f"report: {write_report(out)}")
+        log.print(f"report: {write_report(out, log=log)}")
     log.print(f"done in {time.perf_counter() - started:.1f}s")
     return ranking

@@ -153,7 +153,11 @@ def record_shards(run: RunDir, shards: list[str]) -> None:
                 hint="pass the same shard specs to resume, or choose a new --out directory",
             )
         return
-    frame = pd.DataFrame({"shard_index": np.arange(len(shards), dtype=np.int32), "url": shards})
+    from dedup.stages.read import shard_location
+
+    # url: the shard as given to the run; location: where it is, whatever the working directory later is.
+    frame = pd.DataFrame({"shard_index": np.arange(len(shards), dtype=np.int32), "url": shards,
+                          "location": [shard_location(url) for url in shards]})
     write_table(frame, run.shards_table)
 
 

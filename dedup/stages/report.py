@@ -25,6 +25,7 @@ import json
 import math
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
+from rich.markup import escape
 
+from dedup.console import terminal_safe
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
-from dedup.records import RunDir, make_sample_id, read_shards, split_sample_id
+from dedup.records import RunDir, make_sample_id, read_shards, split_sample_id, write_text
 from dedup.stages.rank import url_domain
 from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
 
@@ -98,7 +101,7 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
     wanted_ids = sorted({int(i) for i in sample_ids})
     samples = sample_rows(run, wanted_ids, ["shard_index", "image_member", "status", "error"]).set_index("sample_id")
     shards = read_shards(run)
-    shard_urls = dict(zip(shards["shard_index"].astype(int), shards["url"]))
+    shard_urls = dict(zip(shards["shard_index"].astype(int), shard_locations(shards)))
     result = {i: Thumbnail(None, "sample not in the samples table") for i in wanted_ids if i not in samples.index}
     by_shard: dict[int, list[_Wanted]] = {}
     for sample_id, row in samples.iterrows():
@@ -115,6 +118,14 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
             continue
         result.update(_thumbnails_from_shard(url, shard_index, wanted, side))
     return result
+
+
+def shard_locations(shards: pd.DataFrame) -> list[str]:
+    """Where to read each shard from: the resolved `location` recorded by the run, whatever the working
+    directory is now; runs recorded before that column existed fall back to the given `url`."""
+    if "location" not in shards.columns:
+        return shards["url"].astype(str).tolist()
+    return [loc if isinstance(loc, str) and loc else str(url) for loc, url in zip(shards["location"], shards["url"])]
 
 
 def sample_rows(run: RunDir, sample_ids: Sequence[int], columns: list[str]) -> pd.DataFrame:
@@ -469,7 +480,8 @@ class _ThumbnailHtml:
 
 
 def _domains(members: pd.DataFrame) -> list[str]:
-    return sorted({d for d in members["url"].map(url_domain) if d})
+    # Not Series.map: it turns the None of a missing URL into NaN, which is truthy and does not sort with str.
+    return sorted({d for d in map(url_domain, members["url"].tolist()) if isinstance(d, str) and d})
 
 
 def _gallery_card(row: Any, shown: pd.DataFrame, members: pd.DataFrame, thumb: _ThumbnailHtml) -> str:
@@ -753,18 +765,45 @@ def _page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ThumbnailCount:
+    """Shown samples whose image could be read back, and why the others could not."""
+
+    shown: int
+    missing: int
+    reasons: Counter
+
+    def warning(self) -> str | None:
+        if not self.missing:
+            return None
+        reason, count = self.reasons.most_common(1)[0]
+        return (f"{self.missing:,} of {self.shown:,} thumbnails could not be read and show as placeholders "
+                f"(most common, {count:,}x: {reason})")
+
+
+def count_thumbnails(thumbs: dict[int, Thumbnail]) -> ThumbnailCount:
+    problems = [t.problem or "image not read" for t in thumbs.values() if t.image is None]
+    # The reason's kind, not its per-sample detail: "status decode_error: ..." -> "status decode_error".
+    return ThumbnailCount(len(thumbs), len(problems), Counter(p.split(":", 1)[0][:120] for p in problems))
+
+
 def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12) -> str:
     """The report as one HTML string (see `write_report`)."""
+    return _build_report(out, top, copies_shown)[0]
+
+
+def _build_report(out: str | Path, top: int, copies_shown: int) -> tuple[str, ThumbnailCount]:
     run = RunDir(out)
     tables = _load_run(run, top)
     clusters = _top_clusters(run, tables, copies_shown)
-    thumb = _ThumbnailHtml(read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]]))
+    thumbs = read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]])
+    thumb = _ThumbnailHtml(thumbs)
     cards = "".join(_gallery_card(row, shown, members, thumb) for row, shown, members in clusters)
     sections = "".join(_cluster_section(row, shown, len(members), thumb) for row, shown, members in clusters)
     total = tables.duplicate_cluster_count
     gallery_note = f"top {len(clusters)} of {total:,} duplicate clusters" if clusters else "no duplicate clusters found"
     subtitle = f"{int(tables.statuses.sum()):,} samples in {len(tables.shards):,} shards &middot; {gallery_note}"
-    return _page(
+    document = _page(
         "dedup report",
         subtitle,
         [
@@ -777,16 +816,20 @@ def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12) ->
             f"<section id='clusters'><h2>Clusters in detail</h2>{sections}</section>",
         ],
     )
+    return document, count_thumbnails(thumbs)
 
 
-def write_report(out: str | Path, top: int = 50, copies_shown: int = 12) -> Path:
-    """Write `OUT/report/index.html`, a single self-contained file, and return its path."""
+def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, log=None) -> Path:
+    """Write `OUT/report/index.html`, a single self-contained file, and return its path.
+
+    `log` (a rich Console) gets a warning when shown thumbnails could not be read
+    (shards moved or unreachable since the run): the report is written anyway.
+    """
     run = RunDir(out)
-    document = build_report_html(run.root, top=top, copies_shown=copies_shown)
+    document, thumbnails = _build_report(run.root, top, copies_shown)
     path = run.report_dir / "index.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(document, encoding="utf-8")
-    partial.replace(path)
+    write_text(document, path)
+    warning = thumbnails.warning()
+    if warning and log is not None:
+        log.print(f"[yellow]warning:[/] {escape(terminal_safe(warning))}", soft_wrap=True)
     return path
-
