@@ -320,6 +320,9 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(payload_)))
                 self.end_headers()
+                if self.path == "/short.tar":  # the connection closes before Content-Length bytes
+                    self.wfile.write(payload_[: len(payload_) // 2])
+                    return
                 if self.path == "/stall.tar":
                     self.wfile.write(payload_[: len(payload_) // 2])
                     self.wfile.flush()
@@ -367,6 +370,12 @@ def test_stalled_server_is_a_timeout_in_bounded_time(http_shards):
     assert time.monotonic() - started < 10  # the 0.5 s read timeout, not the 30 s stall
     assert stream.failure.status == SHARD_TIMEOUT and "stall.tar" in stream.failure.message
     assert 0 < len(samples) < 5  # what arrived before the stall is kept
+
+
+def test_server_closing_early_is_truncated(http_shards):
+    stream = ShardStream(f"{http_shards}/short.tar", 0, Timeouts(connect=2, read=2))
+    samples = list(stream)
+    assert stream.failure.status == SHARD_TRUNCATED and 0 < len(samples) < 5
 
 
 def test_connection_refused_is_unreadable():

@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException, HTTPSConnection
+from http.client import HTTPConnection, HTTPException, HTTPSConnection, IncompleteRead
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
@@ -379,7 +379,8 @@ class ShardStream:
 
 def _status_of(exc: BaseException) -> str:
     text = str(exc).lower()
-    cut = isinstance(exc, EOFError) or "unexpected end" in text or "ended before" in text
+    # IncompleteRead: the server closed before Content-Length bytes; the others: tarfile/gzip data cut short.
+    cut = isinstance(exc, (EOFError, IncompleteRead)) or "unexpected end" in text or "ended before" in text
     return SHARD_TRUNCATED if cut else SHARD_UNREADABLE
 
 
