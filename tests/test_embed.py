@@ -156,3 +156,14 @@ def test_first_ctrl_c_stops_within_seconds_and_a_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, stderr.decode()
     assert f"{done} already done".encode() in stderr
     assert len(list((out / "_markers" / "embed").glob("*.done"))) == len(specs)
+
+
+def test_local_model_files_are_recorded_as_absolute_paths(tmp_path, monkeypatch):
+    from dedup.stages.embed import EmbedOptions, descriptor_builders
+
+    monkeypatch.chdir(tmp_path)
+    Path("weights.pt").write_bytes(b"checkpoint")
+    (clip,) = descriptor_builders(["clip"], EmbedOptions(clip_model="ViT-B-32", clip_pretrained="weights.pt"))
+    assert clip.options["pretrained"] == str(tmp_path / "weights.pt") and clip.options["model"] == "ViT-B-32"
+    (tagged,) = descriptor_builders(["clip"], EmbedOptions(clip_pretrained="laion2b_s34b_b79k"))
+    assert tagged.options["pretrained"] == "laion2b_s34b_b79k"

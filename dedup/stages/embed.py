@@ -316,9 +316,17 @@ def descriptor_builders(names: list[str], options: EmbedOptions) -> list[Descrip
     for name in names:
         opts: dict[str, Any] = {}
         if name == "clip":
-            opts = {"model": options.clip_model, "pretrained": options.clip_pretrained, "device": options.device}
+            opts = {"model": _resolved_if_file(options.clip_model),
+                    "pretrained": _resolved_if_file(options.clip_pretrained), "device": options.device}
         builders.append(DescriptorBuilder(name, opts))
     return builders
+
+
+def _resolved_if_file(value: str) -> str:
+    """A local model file becomes absolute, so query and report find it from any working directory
+    (run.json keeps it); tags and model names stay as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.is_file() else value
 
 
 def embed(shard_specs: list[str], out: str | Path, options: EmbedOptions, log: Console | None = None) -> StageReport:
