@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dedup.console import print_embed_summary, print_top
+from dedup.console import print_embed_summary, print_failed_shards, print_top, terminal_safe
 from dedup.errors import DedupError
 from dedup.run import Run
 from dedup.settings import DEFAULT_MEMORY, EngineSettings, Settings, parse_assignments
@@ -31,10 +32,47 @@ ShardsArg = Annotated[
 
 def _fail(error: DedupError) -> None:
     # soft_wrap: messages stay on one line for grep; escape: paths and keys may hold [brackets].
-    err_console.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(terminal_safe(error.message))}", soft_wrap=True)
     if error.hint:
-        err_console.print(f"[yellow]hint:[/] {escape(error.hint)}", soft_wrap=True)
+        err_console.print(f"[yellow]hint:[/] {escape(terminal_safe(error.hint))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+# Exit status of a run that finished but could not read every shard (see OUT/failed_shards.parquet).
+EXIT_FAILED_SHARDS = 3
+EXIT_INTERRUPTED = 130
+
+
+def _retry_command() -> str:
+    import shlex
+
+    return shlex.join(["dedup", *sys.argv[1:]])
+
+
+def _exit_if_shards_failed(out: Path) -> None:
+    from dedup.run import RunDir
+
+    if print_failed_shards(RunDir(out), err_console, _retry_command()):
+        raise typer.Exit(EXIT_FAILED_SHARDS)
+
+
+_locks = contextlib.ExitStack()
+_held: set[Path] = set()
+
+
+def _hold_lock(out: Path) -> None:
+    """One writer per run directory: held until the command ends (a second run on OUT stops at once)."""
+    from dedup.lock import run_lock
+
+    key = Path(out).resolve()
+    if key not in _held and not (Path(out).exists() and not Path(out).is_dir()):
+        _locks.enter_context(run_lock(out))
+        _held.add(key)
+
+
+def _release_locks() -> None:
+    _locks.close()
+    _held.clear()
 
 
 def _guarded(fn):
@@ -47,6 +85,12 @@ def _guarded(fn):
             return fn(*args, **kwargs)
         except DedupError as error:
             _fail(error)
+        except KeyboardInterrupt:
+            # Finished tasks carry markers and outputs are written atomically: a rerun resumes.
+            err_console.print("interrupted; rerun the same command to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        finally:
+            _release_locks()
 
     return wrapper
 
@@ -76,6 +120,9 @@ ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x
 ByOpt = Annotated[str, typer.Option(help="copies, or risk (memorisation risk: copies, caption sameness, domains).")]
 TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
+ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
+ReadTimeoutOpt = Annotated[float, typer.Option("--read-timeout", help="Seconds to wait for the next bytes of a remote shard.")]
 GpuOpt = Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
 
 
@@ -94,22 +141,24 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: float, ray_gpus: float,
-            progress: bool) -> EngineSettings:
+            progress: bool, retries: int = 2) -> EngineSettings:
     return EngineSettings(name=engine, ray_address=ray_address, ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus,
-                          ray_gpus_per_actor=ray_gpus, show_progress=progress).validated()
+                          ray_gpus_per_actor=ray_gpus, show_progress=progress, retries=retries).validated()
 
 
 def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
                engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None,
-               model_extra: dict | None = None) -> Run:
+               model_extra: dict | None = None, timeouts: tuple[float, float] = (30.0, 60.0)) -> Run:
     """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
     thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
     requested = Settings.build(
         shard_specs=shards, descriptors=descriptor or [], keep=keep or "best", memory=memory or DEFAULT_MEMORY,
         batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
         model_options={"model": model, "pretrained": pretrained, **(model_extra or {})},
+        connect_timeout_s=timeouts[0], read_timeout_s=timeouts[1],
     )
     given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory)) if value}
+    _hold_lock(out)
     run = Run.start(out, requested, err_console, given=frozenset(given))
     if thresholds or guards:  # a resumed run keeps its cuts unless new ones are given
         run.settings = run.settings.with_cuts(thresholds, guards).validated()
@@ -121,6 +170,7 @@ def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, devi
 
 def _open_run(out: Path, threshold=None, guard=None, search: bool = True, **changes) -> Run:
     """An existing run; options given here update its run.json before the stage runs."""
+    _hold_lock(out)
     return Run.open(out, err_console, thresholds=parse_assignments(threshold, "threshold"),
                     guards=parse_assignments(guard, "guard"), search=search, **changes)
 
@@ -165,14 +215,19 @@ def embed_command(
     mean: MeanOpt = "0.485,0.456,0.406",
     std: StdOpt = "0.229,0.224,0.225",
     resize: ResizeOpt = "square",
+    retries: RetriesOpt = 2,
+    connect_timeout: ConnectTimeoutOpt = 30.0,
+    read_timeout: ReadTimeoutOpt = 60.0,
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
     from dedup.stages.embed import embed
 
-    engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress)
+    engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
-                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize})
+                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize},
+                     timeouts=(connect_timeout, read_timeout))
     print_embed_summary(embed(run), err_console)
+    _exit_if_shards_failed(out)
 
 
 @app.command("index")
@@ -272,15 +327,20 @@ def run_command(
     mean: MeanOpt = "0.485,0.456,0.406",
     std: StdOpt = "0.229,0.224,0.225",
     resize: ResizeOpt = "square",
+    retries: RetriesOpt = 2,
+    connect_timeout: ConnectTimeoutOpt = 30.0,
+    read_timeout: ReadTimeoutOpt = 60.0,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.pipeline import run_all
 
-    engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress)
+    engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      threshold, guard, memory, keep,
-                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize})
+                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize},
+                     timeouts=(connect_timeout, read_timeout))
     print_top(run_all(run, with_report=report), out_console, top)
+    _exit_if_shards_failed(out)
 
 
 @app.command("demo")

@@ -7,11 +7,12 @@ embedding-reader and autofaiss read them unchanged.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,50 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup.errors import StoreError
+from dedup.errors import DedupError, StoreError
 from dedup.ids import SAMPLE_ID_SHIFT, make_sample_id, split_sample_id  # noqa: F401 - re-exported
 from dedup.run import RunDir
 
 # ---------------------------------------------------------------- atomic writes
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _atomic_target(path: Path) -> Path:
+    """A fresh temporary beside `path` (same filesystem, so the final rename is atomic)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     os.close(handle)
+    # mkstemp creates 0600; outputs are read by other users (training jobs), so honour the umask instead.
+    os.chmod(tmp, 0o666 & ~current_umask())
     return Path(tmp)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable read is a set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: Path, exc: OSError) -> DedupError:
+    """An OSError while writing an output -> a user-facing error naming the path."""
+    # pyarrow's OSErrors carry no errno, only the OS message.
+    if exc.errno == errno.ENOSPC or "no space left" in str(exc).lower():
+        return DedupError(f"no space left on device while writing {path}",
+                          hint="free some space (or pass another --out) and rerun the same command: finished work is kept")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) or (path.parent.exists() and not path.parent.is_dir()):
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), path.parent)
+        return DedupError(f"cannot write {path}: {blocker} is a file, not a directory",
+                          hint="pass an --out path that is a directory or does not exist yet")
+    return DedupError(f"cannot write {path}: {exc.strerror or exc}", hint="check the permissions and free space of the output directory")
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -41,48 +74,38 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_table(table: pa.Table | pd.DataFrame, path: Path) -> None:
-    if isinstance(table, pd.DataFrame):
-        table = pa.Table.from_pandas(table, preserve_index=False)
-    tmp = _atomic_target(path)
-    try:
-        pq.write_table(table, tmp)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_array(array: np.ndarray, path: Path) -> None:
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(value: Any, path: Path) -> None:
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is published at `path` (fsync, rename).
-
-    For writers that need a file name (faiss, HTML): the same guarantees as `write_table`.
-    """
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary to write; on success it replaces `path`, on any failure it is removed."""
     tmp = _atomic_target(path)
     try:
         yield tmp
         _publish(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_table(table: pa.Table | pd.DataFrame, path: Path) -> None:
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_array(array: np.ndarray, path: Path) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
+def write_json(value: Any, path: Path) -> None:
+    write_text(json.dumps(value, indent=2, sort_keys=True, default=str), path)
+
+
+def write_text(text: str, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------- schemas
@@ -96,7 +119,8 @@ def _schema(*columns: tuple[str, pa.DataType]) -> pa.Schema:
     return pa.schema(list(columns))
 
 
-SHARDS = _schema(("shard_index", pa.int32()), ("url", pa.string()))
+# url: the shard as given to the run (its identity); location: an absolute path for local shards.
+SHARDS = _schema(("shard_index", pa.int32()), ("url", pa.string()), ("location", pa.string()))
 SAMPLES = _schema(
     ("sample_id", pa.int64()), ("shard_index", pa.int32()), ("shard", pa.string()), ("key", pa.string()),
     ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -223,7 +247,11 @@ def record_shards(run: RunDir, shards: list[str]) -> list[str]:
     added = [s for s in dict.fromkeys(shards) if s not in known]
     if added or not run.shards_table.exists():
         every = existing + added
-        frame = pd.DataFrame({"shard_index": np.arange(len(every), dtype=np.int32), "url": every})
+        from dedup.stages.read import shard_location
+
+        # url: the shard as given to the run; location: where it is, whatever the working directory later is.
+        frame = pd.DataFrame({"shard_index": np.arange(len(every), dtype=np.int32), "url": every,
+                              "location": [shard_location(url) for url in every]})
         write_record(frame, run.shards_table, SHARDS)
     return existing + added
 

@@ -91,6 +91,19 @@ class RunDir:
     def run_config(self) -> Path:
         return self.root / "run.json"
 
+    @property
+    def failed_shards(self) -> Path:
+        """Shards the last embed run could not read to their end (see dedup.engine for the columns)."""
+        return self.failed_tasks("embed")
+
+    def failed_tasks(self, stage: str) -> Path:
+        # The embed stage's tasks are shards: its table is named for what a user looks for.
+        return self.root / ("failed_shards.parquet" if stage == "embed" else f"failed_{stage}.parquet")
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
     def marker(self, stage: str, task_id: str) -> Path:
         return self.root / "_markers" / stage / f"{task_id}.done"
 
@@ -134,7 +147,7 @@ class Run(RunDir):
 
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise SettingsError(f"--out {root} is an existing file, not a directory",
+            raise SettingsError(f"--out {root} is a file, not a directory",
                                 hint="choose a new --out directory (it is created)")
         run = cls(root, requested, console)
         if run.run_config.exists():

@@ -46,7 +46,8 @@ class EngineSettings:
     ray_actors: int = 2
     ray_cpus_per_actor: float = 1.0
     ray_gpus_per_actor: float = 0.0
-    retries: int = 1
+    retries: int = 2  # a failing task is tried 1 + retries times, with exponential backoff between tries
+    retry_backoff_s: float = 1.0
     show_progress: bool = True
 
     def validated(self) -> EngineSettings:
@@ -56,7 +57,8 @@ class EngineSettings:
                "e.g. --ray-cpus-per-actor 1")
         _check(self.ray_gpus_per_actor >= 0, f"--ray-gpus-per-actor must be >= 0, not {self.ray_gpus_per_actor}",
                "e.g. --ray-gpus-per-actor 1 for CLIP on GPU nodes")
-        _check(self.retries >= 0, f"retries must be >= 0, not {self.retries}", "e.g. retries=2")
+        _check(self.retries >= 0, f"--retries must be >= 0, not {self.retries}", "e.g. --retries 2")
+        _check(self.retry_backoff_s >= 0, f"retry backoff must be >= 0 s, not {self.retry_backoff_s}", "e.g. 1.0")
         return self
 
 
@@ -76,6 +78,9 @@ class Settings:
     batch_size: int = 64
     workers: int | None = None  # decode processes; None: chosen from the descriptors and cores
     device: str = "auto"
+    # Remote shards (http, https): seconds to connect, and to wait for the next bytes.
+    connect_timeout_s: float = 30.0
+    read_timeout_s: float = 60.0
     engine: EngineSettings = field(default_factory=EngineSettings)
     version: int = SETTINGS_VERSION
 
@@ -86,7 +91,8 @@ class Settings:
               thresholds: dict[str, float] | None = None, guards: dict[str, float] | None = None,
               keep: str = "best", memory: str | int = DEFAULT_MEMORY, batch_size: int = 64,
               workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
-              engine: EngineSettings | None = None, cuda_available: bool | None = None) -> Settings:
+              engine: EngineSettings | None = None, cuda_available: bool | None = None,
+              connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0) -> Settings:
         """Validated settings for a new run; descriptors default from the registry (GPU or not).
 
         `model_options` are the CLI's model values (model, pretrained, ...): each descriptor keeps
@@ -99,6 +105,7 @@ class Settings:
             shard_specs=list(shard_specs or []), descriptors=names, keep=keep,
             memory_budget_bytes=parse_size(memory) if isinstance(memory, str) else int(memory),
             batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
+            connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
         )
         settings.descriptor_options = {n: _shaping(builder_options(n, model_options or {})) for n in names}
         return settings.with_cuts(thresholds or {}, guards or {}).validated()
@@ -146,6 +153,8 @@ class Settings:
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}", "e.g. --batch-size 64")
         _check(self.workers is None or self.workers >= 0, f"--workers must be 0 or more, not {self.workers}",
                "--workers 0 decodes in the main process")
+        _check(self.connect_timeout_s > 0 and self.read_timeout_s > 0, "timeouts must be positive",
+               "e.g. --connect-timeout 30 --read-timeout 60")
         _check(bool(DEVICE_PATTERN.match(self.device)), f"unknown device {self.device!r}",
                "use --device auto, cpu, cuda or cuda:N")
         self.engine = self.engine.validated()
@@ -174,7 +183,8 @@ class Settings:
         if requested.shard_specs:  # the embed stage checks them against the shards already recorded
             changes["shard_specs"] = requested.shard_specs
         return replace(self, **changes, batch_size=requested.batch_size, workers=requested.workers,
-                       device=requested.device, engine=requested.engine).validated()
+                       device=requested.device, engine=requested.engine, connect_timeout_s=requested.connect_timeout_s,
+                       read_timeout_s=requested.read_timeout_s).validated()
 
     # ------------------------------------------------------------ run.json
 

@@ -96,3 +96,111 @@ def test_resumed_run_with_other_shards_is_refused(tmp_path, demo_out):
     run = demo_out / "run"
     result = runner.invoke(app, ["embed", str(demo_out / "shards" / "00000.tar"), "--out", str(run), "--descriptor", "perceptual"])
     assert result.exit_code == 2 and "new --out" in result.output
+
+
+# ---------------------------------------------------------------- bad inputs: two lines, exit 2, no traceback
+
+
+def _two_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "hint:" in result.output and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
+
+
+def _demo_image(demo_out, tmp_path):
+    import tarfile
+
+    with tarfile.open(demo_out / "shards" / "00000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        data = tar.extractfile(member).read()
+    path = tmp_path / "good.jpg"
+    path.write_bytes(data)
+    return path
+
+
+def test_query_image_that_is_not_an_image_exits_2(demo_out, tmp_path):
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("<html>404 not found</html>")
+    _two_line_error(runner.invoke(app, ["query", str(demo_out / "run"), "--image", str(fake)]), "not an image")
+
+
+def test_query_images_folder_never_reads_devices_fifos_or_outside_links(demo_out, tmp_path):
+    import os
+
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    good = _demo_image(demo_out, tmp_path)
+    (folder / "good.jpg").write_bytes(good.read_bytes())
+    os.mkfifo(folder / "fifo.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    os.symlink(good, folder / "outside.jpg")
+    result = runner.invoke(app, ["query", str(demo_out / "run"), "--images", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    answers = {a["query"].rsplit("/", 1)[1]: a for a in json.loads(result.stdout)}
+    assert answers["good.jpg"]["copies"] >= 1 and answers["good.jpg"]["error"] is None
+    assert "not a regular file" in answers["fifo.jpg"]["error"]
+    assert "outside" in answers["zero.jpg"]["error"] and "outside" in answers["outside.jpg"]["error"]
+
+
+def test_eval_truth_that_is_not_parquet_exits_2(demo_out, tmp_path):
+    truth = tmp_path / "truth.csv"
+    truth.write_text("key,group_id\na,1\n")
+    _two_line_error(runner.invoke(app, ["eval", str(demo_out / "run"), "--truth", str(truth)]), "Parquet")
+
+
+def test_out_on_an_existing_file_exits_2(demo_out, tmp_path):
+    blocker = tmp_path / "out.txt"
+    blocker.write_text("I am a file")
+    result = runner.invoke(app, ["embed", str(demo_out / "shards" / "00000.tar"), "--out", str(blocker), "-d", "perceptual"])
+    _two_line_error(result, "is a file")
+
+
+def test_full_disk_exits_2_naming_the_path_and_leaves_no_temporaries(demo_out, tmp_path, monkeypatch):
+    import errno
+
+    from dedup import records
+
+    def full_disk(table, where, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records.pq, "write_table", full_disk)
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["embed", str(demo_out / "shards" / "00000.tar"), "--out", str(out), "-d", "perceptual",
+                                 "--workers", "0"])
+    _two_line_error(result, "no space left", str(out))
+    assert list(out.rglob("*.tmp")) == []
+
+
+def test_unreachable_ray_address_exits_2_at_once(demo_out, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    result = runner.invoke(app, ["embed", str(demo_out / "shards" / "00000.tar"), "--out", str(tmp_path / "o"),
+                                 "-d", "perceptual", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"])
+    _two_line_error(result, "cannot reach the Ray cluster")
+    assert time.monotonic() - started < 60
+
+
+def test_run_where_nothing_decodes_exits_2(tmp_path):
+    from conftest import write_tar
+
+    shard = write_tar(tmp_path / "00000.tar", [("k0.jpg", b"<html>403</html>"), ("k1.png", b"")])
+    result = runner.invoke(app, ["run", str(shard), "--out", str(tmp_path / "o"), "-d", "perceptual", "--workers", "0"])
+    _two_line_error(result, "no image decoded")
+
+
+def test_failed_shards_are_listed_with_the_retry_command(demo_out, tmp_path, monkeypatch):
+    missing_later = tmp_path / "00001.tar"
+    missing_later.write_bytes(b"")  # exists when the shards are listed, but is no tar
+    args = ["embed", str(demo_out / "shards" / "00000.tar"), str(missing_later), "--out", str(tmp_path / "o"),
+            "-d", "perceptual", "--workers", "0"]
+    monkeypatch.setattr("sys.argv", ["dedup", *args])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "1 shards failed" in result.output and str(missing_later) in result.output
+    assert "retry with: dedup embed" in result.output

@@ -6,11 +6,13 @@ import importlib.util
 import json
 import sys
 
+import pandas as pd
 import pytest
 from conftest import make_run
 
-from dedup.engine import LocalEngine, StageFailed
-from dedup.errors import MissingExtraError, require
+import dedup.engine as engine_module
+from dedup.engine import LocalEngine, StageFailed, TaskIncomplete, check_ray_address
+from dedup.errors import DedupError, MissingExtraError, require
 from dedup.records import RunDir
 
 
@@ -41,11 +43,11 @@ class CountingStage:
 def test_markers_skip_finished_tasks_and_stats_add_up(tmp_path):
     run = RunDir(tmp_path)
     stage = CountingStage(run, ["a", "b", "flaky"])
-    report = LocalEngine(run, show_progress=False).run(stage)
+    report = LocalEngine(run, show_progress=False, backoff_s=0).run(stage)
     assert report.tasks_run == 3 and stage.attempts == {"a": 1, "b": 1, "flaky": 2}
     assert report.stats["samples"] == 9 and report.stats["status.ok"] == 6
     again = CountingStage(run, ["a", "b", "flaky", "c"])
-    report = LocalEngine(run, show_progress=False).run(again)
+    report = LocalEngine(run, show_progress=False, backoff_s=0).run(again)
     assert again.attempts == {"c": 1} and report.tasks_skipped == 3
     assert report.stats["samples"] == 12  # earlier tasks' stats come from their markers
 
@@ -54,11 +56,88 @@ def test_failing_task_is_reported_and_others_are_kept(tmp_path):
     run = RunDir(tmp_path)
     stage = CountingStage(run, ["a", "bad", "c"], fail_always="bad")
     with pytest.raises(StageFailed, match="1 of 3 tasks failed") as info:
-        LocalEngine(run, retries=2, show_progress=False).run(stage)
+        LocalEngine(run, retries=2, show_progress=False, backoff_s=0).run(stage)
     assert "rerun the same command" in str(info.value)
     assert stage.attempts["bad"] == 3
     assert run.marker("count", "a").exists() and run.marker("count", "c").exists()
     assert not run.marker("count", "bad").exists()
+
+
+def test_failed_task_is_listed_with_its_traceback(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(StageFailed, match="failed_count.parquet"):
+        LocalEngine(run, retries=0, show_progress=False, backoff_s=0).run(CountingStage(run, ["a", "bad"], fail_always="bad"))
+    (row,) = pd.read_parquet(run.failed_tasks("count")).to_dict("records")
+    assert row["task_id"] == "bad" and row["status"] == "error" and "boom in bad" in row["error"]
+
+
+class IncompleteStage:
+    """A stage whose task 'cut' reads only part of its input for its first `cut_runs` attempts."""
+
+    name = "embed"
+
+    def __init__(self, run: RunDir, cut_attempts: int) -> None:
+        self.run_dir, self.cut_attempts, self.attempts = run, cut_attempts, 0
+
+    def task_ids(self):
+        return ["ok", "cut"]
+
+    def run_task(self, task_id, progress):
+        if task_id == "cut":
+            self.attempts += 1
+            if self.attempts <= self.cut_attempts:
+                raise TaskIncomplete("truncated", "cut.tar: the tar ends early", {"samples": 2, "status.ok": 2})
+        return {"samples": 5, "status.ok": 5}
+
+    def describe_task(self, task_id):
+        return {"shard_index": 0 if task_id == "ok" else 1, "url": f"{task_id}.tar"}
+
+    def close(self):
+        pass
+
+
+def test_incomplete_task_is_retried_with_backoff_recorded_and_retried_next_run(tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(engine_module.time, "sleep", waits.append)
+    run = RunDir(tmp_path)
+    stage = IncompleteStage(run, cut_attempts=10)
+    report = LocalEngine(run, retries=2, show_progress=False, backoff_s=0.5).run(stage)  # tolerated: no raise
+    assert stage.attempts == 3 and waits == [0.5, 1.0]
+    assert not run.marker("embed", "cut").exists() and run.marker("embed", "ok").exists()
+    assert report.stats["samples"] == 7  # the cut shard's readable samples count
+    (row,) = pd.read_parquet(run.failed_shards).to_dict("records")
+    assert {k: row[k] for k in ("task_id", "status", "attempts", "shard_index", "url", "samples_read")} == {
+        "task_id": "cut", "status": "truncated", "attempts": 3, "shard_index": 1, "url": "cut.tar", "samples_read": 2}
+    assert "the tar ends early" in row["error"] and row["failed_at"]
+    again = IncompleteStage(run, cut_attempts=0)  # the next run: the shard now reads in full
+    report = LocalEngine(run, show_progress=False, backoff_s=0).run(again)
+    assert again.attempts == 1 and report.tasks_skipped == 1 and run.marker("embed", "cut").exists()
+    assert not run.failed_shards.exists()
+
+
+def test_transient_failure_succeeds_within_the_run(tmp_path):
+    run = RunDir(tmp_path)
+    stage = IncompleteStage(run, cut_attempts=1)
+    report = LocalEngine(run, retries=2, show_progress=False, backoff_s=0).run(stage)
+    assert stage.attempts == 2 and not report.failures and not run.failed_shards.exists()
+    assert json.loads(run.marker("embed", "cut").read_text())["attempts"] == 2
+
+
+def test_unreachable_ray_address_fails_fast_with_a_hint():
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(DedupError, match="cannot reach the Ray cluster") as info:
+        check_ray_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5 and "--ray-address" in info.value.hint
+    with pytest.raises(DedupError, match="cannot read --ray-address"):
+        check_ray_address("head:notaport")
+    check_ray_address(None)
+    check_ray_address("auto")
 
 
 def test_missing_extra_names_the_pip_install(monkeypatch):

@@ -295,6 +295,55 @@ def test_moved_shard_gives_placeholders_not_a_crash(fixture_run, tmp_path):
     assert "shard file not found" in document
 
 
+def test_moved_shards_are_counted_in_a_warning(fixture_run, tmp_path):
+    from rich.console import Console
+
+    moved = tmp_path / "moved-run"
+    shutil.copytree(fixture_run.root, moved, ignore=shutil.ignore_patterns("report"))
+    write_table(pd.DataFrame({"shard_index": np.arange(3, dtype=np.int32),
+                              "url": [str(tmp_path / f"gone_{i}.tar") for i in range(3)]}), RunDir(moved).shards_table)
+    buffer = io.StringIO()
+    report.write_report(moved, top=3, log=Console(file=buffer, width=300))
+    warning = buffer.getvalue()
+    shown = int(re.search(r"(\d+) of (\d+) thumbnails could not be read", warning).group(2))
+    assert re.search(rf"{shown} of {shown} thumbnails could not be read", warning) and "shard file not found" in warning
+
+
+def test_thumbnails_are_found_from_any_working_directory(fixture_run, tmp_path, monkeypatch):
+    from dedup.records import record_shards
+
+    relative = tmp_path / "relative-run"
+    shutil.copytree(fixture_run.root, relative, ignore=shutil.ignore_patterns("report"))
+    run = RunDir(relative)
+    run.shards_table.unlink()
+    monkeypatch.chdir(fixture_run.shard_paths[0].parent.parent)  # the run was started here, on relative paths
+    record_shards(run, [str(p.relative_to(Path.cwd())) for p in fixture_run.shard_paths])
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # `dedup report RUN` from another directory
+    thumbs = report.read_thumbnails(relative, [fixture_run.top_cluster_id])
+    assert thumbs[fixture_run.top_cluster_id].image is not None, thumbs[fixture_run.top_cluster_id].problem
+
+
+def test_cluster_mixing_samples_with_and_without_urls_renders(fixture_run, tmp_path):
+    mixed = tmp_path / "mixed-run"
+    shutil.copytree(fixture_run.root, mixed, ignore=shutil.ignore_patterns("report"))
+    run = RunDir(mixed)
+    clusters = pd.read_parquet(run.clusters)
+    top = clusters.index[clusters["cluster_id"] == fixture_run.top_cluster_id]
+    clusters.loc[top[1], "url"] = None  # a sample without .json
+    clusters.loc[top[2], "url"] = "javascript:alert(1)"
+    clusters.loc[top[3], "url"] = "data:text/html,<script>alert(2)</script>"
+    write_table(clusters, run.clusters)
+    write_table(rank_clusters(clusters), run.top_duplicates)
+    document = report.build_report_html(mixed, top=3, copies_shown=fixture_run.top_copies)
+    assert "javascript:alert(1)" in document  # shown as text...
+    for tag, attributes in _elements(document):  # ...never as a link or a source
+        for name, value in attributes.items():
+            assert not (value or "").lower().startswith(("javascript:", "data:text")), (tag, name, value)
+    assert "<script>alert(2)" not in document
+
+
 def test_summary_numbers(fixture_run, report_html):
     run = RunDir(fixture_run.root)
     clusters = pd.read_parquet(run.clusters)

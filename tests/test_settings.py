@@ -95,7 +95,7 @@ def test_out_on_an_existing_file_is_refused(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
     result = runner.invoke(app, ["run", "nothing.tar", "--out", str(target)])
-    assert result.exit_code == 2 and "existing file" in result.output
+    assert result.exit_code == 2 and "is a file" in result.output
 
 
 @pytest.mark.parametrize("option", [

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +11,18 @@ from PIL import Image
 
 from dedup import decode
 from dedup.errors import ShardSpecError
-from dedup.stages.read import expand_shard_specs, read_shard, split_member_name
+from dedup.stages.read import (
+    SHARD_HTTP_ERROR,
+    SHARD_TIMEOUT,
+    SHARD_TRUNCATED,
+    SHARD_UNREADABLE,
+    ShardStream,
+    Timeouts,
+    expand_shard_specs,
+    read_shard,
+    shard_location,
+    split_member_name,
+)
 
 
 def photo(seed: int = 0, size=(96, 64)) -> Image.Image:
@@ -102,7 +115,7 @@ def test_six_bad_kinds_become_rows_with_status(tmp_path):
 
 
 def test_truncated_tar_keeps_samples_read_so_far(tmp_path):
-    shard = write_tar(tmp_path / "00000.tar", sum((sample_members(f"k{i}", jpeg_bytes(photo(i))) for i in range(4)), []))
+    shard = write_tar(tmp_path / "00000.tar", [m for i in range(4) for m in sample_members(f"k{i}", jpeg_bytes(photo(i)))])
     data = shard.read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[:6000])  # inside the second sample's image
@@ -132,7 +145,7 @@ def test_decompression_bomb_is_refused_before_allocation():
 def test_every_mode_becomes_rgb(mode):
     base = photo(5, (40, 30))
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(base.convert("L")).astype("<u2") * 257))
+        image = Image.fromarray(np.asarray(base.convert("L")).astype("<u2") * 257)
         assert image.mode == "I;16"
     elif mode in ("I", "F"):
         image = base.convert("L").convert(mode)
@@ -198,3 +211,228 @@ def test_member_names_from_data_never_touch_the_filesystem(tmp_path):
     (sample,) = list(read_shard(str(shard), 0))
     assert sample.key == "../../etc/passwd" and sample.image_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]
+
+
+# ---------------------------------------------------------------- shards cut short, remote failures
+
+
+def _five_sample_tar(tmp_path):
+    members = [m for i in range(5) for m in sample_members(f"k{i}", jpeg_bytes(photo(i)))]
+    return write_tar(tmp_path / "full.tar", members)
+
+
+def _cut(shard, tmp_path, size, name="cut.tar"):
+    cut = tmp_path / name
+    cut.write_bytes(shard.read_bytes()[:size])
+    return cut
+
+
+def test_tar_cut_at_a_member_boundary_is_reported_truncated(tmp_path):
+    shard = _five_sample_tar(tmp_path)
+    with tarfile.open(shard) as tar:
+        headers = {m.name: m.offset for m in tar.getmembers()}
+    # Cut exactly where sample k3 begins: tarfile and webdataset see a clean end of archive.
+    samples = list(read_shard(str(_cut(shard, tmp_path, headers["k3.jpg"])), 0))
+    assert [s.key for s in samples[:-1]] == ["k0", "k1", "k2"]
+    assert samples[-1].failure[0] == "shard_error" and "truncated" in samples[-1].failure[1]
+    stream = ShardStream(str(_cut(shard, tmp_path, headers["k3.jpg"])), 0)
+    assert len(list(stream)) == 3
+    assert stream.failure.status == SHARD_TRUNCATED and stream.failure.samples_read == 3
+
+
+def test_tar_cut_inside_a_sample_or_after_one_zero_block_is_truncated(tmp_path):
+    shard = _five_sample_tar(tmp_path)
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        end = tar.offset  # where the end-of-archive blocks start
+    cuts = {
+        "between two members of one sample": members["k2.txt"].offset,
+        "after a header, before its data": members["k2.txt"].offset_data,
+        "after the first of the two zero blocks": end + 512,
+    }
+    for what, size in cuts.items():
+        stream = ShardStream(str(_cut(shard, tmp_path, size)), 0)
+        keys = [s.key for s in stream]
+        assert stream.failure is not None and stream.failure.status == SHARD_TRUNCATED, what
+        assert keys[:2] == ["k0", "k1"], what  # readable samples are kept
+
+
+def test_complete_tar_has_no_failure(tmp_path):
+    stream = ShardStream(str(_five_sample_tar(tmp_path)), 0)
+    assert [s.key for s in stream] == [f"k{i}" for i in range(5)]
+    assert stream.failure is None and stream.repeated_keys == 0 and stream.repeated_members == 0
+
+
+def test_repeated_keys_and_members_each_keep_their_own_sample(tmp_path):
+    images = [jpeg_bytes(photo(i)) for i in range(5)]
+    members = [("k1.jpg", images[0]), ("k1.txt", b"first"), ("k2.jpg", images[1]),
+               ("k1.jpg", images[2]), ("k1.txt", b"second"),  # k1 again, later in the shard
+               ("k3.jpg", images[3]), ("k3.jpg", images[4])]  # a member name repeated inside one sample
+    stream = ShardStream(str(write_tar(tmp_path / "00000.tar", members)), 0)
+    samples = list(stream)
+    assert [(s.key, s.occurrence) for s in samples] == [("k1", 0), ("k2", 0), ("k1", 1), ("k3", 0), ("k3", 1)]
+    assert [s.image_bytes for s in samples] == [images[0], images[1], images[2], images[3], images[4]]
+    assert [s.caption for s in samples[:3]] == ["first", None, "second"]
+    assert stream.repeated_keys == 2 and stream.repeated_members == 1
+
+
+def test_globs_and_folders_take_only_tar_files(tmp_path):
+    # img2dataset writes 00000.tar, 00000.parquet and 00000_stats.json side by side.
+    write_tar(tmp_path / "00000.tar", sample_members("k0", jpeg_bytes(photo(0))))
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    assert expand_shard_specs([str(tmp_path / "*")]) == [str(tmp_path / "00000.tar")]
+    assert expand_shard_specs([str(tmp_path)]) == [str(tmp_path / "00000.tar")]
+    with pytest.raises(ShardSpecError, match="match no shard"):
+        expand_shard_specs([str(tmp_path / "*.json")])
+
+
+def test_shard_location_is_absolute_for_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shard_location("data/00000.tar") == str(tmp_path / "data" / "00000.tar")
+    assert shard_location("https://host/a.tar") == "https://host/a.tar"
+
+
+def test_failing_pipe_command_is_a_failure_and_works_when_retried(tmp_path):
+    shard = write_tar(tmp_path / "00000.tar", sample_members("k0", jpeg_bytes(photo(0))))
+    flag = tmp_path / "failed_once"
+    command = f"pipe:sh -c 'if [ ! -e {flag} ]; then touch {flag}; echo bucket busy >&2; exit 1; fi; cat {shard}'"
+    stream = ShardStream(command, 0)
+    assert list(stream) == []
+    assert stream.failure.status == SHARD_UNREADABLE and "bucket busy" in stream.failure.message
+    assert [s.key for s in stream] == ["k0"] and stream.failure is None
+
+
+class _Server:
+    """A local HTTP server on 127.0.0.1 whose handler behaviour is chosen per path."""
+
+    def __init__(self, payload: bytes) -> None:
+        import http.server
+        import threading
+
+        payload_ = payload
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/error.tar":
+                    self.send_error(500, "backend exploded")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload_)))
+                self.end_headers()
+                if self.path == "/short.tar":  # the connection closes before Content-Length bytes
+                    self.wfile.write(payload_[: len(payload_) // 2])
+                    return
+                if self.path == "/stall.tar":
+                    self.wfile.write(payload_[: len(payload_) // 2])
+                    self.wfile.flush()
+                    time.sleep(30)  # stalls far past the test's read timeout
+                    return
+                self.wfile.write(payload_)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_shards(tmp_path):
+    server = _Server(_five_sample_tar(tmp_path).read_bytes())
+    yield server.base
+    server.close()
+
+
+def test_http_shard_streams_with_timeouts(http_shards):
+    stream = ShardStream(f"{http_shards}/ok.tar", 0, Timeouts(connect=2, read=2))
+    assert len(list(stream)) == 5 and stream.failure is None
+
+
+def test_http_500_names_the_url_and_status(http_shards):
+    stream = ShardStream(f"{http_shards}/error.tar", 0, Timeouts(connect=2, read=2))
+    assert list(stream) == []
+    assert stream.failure.status == SHARD_HTTP_ERROR
+    assert f"{http_shards}/error.tar: HTTP 500" in stream.failure.message and "curl" not in stream.failure.message
+
+
+def test_stalled_server_is_a_timeout_in_bounded_time(http_shards):
+    started = time.monotonic()
+    stream = ShardStream(f"{http_shards}/stall.tar", 0, Timeouts(connect=2, read=0.5))
+    samples = list(stream)
+    assert time.monotonic() - started < 10  # the 0.5 s read timeout, not the 30 s stall
+    assert stream.failure.status == SHARD_TIMEOUT and "stall.tar" in stream.failure.message
+    assert 0 < len(samples) < 5  # what arrived before the stall is kept
+
+
+def test_server_closing_early_is_truncated(http_shards):
+    stream = ShardStream(f"{http_shards}/short.tar", 0, Timeouts(connect=2, read=2))
+    samples = list(stream)
+    assert stream.failure.status == SHARD_TRUNCATED and 0 < len(samples) < 5
+
+
+def test_connection_refused_is_unreadable():
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stream = ShardStream(f"http://127.0.0.1:{port}/a.tar", 0, Timeouts(connect=1, read=1))
+    assert list(stream) == [] and stream.failure.status == SHARD_UNREADABLE
+    assert f"127.0.0.1:{port}" in stream.failure.message
+
+
+# ---------------------------------------------------------------- decoding cost bounded from the header
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def sixteen_bit_png(width: int, height: int) -> bytes:
+    """A real, valid all-black 16-bit greyscale PNG, built row by row (never held decoded)."""
+    import struct
+    import zlib
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + 2 * width)  # filter byte + 2 bytes a pixel
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_bomb_is_refused_from_its_header(monkeypatch):
+    from PIL import ImageFile
+
+    bomb = sixteen_bit_png(10000, 8900)
+    assert len(bomb) < 400_000  # ~173 KB on disk, 178 MB of pixels, GBs once rescaled
+    assert Image.open(io.BytesIO(bomb)).size == (10000, 8900)
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(decode.DecodeFailure) as info:
+        decode.decode_image(bomb)
+    assert info.value.status == "too_large" and "10000x8900" in info.value.message
+
+
+def test_pixel_limit_is_pillows_and_small_deep_images_still_decode():
+    assert decode.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    decoded = decode.decode_image(sixteen_bit_png(300, 200))
+    assert decoded.image.mode == "RGB" and decoded.image.size == (300, 200)
+    # An 8-bit image between Pillow's warning and our old 120 MP limit is refused, not warned about.
+    big = png_bytes(Image.new("L", (9500, 9500)))
+    with pytest.raises(decode.DecodeFailure) as info:
+        decode.decode_image(big)
+    assert info.value.status == "too_large"

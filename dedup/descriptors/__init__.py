@@ -53,7 +53,7 @@ class DescriptorInfo:
     supports_text: bool = False
     # Its model needs every core on a CPU, so decoding runs inline (measured: benchmarks/bench_embed.py).
     uses_all_cores_on_cpu: bool = False
-    # Options naming a file: made absolute when the run starts, so query and compare find it from anywhere.
+    # Options that may name a file: made absolute when the run starts, so query and compare find it from anywhere.
     path_options: tuple[str, ...] = ()
     extra_options: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +93,7 @@ register(DescriptorInfo(
     "clip", "dedup.descriptors.clip", "ClipDescriptor", "vector", True,
     "open_clip image embedding (default ViT-B-32 / laion2b_s34b_b79k). Default where a GPU is present.",
     default_threshold=CLIP_THRESHOLD,
-    cli_options=("model", "pretrained", "device"),
+    cli_options=("model", "pretrained", "device"), path_options=("model", "pretrained"),
     warm_up=True, supports_text=True, uses_all_cores_on_cpu=True,
 ))
 register(DescriptorInfo(
@@ -138,8 +138,9 @@ def builder_options(name: str, values: dict[str, Any]) -> dict[str, Any]:
     info = descriptor_policy(name)
     options = {**info.extra_options, **{k: values[k] for k in info.cli_options if k in values and values[k] is not None}}
     for key in info.path_options:
-        if key in options:
-            options[key] = str(Path(str(options[key])).expanduser().resolve())
+        path = Path(str(options.get(key, ""))).expanduser()
+        if key in options and path.exists():  # a tag or model name stays as given
+            options[key] = str(path.resolve())
     return options
 
 

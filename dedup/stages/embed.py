@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from dedup import decode
 from dedup.descriptors import builder_options, cuda_available, descriptor_policy
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
-from dedup.engine import StageReport, run_stage
+from dedup.engine import StageReport, TaskIncomplete, run_stage
+from dedup.errors import DedupError
 from dedup.records import (
     EMBEDDING_METADATA,
     SAMPLES,
@@ -34,7 +38,7 @@ from dedup.records import (
 from dedup.run import Run
 from dedup.settings import Settings
 from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, process_chunk
-from dedup.stages.read import RawSample, read_shard
+from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts
 
 CHUNK_SIZE = 32
 
@@ -95,6 +99,7 @@ class EmbedStage:
         workers: int = 2,
         batch_size: int = 64,
         max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.run_dir = run
         self.shards = shards
@@ -102,6 +107,7 @@ class EmbedStage:
         self.workers = workers
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.timeouts = timeouts
         self._pool = None
         self._main_descriptors: dict[str, Descriptor] | None = None
 
@@ -115,20 +121,33 @@ class EmbedStage:
         return [str(i) for i in range(len(self.shards))]
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        """Embed one shard; a shard not read to its end raises TaskIncomplete after writing what it read."""
         shard_index = int(task_id)
         batchers = [
             _Batcher(name, descriptor, self.batch_size) for name, descriptor in self._descriptors().items()
         ]
         rows: list[dict[str, Any]] = []
-        for processed in self._processed(read_shard(self.shards[shard_index], shard_index)):
+        stream = ShardStream(self.shards[shard_index], shard_index, self.timeouts)
+        for processed in self._processed(stream):
             for sample in processed:
                 rows.append(sample.row)
                 for batcher in batchers:
                     if batcher.name in sample.prepared:
                         batcher.add(sample.row, sample.prepared[batcher.name])
             progress(len(processed))
-        self._write(shard_index, rows, batchers)
-        return _shard_stats(rows)
+        stats = _shard_stats(rows, stream)
+        if stream.failure is None:
+            self._write(shard_index, rows, batchers)
+            return stats
+        # The readable samples are used (clustered, in the manifests) until the shard reads in full;
+        # a worse retry (fewer samples) never replaces what an earlier attempt read.
+        if len(rows) >= _rows_on_disk(self.run_dir.samples_part(shard_index)):
+            self._write(shard_index, rows, batchers)
+        raise TaskIncomplete(stream.failure.status, _with_url(self.shards[shard_index], stream.failure.message), stats)
+
+    def describe_task(self, task_id: str) -> dict[str, Any]:
+        """Columns of OUT/failed_shards.parquet besides the engine's own."""
+        return {"shard_index": int(task_id), "url": self.shards[int(task_id)]}
 
     def _descriptors(self) -> dict[str, Descriptor]:
         if self._main_descriptors is None:
@@ -153,7 +172,11 @@ class EmbedStage:
     def _get_pool(self):
         if self._pool is None:
             # spawn: the parent may hold torch/OpenMP threads that fork would copy mid-state.
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and only this process
+            # should act on it (by terminating the pool), not workers dying mid-task.
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                self.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+            )
         return self._pool
 
     def _write(self, shard_index: int, rows: list[dict[str, Any]], batchers: list[_Batcher]) -> None:
@@ -170,12 +193,62 @@ class EmbedStage:
             self._pool.join()
             self._pool = None
 
+    def abort(self) -> None:
+        """Ctrl-C: stop the workers now; queued chunks are dropped (nothing unfinished is marked done)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
-def _shard_stats(rows: list[dict[str, Any]]) -> dict[str, int]:
-    stats = {"samples": len(rows)}
+
+def _shard_stats(rows: list[dict[str, Any]], stream: ShardStream) -> dict[str, int]:
+    stats = {"samples": len(rows), "keys.repeated_in_shard": stream.repeated_keys,
+             "members.repeated": stream.repeated_members}
     for row in rows:
         stats[f"status.{row['status']}"] = stats.get(f"status.{row['status']}", 0) + 1
     return stats
+
+
+def _rows_on_disk(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def _with_url(url: str, message: str) -> str:
+    return message if url in message else f"{url}: {message}"
+
+
+def keys_in_several_shards(run: RunDir) -> int:
+    """Distinct keys that occur in more than one shard (e.g. two img2dataset outputs both starting at 000000000).
+
+    Keys are hashed to 64 bits, so memory is 8 bytes a sample; a collision can only add a spurious count.
+    """
+    import pyarrow.parquet as pq
+
+    per_shard = []
+    for part in sorted((run.root / "samples").glob("samples_*.parquet")):
+        keys = pq.read_table(part, columns=["key"])["key"].to_pandas()
+        per_shard.append(np.unique(pd.util.hash_array(keys.to_numpy(dtype=object))))
+    if not per_shard:
+        return 0
+    _, counts = np.unique(np.concatenate(per_shard), return_counts=True)
+    return int((counts > 1).sum())
+
+
+def require_decoded(report: StageReport, run: RunDir) -> None:
+    """A run in which nothing decodes is a bad input, not an empty result."""
+    if report.stats.get("status.ok", 0) > 0:
+        return
+    statuses = {k.split(".", 1)[1]: int(v) for k, v in report.stats.items() if k.startswith("status.")}
+    failed = f"; {len(report.failures)} of {report.tasks_total} shards could not be read" if report.failures else ""
+    first = next(iter(report.failures.values()), None)
+    raise DedupError(
+        f"no image decoded: {int(report.stats.get('samples', 0)):,} samples {statuses or ''}{failed}"
+        + (f" (first: {first.summary})" if first else ""),
+        hint=f"check that the shards are webdataset tars of images ({{key}}.jpg / .png / .webp ...); "
+             f"{run.samples_part(0).parent}/ and {run.failed_shards.name} list every failure",
+    )
 
 
 # ---------------------------------------------------------------- stage wiring
@@ -212,8 +285,12 @@ def embed(run: Run) -> StageReport:
     _check_builders(builders, run)
     workers = resolve_workers(run.settings)
     run.log(f"decode workers: {workers}")
-    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size)
-    return run_stage(run, stage)
+    timeouts = Timeouts(run.settings.connect_timeout_s, run.settings.read_timeout_s)
+    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size, timeouts=timeouts)
+    report = run_stage(run, stage)
+    report.stats["keys.in_several_shards"] = keys_in_several_shards(run)
+    require_decoded(report, run)
+    return report
 
 
 def _check_builders(builders: list[DescriptorBuilder], run: Run) -> None:

@@ -28,7 +28,11 @@ def _pairs(counts: pd.Series | np.ndarray) -> float:
 
 
 def load_truth(path: str | Path) -> pd.DataFrame:
-    truth = pd.read_parquet(path)
+    try:
+        truth = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError, a missing file an OSError
+        raise DedupError(f"cannot read {path} as a Parquet truth table: {exc}",
+                         hint="pass a .parquet file with 'key' and 'group_id' columns (e.g. the demo's truth.parquet)") from None
     missing = {"key", "group_id"} - set(truth.columns)
     if missing:
         raise DedupError(f"{path} lacks columns {sorted(missing)}", hint="the truth table needs 'key' and 'group_id' columns")

@@ -12,7 +12,7 @@ import faiss
 from dedup.descriptors import query_transform_for
 from dedup.engine import run_stage
 from dedup.errors import StoreError
-from dedup.records import RunDir, atomic_file, fingerprint, load_embeddings
+from dedup.records import RunDir, atomic_output, fingerprint, load_embeddings
 from dedup.run import Run
 from dedup.search.faiss_index import _to_gpu, apply_search_params
 from dedup.search.index_choice import IndexSpec
@@ -87,13 +87,13 @@ def index_paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
 def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Write `<name>.faiss` and `<name>.json` atomically (temp file + rename)."""
     index_path, spec_path = index_paths(directory, name)
-    with atomic_file(index_path) as tmp_index:
+    with atomic_output(index_path) as tmp_index:
         if spec.is_binary:
             faiss.write_index_binary(index, str(tmp_index))
         else:
             faiss.write_index(faiss.index_gpu_to_cpu(index) if spec.use_gpu else index, str(tmp_index))
     # The spec goes last: its presence marks a complete pair.
-    with atomic_file(spec_path) as tmp_spec:
+    with atomic_output(spec_path) as tmp_spec:
         tmp_spec.write_text(replace(spec, n_vectors=int(index.ntotal)).to_json())
     return index_path, spec_path
 

@@ -8,6 +8,9 @@ exact (no top-k cap). A key is answered from clusters.parquet directly.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +20,14 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
+from dedup.console import safe_text, terminal_safe
 from dedup.decode import DecodeFailure, decode_image
 from dedup.descriptors import DescriptorBuilder, descriptor_policy
 from dedup.errors import QueryError, StoreError
 from dedup.records import RunDir
 from dedup.settings import Settings
+from dedup.stages.read import MAX_IMAGE_BYTES
 
 MATCH_COLUMNS = ["sample_id", "key", "url", "caption", "similarity", "cluster_id"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -150,17 +154,42 @@ def _result(name: str, run_index: RunIndex, matches: pd.DataFrame) -> QueryResul
     return QueryResult(name, run_index.descriptor, int(matches["sample_id"].nunique()), best, size, matches)
 
 
-def query_images(run_index: RunIndex, paths: list[Path]) -> list[QueryResult]:
+def read_image_file(path: Path, root: Path | None = None, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; with `root`, only if it lies inside `root`.
+
+    Never blocks or exhausts memory on what a folder may hold: FIFOs and devices
+    (/dev/zero) are refused from an fstat before any read, the read is capped,
+    and a symlink leading out of `root` is refused.
+    """
+    resolved = path.resolve()
+    if root is not None and not resolved.is_relative_to(root.resolve()):
+        raise OSError(f"{path} links outside {root}; not read")
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: no link swapped in since resolve().
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(resolved, flags)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file; not read")
+        if info.st_size > limit:
+            raise OSError(f"{path} is {info.st_size:,} bytes, above the {limit:,}-byte image limit")
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise OSError(f"{path} is above the {limit:,}-byte image limit")
+    return data
+
+
+def query_images(run_index: RunIndex, paths: list[Path], root: Path | None = None) -> list[QueryResult]:
     describer = run_index.describer()
     results: list[QueryResult | None] = [None] * len(paths)
     prepared, positions = [], []
     for i, path in enumerate(paths):
         try:
-            data = path.read_bytes()
+            data = read_image_file(path, root)
             prepared.append(describer.prepare(decode_image(data, describer.min_side).image))
             positions.append((i, hashlib.sha256(data).hexdigest()))
         except (OSError, DecodeFailure) as exc:
-            message = exc.message if isinstance(exc, DecodeFailure) else str(exc)
+            message = exc.message if isinstance(exc, DecodeFailure) else (exc.strerror and f"{path}: {exc.strerror}") or str(exc)
             results[i] = QueryResult(str(path), run_index.descriptor, 0, None, 0, error=message)
     if prepared:
         vectors = describer.embed(np.stack(prepared))
@@ -244,24 +273,40 @@ def query(out: str | Path, *, image: Path | None = None, images: Path | None = N
     if image is not None:
         if not image.is_file():
             raise QueryError(f"{image} is not a file", hint="pass an image path, or --images DIR for a folder")
-        return query_images(run_index, [image])
+        return _all_failed_is_an_error(query_images(run_index, [image]), str(image))
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images and images.is_dir() else []
     if not files:
         raise QueryError(f"no images found in {images}", hint=f"the folder must hold files ending in {sorted(IMAGE_SUFFIXES)}")
-    return query_images(run_index, files)
+    return _all_failed_is_an_error(query_images(run_index, files, root=Path(images)), str(images))
+
+
+def _all_failed_is_an_error(results: list[QueryResult], what: str) -> list[QueryResult]:
+    """A query none of whose images could be read answers nothing: that is an error, not 0 copies."""
+    if results and all(r.error for r in results):
+        detail = results[0].error if len(results) == 1 else f"none of {len(results)} files (first: {results[0].error})"
+        raise QueryError(f"cannot query {what}: {detail}",
+                         hint=f"pass a readable image file (JPEG, PNG, WebP...; at most {MAX_IMAGE_BYTES:,} bytes)")
+    return results
 
 
 def print_results(results: list[QueryResult], console: Console, limit: int = 20) -> None:
     for result in results:
         if result.error:
-            console.print(f"[red]{escape(result.query)}: {escape(result.error)}[/]")
+            console.print(f"[red]{escape(terminal_safe(result.query))}: {escape(terminal_safe(result.error))}[/]")
             continue
         counted = "copies above threshold" if result.min_similarity is None else f"images at similarity >= {result.min_similarity:g}"
-        console.print(f"[bold]{escape(result.query)}[/]: {result.copies} {counted} "
+        console.print(f"[bold]{escape(terminal_safe(result.query))}[/]: {result.copies} {counted} "
                       f"({result.descriptor}); best match's cluster has {result.cluster_size} members")
         table = Table("similarity", "key", "caption", "url")
         for row in result.matches.head(limit).itertuples():
             # Keys, captions and URLs are web content: plain Text, never console markup.
-            table.add_row(f"{row.similarity:.3f}", Text(str(row.key)), Text(str(row.caption or "")[:50]), Text(str(row.url or "")[:60]))
+            # ... and never control characters (an ANSI escape in a caption would drive the terminal).
+            table.add_row(f"{row.similarity:.3f}", safe_text(row.key), safe_text(_shown(row.caption)[:50]),
+                          safe_text(_shown(row.url)[:60]))
         if len(result.matches):
             console.print(table)
+
+
+def _shown(value: object) -> str:
+    """Missing values (None, NaN) print as nothing, everything else as its text."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)

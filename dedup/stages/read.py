@@ -3,6 +3,21 @@
 A shard is a tar whose members are grouped by key (`{key}.jpg`, `{key}.txt`,
 `{key}.json`). Tars are read as streams, one member at a time, so memory is
 bounded by the largest allowed member, whatever the number of shards.
+
+A shard is only "read" when its tar ends as a tar must (two 512-byte zero
+blocks): `tarfile` and webdataset silently accept an archive cut at a member or
+header boundary (a partial download, a server closing the connection cleanly),
+so `ShardStream` checks the end itself and reports such a shard as `truncated`.
+Remote reads have connect and read timeouts; failures name the URL and the
+HTTP status (see `ShardFailure`).
+
+Samples are grouped like webdataset groups them: consecutive members with one
+key form a sample, and a member name repeated inside a sample starts a new
+sample. A key that comes back later in the shard (or a repeated member name)
+therefore gives one more sample with the same key; such samples are told apart
+by their order of appearance (`RawSample.occurrence`: 0 for the first sample
+with that key in the shard, 1 for the next...) and counted in
+`ShardStream.repeated_keys` / `repeated_members`.
 """
 
 from __future__ import annotations
@@ -10,12 +25,17 @@ from __future__ import annotations
 import glob
 import json
 import os
+import select
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPException, HTTPSConnection, IncompleteRead
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
 
 from braceexpand import braceexpand
 
@@ -28,6 +48,26 @@ MAX_TEXT_BYTES = 256 * 1024
 MAX_CAPTION_CHARS = 4096
 MAX_URL_CHARS = 4096
 _REMOTE_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://", "az://", "abfs://")
+# What a glob or a folder contributes: tar files only, never img2dataset's .parquet / _stats.json beside them.
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+# Shard failure statuses (OUT/failed_shards.parquet `status`).
+SHARD_TRUNCATED = "truncated"  # the tar ends before its end-of-archive blocks: samples read so far are kept
+SHARD_UNREADABLE = "unreadable"  # cannot be opened, is not a tar, or a pipe: command failed
+SHARD_HTTP_ERROR = "http_error"  # the server answered with a status other than 200
+SHARD_TIMEOUT = "timeout"  # no connection, or no data, within the timeouts
+_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for a connection, and for each read once connected (a stalled server)."""
+
+    connect: float = 30.0
+    read: float = 60.0
+
+
+DEFAULT_TIMEOUTS = Timeouts()
 
 
 @dataclass
@@ -44,10 +84,39 @@ class RawSample:
     meta: dict[str, Any] = field(default_factory=dict)
     # Set when the sample is unusable before decoding: (status, message).
     failure: tuple[str, str] | None = None
+    # Earlier samples with this key in this shard (0 = first appearance).
+    occurrence: int = 0
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """Why a shard was not read to its end; `samples_read` samples before it are usable."""
+
+    status: str
+    message: str
+    samples_read: int
+
+
+class ShardOpenError(OSError):
+    """Opening a shard failed in a way with a status of its own (HTTP error, timeout)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def is_remote(spec: str) -> bool:
     return spec.startswith(_REMOTE_SCHEMES)
+
+
+def is_shard_file(path: str) -> bool:
+    return path.lower().endswith(SHARD_SUFFIXES)
+
+
+def shard_location(url: str) -> str:
+    """Where a shard is, independent of the working directory: URLs unchanged, local paths absolute."""
+    return url if is_remote(url) else str(Path(url).resolve())
 
 
 def expand_shard_specs(specs: Iterable[str]) -> list[str]:
@@ -69,33 +138,128 @@ def _expand_one(spec: str) -> list[str]:
     if is_remote(spec):
         return [spec]
     if any(ch in spec for ch in "*?["):
-        return sorted(glob.glob(spec))
+        return sorted(p for p in glob.glob(spec) if is_shard_file(p) and not Path(p).is_dir())
     path = Path(spec)
     if path.is_dir():
-        return sorted(str(p) for p in path.glob("*.tar"))
+        return sorted(str(p) for p in path.iterdir() if is_shard_file(p.name) and p.is_file())
     if not path.exists():
         raise ShardSpecError(f"shard {spec!r} does not exist", hint="check the path or the brace pattern's range")
     return [spec]
 
 
 @contextmanager
-def open_shard(url: str) -> Iterator[IO[bytes]]:
-    """Open a local path or any URL webdataset/fsspec can stream."""
+def open_shard(url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[IO[bytes]]:
+    """Open a local path, an http(s) URL, a `pipe:` command or an fsspec URL as a byte stream."""
     if not is_remote(url):
         with open(url, "rb") as handle:
             yield handle
-        return
-    if url.startswith(("s3://", "gs://", "gcs://", "az://", "abfs://")):
+    elif url.startswith(("http://", "https://")):
+        with _open_http(url, timeouts) as handle:
+            yield handle
+    elif url.startswith("pipe:"):
+        with _open_pipe(url.removeprefix("pipe:"), timeouts) as handle:
+            yield handle
+    else:
         with _open_fsspec(url) as handle:
             yield handle
-        return
-    from webdataset.gopen import gopen
 
-    stream = gopen(url, "rb")
+
+@contextmanager
+def _open_http(url: str, timeouts: Timeouts) -> Iterator[IO[bytes]]:
+    """GET with a connect timeout and a per-read timeout, following a few redirects."""
+    for _ in range(_REDIRECTS + 1):
+        connection, response = _http_get(url, timeouts)
+        location = response.getheader("Location")
+        if response.status in (301, 302, 303, 307, 308) and location:
+            connection.close()
+            url = urljoin(url, location)
+            continue
+        try:
+            if response.status != 200:
+                raise ShardOpenError(SHARD_HTTP_ERROR, f"{url}: HTTP {response.status} {response.reason}")
+            yield response
+        finally:
+            connection.close()
+        return
+    raise ShardOpenError(SHARD_HTTP_ERROR, f"{url}: more than {_REDIRECTS} redirects")
+
+
+def _http_get(url: str, timeouts: Timeouts):
+    parts = urlsplit(url)
+    kind = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+    connection = kind(parts.hostname or "", parts.port, timeout=timeouts.connect)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        yield stream
+        connection.connect()
+    except TimeoutError:
+        connection.close()
+        raise ShardOpenError(SHARD_TIMEOUT, f"{url}: no connection within {timeouts.connect:g}s") from None
+    except OSError as exc:
+        connection.close()
+        raise ShardOpenError(SHARD_UNREADABLE, f"{url}: cannot connect: {exc.strerror or exc}") from None
+    connection.sock.settimeout(timeouts.read)  # from here on, each read waits at most this long
+    try:
+        connection.request("GET", target, headers={"User-Agent": "dedup", "Accept-Encoding": "identity"})
+        return connection, connection.getresponse()
+    except TimeoutError:
+        connection.close()
+        raise ShardOpenError(SHARD_TIMEOUT, f"{url}: no response within {timeouts.read:g}s (server stalled)") from None
+    except (OSError, HTTPException) as exc:
+        connection.close()
+        raise ShardOpenError(SHARD_UNREADABLE, f"{url}: {type(exc).__name__}: {exc}") from None
+
+
+class _PipeReader:
+    """stdout of a `pipe:` command, each read bounded by the read timeout (a stalled command is a timeout)."""
+
+    def __init__(self, command: str, timeouts: Timeouts) -> None:
+        self.command, self.timeout = command, timeouts.read
+        # A file, not a pipe, for stderr: a chatty command can never block on a full stderr pipe.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+        self.at_end = False
+
+    def read(self, size: int = -1) -> bytes:
+        chunks, wanted = [], size if size >= 0 else 1 << 62
+        while wanted > 0 and not self.at_end:
+            ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+            if not ready:
+                raise ShardOpenError(SHARD_TIMEOUT, f"pipe:{self.command}: no data for {self.timeout:g}s (stalled)")
+            chunk = os.read(self.process.stdout.fileno(), min(wanted, 1 << 20))
+            self.at_end = not chunk
+            chunks.append(chunk)
+            wanted -= len(chunk)
+        return b"".join(chunks)
+
+    def problem(self) -> str | None:
+        """After the whole output was read: the command's failure, if it failed."""
+        if not self.at_end:
+            return None
+        try:
+            code = self.process.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            return f"pipe:{self.command}: did not exit within {self.timeout:g}s of closing its output"
+        if code == 0:
+            return None
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-400:].decode("utf-8", errors="replace").strip()
+        return f"pipe:{self.command}: exited with status {code}" + (f": {tail}" if tail else "")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()  # stopped early (e.g. the report found its members): no need for the rest
+        self.process.wait()
+        self.process.stdout.close()
+        self._stderr.close()
+
+
+@contextmanager
+def _open_pipe(command: str, timeouts: Timeouts) -> Iterator[_PipeReader]:
+    reader = _PipeReader(command, timeouts)
+    try:
+        yield reader
     finally:
-        stream.close()
+        reader.close()
 
 
 def _open_fsspec(url: str):
@@ -118,38 +282,118 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def read_shard(url: str, shard_index: int) -> Iterator[RawSample]:
-    """Stream the samples of one shard; a broken tar ends with a `shard_error` sample."""
-    position = 0
-    try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for key, files in _group_members(tar):
-                yield _make_sample(url, shard_index, position, key, files)
-                position += 1
-    except (tarfile.TarError, OSError, EOFError) as exc:
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records on the TarFile how its member list ended: at the end-of-archive blocks, or cut short."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            # tarfile stops at the first zero block; a complete archive has a second one.
+            second = tar.fileobj.read(tarfile.BLOCKSIZE)
+            tar.dedup_complete = len(second) == tarfile.BLOCKSIZE and not second.strip(b"\0")
+            raise
+        except tarfile.HeaderError:
+            tar.dedup_complete = False  # cut at a header boundary, or a garbage header: tarfile just stops
+            raise
+
+
+class ShardStream:
+    """The samples of one shard; after iterating, `failure` says whether the shard was read to its end.
+
+    Iterating never raises for a broken shard: the samples read before the
+    break are yielded, and `failure` holds the status and message.
+    """
+
+    def __init__(self, url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+        self.url, self.shard_index, self.timeouts = url, shard_index, timeouts
+        self.failure: ShardFailure | None = None
+        self.samples_read = 0
+        self.repeated_keys = 0  # samples whose key appeared earlier in this shard
+        self.repeated_members = 0  # member names repeated inside one sample (each started a new sample)
+        self._key_counts: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[RawSample]:
+        self.failure, self.samples_read, self._key_counts = None, 0, {}
+        self.repeated_keys = self.repeated_members = 0
+        try:
+            with open_shard(self.url, self.timeouts) as stream:
+                try:
+                    yield from self._samples(stream)
+                except (tarfile.TarError, EOFError) as exc:
+                    self._fail(_status_of(exc), f"{type(exc).__name__}: {exc}")
+                self._check_command(stream)
+        except ShardOpenError as exc:
+            self._fail(exc.status, exc.message)
+        except TimeoutError:
+            self._fail(SHARD_TIMEOUT, f"{self.url}: no data for {self.timeouts.read:g}s (stalled)")
+        except (OSError, HTTPException) as exc:
+            self._fail(_status_of(exc), f"{self.url}: {type(exc).__name__}: {exc}")
+
+    def _samples(self, stream: IO[bytes]) -> Iterator[RawSample]:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
+            for key, files in self._group_members(tar):
+                yield self._sample(key, files)
+            if not getattr(tar, "dedup_complete", False):
+                self._fail(SHARD_TRUNCATED, "the tar ends without its end-of-archive blocks (cut at a member boundary)")
+
+    def _check_command(self, stream: IO[bytes]) -> None:
+        """A `pipe:` command that failed explains the broken tar better than the tar error does."""
+        problem = getattr(stream, "problem", lambda: None)()
+        if problem:
+            self._fail(SHARD_UNREADABLE, problem)
+
+    def _sample(self, key: str, files: dict[str, bytes | str]) -> RawSample:
+        sample = _make_sample(self.url, self.shard_index, self.samples_read, key, files)
+        sample.occurrence = self._key_counts.get(key, 0)
+        self._key_counts[key] = sample.occurrence + 1
+        self.repeated_keys += sample.occurrence > 0
+        self.samples_read += 1
+        return sample
+
+    def _fail(self, status: str, message: str) -> None:
+        if status == SHARD_TRUNCATED or self.samples_read:
+            message = f"{message}; {self.samples_read} samples read before it"
+        self.failure = ShardFailure(status, message, self.samples_read)
+
+    def _group_members(self, tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | str]]]:
+        """Yield (key, {ext: bytes}) for consecutive members sharing a key, as webdataset groups them."""
+        current_key: str | None = None
+        files: dict[str, bytes | str] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key.startswith("__") or not ext:
+                continue
+            if key != current_key or ext in files:
+                if current_key is not None:
+                    yield current_key, files
+                self.repeated_members += key == current_key
+                current_key, files = key, {}
+            files[ext] = _read_member(tar, member, ext)
+        if current_key is not None:
+            yield current_key, files
+
+
+def _status_of(exc: BaseException) -> str:
+    text = str(exc).lower()
+    # IncompleteRead: the server closed before Content-Length bytes; the others: tarfile/gzip data cut short.
+    cut = isinstance(exc, (EOFError, IncompleteRead)) or "unexpected end" in text or "ended before" in text
+    return SHARD_TRUNCATED if cut else SHARD_UNREADABLE
+
+
+def read_shard(url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[RawSample]:
+    """Stream the samples of one shard; a shard not read to its end ends with a `shard_error` sample."""
+    stream = ShardStream(url, shard_index, timeouts)
+    yield from stream
+    if stream.failure is not None:
+        position = stream.samples_read
         yield RawSample(
             shard_index, url, position, f"__shard_error_{position}",
-            failure=("shard_error", f"shard unreadable after {position} samples: {type(exc).__name__}: {exc}"),
+            failure=("shard_error", f"shard {stream.failure.status}: {stream.failure.message}"),
         )
-
-
-def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | str]]]:
-    """Yield (key, {ext: bytes}) for consecutive members sharing a key."""
-    current_key: str | None = None
-    files: dict[str, bytes | str] = {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        key, ext = split_member_name(member.name)
-        if key.startswith("__") or not ext:
-            continue
-        if key != current_key:
-            if current_key is not None:
-                yield current_key, files
-            current_key, files = key, {}
-        files[ext] = _read_member(tar, member, ext)
-    if current_key is not None:
-        yield current_key, files
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str) -> bytes | str:

@@ -25,6 +25,7 @@ import json
 import math
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
+from rich.markup import escape
 
+from dedup.console import terminal_safe
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
-from dedup.records import RunDir, atomic_file, fingerprint, make_sample_id, read_shards, split_sample_id
+from dedup.records import RunDir, fingerprint, make_sample_id, read_shards, split_sample_id, write_text
 from dedup.stages.guidance import threshold_guidance_section
 from dedup.stages.overrides import overrides_section
 from dedup.stages.rank import url_domain
@@ -100,7 +103,7 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
     wanted_ids = sorted({int(i) for i in sample_ids})
     samples = sample_rows(run, wanted_ids, ["shard_index", "image_member", "status", "error"]).set_index("sample_id")
     shards = read_shards(run)
-    shard_urls = dict(zip(shards["shard_index"].astype(int), shards["url"]))
+    shard_urls = dict(zip(shards["shard_index"].astype(int), shard_locations(shards)))
     result = {i: Thumbnail(None, "sample not in the samples table") for i in wanted_ids if i not in samples.index}
     by_shard: dict[int, list[_Wanted]] = {}
     for sample_id, row in samples.iterrows():
@@ -117,6 +120,14 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
             continue
         result.update(_thumbnails_from_shard(url, shard_index, wanted, side))
     return result
+
+
+def shard_locations(shards: pd.DataFrame) -> list[str]:
+    """Where to read each shard from: the resolved `location` recorded by the run, whatever the working
+    directory is now; runs recorded before that column existed fall back to the given `url`."""
+    if "location" not in shards.columns:
+        return shards["url"].astype(str).tolist()
+    return [loc if isinstance(loc, str) and loc else str(url) for loc, url in zip(shards["location"], shards["url"])]
 
 
 def sample_rows(run: RunDir, sample_ids: Sequence[int], columns: list[str]) -> pd.DataFrame:
@@ -484,7 +495,8 @@ class _ThumbnailHtml:
 
 
 def _domains(members: pd.DataFrame) -> list[str]:
-    return sorted({d for d in members["url"].map(url_domain) if d})
+    # Not Series.map: it turns the None of a missing URL into NaN, which is truthy and does not sort with str.
+    return sorted({d for d in map(url_domain, members["url"].tolist()) if isinstance(d, str) and d})
 
 
 def _gallery_card(row: Any, shown: pd.DataFrame, members: pd.DataFrame, thumb: _ThumbnailHtml) -> str:
@@ -775,18 +787,45 @@ def _page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ThumbnailCount:
+    """Shown samples whose image could be read back, and why the others could not."""
+
+    shown: int
+    missing: int
+    reasons: Counter
+
+    def warning(self) -> str | None:
+        if not self.missing:
+            return None
+        reason, count = self.reasons.most_common(1)[0]
+        return (f"{self.missing:,} of {self.shown:,} thumbnails could not be read and show as placeholders "
+                f"(most common, {count:,}x: {reason})")
+
+
+def count_thumbnails(thumbs: dict[int, Thumbnail]) -> ThumbnailCount:
+    problems = [t.problem or "image not read" for t in thumbs.values() if t.image is None]
+    # The reason's kind, not its per-sample detail: "status decode_error: ..." -> "status decode_error".
+    return ThumbnailCount(len(thumbs), len(problems), Counter(p.split(":", 1)[0][:120] for p in problems))
+
+
 def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies") -> str:
     """The report as one HTML string (see `write_report`); `order` = copies | risk for the gallery."""
+    return _build_report(out, top, copies_shown, order)[0]
+
+
+def _build_report(out: str | Path, top: int, copies_shown: int, order: str = "copies") -> tuple[str, ThumbnailCount]:
     run = RunDir(out)
     tables = _load_run(run, top, order)
     clusters = _top_clusters(run, tables, copies_shown)
-    thumb = _ThumbnailHtml(read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]]))
+    thumbs = read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]])
+    thumb = _ThumbnailHtml(thumbs)
     cards = "".join(_gallery_card(row, shown, members, thumb) for row, shown, members in clusters)
     sections = "".join(_cluster_section(row, shown, len(members), thumb) for row, shown, members in clusters)
     total = tables.duplicate_cluster_count
     gallery_note = f"top {len(clusters)} of {total:,} duplicate clusters" if clusters else "no duplicate clusters found"
     subtitle = f"{int(tables.statuses.sum()):,} samples in {len(tables.shards):,} shards &middot; {gallery_note}"
-    return _page(
+    document = _page(
         "dedup report",
         subtitle,
         [
@@ -801,15 +840,50 @@ def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12, or
             f"<section id='clusters'><h2>Clusters in detail</h2>{sections}</section>",
         ],
     )
+    return document, count_thumbnails(thumbs)
 
 
-def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies") -> Path:
-    """Write `OUT/report/index.html`, a single self-contained file, and return its path."""
     run = RunDir(out)
-    document = build_report_html(run.root, top=top, copies_shown=copies_shown, order=order)
+    tables = _load_run(run, top, order)
+    clusters = _top_clusters(run, tables, copies_shown)
+    thumbs = read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]])
+    thumb = _ThumbnailHtml(thumbs)
+    cards = "".join(_gallery_card(row, shown, members, thumb) for row, shown, members in clusters)
+    sections = "".join(_cluster_section(row, shown, len(members), thumb) for row, shown, members in clusters)
+    total = tables.duplicate_cluster_count
+    gallery_note = f"top {len(clusters)} of {total:,} duplicate clusters" if clusters else "no duplicate clusters found"
+    subtitle = f"{int(tables.statuses.sum()):,} samples in {len(tables.shards):,} shards &middot; {gallery_note}"
+    document = _page(
+        "dedup report",
+        subtitle,
+        [
+            _summary_section(tables),
+            (
+                f"<section id='gallery'><h2>Most duplicated images <span class='muted small'>{gallery_note}</span></h2>"
+                f"<div class='gallery'>{cards}</div></section>"
+            ),
+            _plots_section(run, tables),
+            overrides_section(run),
+            threshold_guidance_section(run, tables.config),
+            f"<section id='clusters'><h2>Clusters in detail</h2>{sections}</section>",
+        ],
+    )
+    return document, count_thumbnails(thumbs)
+
+
+def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies", log=None) -> Path:
+    """Write `OUT/report/index.html`, a single self-contained file, and return its path.
+
+    `log` (a rich Console) gets a warning when shown thumbnails could not be read
+    (shards moved or unreachable since the run): the report is written anyway.
+    """
+    run = RunDir(out)
+    document, thumbnails = _build_report(run.root, top, copies_shown, order)
     path = run.report_dir / "index.html"
-    with atomic_file(path) as partial:
-        partial.write_text(document, encoding="utf-8")
+    write_text(document, path)
+    warning = thumbnails.warning()
+    if warning and log is not None:
+        log.print(f"[yellow]warning:[/] {escape(terminal_safe(warning))}", soft_wrap=True)
     return path
 
 
@@ -833,7 +907,8 @@ class ReportStage:
         (self.run_dir.report_dir / "index.html").unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, int]:
-        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown, order=self.order)
+        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown, order=self.order,
+                            log=getattr(self.run_dir, "console", None))
         return {"report_bytes": path.stat().st_size}
 
     def close(self) -> None:

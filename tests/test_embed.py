@@ -1,0 +1,179 @@
+"""Embed stage under faults: shards cut short, failing pipe: commands, HTTP errors, nothing decodable, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import jpeg_bytes, make_run, sample_members, write_tar
+from PIL import Image
+
+from dedup import pipeline
+from dedup.errors import DedupError
+from dedup.records import RunDir
+
+
+def fast_run(shards, out):
+    """A run that retries once at once and gives up on a stalled server after 2 s."""
+    from dataclasses import replace
+
+    run = make_run(out, shards, connect_timeout_s=2, read_timeout_s=2)
+    run.settings = replace(run.settings, engine=replace(run.settings.engine, retries=1, retry_backoff_s=0))
+    return run
+
+
+def image(seed: int, size=(64, 64)) -> bytes:
+    rng = np.random.default_rng(seed)
+    return jpeg_bytes(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)))
+
+
+def shard(path: Path, keys: list[str], seed: int = 0) -> Path:
+    return write_tar(path, [m for i, k in enumerate(keys) for m in sample_members(k, image(seed + i))])
+
+
+def test_truncated_shard_keeps_its_samples_and_is_retried_next_run(tmp_path):
+    good = shard(tmp_path / "00000.tar", [f"a{i}" for i in range(4)])
+    full = shard(tmp_path / "full.tar", [f"b{i}" for i in range(5)], seed=10)
+    with tarfile.open(full) as tar:
+        cut_at = next(m.offset for m in tar.getmembers() if m.name == "b3.jpg")
+    cut = tmp_path / "00001.tar"
+    cut.write_bytes(full.read_bytes()[:cut_at])  # a partial download ending at a member boundary
+    out = tmp_path / "out"
+    report = pipeline.embed(fast_run([str(good), str(cut)], out))
+    run = RunDir(out)
+    assert report.tasks_total == 2 and set(report.failures) == {"1"}
+    assert report.stats["samples"] == 7  # 4 + the 3 readable ones
+    assert pd.read_parquet(run.samples_part(1))["key"].tolist() == ["b0", "b1", "b2"]
+    assert len(np.load(run.embedding_part("perceptual", 1))) == 3  # used by the index meanwhile
+    assert not run.marker("embed", "1").exists()
+    (row,) = pd.read_parquet(run.failed_shards).to_dict("records")
+    assert row["status"] == "truncated" and row["url"] == str(cut) and row["attempts"] == 2
+    assert str(cut) in row["error"]
+    cut.write_bytes(full.read_bytes())  # the download completes
+    report = pipeline.embed(fast_run([str(good), str(cut)], out))
+    assert report.tasks_run == 1 and not report.failures and not run.failed_shards.exists()
+    assert pd.read_parquet(run.samples_part(1))["key"].tolist() == [f"b{i}" for i in range(5)]
+
+
+def test_pipe_shard_failing_once_is_retried_within_the_run(tmp_path):
+    source = shard(tmp_path / "src.tar", ["k0", "k1"])
+    counter = tmp_path / "attempts"
+    spec = f"pipe:sh -c 'echo x >> {counter}; [ $(wc -l < {counter}) -ge 2 ] || exit 1; cat {source}'"
+    report = pipeline.embed(fast_run([spec], tmp_path / "out"))
+    assert not report.failures and report.stats["status.ok"] == 2
+    assert counter.read_text().count("x") == 2
+
+
+def test_http_500_shard_is_recorded_with_url_and_status(tmp_path):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(500, "backend exploded")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/00001.tar"
+    try:
+        report = pipeline.embed(fast_run([str(shard(tmp_path / "00000.tar", ["k0"])), url], tmp_path / "out"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    (row,) = pd.read_parquet(RunDir(tmp_path / "out").failed_shards).to_dict("records")
+    assert row["status"] == "http_error" and row["url"] == url
+    assert f"{url}: HTTP 500" in row["error"] and "curl" not in row["error"]
+    assert report.failures["1"].attempts == 2
+
+
+def test_run_where_nothing_decodes_is_an_error_with_a_hint(tmp_path):
+    members = [("k0.jpg", b"<html>404</html>"), ("k1.jpg", b"")]
+    bad = write_tar(tmp_path / "00000.tar", members)
+    with pytest.raises(DedupError, match="no image decoded") as info:
+        pipeline.embed(fast_run([str(bad)], tmp_path / "out"))
+    assert "decode_error" in info.value.message and info.value.hint
+
+
+def test_keys_repeated_across_shards_are_counted(tmp_path):
+    # Two img2dataset outputs: both number their keys from 000000000 and both hold a 00000.tar.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = shard(tmp_path / "a" / "00000.tar", ["000000000", "000000001"])
+    second = shard(tmp_path / "b" / "00000.tar", ["000000000", "000000002"], seed=5)
+    report = pipeline.embed(fast_run([str(first), str(second)], tmp_path / "out"))
+    assert report.stats["keys.in_several_shards"] == 1
+    assert report.stats["samples"] == 4
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def _slow_shards(root: Path, count: int) -> list[str]:
+    """Shards of large flat PNGs: tiny files that take a decode worker a while each."""
+    import io
+
+    root.mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (3, 40, 90)).save(buffer, format="PNG")  # 33 KB, ~0.5 s to decode
+    members = [m for i in range(4) for m in sample_members(f"k{i}", buffer.getvalue(), ext="png")]
+    return [str(write_tar(root / f"{s:05d}.tar", members)) for s in range(count)]
+
+
+def _embed_process(specs: list[str], out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dedup.cli", "embed", *specs, "--out", str(out), "--descriptor", "perceptual", "--workers", "2"]
+    # Its own process group, so that the test can do what a terminal's Ctrl-C does: SIGINT to every process of it.
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_stops_within_seconds_and_a_rerun_resumes(tmp_path):
+    specs = _slow_shards(tmp_path / "shards", 5)
+    out = tmp_path / "out"
+    proc = _embed_process(specs, out)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "_markers" / "embed").glob("*.done")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 15  # seconds, not the minutes of a pool draining its queue
+    assert proc.returncode == 130 and b"interrupted; rerun the same command to resume" in stderr
+    assert b"Traceback" not in stderr
+    done = len(list((out / "_markers" / "embed").glob("*.done")))
+    assert 1 <= done < len(specs), "the interrupt must land mid-run for this test to mean anything"
+    rerun = _embed_process(specs, out)
+    _, stderr = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, stderr.decode()
+    assert f"{done} already done".encode() in stderr
+    assert len(list((out / "_markers" / "embed").glob("*.done"))) == len(specs)
+
+
+def test_local_model_files_are_recorded_as_absolute_paths(tmp_path, monkeypatch):
+    from dedup.settings import Settings
+    from dedup.stages.embed import descriptor_builders
+
+    def builders(model, pretrained):
+        return descriptor_builders(Settings.build(descriptors=["clip"], model_options={"model": model, "pretrained": pretrained}))
+
+    monkeypatch.chdir(tmp_path)
+    Path("weights.pt").write_bytes(b"checkpoint")
+    (clip,) = builders("ViT-B-32", "weights.pt")
+    assert clip.options["pretrained"] == str(tmp_path / "weights.pt") and clip.options["model"] == "ViT-B-32"
+    (tagged,) = builders("ViT-B-32", "laion2b_s34b_b79k")
+    assert tagged.options["pretrained"] == "laion2b_s34b_b79k"
