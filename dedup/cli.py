@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -65,17 +65,17 @@ def _embed_options(descriptor, model, pretrained, device, batch_size, workers, e
 
 
 DescriptorOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--descriptor", "-d", help="perceptual and/or clip (repeat). Default: clip+perceptual on a GPU, perceptual otherwise."),
 ]
 ModelOpt = Annotated[str, typer.Option(help="open_clip model name (or a model-config JSON path).")]
 PretrainedOpt = Annotated[str, typer.Option(help="open_clip pretrained tag, or a local checkpoint PATH.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per model forward pass.")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 0 when CLIP runs on the CPU (the model needs the cores).")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 0 when CLIP runs on the CPU (the model needs the cores).")]
 EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup\\[ray]').")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
-ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
+RayAddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")]
+ThresholdOpt = Annotated[list[str] | None, typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
 MemoryOpt = Annotated[str, typer.Option("--memory", help="Memory budget for the index, e.g. 8GB.")]
 KeepOpt = Annotated[str, typer.Option(help="first | largest | max-copies=N")]
 
@@ -140,7 +140,7 @@ def neighbors_command(
 
 @app.command("cluster")
 @_guarded
-def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE chaining guard.")] = None) -> None:
+def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: Annotated[list[str] | None, typer.Option(help="NAME=VALUE chaining guard.")] = None) -> None:
     """Union-find over the edges with a chaining guard -> OUT/clusters.parquet."""
     from dedup import pipeline
 
@@ -226,11 +226,11 @@ def demo_command(
 @_guarded
 def query_command(
     out: OutArg,
-    image: Annotated[Optional[Path], typer.Option(help="An image file.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="A folder of images.")] = None,
-    key: Annotated[Optional[str], typer.Option(help="A sample key of the run.")] = None,
-    text: Annotated[Optional[str], typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
-    descriptor: Annotated[Optional[str], typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image file.")] = None,
+    images: Annotated[Path | None, typer.Option(help="A folder of images.")] = None,
+    key: Annotated[str | None, typer.Option(help="A sample key of the run.")] = None,
+    text: Annotated[str | None, typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
+    descriptor: Annotated[str | None, typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
     limit: Annotated[int, typer.Option(help="Matches listed per query (the count is always exact).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:

@@ -16,7 +16,7 @@ def load_removed_keys(run_or_path: str | Path) -> set[tuple[str, str]]:
     if path.is_dir():
         path = RunDir(path).remove_keys
     table = pd.read_parquet(path, columns=["shard", "key"])
-    return set(zip(table["shard"], table["key"]))
+    return set(zip(table["shard"], table["key"], strict=True))
 
 
 def load_removed_key_set(run_or_path: str | Path) -> set[str]:

@@ -27,6 +27,7 @@ __all__ = ["EmbedOptions", "build_indexes", "cluster", "embed", "find_neighbors"
 
 def run_all(shard_specs: list[str], out: str | Path, options: EmbedOptions, thresholds: list[str] | None,
             memory: str, keep: str, with_report: bool, log: Console) -> pd.DataFrame:
+    """`dedup run`: every stage in order, skipping finished work, so a rerun after a crash resumes; returns the ranking."""
     started = time.perf_counter()
     report = embed(shard_specs, out, options, log)
     print_embed_summary(report, log)

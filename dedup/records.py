@@ -41,6 +41,7 @@ def _publish(tmp: Path, path: Path) -> None:
 
 
 def write_table(table: pa.Table | pd.DataFrame, path: Path) -> None:
+    """Write parquet atomically: a reader (or a resumed run) never sees half a table."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     tmp = _atomic_target(path)
@@ -52,6 +53,7 @@ def write_table(table: pa.Table | pd.DataFrame, path: Path) -> None:
 
 
 def write_array(array: np.ndarray, path: Path) -> None:
+    """Write a .npy atomically; embedding parts are memory-mapped later, so a torn file would read as garbage."""
     tmp = _atomic_target(path)
     try:
         with open(tmp, "wb") as handle:
@@ -62,6 +64,7 @@ def write_array(array: np.ndarray, path: Path) -> None:
 
 
 def write_json(value: Any, path: Path) -> None:
+    """Write JSON atomically (run settings, stats): a crash leaves the previous version, not an empty file."""
     tmp = _atomic_target(path)
     try:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
@@ -120,6 +123,7 @@ def record_shards(run: RunDir, shards: list[str]) -> None:
 
 
 def read_shards(run: RunDir) -> pd.DataFrame:
+    """The shard list (`shard_index`, `url`) that sample ids refer to; later stages never re-expand the specs."""
     if not run.shards_table.exists():
         raise StoreError(f"{run.root} holds no ingested shards", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
     return pd.read_parquet(run.shards_table)
@@ -129,6 +133,7 @@ def read_shards(run: RunDir) -> pd.DataFrame:
 
 
 def load_samples(run: RunDir, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every sample row (failed ones included) from the per-shard parts; `columns` keeps memory to what is used."""
     parts = sorted((run.root / "samples").glob("samples_*.parquet"), key=_part_number)
     if not parts:
         raise StoreError(f"{run.root} has no samples table", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
@@ -136,6 +141,7 @@ def load_samples(run: RunDir, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def embedding_parts(run: RunDir, descriptor: str) -> list[int]:
+    """Shard numbers with an embedding part, in numeric order (img_emb_10 after img_emb_9)."""
     folder = run.embedding_dir(descriptor) / "img_emb"
     return sorted(_part_number(p) for p in folder.glob("img_emb_*.npy"))
 
@@ -180,6 +186,7 @@ def remove_stale_temp_files(run: RunDir) -> int:
 
 
 def load_edges(run: RunDir, descriptor: str, threshold: float) -> pd.DataFrame:
+    """Neighbour edges at or above `threshold`, each pair once: edges are searched at the lowest cut, so any higher cut is a filter."""
     folder = run.neighbors_dir(descriptor)
     parts = sorted(folder.glob("part_*.parquet"))
     if not parts:

@@ -102,7 +102,7 @@ def test_six_bad_kinds_become_rows_with_status(tmp_path):
 
 
 def test_truncated_tar_keeps_samples_read_so_far(tmp_path):
-    shard = write_tar(tmp_path / "00000.tar", sum((sample_members(f"k{i}", jpeg_bytes(photo(i))) for i in range(4)), []))
+    shard = write_tar(tmp_path / "00000.tar", [m for i in range(4) for m in sample_members(f"k{i}", jpeg_bytes(photo(i)))])
     data = shard.read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[:6000])  # inside the second sample's image
@@ -132,7 +132,7 @@ def test_decompression_bomb_is_refused_before_allocation():
 def test_every_mode_becomes_rgb(mode):
     base = photo(5, (40, 30))
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(base.convert("L")).astype("<u2") * 257))
+        image = Image.fromarray(np.asarray(base.convert("L")).astype("<u2") * 257)
         assert image.mode == "I;16"
     elif mode in ("I", "F"):
         image = base.convert("L").convert(mode)

@@ -103,6 +103,7 @@ def _explain(views, sha, labels, is_rep) -> tuple[np.ndarray, np.ndarray]:
 
 def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float],
                 guards: dict[str, float]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Cluster a run with explicit cuts and guards (no settings read), so tests and `cluster` share one path."""
     samples = load_samples(run, ["sample_id", "shard_index", "shard", "key", "url", "caption", "status", "sha256"])
     samples = samples.sort_values("sample_id", ignore_index=True)
     node_ids = samples["sample_id"].to_numpy()
@@ -132,6 +133,7 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
 
 
 def cluster(out: str | Path, thresholds: list[str] | None = None, guards: list[str] | None = None) -> dict[str, int]:
+    """The cluster stage: the run's cuts and guards (overridable), refused below the cut the edges were searched at."""
     run = RunDir(out)
     config = cfg.RunConfig.load(run)
     cut = {**config.thresholds, **cfg.parse_assignments(thresholds, "threshold")}

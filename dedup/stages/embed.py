@@ -55,18 +55,21 @@ class _Batcher:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, row: dict[str, Any], prepared: np.ndarray) -> None:
+        """Queue one sample; a full batch goes through the model at once."""
         self.pending.append(prepared)
         self.rows.append(row)
         if len(self.pending) >= self.batch_size:
             self.flush()
 
     def flush(self) -> None:
+        """Embed what is queued; vectors are stored as float16 (half the disk and page cache of float32)."""
         if self.pending:
             embedded = self.descriptor.embed(np.stack(self.pending))
             self.vectors.append(np.asarray(embedded, dtype=np.float16))
             self.pending = []
 
     def result(self) -> tuple[np.ndarray, pa.Table]:
+        """The shard's vectors and their metadata rows, in the same order."""
         self.flush()
         dim = self.descriptor.dim
         vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float16)
@@ -115,9 +118,11 @@ class EmbedStage:
         return state
 
     def task_ids(self) -> list[str]:
+        """One task per shard: the unit of retry and resume."""
         return [str(i) for i in range(len(self.shards))]
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        """Read, decode and embed one shard, then write its samples and embedding parts."""
         shard_index = int(task_id)
         batchers = [
             _Batcher(name, descriptor, self.batch_size) for name, descriptor in self._descriptors().items()
@@ -168,6 +173,7 @@ class EmbedStage:
         write_table(pa.Table.from_pydict(columns, schema=SAMPLES_SCHEMA), self.run_dir.samples_part(shard_index))
 
     def close(self) -> None:
+        """Stop the decode pool (the engine calls this once every task is done)."""
         if self._pool is not None:
             self._pool.close()
             self._pool.join()
@@ -186,6 +192,8 @@ def _shard_stats(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 @dataclass
 class EmbedOptions:
+    """What the CLI says about embedding, in one value: descriptors, CLIP model, device, workers, engine."""
+
     descriptors: list[str] = field(default_factory=list)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "laion2b_s34b_b79k"
@@ -199,12 +207,16 @@ class EmbedOptions:
 
 
 def _cuda_available() -> bool:
-    import torch
-
+    """CUDA as torch sees it; False on the lean install (no torch), where CLIP cannot run at all."""
+    try:
+        import torch
+    except ImportError:
+        return False
     return bool(torch.cuda.is_available())
 
 
 def resolve_descriptors(options: EmbedOptions, log: Console | None = None) -> list[str]:
+    """The descriptors to run (named ones, else the registry's default for this machine), logged with the reason."""
     if options.descriptors:
         names = list(dict.fromkeys(options.descriptors))
         reason = "chosen with --descriptor"
@@ -236,6 +248,7 @@ def resolve_workers(options: EmbedOptions, names: list[str]) -> int:
 
 
 def descriptor_builders(names: list[str], options: EmbedOptions) -> list[DescriptorBuilder]:
+    """Picklable recipes, not descriptors: workers and Ray actors build their own copy where they run."""
     builders = []
     for name in names:
         opts: dict[str, Any] = {}
@@ -246,8 +259,9 @@ def descriptor_builders(names: list[str], options: EmbedOptions) -> list[Descrip
 
 
 def embed(shard_specs: list[str], out: str | Path, options: EmbedOptions, log: Console | None = None) -> StageReport:
+    """The embed stage: expand inputs, fix the run's descriptors, check they build, then embed shard by shard behind the engine."""
     from dedup.data_manifest import expand_inputs
-    
+
     run = RunDir(out)
     remove_stale_temp_files(run)
     shards = expand_inputs(shard_specs)

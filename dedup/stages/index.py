@@ -13,7 +13,7 @@ from dedup import settings as cfg
 from dedup.descriptors import query_transform_for
 from dedup.errors import StoreError
 from dedup.records import RunDir, load_embeddings
-from dedup.search.faiss_index import _to_gpu, apply_search_params
+from dedup.search.faiss_index import _to_gpu, apply_search_params, faiss_gpu_count
 from dedup.search.index_choice import IndexSpec
 
 
@@ -26,7 +26,7 @@ def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> di
     budget = cfg.parse_size(memory)
     specs = {}
     for name in config.descriptors:
-        ids, vectors = load_embeddings(run, name)
+        _ids, vectors = load_embeddings(run, name)
         transform = query_transform_for(name)
         variants = len(transform(vectors[:1])) if transform is not None else 1
         spec = choose_index(len(vectors), vectors.shape[1], budget, gpu=gpu, query_variants=variants)
@@ -38,9 +38,7 @@ def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> di
 
 def faiss_gpu_available() -> bool:
     """faiss-gpu installed and a GPU visible (then `dedup run` indexes and searches on it)."""
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss_gpu_count() > 0
 
 
 def index_stale(run: RunDir) -> bool:

@@ -156,7 +156,7 @@ def query_images(run_index: RunIndex, paths: list[Path]) -> list[QueryResult]:
             results[i] = QueryResult(str(path), run_index.descriptor, 0, None, 0, error=message)
     if prepared:
         vectors = describer.embed(np.stack(prepared))
-        for (i, digest), matches in zip(positions, run_index.matches_for_vectors(vectors, run_index.threshold)):
+        for (i, digest), matches in zip(positions, run_index.matches_for_vectors(vectors, run_index.threshold), strict=True):
             merged = pd.concat([run_index.exact_matches(digest), matches]).drop_duplicates("sample_id")
             results[i] = _result(str(paths[i]), run_index, merged.sort_values("similarity", ascending=False, ignore_index=True))
     return [r for r in results if r is not None]
@@ -180,7 +180,7 @@ def query_text(run_index: RunIndex, text: str) -> QueryResult:
             hint="embed with '--descriptor clip' and pass '--descriptor clip' to the query",
         )
     vector = run_index.describer().embed_text([text])
-    index, spec, ids, _ = run_index.index()
+    index, _spec, ids, _ = run_index.index()
     scores, positions = index.search(vector.astype(np.float32), min(TEXT_TOP, len(ids)))
     keep = positions[0] >= 0
     matches = run_index._frame(ids[positions[0][keep]], scores[0][keep])

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from braceexpand import braceexpand
 
-from dedup.errors import DedupError, ShardSpecError
+from dedup.errors import DedupError, ShardSpecError, require
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 # Web content decides member sizes; we decide what we allocate for them.
@@ -99,14 +99,14 @@ def open_shard(url: str) -> Iterator[IO[bytes]]:
 
 
 def _open_fsspec(url: str):
-    import fsspec
-
+    scheme = url.split("://")[0]
+    fsspec = require("fsspec", "s3fs", "s3", f"Reading {scheme}:// shards")
     try:
         return fsspec.open(url, "rb").open()
     except ImportError as exc:
         raise DedupError(
-            f"reading {url.split('://')[0]}:// shards needs an fsspec backend: {exc}",
-            hint="pip install s3fs (or gcsfs / adlfs), or use 'pipe:aws s3 cp URL -'",
+            f"reading {scheme}:// shards needs an fsspec backend: {exc}",
+            hint="pip install 'dedup[s3]' (gs:// and az:// need gcsfs / adlfs), or use 'pipe:aws s3 cp URL -'",
         ) from exc
 
 
