@@ -7,8 +7,11 @@ blocks those imports (spawned decode workers start with it too), which is what
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +130,64 @@ def test_faiss_backend_reports_the_installed_build(monkeypatch):
         monkeypatch.setattr(faiss, "get_num_gpus", lambda gpus=gpus: gpus)
         assert faiss_backend() == line
         assert faiss_gpu_count() == gpus
+
+
+# ---------------------------------------------------------------- pyproject
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the checks are the same on 3.10
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~ \[;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def _is_require_call(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "require"
+            and bool(node.args) and isinstance(node.args[0], ast.Constant))
+
+
+def _direct_imports() -> set[str]:
+    """Top-level third-party modules that dedup's own files import, at any depth."""
+    names = set()
+    for path in (REPO / "dedup").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition(".")[0])
+            elif _is_require_call(node):  # require("ray", ...): an optional import by name
+                names.add(node.args[0].value.partition(".")[0])
+    return {n for n in names if n != "dedup" and n not in sys.stdlib_module_names and n != "__future__"}
+
+
+def test_pyproject_declares_what_dedup_imports_and_the_base_has_no_torch():
+    project = _pyproject()["project"]
+    base = _requirement_names(project["dependencies"])
+    extras = {name: _requirement_names(reqs) for name, reqs in project["optional-dependencies"].items()}
+    distributions = importlib.metadata.packages_distributions()
+    imported = {dist.lower().replace("_", "-") for m in _direct_imports() for dist in distributions[m]}
+    declared = base.union(*extras.values())
+    assert imported - declared == set()
+    assert base <= imported  # nothing in the base install that dedup never imports
+    assert {"braceexpand", "huggingface-hub", "fsspec", "ray"} <= imported
+    assert base & {"torch", "torchvision", "open-clip-torch", "ray"} == set()
+    assert {"torch", "torchvision", "open-clip-torch"} <= extras["clip"]
+    assert "gpu" not in extras  # faiss-gpu replaces faiss-cpu (same module): an extra cannot add it
+
+
+def test_package_data_names_only_files_that_exist():
+    patterns = _pyproject()["tool"]["setuptools"]["package-data"]["dedup"]
+    for pattern in patterns:
+        assert list((REPO / "dedup").glob(pattern)), pattern
+
+
+def test_unknown_pytest_marker_is_an_error(tmp_path):
+    (tmp_path / "test_typo.py").write_text("import pytest\n\n\n@pytest.mark.slwo\ndef test_x():\n    pass\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir",
+                             str(tmp_path), "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode != 0
+    assert "'slwo' not found in `markers` configuration option" in result.stdout + result.stderr

@@ -100,7 +100,7 @@ def open_shard(url: str) -> Iterator[IO[bytes]]:
 
 def _open_fsspec(url: str):
     scheme = url.split("://")[0]
-    fsspec = require("fsspec", "s3fs", "s3", f"Reading {scheme}:// shards")
+    fsspec = require("fsspec", "fsspec", "s3", f"Reading {scheme}:// shards")
     try:
         return fsspec.open(url, "rb").open()
     except ImportError as exc:
