@@ -173,7 +173,7 @@ class EmbedStage:
         write_table(pa.Table.from_pydict(columns, schema=SAMPLES_SCHEMA), self.run_dir.samples_part(shard_index))
 
     def close(self) -> None:
-        """Stop the decode pool (the engine calls this once every task is done)."""
+        """Stop the decode pool; the engine calls this after the last task, also when one failed."""
         if self._pool is not None:
             self._pool.close()
             self._pool.join()
