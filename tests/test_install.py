@@ -191,3 +191,17 @@ def test_unknown_pytest_marker_is_an_error(tmp_path):
                             capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode != 0
     assert "'slwo' not found in `markers` configuration option" in result.stdout + result.stderr
+
+
+def test_public_api_and_the_old_import_path():
+    from dedup import DropDuplicates, __version__, query, run_all
+    from dedup.loader import DropDuplicates as loader_filter
+    from dedup.manifests import DropDuplicates as old_path
+    from dedup.pipeline import run_all as pipeline_run_all
+    from dedup.stages.query import query as stage_query
+
+    assert DropDuplicates is loader_filter is old_path
+    assert (run_all, query) == (pipeline_run_all, stage_query)
+    assert __version__ == _pyproject()["project"]["version"]  # the source-checkout fallback must not drift
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = dedup.Nope
