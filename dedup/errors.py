@@ -59,7 +59,7 @@ def missing_extra(exc: ImportError, extra: str, purpose: str) -> MissingExtraErr
     dedup uses) says so, since the fix is then an upgrade, not an install.
     """
     module = (exc.name or "").split(".")[0]
-    package = _PIP_NAMES.get(module, module) or extra
+    package = _PIP_NAMES.get(module, module) or f"dedup[{extra}]"
     return MissingExtraError(package, extra, purpose, broken=None if isinstance(exc, ModuleNotFoundError) else exc)
 
 
