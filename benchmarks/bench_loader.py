@@ -102,7 +102,7 @@ def child(mode: str, urls_file: Path, run: Path, per_shard: int) -> dict[str, fl
         import pandas as pd
 
         removed = pd.read_parquet(run / "remove_keys.parquet", columns=["shard", "key"])
-        kept = len(set(zip(removed["shard"], removed["key"])))
+        kept = len(set(zip(removed["shard"], removed["key"], strict=False)))
         return {"mode": mode, "kept": kept, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
     if mode == "filter":  # DropDuplicates alone on bare sample dicts: no tar reading, no torch import
         import pyarrow.parquet  # imported once a worker: before the clock, as in the dedup pass

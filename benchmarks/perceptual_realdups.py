@@ -179,8 +179,8 @@ def pair_table(rows: list[Row], sims: np.ndarray, use_labels: bool) -> tuple[np.
     """Upper-triangle pair indices (i, j) and same/cross masks (scene pairs in neither)."""
     groups = [row.labelled_group if use_labels else row.group for row in rows]
     i, j = np.triu_indices(len(rows), 1)
-    scene = np.array([groups[a].startswith(SCENE) or groups[b].startswith(SCENE) for a, b in zip(i, j)])
-    same = np.array([groups[a] == groups[b] for a, b in zip(i, j)]) & ~scene
+    scene = np.array([groups[a].startswith(SCENE) or groups[b].startswith(SCENE) for a, b in zip(i, j, strict=True)])
+    same = np.array([groups[a] == groups[b] for a, b in zip(i, j, strict=True)]) & ~scene
     cross = ~same & ~scene
     return np.stack([i, j], axis=1), same, cross
 
@@ -344,7 +344,7 @@ def print_crop_tail(photos: list[Image.Image], threshold: float) -> float:
 def base_photos(rows: list[Row], images: list[Image.Image], vectors: np.ndarray) -> list[Image.Image]:
     """One image per distinct photo with structure and at least 200 px on its short side."""
     seen, photos = set(), []
-    for row, image, vector in zip(rows, images, vectors):
+    for row, image, vector in zip(rows, images, vectors, strict=True):
         if row.group in seen or row.group.startswith((SCENE, NOISE)) or min(image.size) < 200 or not vector.any():
             continue
         if row.name.startswith("FFDNet"):  # the Kodak crops: their full images are in the set
@@ -373,7 +373,7 @@ def main() -> None:
     images = decode_all(args.data, rows, PerceptualDescriptor.min_side)
     decode_ms = (time.perf_counter() - decode_start) * 1000 / len(rows)
     vectors, millis = describe_timed(images)
-    abstained = [row.name for row, v in zip(rows, vectors) if not v.any()]
+    abstained = [row.name for row, v in zip(rows, vectors, strict=True) if not v.any()]
     print(f"\n{len(rows)} images; featureless (zero vector): {abstained}")
     sims = dihedral_similarity(vectors, vectors)
 

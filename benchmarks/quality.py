@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     except DedupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows += peers + [{"tool": "dedup clip", "not_measured": "not measured: no CLIP weights offline"}]
+    rows += [*peers, {"tool": "dedup clip", "not_measured": "not measured: no CLIP weights offline"}]
     markdown = build_markdown(rows, bench, skipped)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "quality.md").write_text(markdown, encoding="utf-8")

@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -96,23 +96,23 @@ def _guarded(fn):
 
 
 DescriptorOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--descriptor", "-d", help="perceptual and/or clip (repeat). Default: clip+perceptual on a GPU, perceptual otherwise."),
 ]
 ModelOpt = Annotated[str, typer.Option(help="open_clip model name (or a model-config JSON path).")]
 PretrainedOpt = Annotated[str, typer.Option(help="open_clip pretrained tag, or a local checkpoint PATH.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per model forward pass (>= 1).")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 0 when CLIP runs on the CPU (the model needs the cores).")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Decode worker processes (0 = decode in this process). Default: one per core, or 0 when CLIP runs on the CPU (the model needs the cores).")]
 EngineOpt = Annotated[str, typer.Option(help="local, or ray (pip install 'dedup\\[ray]').")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
+RayAddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")]
 RayActorsOpt = Annotated[int, typer.Option("--ray-actors", help="Ray actors (parallel tasks) per stage.")]
 RayCpusOpt = Annotated[float, typer.Option("--ray-cpus-per-actor", help="CPUs reserved by each Ray actor.")]
 RayGpusOpt = Annotated[float, typer.Option("--ray-gpus-per-actor", help="GPUs reserved by each Ray actor (CLIP on GPU nodes: 1).")]
-ThresholdOpt = Annotated[Optional[list[str]], typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
-GuardOpt = Annotated[Optional[list[str]], typer.Option("--guard", help="NAME=VALUE chaining guard (default: the applied threshold minus the descriptor's offset).")]
-MemoryOpt = Annotated[Optional[str], typer.Option("--memory", help="Memory budget, e.g. 8GB (default: 8GB, or the run's).")]
-KeepOpt = Annotated[Optional[str], typer.Option(help="best (colour, most pixels, least re-encoded) | first | largest | max-copies=N (default: best, or the run's).")]
+ThresholdOpt = Annotated[list[str] | None, typer.Option("--threshold", "-t", help="NAME=VALUE similarity cut, e.g. perceptual=0.9.")]
+GuardOpt = Annotated[list[str] | None, typer.Option("--guard", help="NAME=VALUE chaining guard (default: the applied threshold minus the descriptor's offset).")]
+MemoryOpt = Annotated[str | None, typer.Option("--memory", help="Memory budget, e.g. 8GB (default: 8GB, or the run's).")]
+KeepOpt = Annotated[str | None, typer.Option(help="best (colour, most pixels, least re-encoded) | first | largest | max-copies=N (default: best, or the run's).")]
 InputSizeOpt = Annotated[int, typer.Option(help="torchscript: model input side S (images become S x S).")]
 MeanOpt = Annotated[str, typer.Option(help="torchscript: per-channel mean, R,G,B in 0..1.")]
 StdOpt = Annotated[str, typer.Option(help="torchscript: per-channel std, R,G,B.")]
@@ -123,7 +123,7 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Sho
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
 ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
 ReadTimeoutOpt = Annotated[float, typer.Option("--read-timeout", help="Seconds to wait for the next bytes of a remote shard.")]
-GpuOpt = Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
+GpuOpt = Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
 
 
 def _version(value: bool) -> None:
@@ -163,7 +163,9 @@ def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, devi
     if thresholds or guards:  # a resumed run keeps its cuts unless new ones are given
         run.settings = run.settings.with_cuts(thresholds, guards).validated()
         run.save()
-    how = "chosen with --descriptor" if descriptor else "the default where no --descriptor is given"
+    from dedup.descriptors import default_reason
+
+    how = "chosen with --descriptor" if descriptor else default_reason()
     run.log(f"descriptors: {', '.join(run.settings.descriptors)} ({how})")
     return run
 
@@ -273,7 +275,7 @@ def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: GuardOpt
 
 @app.command("rank")
 @_guarded
-def rank_command(out: OutArg, top: TopOpt = 20, by: Annotated[Optional[str], typer.Option(
+def rank_command(out: OutArg, top: TopOpt = 20, by: Annotated[str | None, typer.Option(
         help="copies, or risk (memorisation risk: copies, caption sameness, domains). Default: the run's (copies).")] = None) -> None:
     """Rank clusters by copies or memorisation risk -> OUT/top_duplicates.parquet."""
     from dedup.stages.rank import rank
@@ -367,14 +369,14 @@ def demo_command(
 @_guarded
 def query_command(
     out: OutArg,
-    image: Annotated[Optional[Path], typer.Option(help="An image file.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="A folder of images.")] = None,
-    key: Annotated[Optional[str], typer.Option(help="A sample key of the run.")] = None,
-    text: Annotated[Optional[str], typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
-    descriptor: Annotated[Optional[str], typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image file.")] = None,
+    images: Annotated[Path | None, typer.Option(help="A folder of images.")] = None,
+    key: Annotated[str | None, typer.Option(help="A sample key of the run.")] = None,
+    text: Annotated[str | None, typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
+    descriptor: Annotated[str | None, typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
     limit: Annotated[int, typer.Option(min=0, help="Matches listed per query (the count is always exact).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    min_similarity: Annotated[Optional[float], typer.Option(help="--text: count images at or above this image-text cosine (default: LAION's caption cut for the model, 0.28 for ViT-B-32).")] = None,
+    min_similarity: Annotated[float | None, typer.Option(help="--text: count images at or above this image-text cosine (default: LAION's caption cut for the model, 0.28 for ViT-B-32).")] = None,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""
     from dedup.stages.query import print_results, query
@@ -408,9 +410,9 @@ def eval_command(
 def compare_command(
     train_out: Annotated[Path, typer.Argument(help="Finished training run (dedup run ... --out TRAIN_OUT).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where contamination.parquet and the report go.")],
-    eval_shards: Annotated[Optional[list[str]], typer.Argument(help="Evaluation shards (embedded into OUT/eval_run with the training run's settings).")] = None,
-    eval_run: Annotated[Optional[Path], typer.Option(help="A finished evaluation run instead of shards.")] = None,
-    remove_from: Annotated[Optional[str], typer.Option(help="train: write remove_from_train.parquet; eval: remove_from_eval.parquet.")] = None,
+    eval_shards: Annotated[list[str] | None, typer.Argument(help="Evaluation shards (embedded into OUT/eval_run with the training run's settings).")] = None,
+    eval_run: Annotated[Path | None, typer.Option(help="A finished evaluation run instead of shards.")] = None,
+    remove_from: Annotated[str | None, typer.Option(help="train: write remove_from_train.parquet; eval: remove_from_eval.parquet.")] = None,
     workers: WorkersOpt = None,
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
@@ -428,7 +430,7 @@ def export_command(
     out: OutArg,
     dest: Annotated[Path, typer.Option("--out", "-o", help="Folder for urls.parquet (and shards/).")],
     shards: Annotated[bool, typer.Option("--shards", help="Also write deduplicated webdataset shards (kept samples, members unchanged).")] = False,
-    remove: Annotated[Optional[list[Path]], typer.Option(help="Extra remove list(s) with shard and key columns, e.g. remove_from_train.parquet.")] = None,
+    remove: Annotated[list[Path] | None, typer.Option(help="Extra remove list(s) with shard and key columns, e.g. remove_from_train.parquet.")] = None,
 ) -> None:
     """Kept samples only: a url+caption parquet img2dataset downloads again, and optionally rewritten shards."""
     from dedup.stages.export import export
@@ -441,8 +443,8 @@ def export_command(
 def review_command(
     out: OutArg,
     decision: Annotated[str, typer.Argument(help="not-duplicate-cluster CLUSTER_ID | not-duplicate-pair KEY_A KEY_B | keep KEY | list")],
-    refs: Annotated[Optional[list[str]], typer.Argument(help="Cluster id, or sample keys (id:SAMPLE_ID for a sample id).")] = None,
-    note: Annotated[Optional[str], typer.Option(help="Why (kept in overrides.parquet and shown in the report).")] = None,
+    refs: Annotated[list[str] | None, typer.Argument(help="Cluster id, or sample keys (id:SAMPLE_ID for a sample id).")] = None,
+    note: Annotated[str | None, typer.Option(help="Why (kept in overrides.parquet and shown in the report).")] = None,
 ) -> None:
     """Record a reviewer's decision in OUT/overrides.parquet; cluster and manifests apply it on every rerun."""
     import pandas as pd

@@ -20,13 +20,15 @@ class ShardSpecError(DedupError):
 
 
 class MissingExtraError(DedupError):
-    """An optional dependency is not installed."""
+    """An optional dependency is not installed (or is installed but cannot be imported)."""
 
-    def __init__(self, package: str, extra: str, purpose: str) -> None:
-        super().__init__(
-            f"{purpose} needs the '{package}' package, which is not installed.",
-            hint=f"pip install 'dedup[{extra}]'",
-        )
+    def __init__(self, package: str, extra: str, purpose: str, broken: ImportError | None = None) -> None:
+        if broken is None:
+            super().__init__(f"{purpose} needs the '{package}' package, which is not installed.",
+                             hint=f"pip install 'dedup[{extra}]'")
+        else:
+            super().__init__(f"{purpose} needs the '{package}' package, which is installed but fails to import: {broken}",
+                             hint=f"pip install --upgrade 'dedup[{extra}]'")
 
 
 class ModelLoadError(DedupError):
@@ -45,11 +47,29 @@ class QueryError(DedupError):
     """A query names something the run does not hold."""
 
 
+# Import names whose pip distribution is called differently.
+_PIP_NAMES = {"open_clip": "open_clip_torch"}
+
+
+def missing_extra(exc: ImportError, extra: str, purpose: str) -> MissingExtraError:
+    """The error for a failed optional import, naming the package and the extra that brings it.
+
+    A module that is absent is "not installed"; one that is present but fails to
+    load (a torch build without its libraries, an old open_clip without a name
+    dedup uses) says so, since the fix is then an upgrade, not an install.
+    """
+    module = (exc.name or "").split(".")[0]
+    package = _PIP_NAMES.get(module, module) or f"dedup[{extra}]"
+    return MissingExtraError(package, extra, purpose, broken=None if isinstance(exc, ModuleNotFoundError) else exc)
+
+
 def require(module: str, package: str, extra: str, purpose: str):
     """Import an optional module or raise an error naming the extra to install."""
     import importlib
 
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         raise MissingExtraError(package, extra, purpose) from exc
+    except ImportError as exc:
+        raise MissingExtraError(package, extra, purpose, broken=exc) from exc

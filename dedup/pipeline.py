@@ -15,6 +15,7 @@ import pandas as pd
 
 from dedup.console import print_embed_summary
 from dedup.run import Run
+from dedup.search.faiss_index import faiss_backend
 from dedup.stages.cluster import cluster
 from dedup.stages.embed import embed
 from dedup.stages.index import build_indexes, faiss_gpu_available
@@ -32,6 +33,7 @@ def run_all(run: Run, with_report: bool = True, top: int = 50) -> pd.DataFrame:
     if run.console is not None:
         print_embed_summary(report, run.console)
     gpu = faiss_gpu_available()
+    run.log(f"faiss: {faiss_backend()}")
     for name, spec in build_indexes(run, gpu=gpu).items():
         run.log(f"index {name}: {spec.kind} ({spec.factory}) over {spec.n_vectors:,} vectors")
     find_neighbors(run, gpu=gpu)

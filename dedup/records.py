@@ -88,6 +88,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 def write_table(table: pa.Table | pd.DataFrame, path: Path) -> None:
+    """Write parquet atomically: a reader (or a resumed run) never sees half a table."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     with atomic_output(path) as tmp:
@@ -257,6 +258,7 @@ def record_shards(run: RunDir, shards: list[str]) -> list[str]:
 
 
 def read_shards(run: RunDir) -> pd.DataFrame:
+    """The shard list (`shard_index`, `url`) that sample ids refer to; later stages never re-expand the specs."""
     if not run.shards_table.exists():
         raise StoreError(f"{run.root} holds no ingested shards", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
     return pd.read_parquet(run.shards_table)
@@ -266,6 +268,7 @@ def read_shards(run: RunDir) -> pd.DataFrame:
 
 
 def load_samples(run: RunDir, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every sample row (failed ones included) from the per-shard parts; `columns` keeps memory to what is used."""
     parts = sorted((run.root / "samples").glob("samples_*.parquet"), key=_part_number)
     if not parts:
         raise StoreError(f"{run.root} has no samples table", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
@@ -273,6 +276,7 @@ def load_samples(run: RunDir, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def embedding_parts(run: RunDir, descriptor: str) -> list[int]:
+    """Shard numbers with an embedding part, in numeric order (img_emb_10 after img_emb_9)."""
     folder = run.embedding_dir(descriptor) / "img_emb"
     return sorted(_part_number(p) for p in folder.glob("img_emb_*.npy"))
 
@@ -317,6 +321,7 @@ def remove_stale_temp_files(run: RunDir) -> int:
 
 
 def load_edges(run: RunDir, descriptor: str, threshold: float) -> pd.DataFrame:
+    """Neighbour edges at or above `threshold`, each pair once: edges are searched at the lowest cut, so any higher cut is a filter."""
     folder = run.neighbors_dir(descriptor)
     parts = sorted(folder.glob("part_*.parquet"))
     if not parts:

@@ -77,7 +77,7 @@ def test_a_registered_toy_descriptor_runs_end_to_end(toy_descriptor, tmp_path):
     settings = Settings.build(descriptors=["grid"])
     assert settings.thresholds["grid"] == 0.99 and settings.guards["grid"] == pytest.approx(0.97)
     assert [b.options for b in descriptor_builders(settings)] == [{"cells": 4}]
-    shards, truth = build_demo(tmp_path / "shards")
+    shards, _truth = build_demo(tmp_path / "shards")
     run = make_run(tmp_path / "run", shards, descriptors=["grid"])
     pipeline.run_all(run, with_report=False)
     clusters = pd.read_parquet(run.clusters)

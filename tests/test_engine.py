@@ -65,7 +65,7 @@ def test_failing_task_is_reported_and_others_are_kept(tmp_path):
 
 def test_failed_task_is_listed_with_its_traceback(tmp_path):
     run = RunDir(tmp_path)
-    with pytest.raises(StageFailed, match="failed_count.parquet"):
+    with pytest.raises(StageFailed, match=r"failed_count\.parquet"):
         LocalEngine(run, retries=0, show_progress=False, backoff_s=0).run(CountingStage(run, ["a", "bad"], fail_always="bad"))
     (row,) = pd.read_parquet(run.failed_tasks("count")).to_dict("records")
     assert row["task_id"] == "bad" and row["status"] == "error" and "boom in bad" in row["error"]

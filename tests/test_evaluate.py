@@ -155,5 +155,5 @@ def test_joined_rejects_truth_that_shares_no_key_with_the_run() -> None:
 def test_evaluate_run_needs_clusters(tmp_path) -> None:
     truth_path = tmp_path / "truth.parquet"
     make_truth({"A": ["a1"]}).to_parquet(truth_path)
-    with pytest.raises(DedupError, match="clusters.parquet"):
+    with pytest.raises(DedupError, match=r"clusters\.parquet"):
         evaluate_run(tmp_path / "run", truth_path)

@@ -191,14 +191,16 @@ def test_build_index_rejects_wrong_shapes():
         build_index(binary_spec, _unit_vectors(100, 8))
 
 
-def test_gpu_spec_without_gpu_names_the_extra():
-    if faiss.get_num_gpus() > 0:
-        pytest.skip("a GPU is present; the missing-GPU error cannot be provoked")
+def test_gpu_spec_on_faiss_cpu_names_the_swap():
+    # faiss-gpu installs the same `faiss` module as faiss-cpu: no extra can add it, the hint swaps them.
+    if hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("faiss-gpu is installed; the faiss-cpu error cannot be provoked")
     spec = spec_for_kind("flat", 100, 32, gpu=True)
     assert spec.use_gpu
     with pytest.raises(DedupError) as caught:
         build_index(spec, _unit_vectors(100, 32))
-    assert "dedup[gpu]" in str(caught.value)
+    assert caught.value.hint == "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12"
+    assert "faiss-cpu" in caught.value.message
 
 
 def test_load_missing_index_raises_store_error(tmp_path):

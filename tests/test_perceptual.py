@@ -70,7 +70,7 @@ def real_set() -> RealSet:
         names=names,
         groups=[row["group_id"] for row in rows],
         kinds=[row["kind"] for row in rows],
-        images=dict(zip(names, images)),
+        images=dict(zip(names, images, strict=True)),
         index={name: i for i, name in enumerate(names)},
         sims=dihedral_similarity(vectors, vectors),
     )
@@ -184,7 +184,7 @@ def test_content_box_keeps_a_one_sided_uniform_band_of_the_photo():
 
 
 def test_bridge_edits_flips_and_rotations_match_the_original(real_set):
-    members = [n for n, g in zip(real_set.names, real_set.groups) if g == "ThreatExchange:bridge"]
+    members = [n for n, g in zip(real_set.names, real_set.groups, strict=True) if g == "ThreatExchange:bridge"]
     noise = {f"{_TE_RES}I16.png", f"{_TE_RES}LA.png"}  # labelled bridge, but pure random noise
     for name in members:
         if name not in noise:
@@ -237,7 +237,7 @@ def test_documented_non_matches_that_are_really_copies(real_set):
 def test_hard_negative_and_distinct_photos_match_nothing_else(real_set):
     names, kinds = real_set.names, real_set.kinds
     # mismatch-1/-3 are copies (see above); every other hard negative or distinct photo stands alone.
-    lonely = [n for n, k in zip(names, kinds) if k in ("hard_negative", "distinct")
+    lonely = [n for n, k in zip(names, kinds, strict=True) if k in ("hard_negative", "distinct")
               and not n.endswith(("mismatch-1.jpg", "mismatch-3.jpg"))]
     assert len(lonely) >= 12
     for name in lonely:
@@ -300,4 +300,4 @@ def test_synthetic_edit_of_real_photos_still_matches(real_set, edit):
     originals = describe(photos)
     edited = describe([EDITS[edit](photo) for photo in photos])
     sims = np.diag(dihedral_similarity(originals, edited))
-    assert sims.min() > DEFAULT_THRESHOLD, dict(zip(PHOTOS, sims.round(3)))
+    assert sims.min() > DEFAULT_THRESHOLD, dict(zip(PHOTOS, sims.round(3), strict=True))

@@ -23,7 +23,7 @@ def _members(cluster_id: int, captions: list, urls: list[str]) -> list[dict]:
     return [
         {"sample_id": cluster_id + i, "cluster_id": cluster_id, "cluster_size": len(captions), "is_representative": i == 0,
          "caption": caption, "url": url, "shard_index": i % 2, "key": f"k{cluster_id + i}"}
-        for i, (caption, url) in enumerate(zip(captions, urls))
+        for i, (caption, url) in enumerate(zip(captions, urls, strict=False))
     ]
 
 

@@ -407,11 +407,11 @@ def test_many_shards_are_grouped_in_the_shard_plot():
 def test_missing_stage_output_names_the_command_to_run(fixture_run, tmp_path):
     partial = tmp_path / "partial-run"
     shutil.copytree(fixture_run.root, partial, ignore=shutil.ignore_patterns("report", "top_duplicates.parquet"))
-    with pytest.raises(report.StoreError, match="top_duplicates.parquet") as raised:
+    with pytest.raises(report.StoreError, match=r"top_duplicates\.parquet") as raised:
         report.write_report(partial)
     assert raised.value.hint == f"run 'dedup rank {partial}' first"
     RunDir(partial).clusters.unlink()
-    with pytest.raises(report.StoreError, match="clusters.parquet"):
+    with pytest.raises(report.StoreError, match=r"clusters\.parquet"):
         report.write_report(partial)
     assert not (partial / "report").exists()
 

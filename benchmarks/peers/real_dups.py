@@ -121,7 +121,7 @@ def score_pairs(pairs_file: Path, rows: list[TruthRow], merges: list[str]) -> Pa
     known_keys = {row.key for row in rows}
     hard_negatives = {row.key for row in rows if row.kind == "hard_negative"}
     frame = pd.read_parquet(pairs_file, columns=["key_a", "key_b"])
-    found = set(zip(frame["key_a"], frame["key_b"]))
+    found = set(zip(frame["key_a"], frame["key_b"], strict=True))
     unknown = {key for pair in found for key in pair} - known_keys
     if unknown:
         raise DedupError(

@@ -166,7 +166,7 @@ def _pairs_within_hamming(packed: np.ndarray, max_distance: int) -> Iterator[tup
         cols = cols + start
         rows = rows + start
         keep = cols > rows
-        yield from zip(rows[keep].tolist(), cols[keep].tolist())
+        yield from zip(rows[keep].tolist(), cols[keep].tolist(), strict=True)
 
 
 # --- fastdup ------------------------------------------------------------------------------------------

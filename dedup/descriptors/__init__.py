@@ -160,6 +160,16 @@ def choose_default_descriptors(cuda: bool) -> tuple[list[str], str]:
     return ["perceptual"], "no CUDA GPU found, so the weight-free perceptual descriptor runs (add --descriptor clip to force CLIP on CPU)"
 
 
+def default_reason() -> str:
+    """Why the default descriptors are what they are here (printed by `dedup run`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return ("torch is not installed, so the weight-free perceptual descriptor runs "
+                "(pip install 'dedup[clip]' to add CLIP)")
+    return choose_default_descriptors(cuda_available())[1]
+
+
 def resolve_descriptor_names(names: list[str], device: str = "auto", cuda: bool | None = None) -> list[str]:
     """Validated, de-duplicated names; the default set when none are given."""
     if not names:
@@ -181,6 +191,7 @@ __all__ = [
     "build_descriptor",
     "builder_options",
     "choose_default_descriptors",
+    "default_reason",
     "descriptor_policy",
     "query_transform_for",
     "register",

@@ -31,14 +31,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import open_clip
-import torch
-from open_clip.transform import MaybeToTensor, PreprocessCfg, merge_preprocess_dict
 from PIL import Image
-from torchvision.transforms import Compose, Normalize
 
 from dedup.descriptors.base import l2_normalize
-from dedup.errors import DedupError, ModelLoadError
+from dedup.errors import DedupError, ModelLoadError, missing_extra
+
+# torch, torchvision and open_clip come with the clip extra only; this module is imported when
+# clip is chosen (the registry imports it by name), so a lean install learns the pip command here.
+try:
+    import open_clip
+    import torch
+    from open_clip.transform import MaybeToTensor, PreprocessCfg, merge_preprocess_dict
+    from torchvision.transforms import Compose, Normalize
+except ImportError as exc:
+    raise missing_extra(exc, "clip", "The clip descriptor") from exc
 
 HF_HUB_PREFIX = "hf-hub:"
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from dedup.errors import IndexInfeasible, MissingExtraError
+from dedup.errors import DedupError, IndexInfeasible
 from dedup.search.index_choice import ADD_CHUNK, GPU_INSTALL_HINT, IndexSpec, default_train_size
 
 
@@ -137,9 +137,27 @@ def apply_search_params(index, spec: IndexSpec) -> None:
         faiss.downcast_index(index).hnsw.efSearch = spec.ef_search
 
 
+def faiss_gpu_count() -> int:
+    """GPUs faiss can use: always 0 with faiss-cpu, which lacks the GPU classes of the same `faiss` module."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    return int(faiss.get_num_gpus())
+
+
+def faiss_backend() -> str:
+    """Which faiss build is installed, for the run log: "faiss-gpu with 2 GPUs" or "faiss-cpu"."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "faiss-cpu"
+    count = faiss_gpu_count()
+    return f"faiss-gpu with {count} GPU{'' if count == 1 else 's'}"
+
+
 def _to_gpu(index):
-    if not hasattr(faiss, "index_cpu_to_all_gpus") or not hasattr(faiss, "StandardGpuResources"):
-        raise MissingExtraError("faiss-gpu-cu12", "gpu", "A GPU index (use_gpu=True)")
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise DedupError(
+            "a GPU index needs faiss-gpu, but the installed faiss is the CPU build (faiss-cpu)",
+            hint=GPU_INSTALL_HINT,
+        )
     if faiss.get_num_gpus() == 0:
         raise IndexInfeasible(
             "the index spec asks for a GPU but faiss sees none",

@@ -66,7 +66,8 @@ GPU_SCRATCH_BYTES = 1536 << 20
 ID_BYTES = 8  # faiss stores one int64 id per vector in inverted lists
 ASSIGNMENT_BYTES = 4  # build keeps one int32 list number per vector
 ADD_CHUNK = 65536
-GPU_INSTALL_HINT = "pip install 'dedup[gpu]'"
+# faiss-cpu and faiss-gpu-cu12 install the same `faiss` module, so no extra can add GPU support: swap them.
+GPU_INSTALL_HINT = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12"
 
 
 @dataclass(frozen=True)

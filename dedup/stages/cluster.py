@@ -53,7 +53,7 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
 def _exact_heads(sha: np.ndarray) -> np.ndarray:
     """Node -> first node with the same bytes (itself when its bytes are unique or unknown)."""
     head = np.arange(len(sha), dtype=np.int64)
-    known = np.flatnonzero(sha != None)
+    known = np.flatnonzero(pd.notna(sha))  # elementwise: sha is an object array
     if not len(known):
         return head
     codes, _ = pd.factorize(sha[known])
@@ -113,7 +113,7 @@ def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray,
         better = sims - view.guard > margin[both]
         chosen = both[better]
         margin[chosen], similarity[chosen], matched_by[chosen] = sims[better] - view.guard, sims[better], view.name
-    same_bytes = (sha[reps] == sha[members]) & (sha[members] != None)
+    same_bytes = (sha[reps] == sha[members]) & pd.notna(sha[members])
     margin[same_bytes], similarity[same_bytes], matched_by[same_bytes] = np.inf, 1.0, EXACT
     return margin, similarity, matched_by
 
@@ -129,6 +129,7 @@ def _explain(views, sha, labels, is_rep) -> tuple[np.ndarray, np.ndarray]:
 
 def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float],
                 guards: dict[str, float]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Cluster a run with explicit cuts and guards (no settings read), so tests and `cluster` share one path."""
     samples = load_samples(run, ["sample_id", "shard_index", "shard", "key", "url", "caption", "status", "sha256"])
     samples = samples.sort_values("sample_id", ignore_index=True)
     node_ids = samples["sample_id"].to_numpy()

@@ -56,18 +56,21 @@ class _Batcher:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, row: dict[str, Any], prepared: np.ndarray) -> None:
+        """Queue one sample; a full batch goes through the model at once."""
         self.pending.append(prepared)
         self.rows.append(row)
         if len(self.pending) >= self.batch_size:
             self.flush()
 
     def flush(self) -> None:
+        """Embed what is queued; vectors are stored as float16 (half the disk and page cache of float32)."""
         if self.pending:
             embedded = self.descriptor.embed(np.stack(self.pending))
             self.vectors.append(np.asarray(embedded, dtype=np.float16))
             self.pending = []
 
     def result(self) -> tuple[np.ndarray, pa.Table]:
+        """The shard's vectors and their metadata rows, in the same order."""
         self.flush()
         dim = self.descriptor.dim
         vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float16)
@@ -118,6 +121,7 @@ class EmbedStage:
         return state
 
     def task_ids(self) -> list[str]:
+        """One task per shard: the unit of retry and resume."""
         return [str(i) for i in range(len(self.shards))]
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
@@ -188,6 +192,7 @@ class EmbedStage:
         write_record(pa.Table.from_pydict(columns, schema=SAMPLES), self.run_dir.samples_part(shard_index), SAMPLES)
 
     def close(self) -> None:
+        """Stop the decode pool; the engine calls this after the last task, also when one failed."""
         if self._pool is not None:
             self._pool.close()
             self._pool.join()

@@ -41,7 +41,7 @@ def kept_in_shard(run: RunDir, shard_index: int, shard: str, removed: set[tuple[
     rows = pd.read_parquet(samples, columns=["sample_id", "shard", "key", "url", "caption"])
     kept = rows.merge(keep[keep["keep"]][["sample_id", "occurrence"]], on="sample_id")
     if removed:
-        identity = pd.Series(list(zip(kept["shard"], kept["key"], kept["occurrence"])), index=kept.index, dtype="object")
+        identity = pd.Series(list(zip(kept["shard"], kept["key"], kept["occurrence"], strict=False)), index=kept.index, dtype="object")
         kept = kept[~identity.isin(removed)]
     return kept.sort_values("sample_id", ignore_index=True)
 
@@ -88,7 +88,7 @@ class ExportShardsStage:
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         index = int(task_id)
         kept = kept_in_shard(self.run_dir, index, self.shard_urls[index], self.removed)
-        keys = set(zip(kept["key"], kept["occurrence"].astype(int)))
+        keys = set(zip(kept["key"], kept["occurrence"].astype(int), strict=False))
         target = self.folder / "shards" / f"{index:05d}.tar"
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.tmp")
@@ -140,7 +140,7 @@ def export(out: str | Path, dest: str | Path, shards: bool = False, remove_lists
     if not run.manifest_index.exists():
         raise StoreError(f"{run.root} has no manifests", hint=f"run 'dedup manifests {run.root}' first")
     table = read_shards(run)
-    urls = dict(zip(table["shard_index"].astype(int), table["url"]))
+    urls = dict(zip(table["shard_index"].astype(int), table["url"], strict=False))
     removed = _removed_pairs(remove_lists or [])
     stats = write_url_list(run, urls, removed, folder)
     if shards:

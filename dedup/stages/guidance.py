@@ -95,10 +95,10 @@ def _curve_svg(descriptor: str, cuts: np.ndarray, removed: np.ndarray, threshold
     x = _Scale(float(cuts[0]), float(cuts[-1]), _LEFT, _W - _RIGHT)
     y = _Scale(0, max(1.0, float(removed.max()) * 1.1), _H - _BOTTOM, _TOP, integer=True)
     parts = _axes(x, y, "threshold (cosine similarity)", "samples removed (upper bound)", title)
-    points = " ".join(f"{x(float(c)):.1f},{y(float(r)):.1f}" for c, r in zip(cuts, removed))
+    points = " ".join(f"{x(float(c)):.1f},{y(float(r)):.1f}" for c, r in zip(cuts, removed, strict=False))
     parts.append(f"<polyline points='{points}' fill='none' stroke='#2456b3' stroke-width='2'/>")
     parts += [f"<circle cx='{x(float(c)):.1f}' cy='{y(float(r)):.1f}' r='3' class='dot'><title>{float(c):.3f}: "
-              f"{int(r):,} removed</title></circle>" for c, r in zip(cuts, removed)]
+              f"{int(r):,} removed</title></circle>" for c, r in zip(cuts, removed, strict=False)]
     if threshold is not None and cuts[0] <= threshold <= cuts[-1]:
         px = x(float(threshold))
         parts.append(f"<line x1='{px:.1f}' y1='{_TOP}' x2='{px:.1f}' y2='{_H - _BOTTOM}' class='cut'/>"
@@ -127,7 +127,7 @@ def _descriptor_block(run: RunDir, descriptor: str, config: dict[str, Any]) -> s
     bands = band_pairs(edges, low)
     ids = sorted({int(i) for _, _, pairs in bands for i in (*pairs["id_a"], *pairs["id_b"])})
     thumb = _ThumbnailHtml(read_thumbnails(run.root, ids))
-    keys = dict(zip(*sample_rows(run, ids, ["key"])[["sample_id", "key"]].to_numpy().T))
+    keys = dict(zip(*sample_rows(run, ids, ["key"])[["sample_id", "key"]].to_numpy().T, strict=False))
     keys = {int(k): v for k, v in keys.items()}
     rows = "".join(
         f"<h4>{left:.3f} &ndash; {right:.3f} <span class='muted small'>{len(pairs)} shown</span></h4>"

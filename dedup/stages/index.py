@@ -14,7 +14,7 @@ from dedup.engine import run_stage
 from dedup.errors import StoreError
 from dedup.records import RunDir, atomic_output, fingerprint, load_embeddings
 from dedup.run import Run
-from dedup.search.faiss_index import _to_gpu, apply_search_params
+from dedup.search.faiss_index import _to_gpu, apply_search_params, faiss_gpu_count
 from dedup.search.index_choice import IndexSpec
 
 
@@ -46,7 +46,7 @@ class IndexStage:
         from dedup.search.faiss_index import build_index
         from dedup.search.index_choice import choose_index
 
-        ids, vectors = load_embeddings(self.run_dir, self.descriptor)
+        _ids, vectors = load_embeddings(self.run_dir, self.descriptor)
         transform = query_transform_for(self.descriptor)
         variants = len(transform(vectors[:1])) if transform is not None else 1
         spec = choose_index(len(vectors), vectors.shape[1], self.memory_budget_bytes, gpu=self.gpu,
@@ -71,9 +71,7 @@ def build_indexes(run: Run, gpu: bool | None = None) -> dict[str, IndexSpec]:
 
 def faiss_gpu_available() -> bool:
     """faiss-gpu installed and a GPU visible (then `dedup run` indexes and searches on it)."""
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss_gpu_count() > 0
 
 
 # ---------------------------------------------------------------- save / load

@@ -35,7 +35,7 @@ class NeighborsStage:
         if self._loaded is None:
             from dedup.stages.index import load_index
 
-            index, spec = load_index(self.run_dir.index_dir, self.descriptor)
+            index, _spec = load_index(self.run_dir.index_dir, self.descriptor)
             ids, vectors = load_embeddings(self.run_dir, self.descriptor)
             keys = load_samples(self.run_dir, ["sample_id", "key"]).set_index("sample_id")["key"]
             self._loaded = (index, ids, vectors, keys)

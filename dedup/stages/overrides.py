@@ -190,7 +190,7 @@ def _keys(run: RunDir, overrides: pd.DataFrame) -> dict[int, tuple[str, int]]:
     columns = ["sample_id", "key", "cluster_id"]
     clusters = pd.read_parquet(run.clusters, columns=columns) if run.clusters.exists() else pd.DataFrame(columns=columns)
     found = clusters[clusters["sample_id"].isin(set(ids))]
-    return {int(i): (str(k), int(c)) for i, k, c in zip(found["sample_id"], found["key"], found["cluster_id"])}
+    return {int(i): (str(k), int(c)) for i, k, c in zip(found["sample_id"], found["key"], found["cluster_id"], strict=False)}
 
 
 def _who(row, keys: dict[int, tuple[str, int]]) -> str:

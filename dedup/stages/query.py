@@ -193,7 +193,7 @@ def query_images(run_index: RunIndex, paths: list[Path], root: Path | None = Non
             results[i] = QueryResult(str(path), run_index.descriptor, 0, None, 0, error=message)
     if prepared:
         vectors = describer.embed(np.stack(prepared))
-        for (i, digest), matches in zip(positions, run_index.matches_for_vectors(vectors, run_index.threshold)):
+        for (i, digest), matches in zip(positions, run_index.matches_for_vectors(vectors, run_index.threshold), strict=True):
             merged = pd.concat([run_index.exact_matches(digest), matches]).drop_duplicates("sample_id")
             results[i] = _result(str(paths[i]), run_index, merged.sort_values("similarity", ascending=False, ignore_index=True))
     return [r for r in results if r is not None]

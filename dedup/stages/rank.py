@@ -84,7 +84,7 @@ def rank_clusters(clusters: pd.DataFrame, by: str = "copies") -> pd.DataFrame:
     summary["representative_url"] = reps["url"]
     summary["representative_caption"] = reps["caption"]
     summary = summary.join(_caption_columns(dups))
-    summary["risk"] = [risk_score(*v) for v in zip(summary["copies"], summary["caption_sameness"], summary["url_domains"])]
+    summary["risk"] = [risk_score(*v) for v in zip(summary["copies"], summary["caption_sameness"], summary["url_domains"], strict=False)]
     summary = summary.reset_index().sort_values([by, "copies", "cluster_id"], ascending=[False, False, True])
     summary.insert(0, "rank", range(1, len(summary) + 1))
     return summary[TOP_COLUMNS].reset_index(drop=True)

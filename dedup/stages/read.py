@@ -39,7 +39,7 @@ from urllib.parse import urljoin, urlsplit
 
 from braceexpand import braceexpand
 
-from dedup.errors import DedupError, ShardSpecError
+from dedup.errors import DedupError, ShardSpecError, require
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
 # Web content decides member sizes; we decide what we allocate for them.
@@ -215,7 +215,7 @@ class _PipeReader:
     def __init__(self, command: str, timeouts: Timeouts) -> None:
         self.command, self.timeout = command, timeouts.read
         # A file, not a pipe, for stderr: a chatty command can never block on a full stderr pipe.
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self._stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
         self.at_end = False
 
@@ -263,14 +263,14 @@ def _open_pipe(command: str, timeouts: Timeouts) -> Iterator[_PipeReader]:
 
 
 def _open_fsspec(url: str):
-    import fsspec
-
+    scheme = url.split("://")[0]
+    fsspec = require("fsspec", "fsspec", "s3", f"Reading {scheme}:// shards")
     try:
         return fsspec.open(url, "rb").open()
     except ImportError as exc:
         raise DedupError(
-            f"reading {url.split('://')[0]}:// shards needs an fsspec backend: {exc}",
-            hint="pip install s3fs (or gcsfs / adlfs), or use 'pipe:aws s3 cp URL -'",
+            f"reading {scheme}:// shards needs an fsspec backend: {exc}",
+            hint="pip install 'dedup[s3]' (gs:// and az:// need gcsfs / adlfs), or use 'pipe:aws s3 cp URL -'",
         ) from exc
 
 

@@ -103,7 +103,7 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
     wanted_ids = sorted({int(i) for i in sample_ids})
     samples = sample_rows(run, wanted_ids, ["shard_index", "image_member", "status", "error"]).set_index("sample_id")
     shards = read_shards(run)
-    shard_urls = dict(zip(shards["shard_index"].astype(int), shard_locations(shards)))
+    shard_urls = dict(zip(shards["shard_index"].astype(int), shard_locations(shards), strict=False))
     result = {i: Thumbnail(None, "sample not in the samples table") for i in wanted_ids if i not in samples.index}
     by_shard: dict[int, list[_Wanted]] = {}
     for sample_id, row in samples.iterrows():
@@ -127,7 +127,7 @@ def shard_locations(shards: pd.DataFrame) -> list[str]:
     directory is now; runs recorded before that column existed fall back to the given `url`."""
     if "location" not in shards.columns:
         return shards["url"].astype(str).tolist()
-    return [loc if isinstance(loc, str) and loc else str(url) for loc, url in zip(shards["location"], shards["url"])]
+    return [loc if isinstance(loc, str) and loc else str(url) for loc, url in zip(shards["location"], shards["url"], strict=False)]
 
 
 def sample_rows(run: RunDir, sample_ids: Sequence[int], columns: list[str]) -> pd.DataFrame:
@@ -652,7 +652,7 @@ def _copies_plot(distribution: pd.Series) -> str:
     x = _Scale(0.8, max(10.0, xs.max() * 1.25), _LEFT, _W - _RIGHT, log=True)
     y = _Scale(0.7, max(10.0, ys.max() * 1.5), _H - _BOTTOM, _TOP, log=True)
     parts = _axes(x, y, "copies of an image", "images with that many copies", title)
-    for copies, count in zip(xs, ys):
+    for copies, count in zip(xs, ys, strict=True):
         parts.append(f"<circle cx='{x(copies):.1f}' cy='{y(count):.1f}' r='4' class='dot'>"
                      f"<title>{int(count):,} images with {int(copies):,} copies</title></circle>")
     return _svg(parts, title)
@@ -710,7 +710,7 @@ def _similarity_plot(run: RunDir, descriptor: str, config: dict[str, Any]) -> st
     x = _Scale(float(edges[0]), float(edges[-1]), _LEFT, _W - _RIGHT)
     y = _Scale(0, max(1.0, float(counts.max()) * 1.1), _H - _BOTTOM, _TOP, integer=True)
     parts = _axes(x, y, "similarity", "pairs", title)
-    for left, right, count in zip(edges[:-1], edges[1:], counts):
+    for left, right, count in zip(edges[:-1], edges[1:], counts, strict=True):
         top = y(float(count))
         parts.append(f"<rect x='{x(left):.1f}' y='{top:.1f}' width='{max(0.5, x(right) - x(left) - 1):.1f}' "
                      f"height='{y(0) - top:.1f}' class='bar'><title>{left:.3f}-{right:.3f}: {int(count):,}</title></rect>")
