@@ -144,7 +144,8 @@ def _run_embed(shards: list[str], out: Path) -> subprocess.Popen:
 def _tree(out: Path) -> dict[str, bytes]:
     result = {}
     for path in sorted(out.rglob("*")):
-        if path.is_file() and "_markers" not in path.parts and path.name != "run.json":
+        # Markers hold timings, run.json the invocation, .lock the pid of the last writer: not outputs.
+        if path.is_file() and "_markers" not in path.parts and path.name not in ("run.json", ".lock"):
             result[str(path.relative_to(out))] = path.read_bytes() if path.suffix == ".npy" else pd.read_parquet(path).to_json().encode() if path.suffix == ".parquet" else path.read_bytes()
     return result
 
