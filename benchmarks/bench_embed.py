@@ -76,11 +76,13 @@ def bare_model_rate(builder: DescriptorBuilder, prepared: list[np.ndarray], batc
 
 
 def pipeline_rate(shards: list[str], out: Path, builder: DescriptorBuilder, workers: int, batch_size: int) -> float:
-    options = pipeline.EmbedOptions(descriptors=[builder.name], workers=workers, batch_size=batch_size, show_progress=False)
-    if builder.name == "clip":
-        options.clip_model, options.clip_pretrained = builder.options["model"], builder.options["pretrained"]
-        options.device = builder.options["device"]
-    report = pipeline.embed(shards, out, options)
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
+
+    settings = Settings.build(shard_specs=shards, descriptors=[builder.name], workers=workers, batch_size=batch_size,
+                              device=builder.options.get("device", "auto"), model_options=builder.options,
+                              engine=EngineSettings(show_progress=False))
+    report = pipeline.embed(Run.start(out, settings))
     return report.stats["samples"] / report.seconds
 
 

@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from dedup import settings as cfg
 from dedup.descriptors.perceptual import DIM, dihedral_variants
 from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, record_shards, write_array, write_table
+from dedup.run import Run
+from dedup.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_DIR = REPO_ROOT / "benchmarks" / "_work" / "speed_scale"
@@ -136,8 +137,7 @@ def write_run(root: Path, n: int, seed: int) -> dict[str, Any]:
     for shard_index in range(n_shards):
         rows = slice(shard_index * ROWS_PER_SHARD, min(n, (shard_index + 1) * ROWS_PER_SHARD))
         _write_shard(run, shard_index, shards[shard_index], rows, vectors, hash_source)
-    config = cfg.RunConfig(shard_specs=shards, descriptors=[DESCRIPTOR])
-    config.fill_defaults().save(run)
+    Run.start(root, Settings.build(shard_specs=shards, descriptors=[DESCRIPTOR]))
     background_sims = _background_similarity_percentiles(vectors, base_of, rng)
     return {"groups": groups, "planted_copies": int((base_of != np.arange(n)).sum()),
             "background_similarity_percentiles": background_sims}
@@ -182,16 +182,18 @@ def _background_similarity_percentiles(vectors: np.ndarray, base_of: np.ndarray,
 def run_stage(stage: str, root: Path, memory: str) -> dict[str, Any]:
     """One pipeline stage on `root`, in this process; returns its seconds, peak RSS and facts."""
     from dedup import pipeline
+    from dedup.settings import EngineSettings, parse_size
 
+    run = Run.open(root, memory_budget_bytes=parse_size(memory), engine=EngineSettings(show_progress=False))
     started = time.perf_counter()
     if stage == "index":
-        specs = pipeline.build_indexes(root, memory, gpu=False)
+        specs = pipeline.build_indexes(run, gpu=False)
         facts = {"index": specs[DESCRIPTOR].factory}
     elif stage == "neighbors":
-        reports = pipeline.find_neighbors(root, show_progress=False)
+        reports = pipeline.find_neighbors(run, gpu=False)
         facts = {"edges": int(reports[DESCRIPTOR].stats.get("edges", 0))}
     else:
-        facts = pipeline.cluster(root)
+        facts = pipeline.cluster(run)
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb, 1), **facts}
