@@ -179,8 +179,9 @@ def report_command(out: OutArg, top: Annotated[int, typer.Option(help="Clusters 
 @app.command("run")
 @_guarded
 def run_command(
-    shards: ShardsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
+    shards: Annotated[Optional[list[str]], typer.Argument(help=ShardsArg.__metadata__[0].help)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (required).")] = None,
+    embeddings: Annotated[Optional[str], typer.Option(help="Precomputed embeddings folder or fsspec URL (img_emb/ + metadata/, clip-retrieval layout): no images are read.")] = None,
     descriptor: DescriptorOpt = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
@@ -198,6 +199,19 @@ def run_command(
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup import pipeline
 
+    if out is None:
+        raise DedupError("no run directory given", hint="pass --out DIR")
+    if embeddings is not None:
+        if shards:
+            raise DedupError("--embeddings runs from precomputed vectors alone", hint="drop the SHARDS arguments")
+        from dedup.stages.precomputed import run_from_embeddings
+
+        ranking = run_from_embeddings(embeddings, out, threshold, memory, keep, report, err_console,
+                                      engine=engine, ray_address=ray_address)
+        print_top(ranking, out_console, top)
+        return
+    if not shards:
+        raise DedupError("no shards given", hint="pass SHARDS, or --embeddings DIR for precomputed vectors")
     options = _embed_options(descriptor, model, pretrained, device, batch_size, workers, engine, ray_address)
     ranking = pipeline.run_all(shards, out, options, threshold, memory, keep, report, err_console)
     print_top(ranking, out_console, top)

@@ -146,3 +146,61 @@ def _to_gpu(index):
             hint=f"run on a machine with a CUDA GPU and {GPU_INSTALL_HINT}, or choose the index with gpu=False",
         )
     return faiss.index_cpu_to_all_gpus(index)
+
+
+# ---------------------------------------------------------------- block build (memory-mapped inputs)
+
+
+def train_index(spec: IndexSpec, vectors, train_sample: int | None = None, seed: int = 0):
+    """An empty index of `spec`, trained (IVF/PQ: on a random sample of rows read from `vectors`)."""
+    _check_vectors(spec, vectors)
+    index = _empty_index(spec)
+    if not index.is_trained:
+        index.train(_train_rows(spec, vectors, train_sample, seed))
+    return index
+
+
+def quantizer_of(index):
+    """The coarse quantizer of an IVF index (None for other kinds)."""
+    ivf = _try_extract_ivf(index)
+    return None if ivf is None else ivf.quantizer
+
+
+def probe_cells(quantizer, vectors, nprobe: int, out: np.ndarray, block_rows: int = ADD_CHUNK,
+                progress=None) -> np.ndarray:
+    """The `nprobe` nearest cells of every row into `out` ((n, nprobe) int32, e.g. a memory map).
+
+    Column 0 is the row's home cell (the cell an IVF add puts it in), so one
+    quantizer pass serves both the index fill and the neighbour join.
+    """
+    for start in range(0, len(vectors), block_rows):
+        block = _rows(vectors[start : start + block_rows], binary=False)
+        _, cells = quantizer.search(block, nprobe)
+        out[start : start + len(block)] = cells
+        if progress is not None:
+            progress(len(block))
+    return out
+
+
+def fill_ivf(index, vectors, home: np.ndarray, block_rows: int = ADD_CHUNK, first_id: int | None = None) -> None:
+    """Add every row of `vectors` to the cell `home[row]` already chose: no second quantizer pass.
+
+    Lists are reserved at their final length first (see `_add_ivf_without_slack`).
+    `first_id`: label of the first row (default: the index's current count).
+    """
+    ivf = _try_extract_ivf(index)
+    counts = np.bincount(np.asarray(home), minlength=ivf.nlist)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(invlists, faiss.ArrayInvertedLists):
+        for list_no in np.flatnonzero(counts):
+            invlists.resize(int(list_no), int(counts[list_no]))
+            invlists.resize(int(list_no), 0)
+    for start in range(0, len(vectors), block_rows):
+        block = _rows(vectors[start : start + block_rows], binary=False)
+        lists = np.ascontiguousarray(home[start : start + len(block)], dtype=np.int64)
+        labels = None if first_id is None else np.arange(first_id + start, first_id + start + len(block), dtype=np.int64)
+        ivf.add_core(len(block), faiss.swig_ptr(block), None if labels is None else faiss.swig_ptr(labels),
+                     faiss.swig_ptr(lists))
+    if ivf is not index:
+        index.ntotal = ivf.ntotal
+

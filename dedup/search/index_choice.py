@@ -84,6 +84,9 @@ class IndexSpec:
     metric: str = "ip"
     use_gpu: bool = False
     memory_bytes: int = 0
+    # IVF lists in faiss' OnDiskInvertedLists (<name>.ivfdata, memory-mapped) because
+    # they exceed the memory budget; memory_bytes is then the build's working set.
+    on_disk: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -265,6 +268,47 @@ def choose_index(
         hint=f"raise --memory to at least {_gib(smallest.memory_bytes)}, "
         "or use a smaller descriptor (fewer dimensions / bits)",
     )
+
+
+def choose_index_streaming(
+    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, query_variants: int = 1,
+) -> IndexSpec:
+    """`choose_index` for a build from memory maps; when no index fits in RAM, IVF-Flat with on-disk lists.
+
+    The on-disk build holds the quantizer, the training sample, one part's
+    lists and the cell grouping of the rows (see `index_stage_bytes`), never
+    the whole index.
+    """
+    try:
+        return choose_index(n_vectors, dim, memory_budget_bytes, gpu=gpu, query_variants=query_variants)
+    except IndexInfeasible:
+        if gpu:
+            raise
+    spec = spec_for_kind("ivf_flat", n_vectors, dim)
+    on_disk = IndexSpec(**{**asdict(spec), "on_disk": True})
+    working = index_stage_bytes(on_disk)
+    if working > memory_budget_bytes:
+        raise IndexInfeasible(
+            f"even an on-disk IVF index for {n_vectors:,} vectors needs {_gib(working)} to build, "
+            f"more than {_gib(memory_budget_bytes)}",
+            hint=f"raise --memory to at least {_gib(working)}",
+        )
+    return IndexSpec(**{**asdict(on_disk), "memory_bytes": working})
+
+
+ON_DISK_PART_ROWS = 1 << 20  # rows per temporary index merged into the on-disk lists
+
+
+def index_stage_bytes(spec: IndexSpec) -> int:
+    """The index stage's own working set: the index (or one on-disk part), training sample, cell grouping."""
+    n, dim = spec.n_vectors, spec.dim
+    train = default_train_size(spec) * dim * 4
+    grouping = n * 16 if spec.kind in ("ivf_flat", "ivf_pq") else 0  # argsort of home cells (int64 in, int64 out)
+    if spec.on_disk:
+        part = min(n, ON_DISK_PART_ROWS)
+        lists = estimate_memory_bytes(spec.kind, part, dim, spec.nlist, spec.pq_m) - part * ASSIGNMENT_BYTES
+        return int(lists + train + grouping)
+    return int(spec.memory_bytes + train + grouping)
 
 
 def check_fits(spec: IndexSpec, memory_budget_bytes: int) -> None:

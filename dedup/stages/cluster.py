@@ -16,7 +16,7 @@ import pandas as pd
 
 from dedup import settings as cfg
 from dedup.errors import DedupError
-from dedup.records import RunDir, load_embeddings, load_samples, write_table
+from dedup.records import RunDir, load_samples, open_embeddings, write_table
 from dedup.search.union_find import cluster_with_guard
 
 CLUSTER_COLUMNS = [
@@ -42,7 +42,8 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
 
     views = []
     for name in descriptors:
-        ids, vectors = load_embeddings(run, name)
+        vectors = open_embeddings(run, name)  # memory maps: the guard reads only the rows it compares
+        ids = vectors.ids
         row_of_node = np.full(len(node_ids), -1, dtype=np.int64)
         row_of_node[np.searchsorted(node_ids, ids)] = np.arange(len(ids))
         views.append(_DescriptorView(name, row_of_node, pair_similarity(vectors, query_transform_for(name)), guards[name]))

@@ -8,32 +8,112 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 
 from dedup import settings as cfg
 from dedup.descriptors import query_transform_for
 from dedup.errors import StoreError
-from dedup.records import RunDir, load_embeddings
+from dedup.records import RunDir, open_embeddings, write_array
 from dedup.search.faiss_index import _to_gpu, apply_search_params
-from dedup.search.index_choice import IndexSpec
+from dedup.search.index_choice import ON_DISK_PART_ROWS, IndexSpec
 
 
 def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> dict[str, Any]:
-    from dedup.search.faiss_index import build_index
-    from dedup.search.index_choice import choose_index
-
     run = RunDir(out)
     config = cfg.RunConfig.load(run)
     budget = cfg.parse_size(memory)
-    specs = {}
-    for name in config.descriptors:
-        ids, vectors = load_embeddings(run, name)
-        transform = query_transform_for(name)
-        variants = len(transform(vectors[:1])) if transform is not None else 1
-        spec = choose_index(len(vectors), vectors.shape[1], budget, gpu=gpu, query_variants=variants)
+    if config.memory_budget_bytes != budget:  # later stages size their buffers from it
+        config.memory_budget_bytes = budget
+        config.save(run)
+    return {name: build_descriptor_index(run, name, budget, gpu) for name in config.descriptors}
+
+
+def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = False) -> IndexSpec:
+    """Index one descriptor from its memory-mapped parts (never all vectors in RAM, never as float32).
+
+    CPU float IVF kinds: k-means on a sample, then ONE quantizer pass that
+    stores every row's `nprobe` nearest cells (`<name>.probes.npy`, column 0 =
+    home cell) and the rows grouped by cell (`<name>.cell_rows.npy`,
+    `<name>.cell_bounds.npy`); the neighbour stage joins from those and the
+    quantizer (`<name>.quantizer.faiss`) alone, never reading the full index.
+    The full index (for queries) is filled from the stored home cells, with
+    faiss' on-disk inverted lists (`<name>.ivfdata`) when it exceeds `budget`.
+    """
+    from dedup.search.faiss_index import build_index
+    from dedup.search.index_choice import choose_index_streaming
+
+    vectors = open_embeddings(run, name)
+    transform = query_transform_for(name)
+    variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
+    spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
+    if spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu:
+        index = _build_ivf_streaming(run, name, spec, vectors)
+    else:
         index = build_index(spec, vectors)
-        save_index(index, spec, run.index_dir, name)
-        specs[name] = spec
-    return specs
+    save_index(index, spec, run.index_dir, name, with_cells=spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu)
+    return spec
+
+
+def cell_paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:
+    directory = Path(directory)
+    return {part: directory / f"{name}.{part}" for part in
+            ("quantizer.faiss", "probes.npy", "cell_rows.npy", "cell_bounds.npy", "ivfdata")}
+
+
+def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors):
+    from dedup.search.faiss_index import probe_cells, quantizer_of, train_index
+
+    paths = cell_paths(run.index_dir, name)
+    run.index_dir.mkdir(parents=True, exist_ok=True)
+    index = train_index(spec, vectors)
+    quantizer = quantizer_of(index)
+    faiss.write_index(quantizer, str(paths["quantizer.faiss"]))
+    probes = np.lib.format.open_memmap(paths["probes.npy"], mode="w+", dtype=np.int32,
+                                       shape=(len(vectors), max(1, spec.nprobe)))
+    probe_cells(quantizer, vectors, probes.shape[1], probes, block_rows=_block_rows(spec, vectors))
+    probes.flush()
+    home = np.asarray(probes[:, 0])
+    write_array(np.argsort(home, kind="stable").astype(np.int64), paths["cell_rows.npy"])
+    write_array(np.searchsorted(np.sort(home), np.arange(spec.nlist + 1)).astype(np.int64), paths["cell_bounds.npy"])
+    if spec.on_disk:
+        return _fill_on_disk(index, vectors, home, paths["ivfdata"], run.index_dir / f".{name}.parts")
+    _fill(index, vectors, home)
+    return index
+
+
+def _block_rows(spec: IndexSpec, vectors) -> int:
+    from dedup.search.index_choice import ADD_CHUNK
+
+    return max(1024, min(ADD_CHUNK, len(vectors)))
+
+
+def _fill(index, vectors, home: np.ndarray) -> None:
+    from dedup.search.faiss_index import fill_ivf
+
+    fill_ivf(index, vectors, home)
+
+
+def _fill_on_disk(trained, vectors, home: np.ndarray, ivfdata: Path, scratch: Path):
+    """faiss contrib's on-disk recipe: one small index per block of rows, merged into one .ivfdata file."""
+    import shutil
+
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from dedup.search.faiss_index import fill_ivf
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    names, rows = [], ON_DISK_PART_ROWS
+    for k, start in enumerate(range(0, len(vectors), rows)):
+        part = faiss.clone_index(trained)
+        # ids continue across parts: row i keeps label i, as in an in-memory build.
+        fill_ivf(part, vectors[start : start + rows], home[start : start + rows], first_id=start)
+        names.append(str(scratch / f"part_{k}.faiss"))
+        faiss.write_index(part, names[-1])
+        del part
+    ivfdata.unlink(missing_ok=True)
+    merge_ondisk(trained, names, str(ivfdata))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return trained
 
 
 def faiss_gpu_available() -> bool:
@@ -62,9 +142,17 @@ def index_paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return directory / f"{name}.faiss", directory / f"{name}.json"
 
 
-def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Write `<name>.faiss` and `<name>.json` atomically (temp file + rename)."""
+def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str,
+               with_cells: bool = False) -> tuple[Path, Path]:
+    """Write `<name>.faiss` and `<name>.json` atomically (temp file + rename).
+
+    Without `with_cells` the cell files of an earlier streaming build are
+    removed: they describe another index and the neighbour stage would join from them.
+    """
     index_path, spec_path = index_paths(directory, name)
+    if not with_cells:
+        for part in ("probes.npy", "cell_rows.npy", "cell_bounds.npy", "quantizer.faiss"):
+            cell_paths(directory, name)[part].unlink(missing_ok=True)
     index_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_index = index_path.with_name(index_path.name + ".tmp")
     if spec.is_binary:
