@@ -275,9 +275,8 @@ def choose_index_streaming(
 ) -> IndexSpec:
     """`choose_index` for a build from memory maps; when no index fits in RAM, IVF-Flat with on-disk lists.
 
-    The on-disk build holds the quantizer, the training sample, one part's
-    lists and the cell grouping of the rows (see `index_stage_bytes`), never
-    the whole index.
+    The on-disk build holds the quantizer, the training sample and one part's
+    lists (`on_disk_part_rows`), never the whole index; see `index_stage_bytes`.
     """
     try:
         return choose_index(n_vectors, dim, memory_budget_bytes, gpu=gpu, query_variants=query_variants)
@@ -286,29 +285,38 @@ def choose_index_streaming(
             raise
     spec = spec_for_kind("ivf_flat", n_vectors, dim)
     on_disk = IndexSpec(**{**asdict(spec), "on_disk": True})
-    working = index_stage_bytes(on_disk)
+    working = index_stage_bytes(on_disk, memory_budget_bytes)
     if working > memory_budget_bytes:
         raise IndexInfeasible(
-            f"even an on-disk IVF index for {n_vectors:,} vectors needs {_gib(working)} to build, "
+            f"even an on-disk IVF index for {n_vectors:,} vectors needs {_gib(working)} to build "
+            f"(quantizer, {default_train_size(on_disk):,} training vectors, one part of lists), "
             f"more than {_gib(memory_budget_bytes)}",
             hint=f"raise --memory to at least {_gib(working)}",
         )
     return IndexSpec(**{**asdict(on_disk), "memory_bytes": working})
 
 
-ON_DISK_PART_ROWS = 1 << 20  # rows per temporary index merged into the on-disk lists
+MAX_ON_DISK_PART_ROWS = 1 << 20
 
 
-def index_stage_bytes(spec: IndexSpec) -> int:
-    """The index stage's own working set: the index (or one on-disk part), training sample, cell grouping."""
-    n, dim = spec.n_vectors, spec.dim
-    train = default_train_size(spec) * dim * 4
-    grouping = n * 16 if spec.kind in ("ivf_flat", "ivf_pq") else 0  # argsort of home cells (int64 in, int64 out)
+def on_disk_part_rows(memory_budget_bytes: int, dim: int) -> int:
+    """Rows per temporary index merged into on-disk lists: a quarter of the budget, 1,024..2^20."""
+    per_row = dim * 4 + ID_BYTES + ASSIGNMENT_BYTES
+    return int(max(1024, min(MAX_ON_DISK_PART_ROWS, memory_budget_bytes // 4 // per_row)))
+
+
+def index_stage_bytes(spec: IndexSpec, memory_budget_bytes: int | None = None) -> int:
+    """The index stage's own working set: the index (or one on-disk part) plus the training sample.
+
+    The probes and the grouping of rows by cell are written to memory maps
+    block by block (file pages, not the stage's memory).
+    """
+    train = default_train_size(spec) * spec.dim * 4
     if spec.on_disk:
-        part = min(n, ON_DISK_PART_ROWS)
-        lists = estimate_memory_bytes(spec.kind, part, dim, spec.nlist, spec.pq_m) - part * ASSIGNMENT_BYTES
-        return int(lists + train + grouping)
-    return int(spec.memory_bytes + train + grouping)
+        part = min(spec.n_vectors, on_disk_part_rows(memory_budget_bytes or 0, spec.dim))
+        lists = estimate_memory_bytes(spec.kind, part, spec.dim, spec.nlist, spec.pq_m)
+        return int(lists + train)
+    return int(spec.memory_bytes + train)
 
 
 def check_fits(spec: IndexSpec, memory_budget_bytes: int) -> None:

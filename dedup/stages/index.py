@@ -15,7 +15,7 @@ from dedup.descriptors import query_transform_for
 from dedup.errors import StoreError
 from dedup.records import RunDir, open_embeddings, write_array
 from dedup.search.faiss_index import _to_gpu, apply_search_params
-from dedup.search.index_choice import ON_DISK_PART_ROWS, IndexSpec
+from dedup.search.index_choice import IndexSpec, choose_index_streaming, on_disk_part_rows
 
 
 def build_indexes(out: str | Path, memory: str = "8GB", gpu: bool = False) -> dict[str, Any]:
@@ -40,14 +40,13 @@ def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = Fals
     faiss' on-disk inverted lists (`<name>.ivfdata`) when it exceeds `budget`.
     """
     from dedup.search.faiss_index import build_index
-    from dedup.search.index_choice import choose_index_streaming
 
     vectors = open_embeddings(run, name)
     transform = query_transform_for(name)
     variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
     spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
     if spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu:
-        index = _build_ivf_streaming(run, name, spec, vectors)
+        index = _build_ivf_streaming(run, name, spec, vectors, on_disk_part_rows(budget, vectors.dim))
     else:
         index = build_index(spec, vectors)
     save_index(index, spec, run.index_dir, name, with_cells=spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu)
@@ -60,7 +59,7 @@ def cell_paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:
             ("quantizer.faiss", "probes.npy", "cell_rows.npy", "cell_bounds.npy", "ivfdata")}
 
 
-def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors):
+def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors, part_rows: int):
     from dedup.search.faiss_index import probe_cells, quantizer_of, train_index
 
     paths = cell_paths(run.index_dir, name)
@@ -72,13 +71,40 @@ def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors):
                                        shape=(len(vectors), max(1, spec.nprobe)))
     probe_cells(quantizer, vectors, probes.shape[1], probes, block_rows=_block_rows(spec, vectors))
     probes.flush()
-    home = np.asarray(probes[:, 0])
-    write_array(np.argsort(home, kind="stable").astype(np.int64), paths["cell_rows.npy"])
-    write_array(np.searchsorted(np.sort(home), np.arange(spec.nlist + 1)).astype(np.int64), paths["cell_bounds.npy"])
+    home = probes[:, 0]  # a strided view of the memory map, read block by block below
+    bounds = group_rows_by_cell(home, spec.nlist, paths["cell_rows.npy"])
+    write_array(bounds, paths["cell_bounds.npy"])
     if spec.on_disk:
-        return _fill_on_disk(index, vectors, home, paths["ivfdata"], run.index_dir / f".{name}.parts")
+        return _fill_on_disk(index, vectors, home, paths["ivfdata"], run.index_dir / f".{name}.parts", part_rows)
     _fill(index, vectors, home)
     return index
+
+
+def group_rows_by_cell(home, nlist: int, path: Path, block_rows: int = 1 << 20) -> np.ndarray:
+    """Counting sort of rows by home cell into a memory-mapped .npy (rows ascending within a cell).
+
+    Two passes over `home` in blocks; memory is O(nlist + block), not O(rows).
+    Returns the CSR bounds (nlist + 1).
+    """
+    counts = np.zeros(nlist, dtype=np.int64)
+    for start in range(0, len(home), block_rows):
+        counts += np.bincount(np.asarray(home[start : start + block_rows]), minlength=nlist)
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(len(home),))
+    filled = bounds[:-1].copy()
+    for start in range(0, len(home), block_rows):
+        cells = np.asarray(home[start : start + block_rows]).astype(np.int64)
+        order = np.argsort(cells, kind="stable")
+        sorted_cells = cells[order]
+        first = np.searchsorted(sorted_cells, sorted_cells, side="left")
+        slots = filled[sorted_cells] + (np.arange(len(order)) - first)
+        rows[slots] = start + order
+        np.add.at(filled, sorted_cells, 1)
+    rows.flush()
+    del rows
+    tmp.replace(path)
+    return bounds
 
 
 def _block_rows(spec: IndexSpec, vectors) -> int:
@@ -93,7 +119,7 @@ def _fill(index, vectors, home: np.ndarray) -> None:
     fill_ivf(index, vectors, home)
 
 
-def _fill_on_disk(trained, vectors, home: np.ndarray, ivfdata: Path, scratch: Path):
+def _fill_on_disk(trained, vectors, home: np.ndarray, ivfdata: Path, scratch: Path, rows: int):
     """faiss contrib's on-disk recipe: one small index per block of rows, merged into one .ivfdata file."""
     import shutil
 
@@ -102,11 +128,11 @@ def _fill_on_disk(trained, vectors, home: np.ndarray, ivfdata: Path, scratch: Pa
     from dedup.search.faiss_index import fill_ivf
 
     scratch.mkdir(parents=True, exist_ok=True)
-    names, rows = [], ON_DISK_PART_ROWS
+    names = []
     for k, start in enumerate(range(0, len(vectors), rows)):
         part = faiss.clone_index(trained)
         # ids continue across parts: row i keeps label i, as in an in-memory build.
-        fill_ivf(part, vectors[start : start + rows], home[start : start + rows], first_id=start)
+        fill_ivf(part, vectors[start : start + rows], np.asarray(home[start : start + rows]), first_id=start)
         names.append(str(scratch / f"part_{k}.faiss"))
         faiss.write_index(part, names[-1])
         del part
