@@ -294,3 +294,24 @@ def load_edges(run: RunDir, descriptor: str, threshold: float) -> pd.DataFrame:
     edges = edges[edges["similarity"] >= threshold]
     # A pair is found from both ends (and from several parts); keep it once.
     return edges.sort_values("similarity", ascending=False).drop_duplicates(["id_a", "id_b"])
+
+
+def edge_part_paths(run: RunDir, descriptor: str) -> list[Path]:
+    folder = run.neighbors_dir(descriptor)
+    parts = sorted(folder.glob("part_*.parquet"))
+    if not parts:
+        raise StoreError(f"no neighbour edges for {descriptor} in {folder}", hint=f"run 'dedup neighbors {run.root}' first")
+    return parts
+
+
+def iter_edge_parts(run: RunDir, descriptor: str, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(id_a, id_b) of the edges >= threshold, one neighbour file at a time (never all edges at once).
+
+    The neighbour stage reports every pair once (forward rule), so no
+    cross-file de-duplication is needed.
+    """
+    for path in edge_part_paths(run, descriptor):
+        table = pq.read_table(path, columns=["id_a", "id_b", "similarity"])
+        # Compared in float32, as the stored similarities (a float64 cut would drop a pair at exactly the cut).
+        keep = table["similarity"].to_numpy() >= np.float32(threshold)
+        yield table["id_a"].to_numpy()[keep], table["id_b"].to_numpy()[keep]

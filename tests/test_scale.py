@@ -188,3 +188,18 @@ def test_rows_grouped_by_cell_out_of_core_equal_a_stable_argsort(tmp_path):
     rows = np.load(tmp_path / "rows.npy")
     np.testing.assert_array_equal(rows, np.argsort(home, kind="stable"))
     np.testing.assert_array_equal(bounds, np.searchsorted(np.sort(home), np.arange(41)))
+
+
+def test_components_from_streamed_edge_parts_equal_in_memory_components(tmp_path):
+    from dedup.search.union_find import components_from_edge_parts, connected_components
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    a, b = rng.integers(0, n, 3000), rng.integers(0, n, 3000)
+    chain = np.arange(1000, 1400)  # a long chain arriving in reverse order stresses path lengths
+    a, b = np.concatenate([a, chain[::-1][1:]]), np.concatenate([b, chain[::-1][:-1]])
+    labels = np.lib.format.open_memmap(tmp_path / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+    parts = ((a[s : s + 250], b[s : s + 250]) for s in range(0, len(a), 250))
+    streamed = components_from_edge_parts(n, parts, labels=labels, block_nodes=999)
+    np.testing.assert_array_equal(np.asarray(streamed), connected_components(n, a, b))
+    assert len(np.unique(streamed[chain])) == 1

@@ -64,10 +64,11 @@ def _exact_edges(sha: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _descriptor_edges(run: RunDir, name: str, threshold: float, node_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dedup.records import load_edges
+    from dedup.records import iter_edge_parts
 
-    edges = load_edges(run, name, threshold)
-    return np.searchsorted(node_ids, edges["id_a"].to_numpy()), np.searchsorted(node_ids, edges["id_b"].to_numpy())
+    # File by file as int64 arrays: no frame of every edge (with its keys) is ever built.
+    parts = [(np.searchsorted(node_ids, a), np.searchsorted(node_ids, b)) for a, b in iter_edge_parts(run, name, threshold)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray, members: np.ndarray):
