@@ -203,3 +203,30 @@ def test_components_from_streamed_edge_parts_equal_in_memory_components(tmp_path
     streamed = components_from_edge_parts(n, parts, labels=labels, block_nodes=999)
     np.testing.assert_array_equal(np.asarray(streamed), connected_components(n, a, b))
     assert len(np.unique(streamed[chain])) == 1
+
+
+def test_a_task_with_many_edges_writes_several_files_with_the_same_edges(tmp_path, single_faiss_thread, monkeypatch):
+    from dedup.stages import neighbors
+
+    x = _grouped(n=2000, copies=40, groups=10, noise=0.03)
+    run = _run_from(tmp_path, x, [2000], memory=1 << 30)
+    build_descriptor_index(run, "precomputed", budget=1 << 30)
+    neighbors.find_neighbors(run.root, show_progress=False)
+    whole = load_edges(run, "precomputed", 0.94)
+    neighbors.clear_stage(run, "neighbors-precomputed", run.neighbors_dir("precomputed"))
+    monkeypatch.setattr(neighbors, "EDGES_PER_FILE", 1000)
+    neighbors.find_neighbors(run.root, show_progress=False)
+    files = sorted(p.name for p in run.neighbors_dir("precomputed").glob("part_*.parquet"))
+    split = load_edges(run, "precomputed", 0.94)
+    assert len(files) > 3 and "part_0.1.parquet" in files
+    assert len(whole) == len(split) >= 10 * 40 * 39 // 2
+    pd.testing.assert_frame_equal(whole.sort_values(["id_a", "id_b"], ignore_index=True),
+                                  split.sort_values(["id_a", "id_b"], ignore_index=True))
+
+
+def test_query_block_size_follows_the_memory_budget():
+    from dedup.stages.neighbors import rows_per_task_for
+
+    small, large = rows_per_task_for(256 << 20, 768, 1), rows_per_task_for(8 << 30, 768, 1)
+    assert 1024 <= small < large and small * 768 * 4 * 4 <= (256 << 20) // 4
+    assert rows_per_task_for(8 << 30, 256, 8) < rows_per_task_for(8 << 30, 256, 1)

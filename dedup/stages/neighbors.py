@@ -129,10 +129,12 @@ class _EdgeWriter:
         self.buffered = self.edges = self.files = 0
 
     def add(self, pairs) -> None:
-        self.pending.append(pairs)
-        self.buffered += len(pairs[0])
-        if self.buffered >= EDGES_PER_FILE:
-            self._flush()
+        for start in range(0, len(pairs[0]), EDGES_PER_FILE):
+            piece = tuple(column[start : start + EDGES_PER_FILE] for column in pairs)
+            self.pending.append(piece)
+            self.buffered += len(piece[0])
+            if self.buffered >= EDGES_PER_FILE:
+                self._flush()
 
     def close(self) -> None:
         if self.pending or not self.files:  # an empty task still writes its (empty) part
