@@ -230,3 +230,31 @@ def test_query_block_size_follows_the_memory_budget():
     small, large = rows_per_task_for(256 << 20, 768, 1), rows_per_task_for(8 << 30, 768, 1)
     assert 1024 <= small < large and small * 768 * 4 * 4 <= (256 << 20) // 4
     assert rows_per_task_for(8 << 30, 256, 8) < rows_per_task_for(8 << 30, 256, 1)
+
+
+def test_a_large_duplicate_group_is_not_split_over_many_cells(single_faiss_thread):
+    """k-means spends many centroids on a dense 1,500-copy blob; merged, the blob is one cell."""
+    rng = np.random.default_rng(11)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    background = unit(rng.standard_normal((4500, DIM)))
+    base = unit(rng.standard_normal(DIM))
+    copies = base + 0.1 * unit(rng.standard_normal((1500, DIM)))  # any two copies at cosine >= 0.98
+    x = unit(np.concatenate([background, copies])).astype(np.float16)
+    group = np.arange(4500, 6000)
+    spec = spec_for_kind("ivf_flat", len(x), DIM, nlist=60, nprobe=2)
+
+    def home_cells(index):
+        cells = probe_cells(quantizer_of(index), x, 2, np.empty((len(x), 2), np.int32))
+        return cells, len(np.unique(cells[group, 0]))
+
+    _, split = home_cells(train_index(spec, x, merge_cosine=None))
+    merged_index = train_index(spec, x)
+    cells, merged = home_cells(merged_index)
+    assert split > 2 and merged == 1  # more cells than nprobe=2 reaches, then one
+    lists = CellLists.from_probes(cells, faiss.extract_index_ivf(merged_index).nlist)
+    found = _pair_set(find_pairs_cells(x, np.arange(len(x), dtype=np.int64), 0.96, lists))
+    in_group = {(a, b) for a, b in found if a >= 4500}
+    assert len(in_group) == 1500 * 1499 // 2

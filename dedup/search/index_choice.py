@@ -319,6 +319,15 @@ def index_stage_bytes(spec: IndexSpec, memory_budget_bytes: int | None = None) -
     return int(spec.memory_bytes + train)
 
 
+def respec_nlist(spec: IndexSpec, nlist: int) -> IndexSpec:
+    """The same spec with `nlist` lists (after merging close centroids): factory, nprobe and memory follow."""
+    fields = {**asdict(spec), "nlist": nlist, "factory": _factory(spec.kind, nlist, spec.pq_m, spec.use_gpu),
+              "nprobe": min(spec.nprobe, nlist)}
+    if not spec.on_disk:
+        fields["memory_bytes"] = estimate_memory_bytes(spec.kind, spec.n_vectors, spec.dim, nlist, spec.pq_m, spec.use_gpu)
+    return IndexSpec(**fields)
+
+
 def check_fits(spec: IndexSpec, memory_budget_bytes: int) -> None:
     """Raise IndexInfeasible when a (possibly user-forced) spec exceeds the budget."""
     if spec.memory_bytes > memory_budget_bytes:

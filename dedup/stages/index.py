@@ -46,7 +46,7 @@ def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = Fals
     variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
     spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
     if spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu:
-        index = _build_ivf_streaming(run, name, spec, vectors, on_disk_part_rows(budget, vectors.dim))
+        index, spec = _build_ivf_streaming(run, name, spec, vectors, on_disk_part_rows(budget, vectors.dim))
     else:
         index = build_index(spec, vectors)
     save_index(index, spec, run.index_dir, name, with_cells=spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu)
@@ -60,11 +60,12 @@ def cell_paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:
 
 
 def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors, part_rows: int):
-    from dedup.search.faiss_index import probe_cells, quantizer_of, train_index
+    from dedup.search.faiss_index import probe_cells, quantizer_of, spec_of_trained, train_index
 
     paths = cell_paths(run.index_dir, name)
     run.index_dir.mkdir(parents=True, exist_ok=True)
     index = train_index(spec, vectors)
+    spec = spec_of_trained(spec, index)
     quantizer = quantizer_of(index)
     faiss.write_index(quantizer, str(paths["quantizer.faiss"]))
     probes = np.lib.format.open_memmap(paths["probes.npy"], mode="w+", dtype=np.int32,
@@ -75,9 +76,9 @@ def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors, part_
     bounds = group_rows_by_cell(home, spec.nlist, paths["cell_rows.npy"])
     write_array(bounds, paths["cell_bounds.npy"])
     if spec.on_disk:
-        return _fill_on_disk(index, vectors, home, paths["ivfdata"], run.index_dir / f".{name}.parts", part_rows)
+        return _fill_on_disk(index, vectors, home, paths["ivfdata"], run.index_dir / f".{name}.parts", part_rows), spec
     _fill(index, vectors, home)
-    return index
+    return index, spec
 
 
 def group_rows_by_cell(home, nlist: int, path: Path, block_rows: int = 1 << 20) -> np.ndarray:
