@@ -258,3 +258,14 @@ def test_a_large_duplicate_group_is_not_split_over_many_cells(single_faiss_threa
     found = _pair_set(find_pairs_cells(x, np.arange(len(x), dtype=np.int64), 0.96, lists))
     in_group = {(a, b) for a, b in found if a >= 4500}
     assert len(in_group) == 1500 * 1499 // 2
+
+
+def test_streaming_choice_counts_the_training_sample():
+    from dedup.search.index_choice import choose_index
+
+    n, dim = 1_000_000, 768
+    ivf_flat = spec_for_kind("ivf_flat", n, dim)
+    budget = ivf_flat.memory_bytes + 1  # the index alone fits, index + training sample does not
+    assert choose_index(n, dim, budget).kind == "ivf_flat"
+    streamed = choose_index_streaming(n, dim, budget)
+    assert streamed.kind == "ivf_pq" and index_stage_bytes(streamed) <= budget

@@ -278,11 +278,13 @@ def choose_index_streaming(
     The on-disk build holds the quantizer, the training sample and one part's
     lists (`on_disk_part_rows`), never the whole index; see `index_stage_bytes`.
     """
-    try:
+    if n_vectors < 1 or dim < 1:
+        raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
+    for spec in _candidates(n_vectors, dim, gpu, False, query_variants):
+        if index_stage_bytes(spec) <= memory_budget_bytes:  # the index plus the stage's own training sample
+            return spec
+    if gpu:
         return choose_index(n_vectors, dim, memory_budget_bytes, gpu=gpu, query_variants=query_variants)
-    except IndexInfeasible:
-        if gpu:
-            raise
     spec = spec_for_kind("ivf_flat", n_vectors, dim)
     on_disk = IndexSpec(**{**asdict(spec), "on_disk": True})
     working = index_stage_bytes(on_disk, memory_budget_bytes)
