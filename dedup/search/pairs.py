@@ -47,7 +47,9 @@ PairSimilarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
 DEFAULT_RERANK_MARGIN = 0.05
 EXACT_REDO_CHUNK = 262144  # database rows per exact brute-force chunk
 RESCORE_CHUNK = 65536  # pairs re-scored per einsum call
-CELL_QUERY_CHUNK = 4096  # query rows per product against one cell's members
+# Entries of one (queries x cell members) product: 8M float32 = 32 MB, and at most 8M pairs
+# out of it, so a 10,000-member cell is searched in slices instead of one 10,000^2 matrix.
+CELL_PRODUCT_ENTRIES = 1 << 23
 # Upper-triangle flat join tiles: 2048 x 16384 float32 similarities = 128 MB per product.
 UPPER_QUERY_ROWS = 2048
 UPPER_TARGET_ROWS = 16384
@@ -572,7 +574,7 @@ def _block_probes(lists: CellLists, quantizer, queries: np.ndarray, block: slice
 
 
 def _join_block(metric, vectors, ids, lists: CellLists, queries, probes, row0: int, threshold: float, max_pairs: int):
-    _, b, nprobe = probes.shape
+    t, b, nprobe = probes.shape
     cells = probes.reshape(-1)
     order = np.argsort(cells, kind="stable")
     sorted_cells = cells[order]
@@ -591,18 +593,27 @@ def _join_block(metric, vectors, ids, lists: CellLists, queries, probes, row0: i
             # Chunks hold disjoint query rows and cells disjoint member rows, so a
             # pair never spans two yields and each yield is de-duplicated alone.
             if pending >= max_pairs:
-                yield _rows_to_pairs(*_concat(found), ids, len(vectors))
+                yield _to_pairs(t, found, ids, len(vectors))
                 found, pending = [], 0
     if found:
-        yield _rows_to_pairs(*_concat(found), ids, len(vectors))
+        yield _to_pairs(t, found, ids, len(vectors))
+
+
+def _to_pairs(variants: int, found, ids: np.ndarray, n: int) -> Pairs:
+    """Rows -> ids. With one variant every (q, r) comes once (one home cell per r), so no de-duplication sort."""
+    if variants > 1:
+        return _rows_to_pairs(*_concat(found), ids, n)
+    q_rows, r_rows, sims = _concat(found)
+    id_q, id_r = ids[q_rows], ids[r_rows]
+    return np.minimum(id_q, id_r), np.maximum(id_q, id_r), sims
 
 
 def _join_cell_block(metric, vectors, lists: CellLists, queries, variant, local, cell: int, row0: int,
                      threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Pairs (query row < member row) between one cell's members and the block's queries probing it.
 
-    Queries go in chunks of CELL_QUERY_CHUNK distinct rows (all variants of a
-    row in one chunk), so a 10,000-member cell never needs a 10,000^2 matrix.
+    Queries go in chunks of distinct rows (all variants of a row in one
+    chunk) sized so that one product holds at most CELL_PRODUCT_ENTRIES.
     """
     members = np.asarray(lists.rows[lists.bounds[cell] : lists.bounds[cell + 1]])
     members = members[members > row0 + local.min()] if len(members) else members
@@ -611,7 +622,8 @@ def _join_cell_block(metric, vectors, lists: CellLists, queries, variant, local,
     targets = metric.rows(vectors[members])
     by_row = np.argsort(local, kind="stable")
     local, variant = local[by_row], variant[by_row]
-    cuts = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])[::CELL_QUERY_CHUNK]
+    rows_per_chunk = max(1, CELL_PRODUCT_ENTRIES // len(members) // len(queries))
+    cuts = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])[::rows_per_chunk]
     for start, stop in zip(cuts, np.r_[cuts[1:], len(local)], strict=True):
         q_rows = local[start:stop] + row0
         useful = q_rows < members[-1]
