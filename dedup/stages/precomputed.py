@@ -43,7 +43,7 @@ from rich.console import Console
 
 from dedup import settings as cfg
 from dedup.engine import StageReport, make_engine
-from dedup.errors import DedupError, StoreError
+from dedup.errors import DedupError, StoreError, require
 from dedup.ids import make_sample_id
 from dedup.records import (
     METADATA_SCHEMA,
@@ -75,8 +75,8 @@ _PART = re.compile(r"img_emb_(\d+)\.npy$")
 
 
 def _filesystem(source: str):
-    import fsspec
-
+    # fsspec arrives with torch; remote protocols need their own package (s3fs, gcsfs, ...).
+    fsspec = require("fsspec", "s3fs", "s3", "reading --embeddings folders")
     fs, root = fsspec.core.url_to_fs(source)
     return fs, root.rstrip("/")
 
