@@ -305,8 +305,9 @@ def report_command(out: OutArg, top: Annotated[int, typer.Option(min=1, help="Cl
 @app.command("run")
 @_guarded
 def run_command(
-    shards: ShardsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
+    shards: Annotated[list[str] | None, typer.Argument(help=ShardsArg.__metadata__[0].help)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (required).")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Precomputed embeddings folder or fsspec URL (img_emb/ + metadata/, clip-retrieval layout): no images are read.")] = None,
     descriptor: DescriptorOpt = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
@@ -336,6 +337,20 @@ def run_command(
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.pipeline import run_all
 
+    if out is None:
+        raise DedupError("no run directory given", hint="pass --out DIR")
+    if embeddings is not None:
+        if shards:
+            raise DedupError("--embeddings runs from precomputed vectors alone", hint="drop the SHARDS arguments")
+        from dedup.stages.precomputed import PRECOMPUTED, run_from_embeddings
+
+        engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
+        run = _start_run(out, [embeddings], [PRECOMPUTED], model, pretrained, device, batch_size, workers,
+                         engine_settings, threshold, guard, memory, keep)
+        print_top(run_from_embeddings(run, with_report=report), out_console, top)
+        return
+    if not shards:
+        raise DedupError("no shards given", hint="pass SHARDS, or --embeddings DIR for precomputed vectors")
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      threshold, guard, memory, keep,

@@ -160,6 +160,11 @@ REMOVE_LIST = _schema(
     ("shard", pa.string()), ("key", pa.string()), ("occurrence", pa.int32()), ("sample_id", pa.int64()),
     ("cluster_id", pa.int64()), ("reason", pa.string()),
 )
+# OUT/remove_urls.parquet (runs from precomputed embeddings): what a rewrite job that knows no shard drops.
+REMOVE_URLS = _schema(
+    ("url", pa.string()), ("key", pa.string()), ("shard", pa.string()), ("sample_id", pa.int64()),
+    ("cluster_id", pa.int64()), ("reason", pa.string()),
+)
 # manifests/_index.parquet: shard location -> its manifest file, read once by the loader.
 MANIFEST_INDEX = _schema(
     ("shard_index", pa.int32()), ("shard", pa.string()), ("manifest", pa.string()), ("samples", pa.int64()),
@@ -194,7 +199,7 @@ IMG2DATASET_PARQUET = _schema(
 
 TABLES: dict[str, pa.Schema] = {
     "shards": SHARDS, "samples": SAMPLES, "embedding_metadata": EMBEDDING_METADATA, "edges": EDGES,
-    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST,
+    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST, "remove_urls": REMOVE_URLS,
     "contamination": CONTAMINATION, "contamination_pairs": CONTAMINATION_PAIRS, "evaluation_truth": EVALUATION_TRUTH,
     "overrides": OVERRIDES, "export_urls": EXPORT_URLS, "img2dataset_parquet": IMG2DATASET_PARQUET,
 }
@@ -294,6 +299,112 @@ def iter_embeddings(run: RunDir, descriptor: str) -> Iterator[tuple[np.ndarray, 
         yield ids, vectors
 
 
+class VectorParts:
+    """Every embedding part of a descriptor as one read-only (n, d) array, memory-mapped part by part.
+
+    Rows are the parts concatenated in part order (= sample_id order: a part's
+    ids are its shard index << 32 | position). Indexing with a slice or an int
+    array reads only those rows and returns them in the stored dtype (float16
+    for dedup's own runs), so no caller ever holds every vector, let alone as
+    float32. Picklable: engine workers reopen the maps where they run.
+    """
+
+    def __init__(self, paths: list[Path], ids: np.ndarray) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self._maps = None
+        lengths = [len(m) for m in self._parts()]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        if self.offsets[-1] != len(self.ids):
+            raise StoreError(f"{self.offsets[-1]} vectors but {len(self.ids)} ids", hint="rerun the embed stage")
+        first = self._parts()[0]
+        self.dtype, self.dim = first.dtype, int(first.shape[1])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None}
+
+    def _parts(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [np.load(p, mmap_mode="r") for p in self.paths]
+        return self._maps
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.ids), self.dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.ids) * self.dim * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step == 1:
+                return self._range(start, max(start, stop))
+            item = np.arange(start, stop, step)
+        if isinstance(item, (int, np.integer)):
+            return self._take(np.array([item], dtype=np.int64))[0]
+        return self._take(np.asarray(item, dtype=np.int64))
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            part_stop = min(stop, int(self.offsets[first + 1]))
+            base = int(self.offsets[first])
+            pieces.append(self._parts()[first][start - base : part_stop - base])
+            start, first = part_stop, first + 1
+        if len(pieces) == 1:
+            return np.asarray(pieces[0])
+        return np.concatenate(pieces) if pieces else np.zeros((0, self.dim), self.dtype)
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row index out of range [0, {len(self)})")
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for p in np.unique(part):
+            where = np.flatnonzero(part == p)
+            local = rows[where] - self.offsets[p]
+            order = np.argsort(local, kind="stable")  # sequential reads of the map
+            out[where[order]] = self._parts()[p][local[order]]
+        return out
+
+    def blocks(self, rows: int) -> Iterator[tuple[slice, np.ndarray]]:
+        """(row slice, float32 block) of at most `rows` rows each: the only float32 copy is one block."""
+        for start in range(0, len(self), rows):
+            stop = min(start + rows, len(self))
+            yield slice(start, stop), np.ascontiguousarray(self._range(start, stop), dtype=np.float32)
+
+
+def open_embeddings(run: RunDir, descriptor: str) -> VectorParts:
+    """A descriptor's vectors as memory maps (see `VectorParts`); ids in sample_id order."""
+    parts = embedding_parts(run, descriptor)
+    if not parts:
+        raise StoreError(
+            f"{run.root} holds no '{descriptor}' embeddings",
+            hint=f"run 'dedup embed SHARDS --out {run.root} --descriptor {descriptor}'",
+        )
+    ids = [_part_ids(run, descriptor, part) for part in parts]
+    flat = np.concatenate(ids).astype(np.int64)
+    if len(flat) > 1 and not (np.diff(flat) > 0).all():
+        raise StoreError(f"'{descriptor}' embedding ids are not in sample_id order", hint="rerun the embed stage")
+    return VectorParts([run.embedding_part(descriptor, p) for p in parts], flat)
+
+
+def _part_ids(run: RunDir, descriptor: str, part: int) -> np.ndarray:
+    return pq.read_table(run.metadata_part(descriptor, part), columns=["sample_id"])["sample_id"].to_numpy()
+
+
 def load_embeddings(run: RunDir, descriptor: str) -> tuple[np.ndarray, np.ndarray]:
     """All (sample_ids, float32 vectors) of a descriptor, sorted by sample_id."""
     pieces = list(iter_embeddings(run, descriptor))
@@ -341,3 +452,22 @@ def fingerprint(paths: Iterator[Path] | list[Path], values: Any = None) -> str:
         stat = path.stat() if path.exists() else None
         digest.update(f"{path.name}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1};".encode())
     return digest.hexdigest()[:16]
+def edge_part_paths(run: RunDir, descriptor: str) -> list[Path]:
+    folder = run.neighbors_dir(descriptor)
+    parts = sorted(folder.glob("part_*.parquet"))
+    if not parts:
+        raise StoreError(f"no neighbour edges for {descriptor} in {folder}", hint=f"run 'dedup neighbors {run.root}' first")
+    return parts
+
+
+def iter_edge_parts(run: RunDir, descriptor: str, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(id_a, id_b) of the edges >= threshold, one neighbour file at a time (never all edges at once).
+
+    The neighbour stage reports every pair once (forward rule), so no
+    cross-file de-duplication is needed.
+    """
+    for path in edge_part_paths(run, descriptor):
+        table = pq.read_table(path, columns=["id_a", "id_b", "similarity"])
+        # Compared in float32, as the stored similarities (a float64 cut would drop a pair at exactly the cut).
+        keep = table["similarity"].to_numpy() >= np.float32(threshold)
+        yield table["id_a"].to_numpy()[keep], table["id_b"].to_numpy()[keep]

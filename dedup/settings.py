@@ -8,7 +8,7 @@ later stage read the same run.json, so a run is exactly what run.json says.
 Rules that keep results and the record in step:
 * a descriptor's chaining guard follows the threshold actually applied
   (threshold - its guard offset) unless a guard is given with it;
-* neighbours are searched `SEARCH_MARGIN` below the cut, so a later, slightly
+* neighbours are searched the descriptor's search margin (0.04; registry) below the cut, so a later, slightly
   looser cut reuses the stored edges; a cut below the searched one lowers the
   search threshold, and the neighbour stage then searches again.
 """
@@ -24,9 +24,6 @@ from typing import Any
 
 from dedup.errors import DedupError
 
-# Search this much below the cut so a stricter or slightly looser cut can be
-# applied later from the stored edges without searching again.
-SEARCH_MARGIN = 0.04
 SETTINGS_VERSION = 2
 ENGINES = ("local", "ray")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -133,7 +130,7 @@ class Settings:
                 new.guards[name] = round(cut - policy.guard_offset, 6)
             searched = new.search_thresholds.get(name, math.inf)
             if search or name not in new.search_thresholds:
-                new.search_thresholds[name] = min(searched, round(cut - SEARCH_MARGIN, 6))
+                new.search_thresholds[name] = min(searched, round(cut - policy.search_margin, 6))
         return new
 
     def validated(self) -> Settings:

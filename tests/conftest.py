@@ -104,3 +104,13 @@ def demo_session_run(tmp_path_factory):
     run = make_run(root / "run", shards)
     ranking = pipeline.run_all(run)
     return run, truth, ranking, shards
+
+
+def precomputed_run(source, out: Path, memory: str | int = "1GB"):
+    """A run over a precomputed-embeddings folder, as `dedup run --embeddings` makes one."""
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
+
+    settings = Settings.build(shard_specs=[str(source)], descriptors=["precomputed"], memory=memory,
+                              engine=EngineSettings(show_progress=False))
+    return Run.start(out, settings)

@@ -24,6 +24,9 @@ GUARD_OFFSET = 0.08
 # `clip` follows common LAION near-duplicate practice (>= 0.95 for ViT-B-32); it
 # could not be calibrated here because no CLIP weights can be downloaded offline.
 CLIP_THRESHOLD = 0.95
+# Neighbours are searched this far below the cut, so a slightly looser cut can be applied later from the
+# stored edges without searching again.
+SEARCH_MARGIN = 0.04
 
 
 def _resolve(ref: str) -> Any:
@@ -44,6 +47,7 @@ class DescriptorInfo:
     # A float, or "module:ATTR" read lazily (so the registry imports no model code).
     default_threshold: float | str = 0.9
     guard_offset: float = GUARD_OFFSET
+    search_margin: float = SEARCH_MARGIN
     # "module:function" mapping (n, d) queries to (variants, n, d): searched like extra queries.
     query_variants: str | None = None
     # Settings fields handed to the builder as keyword arguments (e.g. the CLI's --model).
@@ -97,6 +101,12 @@ register(DescriptorInfo(
     warm_up=True, supports_text=True, uses_all_cores_on_cpu=True,
 ))
 register(DescriptorInfo(
+    "precomputed", "", "", "vector", False,
+    "Precomputed image embeddings (dedup run --embeddings DIR: clip-retrieval / LAION layout); describes no new image.",
+    default_threshold="dedup.stages.precomputed:PRECOMPUTED_THRESHOLD",
+    search_margin=0.02,  # at LAION scale every 0.01 below the cut adds many near-miss edges
+))
+register(DescriptorInfo(
     "torchscript", "dedup.descriptors.torchscript", "TorchScriptDescriptor", "vector", True,
     "A user-supplied TorchScript image model (--pretrained FILE.pt), e.g. the SSCD copy detector.",
     default_threshold="dedup.descriptors.torchscript:DEFAULT_THRESHOLD",
@@ -123,6 +133,9 @@ def build_descriptor(name: str, **options) -> Descriptor:
     info = descriptor_policy(name)
     if info.kind != "vector":
         raise DedupError(f"{name!r} is not a vector descriptor", hint=f"choose from {', '.join(vector_descriptor_names())}")
+    if not info.module:
+        raise DedupError(f"the {name!r} vectors were made outside dedup, which cannot describe a new image with them",
+                         hint="query such a run with --key, or embed with --descriptor clip (--model/--pretrained of that model)")
     cls = getattr(importlib.import_module(info.module), info.class_name)
     return cls(**options)
 

@@ -85,6 +85,9 @@ class IndexSpec:
     metric: str = "ip"
     use_gpu: bool = False
     memory_bytes: int = 0
+    # IVF lists in faiss' OnDiskInvertedLists (<name>.ivfdata, memory-mapped) because
+    # they exceed the memory budget; memory_bytes is then the build's working set.
+    on_disk: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -266,6 +269,66 @@ def choose_index(
         hint=f"raise --memory to at least {_gib(smallest.memory_bytes)}, "
         "or use a smaller descriptor (fewer dimensions / bits)",
     )
+
+
+def choose_index_streaming(
+    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, query_variants: int = 1,
+) -> IndexSpec:
+    """`choose_index` for a build from memory maps; when no index fits in RAM, IVF-Flat with on-disk lists.
+
+    The on-disk build holds the quantizer, the training sample and one part's
+    lists (`on_disk_part_rows`), never the whole index; see `index_stage_bytes`.
+    """
+    if n_vectors < 1 or dim < 1:
+        raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
+    for spec in _candidates(n_vectors, dim, gpu, False, query_variants):
+        if index_stage_bytes(spec) <= memory_budget_bytes:  # the index plus the stage's own training sample
+            return spec
+    if gpu:
+        return choose_index(n_vectors, dim, memory_budget_bytes, gpu=gpu, query_variants=query_variants)
+    spec = spec_for_kind("ivf_flat", n_vectors, dim)
+    on_disk = IndexSpec(**{**asdict(spec), "on_disk": True})
+    working = index_stage_bytes(on_disk, memory_budget_bytes)
+    if working > memory_budget_bytes:
+        raise IndexInfeasible(
+            f"even an on-disk IVF index for {n_vectors:,} vectors needs {_gib(working)} to build "
+            f"(quantizer, {default_train_size(on_disk):,} training vectors, one part of lists), "
+            f"more than {_gib(memory_budget_bytes)}",
+            hint=f"raise --memory to at least {_gib(working)}",
+        )
+    return IndexSpec(**{**asdict(on_disk), "memory_bytes": working})
+
+
+MAX_ON_DISK_PART_ROWS = 1 << 20
+
+
+def on_disk_part_rows(memory_budget_bytes: int, dim: int) -> int:
+    """Rows per temporary index merged into on-disk lists: a quarter of the budget, 1,024..2^20."""
+    per_row = dim * 4 + ID_BYTES + ASSIGNMENT_BYTES
+    return int(max(1024, min(MAX_ON_DISK_PART_ROWS, memory_budget_bytes // 4 // per_row)))
+
+
+def index_stage_bytes(spec: IndexSpec, memory_budget_bytes: int | None = None) -> int:
+    """The index stage's own working set: the index (or one on-disk part) plus the training sample.
+
+    The probes and the grouping of rows by cell are written to memory maps
+    block by block (file pages, not the stage's memory).
+    """
+    train = default_train_size(spec) * spec.dim * 4
+    if spec.on_disk:
+        part = min(spec.n_vectors, on_disk_part_rows(memory_budget_bytes or 0, spec.dim))
+        lists = estimate_memory_bytes(spec.kind, part, spec.dim, spec.nlist, spec.pq_m)
+        return int(lists + train)
+    return int(spec.memory_bytes + train)
+
+
+def respec_nlist(spec: IndexSpec, nlist: int) -> IndexSpec:
+    """The same spec with `nlist` lists (after merging close centroids): factory, nprobe and memory follow."""
+    fields = {**asdict(spec), "nlist": nlist, "factory": _factory(spec.kind, nlist, spec.pq_m, spec.use_gpu),
+              "nprobe": min(spec.nprobe, nlist)}
+    if not spec.on_disk:
+        fields["memory_bytes"] = estimate_memory_bytes(spec.kind, spec.n_vectors, spec.dim, nlist, spec.pq_m, spec.use_gpu)
+    return IndexSpec(**fields)
 
 
 def check_fits(spec: IndexSpec, memory_budget_bytes: int) -> None:

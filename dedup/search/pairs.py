@@ -47,6 +47,9 @@ PairSimilarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
 DEFAULT_RERANK_MARGIN = 0.05
 EXACT_REDO_CHUNK = 262144  # database rows per exact brute-force chunk
 RESCORE_CHUNK = 65536  # pairs re-scored per einsum call
+# Entries of one (queries x cell members) product: 8M float32 = 32 MB, and at most 8M pairs
+# out of it, so a 10,000-member cell is searched in slices instead of one 10,000^2 matrix.
+CELL_PRODUCT_ENTRIES = 1 << 23
 # Upper-triangle flat join tiles: 2048 x 16384 float32 similarities = 128 MB per product.
 UPPER_QUERY_ROWS = 2048
 UPPER_TARGET_ROWS = 16384
@@ -490,3 +493,142 @@ def _join_cell(metric: _Metric, vectors, query_transform, query_rows, variant, m
     q, r = query_rows[q_idx], member_rows[m_idx]
     forward = r > q
     return q[forward], r[forward], sims[q_idx[forward], m_idx[forward]]
+
+
+# ---------------------------------------------------------------- IVF cell join in query blocks
+
+
+@dataclass(frozen=True)
+class CellLists:
+    """Inverted lists without vectors: rows grouped by home cell (CSR), vectors stay in their memory maps.
+
+    `rows[bounds[c]:bounds[c + 1]]` are the rows whose nearest centroid is c,
+    in increasing row order; `probes[row]` are the `nprobe` cells a query of
+    that row (untransformed) searches, nearest first (column 0 = home cell).
+    All three may be memory maps written by the index stage.
+    """
+
+    rows: np.ndarray
+    bounds: np.ndarray
+    probes: np.ndarray
+
+    @property
+    def nlist(self) -> int:
+        return len(self.bounds) - 1
+
+    @classmethod
+    def from_probes(cls, probes: np.ndarray, nlist: int) -> CellLists:
+        home = np.asarray(probes[:, 0])
+        rows = np.argsort(home, kind="stable")
+        return cls(rows, np.searchsorted(home[rows], np.arange(nlist + 1)), probes)
+
+
+def find_pairs_cells(
+    vectors,
+    ids: np.ndarray,
+    threshold: float,
+    lists: CellLists,
+    *,
+    rows: slice | None = None,
+    quantizer=None,
+    query_transform: QueryTransform | None = None,
+    block_size: int = 16384,
+    max_pairs: int = 1 << 22,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[Pairs]:
+    """Pairs of an IVF range search, computed per block of query rows as dense products (BLAS).
+
+    The same pairs as `find_pairs_ivf_join` with the same probes, but every
+    block is independent (an engine task can take any slice of `rows`) and
+    only the block's queries and one cell's members are ever in memory:
+    `vectors` may be a `dedup.records.VectorParts` over float16 memory maps.
+    Scores are exact (float32 products of the stored rows). Untransformed
+    queries use the probes stored in `lists`; other variants (`query_transform`)
+    are probed with `quantizer`. Yields whenever `max_pairs` pairs have
+    accumulated, so a 10,000-copy group never sits in memory as one list.
+    """
+    ids = np.asarray(ids)
+    if ids.dtype != np.int64 or len(ids) != len(vectors):
+        raise ValueError("ids must be int64 and row-aligned with vectors")
+    if query_transform is not None and quantizer is None:
+        raise ValueError("query variants need the quantizer to choose their cells")
+    metric = _Metric.of(vectors)
+    rows = rows or slice(0, len(vectors))
+    for local in iter_blocks(rows.stop - rows.start, block_size):
+        block = slice(rows.start + local.start, rows.start + local.stop)
+        queries = metric.variants(vectors[block], query_transform)
+        probes = _block_probes(lists, quantizer, queries, block)
+        yield from _join_block(metric, vectors, ids, lists, queries, probes, block.start, threshold, max_pairs)
+        if progress is not None:
+            progress(block.stop - block.start)
+
+
+def _block_probes(lists: CellLists, quantizer, queries: np.ndarray, block: slice) -> np.ndarray:
+    """(t, b, nprobe) cells per variant: stored for the identity, searched for the others."""
+    stored = np.asarray(lists.probes[block])
+    probes = np.empty((len(queries), *stored.shape), dtype=np.int64)
+    probes[0] = stored
+    for t in range(1, len(queries)):
+        probes[t] = quantizer.search(queries[t], stored.shape[1])[1]
+    return probes
+
+
+def _join_block(metric, vectors, ids, lists: CellLists, queries, probes, row0: int, threshold: float, max_pairs: int):
+    t, b, nprobe = probes.shape
+    cells = probes.reshape(-1)
+    order = np.argsort(cells, kind="stable")
+    sorted_cells = cells[order]
+    starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    found, pending = [], 0
+    for start, end in zip(starts, ends, strict=True):
+        cell = int(sorted_cells[start])
+        entries = order[start:end]
+        if cell < 0:  # faiss pads with -1 when nprobe > nlist
+            continue
+        for pairs in _join_cell_block(metric, vectors, lists, queries, entries // (b * nprobe),
+                                      (entries // nprobe) % b, cell, row0, threshold):
+            found.append(pairs)
+            pending += len(pairs[0])
+            # Chunks hold disjoint query rows and cells disjoint member rows, so a
+            # pair never spans two yields and each yield is de-duplicated alone.
+            if pending >= max_pairs:
+                yield _to_pairs(t, found, ids, len(vectors))
+                found, pending = [], 0
+    if found:
+        yield _to_pairs(t, found, ids, len(vectors))
+
+
+def _to_pairs(variants: int, found, ids: np.ndarray, n: int) -> Pairs:
+    """Rows -> ids. With one variant every (q, r) comes once (one home cell per r), so no de-duplication sort."""
+    if variants > 1:
+        return _rows_to_pairs(*_concat(found), ids, n)
+    q_rows, r_rows, sims = _concat(found)
+    id_q, id_r = ids[q_rows], ids[r_rows]
+    return np.minimum(id_q, id_r), np.maximum(id_q, id_r), sims
+
+
+def _join_cell_block(metric, vectors, lists: CellLists, queries, variant, local, cell: int, row0: int,
+                     threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Pairs (query row < member row) between one cell's members and the block's queries probing it.
+
+    Queries go in chunks of distinct rows (all variants of a row in one
+    chunk) sized so that one product holds at most CELL_PRODUCT_ENTRIES.
+    """
+    members = np.asarray(lists.rows[lists.bounds[cell] : lists.bounds[cell + 1]])
+    members = members[members > row0 + local.min()] if len(members) else members
+    if not len(members):
+        return
+    targets = metric.rows(vectors[members])
+    by_row = np.argsort(local, kind="stable")
+    local, variant = local[by_row], variant[by_row]
+    rows_per_chunk = max(1, CELL_PRODUCT_ENTRIES // len(members) // len(queries))
+    cuts = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])[::rows_per_chunk]
+    for start, stop in zip(cuts, np.r_[cuts[1:], len(local)], strict=True):
+        q_rows = local[start:stop] + row0
+        useful = q_rows < members[-1]
+        sims = _similarity_matrix(metric, queries[variant[start:stop][useful], local[start:stop][useful]], targets)
+        q_idx, m_idx = np.nonzero(sims >= _as_float32(threshold))
+        q, r = q_rows[useful][q_idx], members[m_idx]
+        forward = r > q
+        yield q[forward], r[forward], sims[q_idx[forward], m_idx[forward]]

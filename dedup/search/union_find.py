@@ -137,3 +137,60 @@ def _guard_pass(n_nodes, a, b, similarity, guard_threshold, labels, is_rep, sim_
     detached = np.zeros(n_nodes, dtype=bool)
     detached[members[~accepted]] = True
     return detached
+
+
+# ---------------------------------------------------------------- streamed edges, O(nodes) labels
+
+
+def components_from_edge_parts(
+    n_nodes: int, parts, labels: np.ndarray | None = None, block_nodes: int = 1 << 22
+) -> np.ndarray:
+    """`connected_components` over edges that arrive part by part (e.g. one Parquet file at a time).
+
+    Only one part's edges are in memory; the parent array is `labels` (pass a
+    writable int64 memory map of n_nodes to keep the O(nodes) state on disk).
+    Roots hook under the smaller root as in `connected_components`, so the
+    result is identical: every node labelled with the smallest node of its
+    component.
+    """
+    parent = np.empty(n_nodes, dtype=np.int64) if labels is None else labels
+    for start in range(0, n_nodes, block_nodes):
+        parent[start : start + block_nodes] = np.arange(start, min(start + block_nodes, n_nodes), dtype=np.int64)
+    for a, b in parts:
+        _union_part(parent, *_check_edges(n_nodes, a, b))
+    _flatten(parent, block_nodes)
+    return parent
+
+
+def _find(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    roots = np.asarray(parent[nodes])
+    while True:
+        up = np.asarray(parent[roots])
+        if np.array_equal(up, roots):
+            return roots
+        roots = up
+
+
+def _union_part(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    while len(a):
+        root_a, root_b = _find(parent, a), _find(parent, b)
+        live = root_a != root_b
+        a, b, root_a, root_b = a[live], b[live], root_a[live], root_b[live]
+        if not len(a):
+            return
+        high, low = np.maximum(root_a, root_b), np.minimum(root_a, root_b)
+        # Unique hooks written with a plain gather/scatter: minimum.at on a memory map is slow.
+        order = np.lexsort((low, high))
+        high, low = high[order], low[order]
+        first = np.r_[True, high[1:] != high[:-1]]
+        parent[high[first]] = np.minimum(np.asarray(parent[high[first]]), low[first])
+        # Path compression on the endpoints keeps later finds short.
+        parent[a] = _find(parent, a)
+        parent[b] = _find(parent, b)
+
+
+def _flatten(parent: np.ndarray, block_nodes: int) -> None:
+    """Point every node at its root; parent[x] <= x, so earlier blocks are final when a block is read."""
+    for start in range(0, len(parent), block_nodes):
+        stop = min(start + block_nodes, len(parent))
+        parent[start:stop] = _find(parent, np.arange(start, stop, dtype=np.int64))

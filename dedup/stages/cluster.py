@@ -18,7 +18,7 @@ import pandas as pd
 
 from dedup.engine import run_stage
 from dedup.errors import DedupError
-from dedup.records import CLUSTERS, RunDir, fingerprint, load_embeddings, load_samples, write_record
+from dedup.records import CLUSTERS, RunDir, fingerprint, load_samples, open_embeddings, write_record
 from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard
 from dedup.stages.overrides import drop_separated_edges
@@ -43,7 +43,8 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
 
     views = []
     for name in descriptors:
-        ids, vectors = load_embeddings(run, name)
+        vectors = open_embeddings(run, name)  # memory maps: the guard reads only the rows it compares
+        ids = vectors.ids
         row_of_node = np.full(len(node_ids), -1, dtype=np.int64)
         row_of_node[np.searchsorted(node_ids, ids)] = np.arange(len(ids))
         views.append(_DescriptorView(name, row_of_node, pair_similarity(vectors, query_transform_for(name)), guards[name]))
@@ -89,10 +90,11 @@ def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> 
 
 
 def _descriptor_edges(run: RunDir, name: str, threshold: float, node_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dedup.records import load_edges
+    from dedup.records import iter_edge_parts
 
-    edges = load_edges(run, name, threshold)
-    return np.searchsorted(node_ids, edges["id_a"].to_numpy()), np.searchsorted(node_ids, edges["id_b"].to_numpy())
+    # File by file as int64 arrays: no frame of every edge (with its keys) is ever built.
+    parts = [(np.searchsorted(node_ids, a), np.searchsorted(node_ids, b)) for a, b in iter_edge_parts(run, name, threshold)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray, members: np.ndarray):
@@ -217,13 +219,15 @@ def check_cuts(run: Run) -> None:
     """Clustering on missing edges would be silently wrong: the neighbour search must be complete and
     no cut may lie below the threshold it searched at."""
     from dedup.engine import unfinished_tasks
-    from dedup.stages.neighbors import NeighborsStage
+    from dedup.stages.neighbors import neighbors_stage
 
     settings = run.settings
     for name in settings.descriptors:
-        stage = NeighborsStage(run, name, settings.search_thresholds[name])
-        gpu_stage = NeighborsStage(run, name, settings.search_thresholds[name], knn_cap=2048)
-        if unfinished_tasks(run, stage) and unfinished_tasks(run, gpu_stage):
+        if not run.neighbors_dir(name).exists():
+            raise DedupError(f"no neighbour edges for {name} in {run.neighbors_dir(name)}",
+                             hint=f"run 'dedup neighbors {run.root}' first")
+        # Searched on the CPU (no k cap) or on a GPU (k <= 2048, saturated queries redone): either is complete.
+        if all(unfinished_tasks(run, neighbors_stage(run, name, cap)) for cap in (None, 2048)):
             raise DedupError(f"the neighbour search of {name} is missing or unfinished",
                              hint=f"run 'dedup neighbors {run.root}' first")
     for name, value in settings.thresholds.items():

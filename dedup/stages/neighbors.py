@@ -1,4 +1,11 @@
-"""Find-neighbours stage: all-vs-all range search per descriptor -> neighbors/<descriptor>/part_{j}.parquet."""
+"""Find-neighbours stage: all-vs-all range search per descriptor -> neighbors/<descriptor>/part_{j}[.k].parquet.
+
+Every index type is searched in query blocks (one engine task per block of
+rows), reading vectors from the descriptor's float16 memory maps. CPU IVF
+indexes are joined cell by cell from what the index stage stored (quantizer,
+each row's probed cells, rows grouped by cell): the full index is never read
+and no vector is assigned to a cell a second time.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dedup.descriptors import query_transform_for
 from dedup.engine import StageReport, run_stage
-from dedup.records import EDGES, RunDir, fingerprint, load_embeddings, load_samples, write_record
+from dedup.records import EDGES, RunDir, embedding_parts, fingerprint, open_embeddings, write_record
 from dedup.run import Run
+from dedup.settings import Settings
+
+# Edges per output file: a task with a 10,000-copy group writes several files instead of one huge frame.
+EDGES_PER_FILE = 1 << 22
+# Bytes of one query row while it is searched: float32 variants, the probes and
+# the similarity rows against one cell (about 4 cells' worth of members).
+QUERY_ROW_OVERHEAD = 4
+
+
+def rows_per_task_for(budget_bytes: int, dim: int, variants: int, cap: int = 1 << 17) -> int:
+    """Query rows per task so that the task's buffers stay within a quarter of the memory budget."""
+    per_row = dim * 4 * variants * QUERY_ROW_OVERHEAD + EDGES_PER_FILE * 20 // (1 << 16)
+    return int(max(1024, min(cap, budget_bytes // 4 // per_row)))
 
 
 class NeighborsStage:
@@ -31,61 +52,70 @@ class NeighborsStage:
     def __getstate__(self):
         return {**self.__dict__, "_loaded": None}
 
+    def _spec(self):
+        from dedup.search.index_choice import IndexSpec
+
+        spec_file = self.run_dir.index_dir / f"{self.descriptor}.json"
+        return IndexSpec.from_json(spec_file.read_text()) if spec_file.exists() else None
+
+    def _uses_cells(self) -> bool:
+        from dedup.stages.index import cell_paths
+
+        spec = self._spec()
+        stored = cell_paths(self.run_dir.index_dir, self.descriptor)
+        return (spec is not None and spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu
+                and self.knn_cap is None and stored["probes.npy"].exists())
+
     def _load(self):
         if self._loaded is None:
-            from dedup.stages.index import load_index
-
-            index, _spec = load_index(self.run_dir.index_dir, self.descriptor)
-            ids, vectors = load_embeddings(self.run_dir, self.descriptor)
-            keys = load_samples(self.run_dir, ["sample_id", "key"]).set_index("sample_id")["key"]
-            self._loaded = (index, ids, vectors, keys)
+            vectors = open_embeddings(self.run_dir, self.descriptor)
+            keys = pa.chunked_array([
+                pq.read_table(self.run_dir.metadata_part(self.descriptor, p), columns=["key"])["key"]
+                for p in embedding_parts(self.run_dir, self.descriptor)
+            ])
+            self._loaded = (self._searcher(), vectors, keys)
         return self._loaded
 
-    def task_ids(self) -> list[str]:
-        from dedup.records import embedding_parts
+    def _searcher(self):
+        import faiss
 
-        if self._uses_ivf_join():
-            return ["0"]
+        from dedup.search.pairs import CellLists
+        from dedup.stages.index import cell_paths, load_index
+
+        if not self._uses_cells():
+            return load_index(self.run_dir.index_dir, self.descriptor)[0]
+        paths = cell_paths(self.run_dir.index_dir, self.descriptor)
+        lists = CellLists(np.load(paths["cell_rows.npy"], mmap_mode="r"), np.load(paths["cell_bounds.npy"]),
+                          np.load(paths["probes.npy"], mmap_mode="r"))
+        return lists, faiss.read_index(str(paths["quantizer.faiss"]))
+
+    def task_ids(self) -> list[str]:
         rows = sum(len(np.load(self.run_dir.embedding_part(self.descriptor, p), mmap_mode="r"))
                    for p in embedding_parts(self.run_dir, self.descriptor))
         return [str(j) for j in range(max(1, -(-rows // self.rows_per_task)))]
 
-    def _uses_ivf_join(self) -> bool:
-        # IVF-Flat on CPU: the BLAS cell join is ~2.5x faster than per-query range search
-        # (benchmarks/bench_graph.py, 1e6 vectors: 227 s vs 570 s) but runs as one task.
-        from dedup.search.index_choice import IndexSpec
+    def _pairs(self, rows: slice, progress):
+        from dedup.search.pairs import find_pairs, find_pairs_cells
 
-        spec_file = self.run_dir.index_dir / f"{self.descriptor}.json"
-        spec = IndexSpec.from_json(spec_file.read_text()) if spec_file.exists() else None
-        return spec is not None and spec.kind == "ivf_flat" and not spec.use_gpu and self.knn_cap is None
+        searcher, vectors, _ = self._load()
+        transform = query_transform_for(self.descriptor)
+        if isinstance(searcher, tuple):
+            lists, quantizer = searcher
+            return find_pairs_cells(vectors, vectors.ids, self.threshold, lists, rows=rows, quantizer=quantizer,
+                                    query_transform=transform, block_size=self.rows_per_task, max_pairs=EDGES_PER_FILE,
+                                    progress=progress)
+        return find_pairs(searcher, vectors, vectors.ids, self.threshold, query_transform=transform,
+                          knn_cap=self.knn_cap, rows=rows, progress=progress)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        from dedup.search.pairs import find_pairs, find_pairs_ivf_join
-
-        index, ids, vectors, keys = self._load()
-        transform = query_transform_for(self.descriptor)
-        if self._uses_ivf_join():
-            rows = slice(0, len(vectors))
-            found = list(find_pairs_ivf_join(index, vectors, ids, self.threshold, query_transform=transform))
-            progress(len(vectors))
-        else:
-            start = int(task_id) * self.rows_per_task
-            rows = slice(start, min(start + self.rows_per_task, len(vectors)))
-            found = list(find_pairs(index, vectors, ids, self.threshold, query_transform=transform,
-                                    knn_cap=self.knn_cap, rows=rows, progress=progress))
-        id_a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
-        id_b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
-        sim = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.float32)
-        edges = pd.DataFrame({
-            "id_a": id_a.astype(np.int64),
-            "id_b": id_b.astype(np.int64),
-            "key_a": keys.reindex(id_a).to_numpy(),
-            "key_b": keys.reindex(id_b).to_numpy(),
-            "similarity": sim.astype(np.float32),
-            "descriptor": self.descriptor,
-        })
-        write_record(edges, self.run_dir.neighbors_dir(self.descriptor) / f"part_{task_id}.parquet", EDGES)
-        return {"queries": rows.stop - rows.start, "edges": len(edges)}
+        _, vectors, keys = self._load()
+        start = int(task_id) * self.rows_per_task
+        rows = slice(start, min(start + self.rows_per_task, len(vectors)))
+        writer = _EdgeWriter(self.run_dir.neighbors_dir(self.descriptor), task_id, self.descriptor, keys, vectors.ids)
+        for pairs in self._pairs(rows, progress):
+            writer.add(pairs)
+        writer.close()
+        return {"queries": rows.stop - rows.start, "edges": writer.edges}
 
     def fingerprint(self) -> str:
         from dedup.stages.index import index_paths
@@ -102,6 +132,45 @@ class NeighborsStage:
         self._loaded = None
 
 
+class _EdgeWriter:
+    """Buffers a task's pairs and writes part_{task}.parquet, then part_{task}.{k}.parquet every EDGES_PER_FILE."""
+
+    def __init__(self, folder: Path, task_id: str, descriptor: str, keys: pa.ChunkedArray, ids: np.ndarray) -> None:
+        self.folder, self.task_id, self.descriptor, self.keys, self.ids = folder, task_id, descriptor, keys, ids
+        self.pending: list = []
+        self.buffered = self.edges = self.files = 0
+
+    def add(self, pairs) -> None:
+        for start in range(0, len(pairs[0]), EDGES_PER_FILE):
+            piece = tuple(column[start : start + EDGES_PER_FILE] for column in pairs)
+            self.pending.append(piece)
+            self.buffered += len(piece[0])
+            if self.buffered >= EDGES_PER_FILE:
+                self._flush()
+
+    def close(self) -> None:
+        if self.pending or not self.files:  # an empty task still writes its (empty) part
+            self._flush()
+
+    def _flush(self) -> None:
+        id_a = np.concatenate([p[0] for p in self.pending]) if self.pending else np.zeros(0, np.int64)
+        id_b = np.concatenate([p[1] for p in self.pending]) if self.pending else np.zeros(0, np.int64)
+        sim = np.concatenate([p[2] for p in self.pending]) if self.pending else np.zeros(0, np.float32)
+        # Keys by row, taken as Arrow strings: no Python object per edge.
+        rows_a, rows_b = np.searchsorted(self.ids, id_a), np.searchsorted(self.ids, id_b)
+        table = pa.table({
+            "id_a": pa.array(id_a.astype(np.int64)),
+            "id_b": pa.array(id_b.astype(np.int64)),
+            "key_a": self.keys.take(pa.array(rows_a)).combine_chunks(),
+            "key_b": self.keys.take(pa.array(rows_b)).combine_chunks(),
+            "similarity": pa.array(sim.astype(np.float32)),
+            "descriptor": pa.array(np.full(len(id_a), self.descriptor, dtype=object), pa.string()),
+        })
+        suffix = f".{self.files}" if self.files else ""
+        write_record(table, self.folder / f"part_{self.task_id}{suffix}.parquet", EDGES)
+        self.edges += len(id_a)
+        self.files += 1
+        self.pending, self.buffered = [], 0
 
 
 def find_neighbors(run: Run, gpu: bool | None = None) -> dict[str, StageReport]:
@@ -112,9 +181,29 @@ def find_neighbors(run: Run, gpu: bool | None = None) -> dict[str, StageReport]:
     reports = {}
     for name in run.settings.descriptors:
         knn_cap = 2048 if gpu else None  # faiss-gpu's k limit; saturated queries are redone exactly
-        stage = NeighborsStage(run, name, run.settings.search_thresholds[name], knn_cap)
-        reports[name] = run_stage(run, stage, unit="queries")
+        reports[name] = run_stage(run, neighbors_stage(run, name, knn_cap), unit="queries")
     return reports
+
+
+def neighbors_stage(run: Run, name: str, knn_cap: int | None) -> NeighborsStage:
+    """The neighbour stage of one descriptor as the run's settings make it (the cluster stage checks its markers)."""
+    return NeighborsStage(run, name, run.settings.search_thresholds[name], knn_cap,
+                          rows_per_task=_rows_per_task(run, name, run.settings))
+
+
+def _rows_per_task(run: RunDir, name: str, config: Settings) -> int:
+    """From the run's --memory; a resumed search keeps the block size its finished tasks used."""
+    marker_dir = run.root / "_markers" / f"neighbors-{name}"
+    recorded = run.neighbors_dir(name) / "_rows_per_task"
+    if marker_dir.exists() and recorded.exists():
+        return int(recorded.read_text())
+    vectors = open_embeddings(run, name)
+    transform = query_transform_for(name)
+    variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
+    rows = rows_per_task_for(config.memory_budget_bytes, vectors.dim, variants)
+    recorded.parent.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(str(rows))
+    return rows
 
 
 def clear_stage(run: RunDir, stage: str, folder: Path) -> None:
@@ -122,5 +211,3 @@ def clear_stage(run: RunDir, stage: str, folder: Path) -> None:
 
     shutil.rmtree(run.root / "_markers" / stage, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
-
-

@@ -1,0 +1,268 @@
+"""Scale design: memory-mapped vector parts, one-pass IVF build, query-block cell join, on-disk lists."""
+
+from __future__ import annotations
+
+import pickle
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import precomputed_run
+
+from dedup.errors import IndexInfeasible
+from dedup.records import VectorParts, load_edges, open_embeddings
+from dedup.search.faiss_index import probe_cells, quantizer_of, train_index
+from dedup.search.index_choice import choose_index_streaming, index_stage_bytes, spec_for_kind
+from dedup.search.pairs import CellLists, brute_force_pairs, find_pairs, find_pairs_cells, find_pairs_ivf_join
+from dedup.stages.index import build_descriptor_index, cell_paths, group_rows_by_cell, load_index
+from dedup.stages.precomputed import ingest_embeddings
+
+DIM = 32
+
+
+def _grouped(n=3000, groups=120, copies=8, noise=0.08, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((groups, DIM))
+    x = np.concatenate([rng.standard_normal((n - groups * copies, DIM)),
+                        np.repeat(base, copies, axis=0) + noise * rng.standard_normal((groups * copies, DIM))])
+    x = x[rng.permutation(n)]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def _parts(tmp_path, x, sizes):
+    paths, start = [], 0
+    for p, size in enumerate(sizes):
+        paths.append(tmp_path / f"img_emb_{p}.npy")
+        np.save(paths[-1], x[start : start + size])
+        start += size
+    return VectorParts(paths, np.arange(len(x), dtype=np.int64) * 3)
+
+
+def _pair_set(blocks):
+    return {(int(a), int(b)) for block in blocks for a, b in zip(block[0], block[1], strict=True)}
+
+
+def test_vector_parts_reads_rows_across_parts(tmp_path):
+    x = _grouped(n=500, groups=20)
+    parts = _parts(tmp_path, x, [100, 1, 250, 149])
+    assert parts.shape == (500, DIM) and parts.dtype == np.float16
+    np.testing.assert_array_equal(parts[95:360], x[95:360])
+    rows = np.array([499, 0, 100, 101, 100, 350])
+    np.testing.assert_array_equal(parts[rows], x[rows])
+    np.testing.assert_array_equal(parts[7], x[7])
+    blocks = list(parts.blocks(128))
+    assert [b[0].stop for b in blocks] == [128, 256, 384, 500] and blocks[0][1].dtype == np.float32
+    again = pickle.loads(pickle.dumps(parts))
+    np.testing.assert_array_equal(again[98:103], x[98:103])
+
+
+def _ivf(x, nlist, nprobe):
+    spec = spec_for_kind("ivf_flat", len(x), DIM, nlist=nlist, nprobe=nprobe)
+    index = train_index(spec, x)
+    probes = probe_cells(quantizer_of(index), x, nprobe, np.empty((len(x), nprobe), np.int32))
+    return index, CellLists.from_probes(probes, nlist)
+
+
+@pytest.mark.parametrize("transform", [None, "flip"])
+def test_cell_join_in_blocks_equals_whole_ivf_join(tmp_path, single_faiss_thread, transform):
+    x = _grouped()
+    flip = (lambda rows: np.stack([rows, rows[:, ::-1]])) if transform else None
+    index, lists = _ivf(x, nlist=24, nprobe=3)
+    vectors = _parts(tmp_path, x, [1000, 1200, 800])
+    ids = vectors.ids
+    whole = _pair_set(find_pairs_ivf_join(index, x.astype(np.float32), ids, 0.9, nprobe=3, query_transform=flip))
+    blocked = set()
+    for rows in (slice(0, 700), slice(700, 2222), slice(2222, 3000)):
+        blocked |= _pair_set(find_pairs_cells(vectors, ids, 0.9, lists, rows=rows, quantizer=quantizer_of(index),
+                                              query_transform=flip, block_size=500, max_pairs=7))
+    assert len(whole) > 400 and blocked == whole
+
+
+def test_cell_join_probing_every_cell_is_exact_and_never_repeats_a_pair(tmp_path, single_faiss_thread):
+    x = _grouped(copies=30, groups=40, noise=0.05)
+    _, lists = _ivf(x, nlist=16, nprobe=16)
+    found = list(find_pairs_cells(x, np.arange(len(x), dtype=np.int64), 0.92, lists, block_size=333, max_pairs=50))
+    a = np.concatenate([f[0] for f in found])
+    truth = brute_force_pairs(x.astype(np.float32), np.arange(len(x), dtype=np.int64), 0.92)
+    assert len(found) > 3  # split by max_pairs
+    assert len(a) == len(_pair_set(found)) == len(truth[0]) and _pair_set(found) == _pair_set([truth])
+
+
+def test_knn_saturation_redo_works_on_memory_mapped_parts(tmp_path, single_faiss_thread):
+    """The GPU path's interface (knn_cap, exact redo of saturated queries), run on CPU over float16 maps."""
+    x = _grouped(copies=12, groups=60, noise=0.05)
+    vectors = _parts(tmp_path, x, [1500, 1500])
+    index = faiss.IndexFlatIP(DIM)
+    index.add(x.astype(np.float32))
+    capped = _pair_set(find_pairs(index, vectors, vectors.ids, 0.9, knn_cap=3, block_size=400))
+    truth = _pair_set([brute_force_pairs(x.astype(np.float32), vectors.ids, 0.9)])
+    assert len(truth) > 60 * 12 * 11 // 2 * 0.9 and capped == truth
+
+
+def test_streaming_choice_goes_on_disk_only_when_nothing_fits():
+    in_ram = choose_index_streaming(2_000_000, 768, 8 << 30)
+    assert not in_ram.on_disk
+    # 200M x 64-d: even PQ8 codes (20 B a vector) exceed 3 GiB, so the lists go to disk.
+    tight = choose_index_streaming(200_000_000, 64, 3 << 30)
+    assert tight.kind == "ivf_flat" and tight.on_disk
+    assert tight.memory_bytes == index_stage_bytes(tight, 3 << 30) <= 3 << 30
+    with pytest.raises(IndexInfeasible, match="training vectors"):
+        choose_index_streaming(2_000_000_000, 768, 4 << 30)
+
+
+def _run_from(tmp_path, x, sizes, memory):
+    root = tmp_path / "emb"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    start = 0
+    for p, size in enumerate(sizes):
+        np.save(root / "img_emb" / f"img_emb_{p}.npy", x[start : start + size])
+        pd.DataFrame({"key": [f"{p}_{r}" for r in range(size)]}).to_parquet(root / "metadata" / f"metadata_{p}.parquet")
+        start += size
+    run = precomputed_run(root, tmp_path / "out", memory=memory)
+    ingest_embeddings(run, str(root))
+    return run
+
+
+def test_on_disk_index_build_and_neighbour_stage_match_brute_force(tmp_path, single_faiss_thread, monkeypatch):
+    from dataclasses import replace
+
+    import dedup.stages.index as index_stage
+    from dedup.stages.neighbors import find_neighbors
+
+    x = _grouped(n=4000, copies=10, groups=100, noise=0.05)
+    run = _run_from(tmp_path, x, [1500, 1500, 1000], memory=64 << 20)
+    # What choose_index_streaming picks when nothing fits in RAM, at a size a test can build: parts of 1,000 rows.
+    on_disk = replace(spec_for_kind("ivf_flat", 4000, DIM, nlist=30, nprobe=4), on_disk=True)
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: on_disk)
+    monkeypatch.setattr(index_stage, "on_disk_part_rows", lambda budget, dim: 1000)
+    spec = build_descriptor_index(run, "precomputed", budget=1 << 30)
+    assert spec.kind == "ivf_flat" and spec.on_disk
+    paths = cell_paths(run.index_dir, "precomputed")
+    assert paths["ivfdata"].stat().st_size >= 4000 * DIM * 4
+    index, _ = load_index(run.index_dir, "precomputed")
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(x.astype(np.float32))
+    faiss.extract_index_ivf(index).nprobe = spec.nlist
+    _, _, labels = index.range_search(x[:50].astype(np.float32), 0.9)
+    _, _, flat_labels = flat.range_search(x[:50].astype(np.float32), 0.9)
+    assert sorted(labels) == sorted(flat_labels)  # every row kept its label through the merge
+    find_neighbors(run, gpu=False)
+    edges = load_edges(run, "precomputed", 0.94)
+    vectors = open_embeddings(run, "precomputed")
+    truth = brute_force_pairs(x.astype(np.float32), vectors.ids, 0.94)
+    found = set(zip(edges["id_a"], edges["id_b"], strict=True))
+    recall = len(found & _pair_set([truth])) / len(truth[0])
+    assert recall >= 0.98 and found <= _pair_set([truth])
+
+
+def test_neighbour_stage_does_not_read_the_full_index(tmp_path, single_faiss_thread, monkeypatch):
+    import dedup.stages.index as index_stage
+    from dedup.stages.neighbors import find_neighbors
+
+    x = _grouped(n=3000)
+    run = _run_from(tmp_path, x, [3000], memory=1 << 30)
+    spec = choose_index_streaming(3000, DIM, 1 << 30)
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: spec_for_kind(
+        "ivf_flat", 3000, DIM, nlist=20, nprobe=20))
+    build_descriptor_index(run, "precomputed", budget=1 << 30)
+    assert spec.kind == "flat"  # the automatic choice at this size, overridden above
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the neighbour stage read the full index")
+
+    monkeypatch.setattr(index_stage, "load_index", refuse)
+    find_neighbors(run, gpu=False)
+    edges = load_edges(run, "precomputed", 0.94)
+    truth = brute_force_pairs(x.astype(np.float32), open_embeddings(run, "precomputed").ids, 0.94)
+    assert set(zip(edges["id_a"], edges["id_b"], strict=True)) == _pair_set([truth])
+
+
+def test_rows_grouped_by_cell_out_of_core_equal_a_stable_argsort(tmp_path):
+    home = np.random.default_rng(3).integers(0, 37, size=10_000).astype(np.int32)
+    bounds = group_rows_by_cell(home, 40, tmp_path / "rows.npy", block_rows=777)
+    rows = np.load(tmp_path / "rows.npy")
+    np.testing.assert_array_equal(rows, np.argsort(home, kind="stable"))
+    np.testing.assert_array_equal(bounds, np.searchsorted(np.sort(home), np.arange(41)))
+
+
+def test_components_from_streamed_edge_parts_equal_in_memory_components(tmp_path):
+    from dedup.search.union_find import components_from_edge_parts, connected_components
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    a, b = rng.integers(0, n, 3000), rng.integers(0, n, 3000)
+    chain = np.arange(1000, 1400)  # a long chain arriving in reverse order stresses path lengths
+    a, b = np.concatenate([a, chain[::-1][1:]]), np.concatenate([b, chain[::-1][:-1]])
+    labels = np.lib.format.open_memmap(tmp_path / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+    parts = ((a[s : s + 250], b[s : s + 250]) for s in range(0, len(a), 250))
+    streamed = components_from_edge_parts(n, parts, labels=labels, block_nodes=999)
+    np.testing.assert_array_equal(np.asarray(streamed), connected_components(n, a, b))
+    assert len(np.unique(streamed[chain])) == 1
+
+
+def test_a_task_with_many_edges_writes_several_files_with_the_same_edges(tmp_path, single_faiss_thread, monkeypatch):
+    from dedup.stages import neighbors
+
+    x = _grouped(n=2000, copies=40, groups=10, noise=0.03)
+    run = _run_from(tmp_path, x, [2000], memory=1 << 30)
+    build_descriptor_index(run, "precomputed", budget=1 << 30)
+    neighbors.find_neighbors(run, gpu=False)
+    whole = load_edges(run, "precomputed", 0.94)
+    neighbors.clear_stage(run, "neighbors-precomputed", run.neighbors_dir("precomputed"))
+    monkeypatch.setattr(neighbors, "EDGES_PER_FILE", 1000)
+    neighbors.find_neighbors(run, gpu=False)
+    files = sorted(p.name for p in run.neighbors_dir("precomputed").glob("part_*.parquet"))
+    split = load_edges(run, "precomputed", 0.94)
+    assert len(files) > 3 and "part_0.1.parquet" in files
+    assert len(whole) == len(split) >= 10 * 40 * 39 // 2
+    pd.testing.assert_frame_equal(whole.sort_values(["id_a", "id_b"], ignore_index=True),
+                                  split.sort_values(["id_a", "id_b"], ignore_index=True))
+
+
+def test_query_block_size_follows_the_memory_budget():
+    from dedup.stages.neighbors import rows_per_task_for
+
+    small, large = rows_per_task_for(256 << 20, 768, 1), rows_per_task_for(8 << 30, 768, 1)
+    assert 1024 <= small < large and small * 768 * 4 * 4 <= (256 << 20) // 4
+    assert rows_per_task_for(8 << 30, 256, 8) < rows_per_task_for(8 << 30, 256, 1)
+
+
+def test_a_large_duplicate_group_is_not_split_over_many_cells(single_faiss_thread):
+    """k-means spends many centroids on a dense 1,500-copy blob; merged, the blob is one cell."""
+    rng = np.random.default_rng(11)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    background = unit(rng.standard_normal((4500, DIM)))
+    base = unit(rng.standard_normal(DIM))
+    copies = base + 0.1 * unit(rng.standard_normal((1500, DIM)))  # any two copies at cosine >= 0.98
+    x = unit(np.concatenate([background, copies])).astype(np.float16)
+    group = np.arange(4500, 6000)
+    spec = spec_for_kind("ivf_flat", len(x), DIM, nlist=60, nprobe=2)
+
+    def home_cells(index):
+        cells = probe_cells(quantizer_of(index), x, 2, np.empty((len(x), 2), np.int32))
+        return cells, len(np.unique(cells[group, 0]))
+
+    _, split = home_cells(train_index(spec, x, merge_cosine=None))
+    merged_index = train_index(spec, x)
+    cells, merged = home_cells(merged_index)
+    assert split > 2 and merged == 1  # more cells than nprobe=2 reaches, then one
+    lists = CellLists.from_probes(cells, faiss.extract_index_ivf(merged_index).nlist)
+    found = _pair_set(find_pairs_cells(x, np.arange(len(x), dtype=np.int64), 0.96, lists))
+    in_group = {(a, b) for a, b in found if a >= 4500}
+    assert len(in_group) == 1500 * 1499 // 2
+
+
+def test_streaming_choice_counts_the_training_sample():
+    from dedup.search.index_choice import choose_index
+
+    n, dim = 1_000_000, 768
+    ivf_flat = spec_for_kind("ivf_flat", n, dim)
+    budget = ivf_flat.memory_bytes + 1  # the index alone fits, index + training sample does not
+    assert choose_index(n, dim, budget).kind == "ivf_flat"
+    streamed = choose_index_streaming(n, dim, budget)
+    assert streamed.kind == "ivf_pq" and index_stage_bytes(streamed) <= budget
