@@ -2,8 +2,9 @@
 
 Node i is the i-th sample in sample_id order (failed samples included, so
 every sample gets a row). The chaining guard compares each member with its
-cluster's representative using every descriptor: a member stays if it is
-byte-identical to the representative or passes *some* descriptor's guard.
+cluster's representative, and with the cluster's anchor (`SUPPORT_SLACK`),
+using every descriptor: a member stays if it is byte-identical to the
+representative or passes *some* descriptor's guard.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ CLUSTER_COLUMNS = [
     "cluster_id", "cluster_size", "is_representative", "similarity_to_representative", "matched_by",
 ]
 EXACT = "sha256"
+# Support check of the chaining guard (dedup.cluster): every member must also be
+# within this of its descriptor's guard against the cluster's anchor (the member
+# closest to the representative). Unrelated photos score ~0 (real-dups: at most
+# 0.38), so a hub such as a blend of two photos cannot hold both in one cluster.
+SUPPORT_SLACK = 0.25
 
 
 @dataclass
@@ -109,7 +115,8 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     a = np.concatenate([p[0] for p in parts]).astype(np.int64)
     b = np.concatenate([p[1] for p in parts]).astype(np.int64)
     views = _views(run, node_ids, descriptors, guards)
-    result = cluster_with_guard(len(node_ids), a, b, lambda r, m: _best_match(views, sha, r, m)[0], guard_threshold=0.0)
+    result = cluster_with_guard(len(node_ids), a, b, lambda r, m: _best_match(views, sha, r, m)[0], guard_threshold=0.0,
+                                support_threshold=-SUPPORT_SLACK)
     similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)
     clusters = samples.drop(columns=["sha256"]).assign(
         cluster_id=node_ids[result.labels],
