@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from dedup.decode import to_rgb
 from dedup.descriptors.base import l2_normalize
@@ -261,6 +262,180 @@ def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
     return left, top, width - right, height - bottom
 
 
+# --- fill corners of a rotated copy ----------------------------------------------------------------
+
+# A copy rotated by a few degrees inside its frame (or on an expanded canvas) has a
+# triangle of one fill colour in each corner. Those triangles are strong low-frequency
+# structure that the original lacks, and every rotated copy shares them: left alone they
+# pull a copy away from its original and two unrelated rotated photos together.
+FILL_TOLERANCE = 24  # max channel distance from the fill colour (JPEG rings near the edge)
+FILL_INSET = 2  # legs are measured this many lines inside the frame (the outer line may be smeared)
+MIN_FILL_LEG = 4  # shorter legs (rotations under ~1.5 degrees here) hurt little and are left alone
+MAX_FILL_ANGLE = 12.0  # degrees: larger angles are not "small rotations"
+FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
+FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
+
+
+def _fill_run(line: np.ndarray, colour: np.ndarray) -> int:
+    """Leading pixels of a (n, 3) line within FILL_TOLERANCE of `colour`."""
+    near = np.abs(line.astype(np.int16) - colour).max(axis=1) <= FILL_TOLERANCE
+    return len(near) if near.all() else int(np.argmin(near))
+
+
+def _corner_triangle(corner: np.ndarray, colour: np.ndarray) -> tuple[float, float] | None:
+    """Legs (along x, along y) of a fill triangle at the top-left of `corner` (h, w, 3), or None.
+
+    The fill runs of the lines crossing the long leg are fitted with a straight
+    hypotenuse (least squares): the legs come out sub-pixel exact, and a photo's own
+    dark corner, which is not bounded by a straight line, is refused by the residual.
+    """
+    along_y = _fill_run(corner[:, FILL_INSET], colour)
+    along_x = _fill_run(corner[FILL_INSET], colour)
+    if along_x < along_y:  # fit across the long leg: many lines, short runs
+        legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
+        return None if legs is None else (legs[1], legs[0])
+    return _fitted_legs(corner, colour, along_x)
+
+
+def _fitted_legs(corner: np.ndarray, colour: np.ndarray, long_leg: int) -> tuple[float, float] | None:
+    """(long leg along x, short leg along y) of the triangle whose long leg runs along the top row."""
+    height, width = corner.shape[:2]
+    short_leg = _fill_run(corner[:, FILL_INSET], colour)
+    if short_leg < MIN_FILL_LEG or long_leg >= width - 1 or short_leg >= height // 2:
+        return None
+    near = np.abs(corner[:short_leg + 1].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    runs = np.cumprod(near, axis=1).sum(axis=1).astype(np.float64)
+    rows = np.flatnonzero((runs > 1) & (runs < width - 1))  # a 1-pixel run is the smeared frame edge
+    rows = rows[rows >= FILL_INSET]
+    if len(rows) < 3:
+        return None
+    slope, intercept = np.polyfit(rows, runs[rows], 1)
+    error = np.abs(runs[rows] - (intercept + slope * rows))
+    trusted = error <= np.quantile(error, 0.75)  # JPEG specks end a few runs early: refit without them
+    slope, intercept = np.polyfit(rows[trusted], runs[rows][trusted], 1)
+    if slope >= 0 or intercept <= 0:
+        return None
+    residual = np.sqrt(np.mean((runs[rows][trusted] - (intercept + slope * rows[trusted])) ** 2))
+    if residual > max(1.5, FILL_STRAIGHTNESS * intercept):
+        return None  # not a straight edge: a dark or bright corner of the photo itself
+    return float(intercept), float(-intercept / slope)
+
+
+@dataclass(frozen=True)
+class FillCorners:
+    """A copy rotated with fill corners: its angle (PIL `rotate` convention) and the four triangles."""
+
+    angle: float
+    legs: tuple[tuple[float, float], ...]  # (along x, along y) at TL, TR, BL, BR, each seen from its corner
+
+
+def _smooth_fill(luma: Image.Image, inside: np.ndarray) -> np.ndarray:
+    """The picture's nearby luma smeared into the cut corners (normalised convolution).
+
+    A flat fill would leave a sharp diagonal edge in each corner, the same in every
+    copy rotated by that angle, which two unrelated low-structure photos would share.
+    """
+    radius = max(2.0, 0.05 * max(luma.size))
+    weight = Image.fromarray(inside.astype(np.uint8) * 255)
+    masked = Image.fromarray(np.where(inside, np.asarray(luma), 0).astype(np.uint8))
+    blur = ImageFilter.GaussianBlur(radius)
+    total = np.asarray(masked.filter(blur), dtype=np.float32)
+    share = np.asarray(weight.filter(blur), dtype=np.float32) / 255.0
+    mean = float(np.asarray(luma, dtype=np.float32)[inside].mean()) if inside.any() else 0.0
+    return np.where(share > 0.02, total / np.maximum(share, 1e-3), mean)
+
+
+def _corner_views(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
+    return rgb, rgb[:, ::-1], rgb[::-1, :], rgb[::-1, ::-1]  # TL, TR, BL, BR, each seen as top-left
+
+
+def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
+    """The fill triangles of a copy rotated by a small angle (in its frame or on a grown canvas), or None.
+
+    Each corner's triangle is fitted where the fill meets the picture; where the picture
+    itself has the fill colour (a white sky, a black suit) the edge is invisible, so that
+    corner borrows the legs of the opposite one (a rotation about the centre makes them
+    equal) and must be fill-coloured over the whole borrowed triangle. At least two
+    fitted corners must tell the same small angle: a photo's own dark corners do not.
+    """
+    corners = _corner_views(rgb)
+    colours = np.stack([c[0, 0] for c in corners]).astype(np.int16)
+    if np.abs(colours - colours[0]).max() > FILL_TOLERANCE:
+        return None
+    colour = np.median(colours, axis=0).astype(np.int16)
+    fitted = [_corner_triangle(corner, colour) for corner in corners]
+    angles = {index: _signed_angle(index, legs) for index, legs in enumerate(fitted) if legs is not None}
+    if not angles:
+        return None
+    consensus = float(np.median(list(angles.values())))
+    # A corner whose picture runs dark (or bright) into the fill misreads its legs: it borrows instead.
+    agreeing = {index: angle for index, angle in angles.items() if abs(angle - consensus) <= FILL_ANGLE_AGREEMENT}
+    if len(agreeing) < max(1, len(angles) - 1) or abs(consensus) > MAX_FILL_ANGLE:
+        return None
+    fitted = [legs if index in agreeing else None for index, legs in enumerate(fitted)]
+    angles = list(agreeing.values())
+    legs = [legs if legs is not None else fitted[3 - index] for index, legs in enumerate(fitted)]
+    if any(leg is None for leg in legs):
+        legs = _grown_canvas_legs(legs, rgb.shape[1], rgb.shape[0])
+    borrowed = [index for index, leg in enumerate(fitted) if leg is None]
+    if any(not _is_filled(corners[index], legs[index], colour) for index in borrowed):
+        return None
+    return FillCorners(float(np.mean(angles)), tuple(legs))
+
+
+def _grown_canvas_legs(legs: list, width: int, height: int) -> list[tuple[float, float]]:
+    """Complete one missing pair of opposite corners on a canvas grown to hold the rotated picture.
+
+    There the picture's corners touch the canvas edges, so a corner's legs and its
+    neighbour's add up to the canvas side. `_is_filled` then checks the guess.
+    """
+    known = 0 if legs[0] is not None else 1
+    along_x, along_y = legs[known]
+    other = (width - along_x, height - along_y)
+    return [legs[i] if legs[i] is not None else other for i in range(4)]
+
+
+def _signed_angle(index: int, legs: tuple[float, float]) -> float:
+    along_x, along_y = legs
+    # A counter-clockwise turn leaves the long leg along x at TL and BR, along y at TR and BL.
+    sign = 1.0 if (along_x > along_y) == (index in (0, 3)) else -1.0
+    return sign * math.degrees(math.atan(min(legs) / max(legs)))
+
+
+def _is_filled(corner: np.ndarray, legs: tuple[float, float], colour: np.ndarray, share: float = 0.9) -> bool:
+    """Is the triangle with these legs at the top-left of `corner` (almost) all fill colour?"""
+    along_x, along_y = legs
+    if min(along_x, along_y) < 1:
+        return False
+    height, width = min(int(along_y), corner.shape[0]), min(int(along_x), corner.shape[1])
+    rows, cols = np.mgrid[:height, :width]
+    inside = cols / along_x + rows / along_y < 0.9  # off the smeared hypotenuse
+    near = np.abs(corner[:height, :width].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    return bool(inside.any() and near[inside].mean() >= share)
+
+
+def _unrotated_luma(thumbnail: Image.Image, fill: FillCorners) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The luma turned back by the fill angle, the fill replaced by the picture's mean, and the picture's box.
+
+    Turning back aligns the copy with its original; the corners the rotation cut off stay
+    unknown and get the picture's mean, which the DCT (DC dropped) sees as no structure.
+    """
+    width, height = thumbnail.size
+    valid = Image.new("L", thumbnail.size, 255)
+    draw = ImageDraw.Draw(valid)
+    for (x0, y0, sx, sy), (along_x, along_y) in zip(
+        ((0, 0, 1, 1), (width, 0, -1, 1), (0, height, 1, -1), (width, height, -1, -1)), fill.legs, strict=True
+    ):
+        pad = 1.5  # the smeared hypotenuse belongs to the fill
+        draw.polygon([(x0, y0), (x0 + sx * (along_x + pad), y0), (x0, y0 + sy * (along_y + pad))], fill=0)
+    luma = thumbnail.convert("L").rotate(-fill.angle, resample=Image.Resampling.BILINEAR)
+    inside = np.asarray(valid.rotate(-fill.angle, resample=Image.Resampling.BILINEAR)) >= 250
+    pixels = np.where(inside, np.asarray(luma, dtype=np.float32), _smooth_fill(luma, inside))
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1) if len(rows) else (0, 0, width, height)
+    return Image.fromarray(pixels.astype(np.uint8)), box
+
+
 # --- the descriptor ----------------------------------------------------------------------------
 
 
@@ -302,8 +477,12 @@ def perceptual_vector(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = to_rgb(image)
     thumbnail = _thumbnail(image)
-    box = content_box(np.asarray(thumbnail))
-    luma = thumbnail.convert("L")
+    rgb = np.asarray(thumbnail)
+    fill = fill_rotation(rgb)
+    if fill is None:
+        box, luma = content_box(rgb), thumbnail.convert("L")
+    else:
+        luma, box = _unrotated_luma(thumbnail, fill)
     whole = _low_frequencies(luma, box)
     if structure(whole) < MIN_STRUCTURE:
         return np.zeros(DIM, dtype=np.float32)
