@@ -260,6 +260,41 @@ def rotate_small(image: Image.Image, rng: random.Random) -> Image.Image:
     return rotated.crop((left, top, left + crop_w, top + crop_h))
 
 
+def _rotate_with_fill(image: Image.Image, degrees: float, rng: random.Random) -> Image.Image:
+    """Rotate by `degrees` (either way) keeping the corners the turn leaves empty, filled black or white,
+    on the same canvas (corners of the picture cut off) or on one grown to hold it all."""
+    fill = rng.choice(((0, 0, 0), (255, 255, 255)))
+    angle = degrees * rng.choice((-1, 1))
+    return image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=rng.random() < 0.5, fillcolor=fill)
+
+
+def _rotate_fill(degrees: int) -> Transform:
+    def rotate_fill(image: Image.Image, rng: random.Random) -> Image.Image:
+        return _rotate_with_fill(image, degrees + rng.uniform(-0.5, 0.0), rng)
+
+    rotate_fill.__doc__ = f"Rotate by {degrees - 0.5:g}-{degrees} degrees with black or white fill corners."
+    return rotate_fill
+
+
+# One transform per whole degree, so recall can be reported per angle.
+ROTATE_FILL_DEGREES = (1, 2, 3, 4, 5)
+
+
+def crop_edges(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Cut 0-8% off each side independently (a re-framed upload)."""
+    width, height = image.size
+    left, right, top, bottom = (rng.uniform(0.0, 0.08) for _ in range(4))
+    box = (round(left * width), round(top * height), width - round(right * width), height - round(bottom * height))
+    return image.crop(box)
+
+
+def border(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A uniform frame of 2-10% of the long side on every side, in black, white, grey or a random colour."""
+    width = max(2, round(max(image.size) * rng.uniform(0.02, 0.10)))
+    colour = rng.choice(((0, 0, 0), (255, 255, 255), (128, 128, 128), tuple(rng.randint(0, 255) for _ in range(3))))
+    return ImageOps.expand(image, border=width, fill=colour)
+
+
 # --------------------------------------------------------------------------
 # HARD transforms
 # --------------------------------------------------------------------------
@@ -322,6 +357,29 @@ def meme_text(image: Image.Image, rng: random.Random) -> Image.Image:
     return canvas
 
 
+def meme_band(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A caption band above, below or both, white with black text or black with white text."""
+    width, height = image.size
+    band = max(14, round(height * rng.uniform(0.1, 0.25)))
+    background, ink = rng.choice((((255, 255, 255), (0, 0, 0)), ((0, 0, 0), (255, 255, 255))))
+    where = rng.choice(("top", "bottom", "both"))
+    top = band if where in ("top", "both") else 0
+    bottom = band if where in ("bottom", "both") else 0
+    canvas = Image.new("RGB", (width, height + top + bottom), background)
+    canvas.paste(image, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    texts = rng.choice(MEME_TEXTS)
+    for text, band_top, used in ((texts[0], 0, top), (texts[1], top + height, bottom)):
+        if not used:
+            continue
+        font = _fit_font(draw, text, round(band * 0.6), int(width * 0.95))
+        left, text_top, right, text_bottom = draw.textbbox((0, 0), text, font=font)
+        x = (width - (right - left)) // 2 - left
+        y = band_top + (band - (text_bottom - text_top)) // 2 - text_top
+        draw.text((x, y), text, font=font, fill=ink)
+    return canvas
+
+
 # --------------------------------------------------------------------------
 # Registries
 # --------------------------------------------------------------------------
@@ -339,6 +397,9 @@ BENIGN: dict[str, Transform] = {
     "color_jitter": color_jitter,
     "blur": blur,
     "rotate_small": rotate_small,
+    **{f"rotate_fill_{degrees}": _rotate_fill(degrees) for degrees in ROTATE_FILL_DEGREES},
+    "crop_edges": crop_edges,
+    "border": border,
 }
 
 _HARD_SINGLES: dict[str, Transform] = {
@@ -350,6 +411,7 @@ _HARD_SINGLES: dict[str, Transform] = {
     "crop_large": crop_large,
     "grayscale": grayscale,
     "meme_text": meme_text,
+    "meme_band": meme_band,
 }
 
 
@@ -378,9 +440,12 @@ TRANSFORMS: dict[str, Transform] = {**BENIGN, **HARD}
 # Order in which benign edits are chained: geometry, then appearance, then
 # overlays, then the final re-encode (what a re-upload pipeline does).
 _BENIGN_STAGE = {
-    "crop_small": 0, "rotate_small": 0, "resize": 1, "letterbox": 2,
+    "crop_small": 0, "rotate_small": 0, "crop_edges": 0, "resize": 1, "letterbox": 2, "border": 2,
     "color_jitter": 3, "blur": 3, "watermark": 4, "caption_strip": 4,
+    **{f"rotate_fill_{degrees}": 0 for degrees in ROTATE_FILL_DEGREES},
 }
+# Benign copies chain up to this many edits (three combined is a common web history).
+MAX_BENIGN_EDITS = 3
 _ENCODES = ("jpeg", "webp", "png")
 # Share of benign copies that are byte-identical re-uploads.
 EXACT_COPY_PROBABILITY = 0.15
@@ -416,8 +481,10 @@ def random_copy(image: Image.Image, family: str, rng: random.Random) -> tuple[Im
 def _benign_chain(rng: random.Random) -> list[str]:
     if rng.random() < EXACT_COPY_PROBABILITY:
         return ["exact"]
-    edits = rng.sample(sorted(_BENIGN_STAGE), rng.randint(0, 2))
+    edits = rng.sample(sorted(_BENIGN_STAGE), rng.randint(0, MAX_BENIGN_EDITS))
     edits.sort(key=lambda name: _BENIGN_STAGE[name])
+    # One geometric edit at most: a second crop or turn of a turned copy is not a web history.
+    edits = [name for i, name in enumerate(edits) if _BENIGN_STAGE[name] > 0 or i == 0]
     if not edits or rng.random() < REENCODE_PROBABILITY:
         edits.append(rng.choice(_ENCODES))
     return edits

@@ -60,8 +60,9 @@ MAX_BAR_FRACTION = 0.4  # never trim more than this per side
 BAR_STEP_LOOKAHEAD = 3  # lines checked for the step (JPEG ringing blurs the edge)
 # Meme-style caption bands: a line inside a bar may have up to this share of
 # pixels off the bar colour (the text); the bar must open with clean lines.
-MAX_TEXT_FRACTION = 0.5
+MAX_TEXT_FRACTION = 0.75  # bold caption fonts cover up to ~60 % of a line; a picture line ~100 %
 MIN_CLEAN_LINES = 2
+MIN_TEXT_LINES = 3  # text lines that make a one-sided band a caption band
 
 # Frequency weighting and coefficient compression (measured on real-dups and
 # synthetic edits, see benchmarks/perceptual_realdups.py).
@@ -214,17 +215,18 @@ def _bar_profile(lines: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.
     return deviation.mean(axis=1), (deviation > 2 * BAR_TOLERANCE).mean(axis=1)
 
 
-def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
+def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray, bool]:
     """Leading lines (rows of an (n, m, 3) array) that form a bar ending in a clear step.
 
     A bar is uniform lines, possibly with caption text inside (meme-style bands:
     lines where most pixels keep the bar colour). It must open with clean lines
-    and ends at its last uniform line, so text never counts as picture.
+    and ends at its last uniform line, so text never counts as picture. The third
+    value says whether the bar holds text.
     """
     colour = np.median(lines[0], axis=0).astype(np.float32)
     head_deviation, head_outliers = _bar_profile(lines[:MIN_CLEAN_LINES], colour)
     if not ((head_deviation < BAR_TOLERANCE) & (head_outliers <= 0.1)).all():
-        return 0, colour  # the common case: no bar, decided from two lines
+        return 0, colour, False  # the common case: no bar, decided from two lines
     deviation, outliers = _bar_profile(lines[:limit], colour)
     # Uniform on average and nearly everywhere (a line crossing the picture is not a bar).
     uniform = (deviation < BAR_TOLERANCE) & (outliers <= 0.1)
@@ -234,24 +236,29 @@ def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
     length = int(clean[-1]) + 1 if len(clean) else 0
     step_lines = lines[length : length + BAR_STEP_LOOKAHEAD]
     if length == 0 or len(step_lines) == 0:
-        return 0, colour
+        return 0, colour, False
     if _bar_profile(step_lines, colour)[0].max() < BAR_STEP:
-        return 0, colour  # the "bar" fades into the picture: it is part of the photo
-    return length, colour
+        return 0, colour, False  # the "bar" fades into the picture: it is part of the photo
+    return length, colour, int((~uniform[:length]).sum()) >= MIN_TEXT_LINES
 
 
 def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
-    """Bars at both ends of axis 0 of lines, kept only when they match in colour and size."""
+    """Bars at both ends of axis 0 of lines, kept when they match in colour and size or carry captions.
+
+    A plain one-sided band is kept as picture (a grey sky above a horizon); a band
+    with text in it is a caption band (a meme's top text), added on one side or both.
+    """
     limit = int(len(lines) * MAX_BAR_FRACTION)
     if limit == 0:
         return 0, 0
-    start, start_colour = _bar_length(lines, limit)
-    end, end_colour = _bar_length(lines[::-1], limit)
-    if start == 0 or end == 0:
-        return 0, 0
-    same_colour = np.abs(start_colour - end_colour).max() <= 2 * BAR_TOLERANCE
-    same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
-    return (start, end) if same_colour and same_size else (0, 0)
+    start, start_colour, start_text = _bar_length(lines, limit)
+    end, end_colour, end_text = _bar_length(lines[::-1], limit)
+    if start and end:
+        same_colour = np.abs(start_colour - end_colour).max() <= 2 * BAR_TOLERANCE
+        same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
+        if same_colour and same_size:
+            return start, end
+    return (start if start_text else 0), (end if end_text else 0)
 
 
 def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
