@@ -180,6 +180,44 @@ def test_content_box_keeps_a_one_sided_uniform_band_of_the_photo():
     assert content_box(np.asarray(with_sky)) == (0, 0, 200, 200)
 
 
+def _demo(name: str) -> Image.Image:
+    return Image.open(Path(__file__).resolve().parents[1] / "dedup" / "demo_images" / name).convert("RGB")
+
+
+@pytest.mark.parametrize("where", ["top", "bottom"])
+@pytest.mark.parametrize("band, ink", [("white", "black"), ("black", "white")])
+def test_one_sided_caption_band_is_trimmed(where, band, ink):
+    photo = _demo("kodim05.jpg")
+    height = photo.height // 5
+    captioned = _padded(photo, 0, height if where == "top" else 0, 0, height if where == "bottom" else 0, band)
+    font = ImageFont.load_default(size=height // 2)
+    ImageDraw.Draw(captioned).text((10, (0 if where == "top" else photo.height) + height // 4), "WHEN THE WEEKEND",
+                                   fill=ink, font=font)
+    top = height if where == "top" else 0
+    left, box_top, right, bottom = content_box(np.asarray(captioned))
+    assert (left, right) == (0, photo.width)
+    assert abs(box_top - top) <= 2 and abs(bottom - (top + photo.height)) <= 2
+
+
+def test_nested_frame_and_letterbox_are_peeled():
+    photo = _demo("kodim05.jpg").resize((200, 160))
+    framed = _padded(photo, 8, 8, 8, 8, "black")
+    boxed = _padded(framed, 0, 40, 0, 40, "white")
+    assert content_box(np.asarray(boxed)) == (8, 48, 208, 208)
+
+
+def test_blurred_picture_bars_are_trimmed():
+    from PIL import ImageFilter
+
+    photo = _demo("kodim05.jpg").resize((240, 160))
+    canvas = photo.resize((240, 320), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(320 / 25))
+    canvas.paste(photo, (0, 80))
+    left, top, right, bottom = content_box(np.asarray(canvas))
+    assert (left, right) == (0, 240) and abs(top - 80) <= 2 and abs(bottom - 240) <= 2
+    vectors = describe([photo, _jpeg(canvas, 85)])
+    assert dihedral_similarity(vectors[:1], vectors[1:])[0, 0] > 0.9
+
+
 # --- real copies (shared/data/real-dups) ---------------------------------------------------------
 
 

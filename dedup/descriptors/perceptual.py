@@ -63,6 +63,12 @@ BAR_STEP_LOOKAHEAD = 3  # lines checked for the step (JPEG ringing blurs the edg
 MAX_TEXT_FRACTION = 0.75  # bold caption fonts cover up to ~60 % of a line; a picture line ~100 %
 MIN_CLEAN_LINES = 2
 MIN_TEXT_LINES = 3  # text lines that make a one-sided band a caption band
+MAX_BAR_LAYERS = 3  # a frame inside a letterbox inside a frame
+# Letterbox bars filled with a blurred, stretched copy of the picture: lines whose
+# neighbouring pixels differ by under this (grey levels; photos measure 4-20) for at
+# least MIN_BLUR_BAR lines, the same size on both sides, ending in a step.
+BLUR_DETAIL = 1.5
+MIN_BLUR_BAR = 4
 
 # Frequency weighting and coefficient compression (measured on real-dups and
 # synthetic edits, see benchmarks/perceptual_realdups.py).
@@ -261,12 +267,57 @@ def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
     return (start if start_text else 0), (end if end_text else 0)
 
 
-def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the picture inside letterbox/pillarbox/padding bars of an (h, w, 3) array."""
-    height, width = rgb.shape[:2]
+def _line_detail(lines: np.ndarray) -> np.ndarray:
+    """Mean absolute luma step between neighbouring pixels of each line of an (n, m, 3) array."""
+    luma = lines.astype(np.float32).mean(axis=2)
+    return np.abs(np.diff(luma, axis=1)).mean(axis=1)
+
+
+def _smooth_run(lines: np.ndarray, limit: int) -> int:
+    """Leading lines without detail that end in a step into a detailed picture (0 when they do not)."""
+    detail = _line_detail(lines[: limit + 1])
+    smooth = detail < BLUR_DETAIL
+    run = len(smooth) if smooth.all() else int(np.argmin(smooth))
+    if run < MIN_BLUR_BAR or run >= limit or detail[run] < 2 * BLUR_DETAIL:
+        return 0
+    step = np.abs(lines[run].astype(np.float32) - lines[run - 1].astype(np.float32)).mean()
+    return run if step >= BAR_STEP / 2 else 0
+
+
+def _blurred_bars(lines: np.ndarray) -> tuple[int, int]:
+    """Bars made of a blurred, stretched copy of the picture, matched in size at both ends of axis 0."""
+    limit = int(len(lines) * MAX_BAR_FRACTION)
+    if limit <= MIN_BLUR_BAR:
+        return 0, 0
+    start, end = _smooth_run(lines, limit), _smooth_run(lines[::-1], limit)
+    if start and end and abs(start - end) <= max(2, 0.1 * max(start, end)):
+        return start, end
+    return 0, 0
+
+
+def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) widths of the outermost layer of bars of an (h, w, 3) array."""
     top, bottom = _paired_bars(rgb)
     left, right = _paired_bars(rgb.transpose(1, 0, 2))
-    return left, top, width - right, height - bottom
+    if not (top or bottom or left or right):
+        top, bottom = _blurred_bars(rgb)
+        left, right = _blurred_bars(rgb.transpose(1, 0, 2))
+    return left, top, right, bottom
+
+
+def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the picture inside letterbox/pillarbox/padding bars of an (h, w, 3) array.
+
+    Bars are peeled layer by layer: a framed copy may have been letterboxed again.
+    """
+    height, width = rgb.shape[:2]
+    left, top, right, bottom = 0, 0, width, height
+    for _ in range(MAX_BAR_LAYERS):
+        peel_left, peel_top, peel_right, peel_bottom = _peel(rgb[top:bottom, left:right])
+        if not (peel_left or peel_top or peel_right or peel_bottom):
+            break
+        left, top, right, bottom = left + peel_left, top + peel_top, right - peel_right, bottom - peel_bottom
+    return left, top, right, bottom
 
 
 # --- fill corners of a rotated copy ----------------------------------------------------------------
@@ -479,17 +530,30 @@ def _signature(coefficients: np.ndarray) -> np.ndarray:
     return compressed / max(float(np.linalg.norm(compressed)), 1e-12)
 
 
+def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The luma to describe and the picture's box in it: bars trimmed, a turn with fill corners undone.
+
+    A rotated copy may also have been letterboxed or framed afterwards, so when the
+    whole image shows no fill corners the box inside its bars is looked at again.
+    """
+    rgb = np.asarray(thumbnail)
+    fill = fill_rotation(rgb)
+    if fill is not None:
+        return _unrotated_luma(thumbnail, fill)
+    box = content_box(rgb)
+    if box != (0, 0, rgb.shape[1], rgb.shape[0]):
+        inner = thumbnail.crop(box)
+        fill = fill_rotation(np.asarray(inner))
+        if fill is not None:
+            return _unrotated_luma(inner, fill)
+    return thumbnail.convert("L"), box
+
+
 def perceptual_vector(image: Image.Image) -> np.ndarray:
     """One image -> its (256,) float32 descriptor (unit length, or all zeros when featureless)."""
     if image.mode != "RGB":
         image = to_rgb(image)
-    thumbnail = _thumbnail(image)
-    rgb = np.asarray(thumbnail)
-    fill = fill_rotation(rgb)
-    if fill is None:
-        box, luma = content_box(rgb), thumbnail.convert("L")
-    else:
-        luma, box = _unrotated_luma(thumbnail, fill)
+    luma, box = _picture(_thumbnail(image))
     whole = _low_frequencies(luma, box)
     if structure(whole) < MIN_STRUCTURE:
         return np.zeros(DIM, dtype=np.float32)
