@@ -274,14 +274,22 @@ def _line_detail(lines: np.ndarray) -> np.ndarray:
 
 
 def _smooth_run(lines: np.ndarray, limit: int) -> int:
-    """Leading lines without detail that end in a step into a detailed picture (0 when they do not)."""
+    """Leading lines without detail that end in a step into the picture (0 when they do not).
+
+    The bar ends at the first clear step between two lines: the pasted picture may
+    open with smooth lines of its own (the fill corners of a rotated copy).
+    """
     detail = _line_detail(lines[: limit + 1])
     smooth = detail < BLUR_DETAIL
     run = len(smooth) if smooth.all() else int(np.argmin(smooth))
-    if run < MIN_BLUR_BAR or run >= limit or detail[run] < 2 * BLUR_DETAIL:
+    if run < MIN_BLUR_BAR or run >= limit:
         return 0
-    step = np.abs(lines[run].astype(np.float32) - lines[run - 1].astype(np.float32)).mean()
-    return run if step >= BAR_STEP / 2 else 0
+    block = lines[: run + 1].astype(np.float32)
+    steps = np.abs(np.diff(block, axis=0)).mean(axis=(1, 2))  # steps[i]: line i -> i + 1
+    edges = np.flatnonzero(steps[MIN_BLUR_BAR - 1 :] >= BAR_STEP / 2) + MIN_BLUR_BAR
+    if len(edges):
+        return int(edges[0])
+    return 0
 
 
 def _blurred_bars(lines: np.ndarray) -> tuple[int, int]:
@@ -331,6 +339,7 @@ FILL_INSET = 2  # legs are measured this many lines inside the frame (the outer 
 MIN_FILL_LEG = 4  # shorter legs (rotations under ~1.5 degrees here) hurt little and are left alone
 MAX_FILL_ANGLE = 12.0  # degrees: larger angles are not "small rotations"
 FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
+FILL_LINE_SHARE = 0.98  # a bar line of the fill colour (JPEG specks aside)
 FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
 
 
@@ -540,13 +549,30 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
     fill = fill_rotation(rgb)
     if fill is not None:
         return _unrotated_luma(thumbnail, fill)
+    full = (0, 0, rgb.shape[1], rgb.shape[0])
     box = content_box(rgb)
-    if box != (0, 0, rgb.shape[1], rgb.shape[0]):
-        inner = thumbnail.crop(box)
-        fill = fill_rotation(np.asarray(inner))
-        if fill is not None:
-            return _unrotated_luma(inner, fill)
+    for inner_box in (_fill_margins(rgb), box):  # bars of the fill colour, or bars of another colour
+        if inner_box != full:
+            inner = thumbnail.crop(inner_box)
+            fill = fill_rotation(np.asarray(inner))
+            if fill is not None:
+                return _unrotated_luma(inner, fill)
     return thumbnail.convert("L"), box
+
+
+def _fill_margins(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """Box inside the rows and columns at the edges that are all the corner colour (bars the fill merges with)."""
+    colour = rgb[0, 0].astype(np.int16)
+    near = np.abs(rgb.astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    rows, cols = near.mean(axis=1) >= FILL_LINE_SHARE, near.mean(axis=0) >= FILL_LINE_SHARE
+
+    def margin(full: np.ndarray) -> int:
+        return len(full) if full.all() else int(np.argmin(full))
+
+    top, bottom, left, right = margin(rows), margin(rows[::-1]), margin(cols), margin(cols[::-1])
+    if top + bottom >= len(rows) or left + right >= len(cols):
+        return 0, 0, rgb.shape[1], rgb.shape[0]
+    return left, top, rgb.shape[1] - right, rgb.shape[0] - bottom
 
 
 def perceptual_vector(image: Image.Image) -> np.ndarray:
