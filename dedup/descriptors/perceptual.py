@@ -273,15 +273,26 @@ def _line_detail(lines: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(luma, axis=1)).mean(axis=1)
 
 
+def _first_line_detail(lines: np.ndarray) -> float:
+    """About `_line_detail` of the first line, from its green channel (run on every image, so kept cheap)."""
+    line = lines[0, :, 1].astype(np.int16)
+    return float(np.abs(np.diff(line)).mean()) if len(line) > 1 else 0.0
+
+
 def _smooth_run(lines: np.ndarray, limit: int) -> int:
     """Leading lines without detail that end in a step into the picture (0 when they do not).
 
     The bar ends at the first clear step between two lines: the pasted picture may
     open with smooth lines of its own (the fill corners of a rotated copy).
     """
-    detail = _line_detail(lines[: limit + 1])
-    smooth = detail < BLUR_DETAIL
-    run = len(smooth) if smooth.all() else int(np.argmin(smooth))
+    if _first_line_detail(lines) >= BLUR_DETAIL:
+        return 0  # the common case, decided from one line
+    run = 0
+    while run <= limit:  # a few lines at a time: most smooth openings are short (a sky)
+        smooth = _line_detail(lines[run : min(run + 16, limit + 1)]) < BLUR_DETAIL
+        run += len(smooth) if smooth.all() else int(np.argmin(smooth))
+        if not smooth.all():
+            break
     if run < MIN_BLUR_BAR or run >= limit:
         return 0
     block = lines[: run + 1].astype(np.float32)
@@ -297,7 +308,10 @@ def _blurred_bars(lines: np.ndarray) -> tuple[int, int]:
     limit = int(len(lines) * MAX_BAR_FRACTION)
     if limit <= MIN_BLUR_BAR:
         return 0, 0
-    start, end = _smooth_run(lines, limit), _smooth_run(lines[::-1], limit)
+    if max(_first_line_detail(lines), _first_line_detail(lines[::-1])) >= BLUR_DETAIL:
+        return 0, 0  # bars come in pairs: both edge lines must be smooth (a sky alone is not a bar)
+    start = _smooth_run(lines, limit)
+    end = _smooth_run(lines[::-1], limit) if start else 0
     if start and end and abs(start - end) <= max(2, 0.1 * max(start, end)):
         return start, end
     return 0, 0
@@ -339,6 +353,7 @@ FILL_INSET = 2  # legs are measured this many lines inside the frame (the outer 
 MIN_FILL_LEG = 4  # shorter legs (rotations under ~1.5 degrees here) hurt little and are left alone
 MAX_FILL_ANGLE = 12.0  # degrees: larger angles are not "small rotations"
 FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
+FIT_LINES = 48  # lines sampled along a long leg for the hypotenuse fit
 FILL_LINE_SHARE = 0.98  # a bar line of the fill colour (JPEG specks aside)
 FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
 
@@ -358,6 +373,11 @@ def _corner_triangle(corner: np.ndarray, colour: np.ndarray) -> tuple[float, flo
     """
     along_y = _fill_run(corner[:, FILL_INSET], colour)
     along_x = _fill_run(corner[FILL_INSET], colour)
+    height, width = corner.shape[:2]
+    if along_x >= width - 1 or along_y >= height - 1 or min(along_x, along_y) < MIN_FILL_LEG:
+        return None  # a bar along a whole side, or no triangle
+    if min(along_x, along_y) > max(along_x, along_y) * math.tan(math.radians(MAX_FILL_ANGLE + 3)):
+        return None  # a blob of the fill colour (a white background), not a thin wedge
     if along_x < along_y:  # fit across the long leg: many lines, short runs
         legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
         return None if legs is None else (legs[1], legs[0])
@@ -370,19 +390,20 @@ def _fitted_legs(corner: np.ndarray, colour: np.ndarray, long_leg: int) -> tuple
     short_leg = _fill_run(corner[:, FILL_INSET], colour)
     if short_leg < MIN_FILL_LEG or long_leg >= width - 1 or short_leg >= height // 2:
         return None
-    near = np.abs(corner[:short_leg + 1].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    sampled = np.unique(np.linspace(FILL_INSET, short_leg, min(FIT_LINES, short_leg - FILL_INSET + 1)).astype(int))
+    near = np.abs(corner[sampled, : long_leg + 2].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
     runs = np.cumprod(near, axis=1).sum(axis=1).astype(np.float64)
-    rows = np.flatnonzero((runs > 1) & (runs < width - 1))  # a 1-pixel run is the smeared frame edge
-    rows = rows[rows >= FILL_INSET]
+    keep = (runs > 1) & (runs < min(width - 1, long_leg + 2))  # a 1-pixel run is the smeared frame edge
+    rows, runs = sampled[keep], runs[keep]
     if len(rows) < 3:
         return None
-    slope, intercept = np.polyfit(rows, runs[rows], 1)
-    error = np.abs(runs[rows] - (intercept + slope * rows))
+    slope, intercept = np.polyfit(rows, runs, 1)
+    error = np.abs(runs - (intercept + slope * rows))
     trusted = error <= np.quantile(error, 0.75)  # JPEG specks end a few runs early: refit without them
-    slope, intercept = np.polyfit(rows[trusted], runs[rows][trusted], 1)
+    slope, intercept = np.polyfit(rows[trusted], runs[trusted], 1)
     if slope >= 0 or intercept <= 0:
         return None
-    residual = np.sqrt(np.mean((runs[rows][trusted] - (intercept + slope * rows[trusted])) ** 2))
+    residual = np.sqrt(np.mean((runs[trusted] - (intercept + slope * rows[trusted])) ** 2))
     if residual > max(1.5, FILL_STRAIGHTNESS * intercept):
         return None  # not a straight edge: a dark or bright corner of the photo itself
     return float(intercept), float(-intercept / slope)
@@ -412,6 +433,14 @@ def _smooth_fill(luma: Image.Image, inside: np.ndarray) -> np.ndarray:
     return np.where(share > 0.02, total / np.maximum(share, 1e-3), mean)
 
 
+def _same_corners(rgb: np.ndarray) -> bool:
+    """Do the four corner pixels share one colour (the cheap first test for fill corners)?"""
+    if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
+        return False
+    colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
+    return bool(np.abs(colours - colours[0]).max() <= FILL_TOLERANCE)
+
+
 def _corner_views(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
     return rgb, rgb[:, ::-1], rgb[::-1, :], rgb[::-1, ::-1]  # TL, TR, BL, BR, each seen as top-left
 
@@ -426,9 +455,9 @@ def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
     fitted corners must tell the same small angle: a photo's own dark corners do not.
     """
     corners = _corner_views(rgb)
-    colours = np.stack([c[0, 0] for c in corners]).astype(np.int16)
-    if np.abs(colours - colours[0]).max() > FILL_TOLERANCE:
+    if not _same_corners(rgb):
         return None
+    colours = np.stack([c[0, 0] for c in corners]).astype(np.int16)
     colour = np.median(colours, axis=0).astype(np.int16)
     fitted = [_corner_triangle(corner, colour) for corner in corners]
     angles = {index: _signed_angle(index, legs) for index, legs in enumerate(fitted) if legs is not None}
@@ -546,13 +575,17 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
     whole image shows no fill corners the box inside its bars is looked at again.
     """
     rgb = np.asarray(thumbnail)
-    fill = fill_rotation(rgb)
-    if fill is not None:
-        return _unrotated_luma(thumbnail, fill)
     full = (0, 0, rgb.shape[1], rgb.shape[0])
+    if _same_corners(rgb):
+        fill = fill_rotation(rgb)
+        if fill is not None:
+            return _unrotated_luma(thumbnail, fill)
+        margins = _fill_margins(rgb)  # bars of the fill colour around the turned picture
+    else:
+        margins = full
     box = content_box(rgb)
-    for inner_box in (_fill_margins(rgb), box):  # bars of the fill colour, or bars of another colour
-        if inner_box != full:
+    for inner_box in (margins, box):
+        if inner_box != full and _same_corners(rgb[inner_box[1]:inner_box[3], inner_box[0]:inner_box[2]]):
             inner = thumbnail.crop(inner_box)
             fill = fill_rotation(np.asarray(inner))
             if fill is not None:
@@ -563,16 +596,24 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
 def _fill_margins(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """Box inside the rows and columns at the edges that are all the corner colour (bars the fill merges with)."""
     colour = rgb[0, 0].astype(np.int16)
-    near = np.abs(rgb.astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
-    rows, cols = near.mean(axis=1) >= FILL_LINE_SHARE, near.mean(axis=0) >= FILL_LINE_SHARE
+    height, width = rgb.shape[:2]
+    top, bottom = _fill_lines(rgb, colour), _fill_lines(rgb[::-1], colour)
+    left, right = _fill_lines(rgb.transpose(1, 0, 2), colour), _fill_lines(rgb[:, ::-1].transpose(1, 0, 2), colour)
+    if top + bottom >= height or left + right >= width:
+        return 0, 0, width, height
+    return left, top, width - right, height - bottom
 
-    def margin(full: np.ndarray) -> int:
-        return len(full) if full.all() else int(np.argmin(full))
 
-    top, bottom, left, right = margin(rows), margin(rows[::-1]), margin(cols), margin(cols[::-1])
-    if top + bottom >= len(rows) or left + right >= len(cols):
-        return 0, 0, rgb.shape[1], rgb.shape[0]
-    return left, top, rgb.shape[1] - right, rgb.shape[0] - bottom
+def _fill_lines(lines: np.ndarray, colour: np.ndarray, block: int = 8) -> int:
+    """Leading lines of an (n, m, 3) array that are (almost) all `colour`, read a few lines at a time."""
+    start = 0
+    while start < len(lines):
+        near = np.abs(lines[start : start + block].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+        full = near.mean(axis=1) >= FILL_LINE_SHARE
+        if not full.all():
+            return start + int(np.argmin(full))
+        start += block
+    return len(lines)
 
 
 def perceptual_vector(image: Image.Image) -> np.ndarray:
