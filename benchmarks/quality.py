@@ -303,6 +303,8 @@ def family_recall(clusters: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     exploded = copies.explode("issue_family")
     rows = [{"issue_family": name, "copies": len(part), "recall": float(part["found"].mean())}
             for name, part in exploded.groupby("issue_family")]
+    rows += [{"issue_family": f"all {family} copies", "copies": len(part), "recall": float(part["found"].mean())}
+             for family, part in copies.groupby("family")]
     return pd.DataFrame(rows, columns=["issue_family", "copies", "recall"]).sort_values("issue_family", ignore_index=True)
 
 
