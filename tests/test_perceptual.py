@@ -199,6 +199,14 @@ def test_one_sided_caption_band_is_trimmed(where, band, ink):
     assert abs(box_top - top) <= 2 and abs(bottom - (top + photo.height)) <= 2
 
 
+def test_watermark_on_a_plain_sky_is_not_a_caption_band():
+    # Only white or black bands with text are caption bands; a blue sky with "SAMPLE" on it is picture.
+    photo = _demo("kodim05.jpg").resize((200, 160))
+    with_sky = _padded(photo, 0, 40, 0, 0, (120, 160, 210))
+    ImageDraw.Draw(with_sky).text((10, 8), "SAMPLE", fill="white", font=ImageFont.load_default(size=22))
+    assert content_box(np.asarray(with_sky)) == (0, 0, 200, 200)
+
+
 def test_nested_frame_and_letterbox_are_peeled():
     photo = _demo("kodim05.jpg").resize((200, 160))
     framed = _padded(photo, 8, 8, 8, 8, "black")

@@ -251,8 +251,8 @@ def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray, bool]:
 def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
     """Bars at both ends of axis 0 of lines, kept when they match in colour and size or carry captions.
 
-    A plain one-sided band is kept as picture (a grey sky above a horizon); a band
-    with text in it is a caption band (a meme's top text), added on one side or both.
+    A plain one-sided band is kept as picture (a grey sky above a horizon); a white or
+    black band with text in it is a caption band (a meme's top text), added on one side or both.
     """
     limit = int(len(lines) * MAX_BAR_FRACTION)
     if limit == 0:
@@ -264,7 +264,12 @@ def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
         same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
         if same_colour and same_size:
             return start, end
-    return (start if start_text else 0), (end if end_text else 0)
+    return (start if start_text and _blank(start_colour) else 0), (end if end_text and _blank(end_colour) else 0)
+
+
+def _blank(colour: np.ndarray) -> bool:
+    """White or black: the colour of caption bands (a sky with a watermark on it is neither)."""
+    return bool(min(np.abs(colour).max(), np.abs(255.0 - colour).max()) <= 2 * BAR_TOLERANCE)
 
 
 def _line_detail(lines: np.ndarray) -> np.ndarray:
