@@ -431,3 +431,24 @@ def test_fill_corners_do_not_make_200_different_photos_similar(real_dups, fill):
     sims = dihedral_similarity(vectors, vectors)
     np.fill_diagonal(sims, -1)
     assert sims.max() < DEFAULT_THRESHOLD, np.argwhere(sims >= DEFAULT_THRESHOLD)[:10].tolist()
+
+
+@pytest.mark.parametrize("bars", ["white letterbox", "black frame", "blurred letterbox"])
+def test_rotated_copy_framed_afterwards_is_still_turned_back(demo_photos, bars):
+    from PIL import ImageFilter
+
+    def framed(image: Image.Image) -> Image.Image:
+        if bars == "white letterbox":
+            return _padded(image, 0, image.height // 4, 0, image.height // 4, "white")
+        if bars == "black frame":
+            return ImageOps.expand(image, border=image.width // 20, fill="black")
+        size = (image.width, image.height * 3 // 2)
+        canvas = image.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(max(size) / 25))
+        canvas.paste(image, (0, (size[1] - image.height) // 2))
+        return canvas
+
+    photos = demo_photos[:12]
+    copies = [_jpeg(framed(photo.rotate(4, resample=Image.Resampling.BICUBIC, expand=True, fillcolor="black")), 90)
+              for photo in photos]
+    sims = dihedral_similarity(describe(photos), describe(copies)).diagonal()
+    assert (sims >= DEFAULT_THRESHOLD).mean() >= 0.9, sims.round(2)
