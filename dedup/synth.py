@@ -444,8 +444,25 @@ _BENIGN_STAGE = {
     "color_jitter": 3, "blur": 3, "watermark": 4, "caption_strip": 4,
     **{f"rotate_fill_{degrees}": 0 for degrees in ROTATE_FILL_DEGREES},
 }
-# Benign copies chain up to this many edits (three combined is a common web history).
-MAX_BENIGN_EDITS = 3
+
+
+@dataclass(frozen=True)
+class CopyMix:
+    """Which edits copies are drawn from: `basic` (the demo set, unchanged) or `web` (the benchmark sets:
+    also the families real web copies are made of, issue 12)."""
+
+    benign: tuple[str, ...]  # names of _BENIGN_STAGE that benign chains sample
+    hard: tuple[str, ...]  # HARD names a hard copy is drawn from
+    max_benign_edits: int  # three combined is a common web history
+    one_geometric_edit: bool  # a second crop or turn of a turned copy is not a web history
+
+
+_WEB_ONLY_BENIGN = ("crop_edges", "border", *(f"rotate_fill_{degrees}" for degrees in ROTATE_FILL_DEGREES))
+COPY_MIXES: dict[str, CopyMix] = {
+    "basic": CopyMix(tuple(sorted(set(_BENIGN_STAGE) - set(_WEB_ONLY_BENIGN))),
+                     tuple(sorted(set(HARD) - {"meme_band"})), 2, False),
+    "web": CopyMix(tuple(sorted(_BENIGN_STAGE)), tuple(sorted(HARD)), 3, True),
+}
 _ENCODES = ("jpeg", "webp", "png")
 # Share of benign copies that are byte-identical re-uploads.
 EXACT_COPY_PROBABILITY = 0.15
@@ -465,12 +482,14 @@ def apply_transform(image: Image.Image, name: str, rng: random.Random) -> Image.
     return _rgb(transform(_rgb(image), rng))
 
 
-def random_copy(image: Image.Image, family: str, rng: random.Random) -> tuple[Image.Image, list[str]]:
-    """Make one copy of `image` in `family` ('benign' or 'hard'); returns it and the transform names applied."""
+def random_copy(image: Image.Image, family: str, rng: random.Random, mix: str = "basic") -> tuple[Image.Image, list[str]]:
+    """Make one copy of `image` in `family` ('benign' or 'hard') from the edits of `COPY_MIXES[mix]`;
+    returns it and the transform names applied."""
+    chosen = _copy_mix(mix)
     if family == BENIGN_FAMILY:
-        names = _benign_chain(rng)
+        names = _benign_chain(rng, chosen)
     elif family == HARD_FAMILY:
-        names = [rng.choice(sorted(HARD))]
+        names = [rng.choice(chosen.hard)]
     else:
         raise DedupError(f"unknown copy family {family!r}", hint=f"use '{BENIGN_FAMILY}' or '{HARD_FAMILY}'")
     for name in names:
@@ -478,13 +497,20 @@ def random_copy(image: Image.Image, family: str, rng: random.Random) -> tuple[Im
     return image, names
 
 
-def _benign_chain(rng: random.Random) -> list[str]:
+def _copy_mix(mix: str) -> CopyMix:
+    try:
+        return COPY_MIXES[mix]
+    except KeyError:
+        raise DedupError(f"unknown copy mix {mix!r}", hint=f"use one of: {', '.join(COPY_MIXES)}") from None
+
+
+def _benign_chain(rng: random.Random, mix: CopyMix) -> list[str]:
     if rng.random() < EXACT_COPY_PROBABILITY:
         return ["exact"]
-    edits = rng.sample(sorted(_BENIGN_STAGE), rng.randint(0, MAX_BENIGN_EDITS))
+    edits = rng.sample(mix.benign, rng.randint(0, mix.max_benign_edits))
     edits.sort(key=lambda name: _BENIGN_STAGE[name])
-    # One geometric edit at most: a second crop or turn of a turned copy is not a web history.
-    edits = [name for i, name in enumerate(edits) if _BENIGN_STAGE[name] > 0 or i == 0]
+    if mix.one_geometric_edit:
+        edits = [name for i, name in enumerate(edits) if _BENIGN_STAGE[name] > 0 or i == 0]
     if not edits or rng.random() < REENCODE_PROBABILITY:
         edits.append(rng.choice(_ENCODES))
     return edits
@@ -898,11 +924,12 @@ def _clean_sample(
     )
 
 
-def _group_samples(source: _Source, size: int, hard_fraction: float, rng: random.Random) -> list[SynthSample]:
+def _group_samples(source: _Source, size: int, hard_fraction: float, rng: random.Random,
+                   mix: str = "basic") -> list[SynthSample]:
     samples = [_clean_sample(source.image, source.caption, rng, source=source, family="original")]
     for _ in range(size - 1):
         family = HARD_FAMILY if rng.random() < hard_fraction else BENIGN_FAMILY
-        image, names = random_copy(source.image, family, rng)
+        image, names = random_copy(source.image, family, rng, mix)
         same_caption = rng.random() < SAME_CAPTION_PROBABILITY
         caption = source.caption if same_caption else _caption_variant(source.caption, rng)
         samples.append(_clean_sample(image, caption, rng, source=source, family=family, transforms=names))
@@ -974,6 +1001,7 @@ def make_laion_like(
     zipf_exponent: float = 1.3,
     hard_fraction: float = 0.3,
     max_side: int = 384,
+    copy_mix: str = "basic",
 ) -> tuple[list[SynthSample], pd.DataFrame]:
     """A shuffled LAION-like sample list with planted duplicates, and its truth table.
 
@@ -981,12 +1009,14 @@ def make_laion_like(
     source it resembles), each included once. Group sizes follow a Zipf-like law
     (`largest_group` copies for the top source, default 5% of the clean samples);
     most pictures appear once. Each copy is benign, or hard with probability
-    `hard_fraction`. `bad_fraction` of the samples are bad, every kind at least
+    `hard_fraction`, its edits drawn from `COPY_MIXES[copy_mix]`. `bad_fraction` of the samples
+    are bad, every kind at least
     once when it is > 0. Photos are first downscaled to `max_side` (as img2dataset
     resizes). Keys are img2dataset's `{shard:05d}{index:04d}` for `samples_per_shard`.
     Truth columns: key, group_id, family, transforms, negative_of, bad_kind,
     expected_status, parent, crop_box, crop_sibling_iou.
     """
+    _copy_mix(copy_mix)  # an unknown mix fails before any work
     rng = random.Random(seed)
     captions = dict(captions or {})
     n_bad = 0 if bad_fraction <= 0 else max(len(BAD_KINDS), round(bad_fraction * n_samples))
@@ -1004,7 +1034,7 @@ def make_laion_like(
 
     samples: list[SynthSample] = []
     for size, source in zip(sizes, group_sources[: len(sizes)], strict=True):
-        samples.extend(_group_samples(source, size, hard_fraction, rng))
+        samples.extend(_group_samples(source, size, hard_fraction, rng, copy_mix))
     samples.extend(_hard_negative_samples(hard_negatives, captions, max_side, rng))
     for index, source in enumerate(extra[len(extra) - n_bad:]):
         samples.append(_bad_sample(BAD_KINDS[index % len(BAD_KINDS)], index, source, rng))
