@@ -49,17 +49,17 @@ from quality import (
     RESULTS_DIR,
     WORK_DIR,
     BenchmarkSet,
-    embed_options,
     ensure_benchmark_set,
     fresh_run_dir,
     json_safe,
+    new_run,
     recluster,
     score_clusters,
 )
 from rich.console import Console
 
 from dedup import pipeline
-from dedup import settings as cfg
+from dedup.descriptors import descriptor_policy
 from dedup.errors import DedupError
 from dedup.records import RunDir
 from dedup.stages.evaluate import load_truth
@@ -93,9 +93,10 @@ GRID_COLUMNS = (
 def search_run(bench: BenchmarkSet, run_path: Path, search_threshold: float, workers: int, log: Console) -> RunDir:
     """Embed, index and search neighbours down to `search_threshold`; clustering is left to the sweep."""
     run = fresh_run_dir(run_path)
-    pipeline.embed(bench.shards, run.root, embed_options(workers), log)
-    pipeline.build_indexes(run.root, "2GB")
-    pipeline.find_neighbors(run.root, [f"{DESCRIPTOR}={search_threshold}"], show_progress=False)
+    context = new_run(bench.shards, run.root, workers, search_threshold)
+    pipeline.embed(context)
+    pipeline.build_indexes(context)
+    pipeline.find_neighbors(context)
     return run
 
 
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = Console(stderr=True)
     cuts = tuple(c for c in CUTS if c >= args.search_threshold - 1e-9)
-    default_cut, default_offset = cfg.default_threshold(DESCRIPTOR), cfg.GUARD_OFFSET
+    default_cut, default_offset = descriptor_policy(DESCRIPTOR).threshold(), descriptor_policy(DESCRIPTOR).guard_offset
     result: dict[str, Any] = {"n": args.n, "date": date.today().isoformat(), "tuning_seed": TUNING_SEED,
                               "heldout_seed": HELDOUT_SEED, "search_threshold": args.search_threshold,
                               "min_hard_recall": args.min_hard_recall, "min_real_recall": args.min_real_recall,

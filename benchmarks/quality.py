@@ -45,10 +45,12 @@ import pandas as pd
 from rich.console import Console
 
 from dedup import pipeline
-from dedup import settings as cfg
+from dedup.descriptors import descriptor_policy
 from dedup.errors import DedupError
 from dedup.records import RunDir, load_samples
+from dedup.run import Run
 from dedup.search.union_find import connected_components
+from dedup.settings import EngineSettings, Settings
 from dedup.stages.cluster import cluster_run
 from dedup.stages.evaluate import evaluate, joined, load_truth, pair_scores
 from dedup.stages.read import read_shard
@@ -134,8 +136,13 @@ def fresh_run_dir(path: Path) -> RunDir:
     return RunDir(path)
 
 
-def embed_options(workers: int) -> pipeline.EmbedOptions:
-    return pipeline.EmbedOptions(descriptors=[DESCRIPTOR], workers=workers, show_progress=False)
+def new_run(shards: list[str], path: Path, workers: int, search_threshold: float | None = None) -> Run:
+    """A run context as `dedup run --descriptor perceptual --keep first` makes one, progress off."""
+    settings = Settings.build(shard_specs=shards, descriptors=[DESCRIPTOR], workers=workers, keep="first",
+                              memory="2GB", engine=EngineSettings(show_progress=False))
+    if search_threshold is not None:  # search lower than the shipped margin, for a sweep of cuts
+        settings.search_thresholds[DESCRIPTOR] = min(settings.search_thresholds[DESCRIPTOR], search_threshold)
+    return Run.start(path, settings)
 
 
 # ---------------------------------------------------------------- scoring
@@ -221,6 +228,8 @@ def score_clusters(clusters: pd.DataFrame, truth: pd.DataFrame, details: bool = 
     }
     if details:
         scores["transform_recall"] = transform_recall(clusters, truth).to_dict("records")
+        scores["family_recall"] = family_recall(clusters, truth).to_dict("records")
+        scores["false_group_merges"] = false_group_merges(joined(clusters, truth))
         scores["false_pairs_by_kind"] = false_pair_kinds(joined(clusters, truth))
     return scores
 
@@ -268,6 +277,59 @@ def transform_recall(clusters: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(rows).sort_values(["family", "recall", "transform"], ignore_index=True)
 
 
+# The copy families of issue 12 (what real web copies are made of), by the generator's step names.
+ENCODE_STEPS = ("jpeg", "webp", "png", "exact")
+OTHER_FAMILY = "every other edit"
+
+
+def issue_families(transforms: str, family: str) -> list[str]:
+    """The issue-12 families one copy belongs to (a benign chain can be in several)."""
+    steps = [step for step in str(transforms).split(";") if step]
+    labels = [f"small rotation {step.rsplit('_', 1)[1]} deg, fill corners" for step in steps
+              if step.startswith("rotate_fill_")]
+    if any("crop_large" in step for step in steps):
+        labels.append("large crop (50-75 % of the area)")
+    if any(step.startswith(("meme_text", "meme_band")) for step in steps):
+        labels.append("meme text bands")
+    if "crop_edges" in steps:
+        labels.append("small crop (up to 8 % a side)")
+    if "border" in steps:
+        labels.append("padded border")
+    if family == "benign" and sum(step not in ENCODE_STEPS for step in steps) >= 3:
+        labels.append("three benign edits combined")
+    return labels or [OTHER_FAMILY]
+
+
+def family_recall(clusters: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Per issue-12 family: copies, and the share that lands in their original's cluster."""
+    frame = joined(clusters, truth)
+    original_cluster = frame[frame["family"] == "original"].set_index("group_id")["cluster_id"]
+    copies = frame[frame["family"].isin(COPY_FAMILIES)].copy()
+    copies["found"] = copies["cluster_id"].to_numpy() == copies["group_id"].map(original_cluster).to_numpy()
+    copies["issue_family"] = [issue_families(t, f) for t, f in zip(copies["transforms"], copies["family"], strict=True)]
+    exploded = copies.explode("issue_family")
+    rows = [{"issue_family": name, "copies": len(part), "recall": float(part["found"].mean())}
+            for name, part in exploded.groupby("issue_family")]
+    rows += [{"issue_family": f"all {family} copies", "copies": len(part), "recall": float(part["found"].mean())}
+             for family, part in copies.groupby("family")]
+    return pd.DataFrame(rows, columns=["issue_family", "copies", "recall"]).sort_values("issue_family", ignore_index=True)
+
+
+def false_group_merges(frame: pd.DataFrame) -> dict[str, int]:
+    """Pairs of different truth groups sharing a cluster: all, and without two crops of one parent photo."""
+    pairs, unrelated = set(), set()
+    mixed = frame[frame.groupby("cluster_id")["group_id"].transform("nunique") >= 2]
+    for _, members in mixed.groupby("cluster_id"):
+        parent_of = members.groupby("group_id")["parent"].first()
+        groups = sorted(parent_of.index)
+        for i, a in enumerate(groups):
+            for b in groups[i + 1:]:
+                pairs.add((a, b))
+                if parent_of[a] != parent_of[b] or not parent_of[a]:
+                    unrelated.add((a, b))
+    return {"group_pairs": len(pairs), "group_pairs_not_crop_siblings": len(unrelated)}
+
+
 # ---------------------------------------------------------------- dedup
 
 
@@ -282,7 +344,7 @@ def run_dedup(bench: BenchmarkSet, run_path: Path, workers: int, log: Console) -
     """The whole default pipeline (no HTML report), timed end to end from an empty run directory."""
     run = fresh_run_dir(run_path)
     started = time.perf_counter()
-    pipeline.run_all(bench.shards, run.root, embed_options(workers), None, "2GB", "first", False, log)
+    pipeline.run_all(new_run(bench.shards, run.root, workers), with_report=False)
     seconds = time.perf_counter() - started
     return DedupRun(run, seconds, len(load_samples(run, ["sample_id"])))
 
@@ -294,9 +356,9 @@ def recluster(run: RunDir, threshold: float, guard_offset: float) -> pd.DataFram
 
 def ensure_search_below(run: RunDir, threshold: float) -> None:
     """Search neighbours again, lower, when a row needs a cut below what the run searched at."""
-    searched = cfg.RunConfig.load(run).search_thresholds[DESCRIPTOR]
+    searched = Settings.load(run.run_config).search_thresholds[DESCRIPTOR]
     if threshold < searched:
-        pipeline.find_neighbors(run.root, [f"{DESCRIPTOR}={threshold}"], show_progress=False)
+        pipeline.find_neighbors(Run.open(run.root, thresholds={DESCRIPTOR: threshold}))
 
 
 def sha256_pass_seconds(shards: list[str]) -> tuple[float, int]:
@@ -437,6 +499,23 @@ def transform_comparison_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def family_comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Recall per issue-12 copy family (rows) for every measured tool (columns)."""
+    measured = [row for row in rows if "family_recall" in row]
+    if not measured:
+        return ""
+    frames = [pd.DataFrame(row["family_recall"]).set_index("issue_family") for row in measured]
+    copies = frames[0]["copies"]
+    table = pd.concat([frame["recall"] for frame in frames], axis=1, keys=[row["tool"] for row in measured])
+    lines = ["| family | copies | " + " | ".join(table.columns) + " |", "|---|---|" + "---|" * len(table.columns)]
+    for name, values in table.iterrows():
+        lines.append(f"| {name} | {int(copies.get(name, 0))} | " + " | ".join(_fmt(float(v)) for v in values) + " |")
+    merges = " ".join(f"{row['tool']}: {row['false_group_merges']['group_pairs']} "
+                      f"({row['false_group_merges']['group_pairs_not_crop_siblings']} not crop siblings);"
+                      for row in measured)
+    return "\n".join(lines) + f"\n\nFalse group merges (pairs of truth groups sharing a cluster): {merges}"
+
+
 def false_pairs_table(rows: list[dict[str, Any]]) -> str:
     kinds = ("crops of one photo", "crop and its parent", "unrelated")
     lines = ["| tool | false pairs | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
@@ -474,7 +553,7 @@ def calibrated_values(path: Path) -> tuple[float, float] | None:
 def dedup_rows(dedup: DedupRun, bench: BenchmarkSet, truth: pd.DataFrame, calibration: Path,
                log: Console) -> list[dict[str, Any]]:
     """Rows for sha256 only, the shipped defaults, and (when it differs) the calibrated setting."""
-    default_t, default_offset = cfg.default_threshold(DESCRIPTOR), cfg.GUARD_OFFSET
+    default_t, default_offset = descriptor_policy(DESCRIPTOR).threshold(), descriptor_policy(DESCRIPTOR).guard_offset
     sha_seconds, hashed = sha256_pass_seconds(bench.shards)
     exact = recluster(dedup.run, EXACT_ONLY_THRESHOLD, default_offset)
     shipped = pd.read_parquet(dedup.run.clusters)
@@ -500,6 +579,8 @@ def dedup_rows(dedup: DedupRun, bench: BenchmarkSet, truth: pd.DataFrame, calibr
 
 def peer_rows(tools: list[str], dedup: DedupRun, work: Path, truth: pd.DataFrame,
               log: Console) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    if not tools:  # `--tools` with no names: dedup alone (the peers venv is not needed)
+        return [], {}
     images = work / "images"
     skipped = extract_images(dedup.run, images)
     log.print(f"peer input: {sum(1 for _ in images.iterdir())} images in {images}; skipped (failed decode): {skipped}")
@@ -533,6 +614,8 @@ def build_markdown(rows: list[dict[str, Any]], bench: BenchmarkSet, skipped: dic
         ("Per-transform recall of dedup perceptual+sha256 (default); a copy counts as found when it shares its "
          "original's cluster (benign copies chain steps; 'only this step' isolates one):"),
         transform_table(pd.DataFrame(default_row["transform_recall"])),
+        "Recall per copy family of issue 12, every tool:",
+        family_comparison_table(rows),
         "Per-transform recall, every tool:",
         transform_comparison_table(rows),
         "Predicted pairs joining two different truth groups, by kind:",

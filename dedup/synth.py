@@ -261,6 +261,41 @@ def rotate_small(image: Image.Image, rng: random.Random) -> Image.Image:
     return rotated.crop((left, top, left + crop_w, top + crop_h))
 
 
+def _rotate_with_fill(image: Image.Image, degrees: float, rng: random.Random) -> Image.Image:
+    """Rotate by `degrees` (either way) keeping the corners the turn leaves empty, filled black or white,
+    on the same canvas (corners of the picture cut off) or on one grown to hold it all."""
+    fill = rng.choice(((0, 0, 0), (255, 255, 255)))
+    angle = degrees * rng.choice((-1, 1))
+    return image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=rng.random() < 0.5, fillcolor=fill)
+
+
+def _rotate_fill(degrees: int) -> Transform:
+    def rotate_fill(image: Image.Image, rng: random.Random) -> Image.Image:
+        return _rotate_with_fill(image, degrees + rng.uniform(-0.5, 0.0), rng)
+
+    rotate_fill.__doc__ = f"Rotate by {degrees - 0.5:g}-{degrees} degrees with black or white fill corners."
+    return rotate_fill
+
+
+# One transform per whole degree, so recall can be reported per angle.
+ROTATE_FILL_DEGREES = (1, 2, 3, 4, 5)
+
+
+def crop_edges(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Cut 0-8% off each side independently (a re-framed upload)."""
+    width, height = image.size
+    left, right, top, bottom = (rng.uniform(0.0, 0.08) for _ in range(4))
+    box = (round(left * width), round(top * height), width - round(right * width), height - round(bottom * height))
+    return image.crop(box)
+
+
+def border(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A uniform frame of 2-10% of the long side on every side, in black, white, grey or a random colour."""
+    width = max(2, round(max(image.size) * rng.uniform(0.02, 0.10)))
+    colour = rng.choice(((0, 0, 0), (255, 255, 255), (128, 128, 128), tuple(rng.randint(0, 255) for _ in range(3))))
+    return ImageOps.expand(image, border=width, fill=colour)
+
+
 # --------------------------------------------------------------------------
 # HARD transforms
 # --------------------------------------------------------------------------
@@ -323,6 +358,29 @@ def meme_text(image: Image.Image, rng: random.Random) -> Image.Image:
     return canvas
 
 
+def meme_band(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A caption band above, below or both, white with black text or black with white text."""
+    width, height = image.size
+    band = max(14, round(height * rng.uniform(0.1, 0.25)))
+    background, ink = rng.choice((((255, 255, 255), (0, 0, 0)), ((0, 0, 0), (255, 255, 255))))
+    where = rng.choice(("top", "bottom", "both"))
+    top = band if where in ("top", "both") else 0
+    bottom = band if where in ("bottom", "both") else 0
+    canvas = Image.new("RGB", (width, height + top + bottom), background)
+    canvas.paste(image, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    texts = rng.choice(MEME_TEXTS)
+    for text, band_top, used in ((texts[0], 0, top), (texts[1], top + height, bottom)):
+        if not used:
+            continue
+        font = _fit_font(draw, text, round(band * 0.6), int(width * 0.95))
+        left, text_top, right, text_bottom = draw.textbbox((0, 0), text, font=font)
+        x = (width - (right - left)) // 2 - left
+        y = band_top + (band - (text_bottom - text_top)) // 2 - text_top
+        draw.text((x, y), text, font=font, fill=ink)
+    return canvas
+
+
 # --------------------------------------------------------------------------
 # Registries
 # --------------------------------------------------------------------------
@@ -340,6 +398,9 @@ BENIGN: dict[str, Transform] = {
     "color_jitter": color_jitter,
     "blur": blur,
     "rotate_small": rotate_small,
+    **{f"rotate_fill_{degrees}": _rotate_fill(degrees) for degrees in ROTATE_FILL_DEGREES},
+    "crop_edges": crop_edges,
+    "border": border,
 }
 
 _HARD_SINGLES: dict[str, Transform] = {
@@ -351,6 +412,7 @@ _HARD_SINGLES: dict[str, Transform] = {
     "crop_large": crop_large,
     "grayscale": grayscale,
     "meme_text": meme_text,
+    "meme_band": meme_band,
 }
 
 
@@ -379,8 +441,28 @@ TRANSFORMS: dict[str, Transform] = {**BENIGN, **HARD}
 # Order in which benign edits are chained: geometry, then appearance, then
 # overlays, then the final re-encode (what a re-upload pipeline does).
 _BENIGN_STAGE = {
-    "crop_small": 0, "rotate_small": 0, "resize": 1, "letterbox": 2,
+    "crop_small": 0, "rotate_small": 0, "crop_edges": 0, "resize": 1, "letterbox": 2, "border": 2,
     "color_jitter": 3, "blur": 3, "watermark": 4, "caption_strip": 4,
+    **{f"rotate_fill_{degrees}": 0 for degrees in ROTATE_FILL_DEGREES},
+}
+
+
+@dataclass(frozen=True)
+class CopyMix:
+    """Which edits copies are drawn from: `basic` (the demo set, unchanged) or `web` (the benchmark sets:
+    also the families real web copies are made of, issue 12)."""
+
+    benign: tuple[str, ...]  # names of _BENIGN_STAGE that benign chains sample
+    hard: tuple[str, ...]  # HARD names a hard copy is drawn from
+    max_benign_edits: int  # three combined is a common web history
+    one_geometric_edit: bool  # a second crop or turn of a turned copy is not a web history
+
+
+_WEB_ONLY_BENIGN = ("crop_edges", "border", *(f"rotate_fill_{degrees}" for degrees in ROTATE_FILL_DEGREES))
+COPY_MIXES: dict[str, CopyMix] = {
+    "basic": CopyMix(tuple(sorted(set(_BENIGN_STAGE) - set(_WEB_ONLY_BENIGN))),
+                     tuple(sorted(set(HARD) - {"meme_band"})), 2, False),
+    "web": CopyMix(tuple(sorted(_BENIGN_STAGE)), tuple(sorted(HARD)), 3, True),
 }
 _ENCODES = ("jpeg", "webp", "png")
 # Share of benign copies that are byte-identical re-uploads.
@@ -401,12 +483,14 @@ def apply_transform(image: Image.Image, name: str, rng: random.Random) -> Image.
     return _rgb(transform(_rgb(image), rng))
 
 
-def random_copy(image: Image.Image, family: str, rng: random.Random) -> tuple[Image.Image, list[str]]:
-    """Make one copy of `image` in `family` ('benign' or 'hard'); returns it and the transform names applied."""
+def random_copy(image: Image.Image, family: str, rng: random.Random, mix: str = "basic") -> tuple[Image.Image, list[str]]:
+    """Make one copy of `image` in `family` ('benign' or 'hard') from the edits of `COPY_MIXES[mix]`;
+    returns it and the transform names applied."""
+    chosen = _copy_mix(mix)
     if family == BENIGN_FAMILY:
-        names = _benign_chain(rng)
+        names = _benign_chain(rng, chosen)
     elif family == HARD_FAMILY:
-        names = [rng.choice(sorted(HARD))]
+        names = [rng.choice(chosen.hard)]
     else:
         raise DedupError(f"unknown copy family {family!r}", hint=f"use '{BENIGN_FAMILY}' or '{HARD_FAMILY}'")
     for name in names:
@@ -414,11 +498,20 @@ def random_copy(image: Image.Image, family: str, rng: random.Random) -> tuple[Im
     return image, names
 
 
-def _benign_chain(rng: random.Random) -> list[str]:
+def _copy_mix(mix: str) -> CopyMix:
+    try:
+        return COPY_MIXES[mix]
+    except KeyError:
+        raise DedupError(f"unknown copy mix {mix!r}", hint=f"use one of: {', '.join(COPY_MIXES)}") from None
+
+
+def _benign_chain(rng: random.Random, mix: CopyMix) -> list[str]:
     if rng.random() < EXACT_COPY_PROBABILITY:
         return ["exact"]
-    edits = rng.sample(sorted(_BENIGN_STAGE), rng.randint(0, 2))
+    edits = rng.sample(mix.benign, rng.randint(0, mix.max_benign_edits))
     edits.sort(key=lambda name: _BENIGN_STAGE[name])
+    if mix.one_geometric_edit:
+        edits = [name for i, name in enumerate(edits) if _BENIGN_STAGE[name] > 0 or i == 0]
     if not edits or rng.random() < REENCODE_PROBABILITY:
         edits.append(rng.choice(_ENCODES))
     return edits
@@ -821,11 +914,12 @@ def _clean_sample(
     )
 
 
-def _group_samples(source: _Source, size: int, hard_fraction: float, rng: random.Random) -> list[SynthSample]:
+def _group_samples(source: _Source, size: int, hard_fraction: float, rng: random.Random,
+                   mix: str = "basic") -> list[SynthSample]:
     samples = [_clean_sample(source.image, source.caption, rng, source=source, family="original")]
     for _ in range(size - 1):
         family = HARD_FAMILY if rng.random() < hard_fraction else BENIGN_FAMILY
-        image, names = random_copy(source.image, family, rng)
+        image, names = random_copy(source.image, family, rng, mix)
         same_caption = rng.random() < SAME_CAPTION_PROBABILITY
         caption = source.caption if same_caption else _caption_variant(source.caption, rng)
         samples.append(_clean_sample(image, caption, rng, source=source, family=family, transforms=names))
@@ -897,6 +991,7 @@ def make_laion_like(
     zipf_exponent: float = 1.3,
     hard_fraction: float = 0.3,
     max_side: int = 384,
+    copy_mix: str = "basic",
 ) -> tuple[list[SynthSample], pd.DataFrame]:
     """A shuffled LAION-like sample list with planted duplicates, and its truth table.
 
@@ -904,12 +999,14 @@ def make_laion_like(
     source it resembles), each included once. Group sizes follow a Zipf-like law
     (`largest_group` copies for the top source, default 5% of the clean samples);
     most pictures appear once. Each copy is benign, or hard with probability
-    `hard_fraction`. `bad_fraction` of the samples are bad, every kind at least
+    `hard_fraction`, its edits drawn from `COPY_MIXES[copy_mix]`. `bad_fraction` of the samples
+    are bad, every kind at least
     once when it is > 0. Photos are first downscaled to `max_side` (as img2dataset
     resizes). Keys are img2dataset's `{shard:05d}{index:04d}` for `samples_per_shard`.
     Truth columns: key, group_id, family, transforms, negative_of, bad_kind,
     expected_status, parent, crop_box, crop_sibling_iou.
     """
+    _copy_mix(copy_mix)  # an unknown mix fails before any work
     rng = random.Random(seed)
     captions = dict(captions or {})
     n_bad = 0 if bad_fraction <= 0 else max(len(BAD_KINDS), round(bad_fraction * n_samples))
@@ -927,7 +1024,7 @@ def make_laion_like(
 
     samples: list[SynthSample] = []
     for size, source in zip(sizes, group_sources[: len(sizes)], strict=True):
-        samples.extend(_group_samples(source, size, hard_fraction, rng))
+        samples.extend(_group_samples(source, size, hard_fraction, rng, copy_mix))
     samples.extend(_hard_negative_samples(hard_negatives, captions, max_side, rng))
     for index, source in enumerate(extra[len(extra) - n_bad:]):
         samples.append(_bad_sample(BAD_KINDS[index % len(BAD_KINDS)], index, source, rng))

@@ -126,3 +126,86 @@ def test_no_guard_keeps_whole_chain_with_similarities():
     clusters = cluster_with_guard(4, a, b, pair_similarity(vectors), guard_threshold=None)
     assert clusters.labels.tolist() == [1, 1, 1, 1]
     assert clusters.similarity_to_representative[3] == pytest.approx(np.cos(np.deg2rad(40)), abs=1e-6)
+
+
+# --- support check: a hub similar to two unrelated pictures must not join them ------------------
+
+
+def matrix_similarity(matrix: np.ndarray):
+    return lambda rows_a, rows_b: matrix[np.asarray(rows_a), np.asarray(rows_b)]
+
+
+def test_blend_of_two_unrelated_photos_does_not_chain_them():
+    from pathlib import Path
+
+    from PIL import Image
+
+    from dedup.descriptors import descriptor_policy
+    from dedup.descriptors.perceptual import describe, dihedral_variants
+    from dedup.stages.cluster import SUPPORT_SLACK
+
+    demo = Path(__file__).resolve().parents[1] / "dedup" / "demo_images"
+    house, boats = (Image.open(demo / name).convert("RGB") for name in ("kodim01.jpg", "kodim09.jpg"))
+    vectors = describe([house, Image.blend(house, boats, 0.5), boats])  # A, B = A/C blend, C
+    similarity = pair_similarity(vectors, dihedral_variants)
+    assert similarity(np.array([0]), np.array([2]))[0] < 0.05  # A and C: unrelated (cosine ~0.03)
+    a, b = edges_of_variants(vectors, descriptor_policy("perceptual").threshold())
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 1), (1, 2)]  # B resembles both
+    policy = descriptor_policy("perceptual")
+    guard = policy.threshold() - policy.guard_offset
+    old = cluster_with_guard(3, a, b, similarity, guard_threshold=guard)
+    assert len(set(old.labels.tolist())) == 1  # the representative-only guard chains A and C
+
+    clusters = cluster_with_guard(3, a, b, similarity, guard_threshold=guard, support_threshold=guard - SUPPORT_SLACK)
+    assert clusters.labels[0] != clusters.labels[2]
+    assert clusters.labels[1] == clusters.labels[2]  # B stays with the photo it resembles most (0.69 vs 0.65)
+
+
+def edges_of_variants(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    from dedup.descriptors.perceptual import dihedral_variants
+
+    a, b, _ = brute_force_pairs(vectors, np.arange(len(vectors), dtype=np.int64), threshold, dihedral_variants)
+    return a, b
+
+
+# Parent photo P (0), its left crop L (1) and right crop R (2), which share little; a blend B (3) of
+# two unrelated photos A (4) and C (5). Full-picture similarity is symmetric; containment is not.
+SIMILARITY = np.array([
+    # P    L    R    B    A    C
+    [1.0, 0.3, 0.3, 0.0, 0.0, 0.0],
+    [0.3, 1.0, 0.1, 0.0, 0.0, 0.0],
+    [0.3, 0.1, 1.0, 0.0, 0.0, 0.0],
+    [0.0, 0.0, 0.0, 1.0, 0.7, 0.7],
+    [0.0, 0.0, 0.0, 0.7, 1.0, 0.03],
+    [0.0, 0.0, 0.0, 0.7, 0.03, 1.0],
+], dtype=np.float32)
+CONTAINS = np.zeros((6, 6), dtype=np.float32)
+CONTAINS[0, 1] = CONTAINS[0, 2] = 0.8  # a window of P matches each crop; B contains neither A nor C
+
+
+def test_crops_join_through_their_parent_but_a_blend_does_not_chain():
+    a, b = np.array([0, 0, 3, 3]), np.array([1, 2, 4, 5])  # crops found by P's windows; B matches A and C
+    clusters = cluster_with_guard(6, a, b, matrix_similarity(SIMILARITY), guard_threshold=0.5,
+                                  support_threshold=0.3, contains=matrix_similarity(CONTAINS))
+    assert clusters.labels[:3].tolist() == [0, 0, 0]  # both crops join the parent's cluster
+    assert clusters.similarity_to_representative[1:3].tolist() == pytest.approx([0.8, 0.8])
+    assert clusters.labels[4] != clusters.labels[5]  # A and C stay apart
+    assert clusters.sizes()[3:].tolist() == [2, 2, 1]
+
+
+def test_without_containment_the_sibling_crops_are_detached():
+    a, b = np.array([0, 0]), np.array([1, 2])
+    clusters = cluster_with_guard(6, a, b, matrix_similarity(SIMILARITY), guard_threshold=0.5, support_threshold=0.3)
+    assert clusters.sizes()[:3].tolist() == [1, 1, 1]  # 0.3 to the parent: the containment score is what joins them
+
+
+def test_support_check_keeps_a_family_of_mutually_similar_copies():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(32)
+    vectors = base + 0.6 * rng.standard_normal((12, 32))  # loose copies: ~0.7 to each other
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    a, b = edges_of(vectors, 0.6)
+    plain = cluster_with_guard(12, a, b, pair_similarity(vectors), guard_threshold=0.5)
+    supported = cluster_with_guard(12, a, b, pair_similarity(vectors), guard_threshold=0.5, support_threshold=0.3)
+    assert plain.sizes().max() == 12
+    assert supported.labels.tolist() == plain.labels.tolist()

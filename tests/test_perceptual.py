@@ -180,6 +180,52 @@ def test_content_box_keeps_a_one_sided_uniform_band_of_the_photo():
     assert content_box(np.asarray(with_sky)) == (0, 0, 200, 200)
 
 
+def _demo(name: str) -> Image.Image:
+    return Image.open(Path(__file__).resolve().parents[1] / "dedup" / "demo_images" / name).convert("RGB")
+
+
+@pytest.mark.parametrize("where", ["top", "bottom"])
+@pytest.mark.parametrize("band, ink", [("white", "black"), ("black", "white")])
+def test_one_sided_caption_band_is_trimmed(where, band, ink):
+    photo = _demo("kodim05.jpg")
+    height = photo.height // 5
+    captioned = _padded(photo, 0, height if where == "top" else 0, 0, height if where == "bottom" else 0, band)
+    font = ImageFont.load_default(size=height // 2)
+    ImageDraw.Draw(captioned).text((10, (0 if where == "top" else photo.height) + height // 4), "WHEN THE WEEKEND",
+                                   fill=ink, font=font)
+    top = height if where == "top" else 0
+    left, box_top, right, bottom = content_box(np.asarray(captioned))
+    assert (left, right) == (0, photo.width)
+    assert abs(box_top - top) <= 2 and abs(bottom - (top + photo.height)) <= 2
+
+
+def test_watermark_on_a_plain_sky_is_not_a_caption_band():
+    # Only white or black bands with text are caption bands; a blue sky with "SAMPLE" on it is picture.
+    photo = _demo("kodim05.jpg").resize((200, 160))
+    with_sky = _padded(photo, 0, 40, 0, 0, (120, 160, 210))
+    ImageDraw.Draw(with_sky).text((10, 8), "SAMPLE", fill="white", font=ImageFont.load_default(size=22))
+    assert content_box(np.asarray(with_sky)) == (0, 0, 200, 200)
+
+
+def test_nested_frame_and_letterbox_are_peeled():
+    photo = _demo("kodim05.jpg").resize((200, 160))
+    framed = _padded(photo, 8, 8, 8, 8, "black")
+    boxed = _padded(framed, 0, 40, 0, 40, "white")
+    assert content_box(np.asarray(boxed)) == (8, 48, 208, 208)
+
+
+def test_blurred_picture_bars_are_trimmed():
+    from PIL import ImageFilter
+
+    photo = _demo("kodim05.jpg").resize((240, 160))
+    canvas = photo.resize((240, 320), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(320 / 25))
+    canvas.paste(photo, (0, 80))
+    left, top, right, bottom = content_box(np.asarray(canvas))
+    assert (left, right) == (0, 240) and abs(top - 80) <= 2 and abs(bottom - 240) <= 2
+    vectors = describe([photo, _jpeg(canvas, 85)])
+    assert dihedral_similarity(vectors[:1], vectors[1:])[0, 0] > 0.9
+
+
 # --- real copies (shared/data/real-dups) ---------------------------------------------------------
 
 
@@ -300,4 +346,109 @@ def test_synthetic_edit_of_real_photos_still_matches(real_set, edit):
     originals = describe(photos)
     edited = describe([EDITS[edit](photo) for photo in photos])
     sims = np.diag(dihedral_similarity(originals, edited))
-    assert sims.min() > DEFAULT_THRESHOLD, dict(zip(PHOTOS, sims.round(3), strict=True))
+    assert sims.min() > DEFAULT_THRESHOLD, dict(zip(PHOTOS, sims.round(3), strict=False))
+
+
+# --- small rotations with fill corners -------------------------------------------------------------
+
+
+def _rotated(photo: Image.Image, angle: float, fill, expand: bool) -> Image.Image:
+    turned = photo.convert("RGB").rotate(angle, resample=Image.Resampling.BICUBIC, expand=expand, fillcolor=fill)
+    return _jpeg(turned, 90)
+
+
+DEMO_IMAGES = Path(__file__).resolve().parents[1] / "dedup" / "demo_images"
+
+
+@pytest.fixture(scope="module")
+def demo_photos() -> list[Image.Image]:
+    return [Image.open(path).convert("RGB") for path in sorted(DEMO_IMAGES.glob("*.jpg"))]
+
+
+@pytest.mark.parametrize("fill", [(0, 0, 0), (255, 255, 255)], ids=["black", "white"])
+@pytest.mark.parametrize("angle", [1, 2, 3, 4, 5])
+def test_small_rotation_with_fill_corners_matches_the_original(demo_photos, angle, fill):
+    originals = describe(demo_photos)
+    copies = [_rotated(photo, sign * angle, fill, expand) for photo in demo_photos
+              for sign, expand in ((1, False), (-1, True))]
+    sims = dihedral_similarity(np.repeat(originals, 2, axis=0), describe(copies)).diagonal()
+    assert (sims >= DEFAULT_THRESHOLD).mean() >= 0.95, sims.round(2)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("angle", [-4.0, 2.5, 5.0, 8.0])
+def test_fill_rotation_recovers_the_angle(demo_photos, angle, expand):
+    from dedup.descriptors.perceptual import fill_rotation
+
+    for photo in demo_photos[:8]:
+        found = fill_rotation(np.asarray(_rotated(photo, angle, (0, 0, 0), expand)))
+        assert found is not None and found.angle == pytest.approx(angle, abs=0.6)
+
+
+def test_fill_rotation_leaves_unrotated_and_letterboxed_photos_alone(real_set, demo_photos):
+    from dedup.descriptors.perceptual import fill_rotation
+
+    padded = [_padded(photo, 0, 20, 0, 20, "black") for photo in demo_photos]
+    framed = [ImageOps.expand(photo, border=12, fill="white") for photo in demo_photos]
+    for image in [*real_set.images.values(), *padded, *framed]:
+        assert fill_rotation(np.asarray(image.convert("RGB"))) is None
+
+
+def _distinct_sources(real_dups: Path, wanted: int) -> list[Image.Image]:
+    """Non-overlapping 3x3 grid cells of the real photos: detailed ones (the generator's test for a crop
+    parent), each kept only if it is unlike every cell kept before (< 0.5) when neither is rotated."""
+    from dedup.synth import _usable_crop_parent
+
+    with open(real_dups / "groups.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["kind"] != "hard_negative"]
+    first_of_group = {row["group_id"]: row["file"] for row in reversed(rows)}
+    cells = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for file in sorted(first_of_group.values()):
+            photo = decode_image((real_dups / file).read_bytes(), target_side=768).image.convert("RGB")
+            photo.thumbnail((768, 768))
+            w, h = photo.width // 3, photo.height // 3
+            cells += [photo.crop((x * w, y * h, (x + 1) * w, (y + 1) * h)) for y in range(3) for x in range(3)]
+    cells = [cell for cell in cells if min(cell.size) >= 96 and _usable_crop_parent(cell)]
+    vectors = describe(cells)
+    kept: list[int] = []
+    for i in range(len(cells)):
+        if vectors[i].any() and (not kept or dihedral_similarity(vectors[i], vectors[kept]).max() < 0.5):
+            kept.append(i)
+    assert len(kept) >= wanted, f"only {len(kept)} distinct sources"
+    return [cells[i] for i in kept[:wanted]]
+
+
+@pytest.mark.parametrize("fill", [(0, 0, 0), (255, 255, 255)], ids=["black", "white"])
+def test_fill_corners_do_not_make_200_different_photos_similar(real_dups, fill):
+    import random
+
+    sources = _distinct_sources(real_dups, 200)
+    rng = random.Random(7)
+    rotated = [_rotated(s, rng.choice((-1, 1)) * rng.uniform(2, 8), fill, rng.random() < 0.5) for s in sources]
+    vectors = describe(rotated)
+    sims = dihedral_similarity(vectors, vectors)
+    np.fill_diagonal(sims, -1)
+    assert sims.max() < DEFAULT_THRESHOLD, np.argwhere(sims >= DEFAULT_THRESHOLD)[:10].tolist()
+
+
+@pytest.mark.parametrize("bars", ["white letterbox", "black frame", "blurred letterbox"])
+def test_rotated_copy_framed_afterwards_is_still_turned_back(demo_photos, bars):
+    from PIL import ImageFilter
+
+    def framed(image: Image.Image) -> Image.Image:
+        if bars == "white letterbox":
+            return _padded(image, 0, image.height // 4, 0, image.height // 4, "white")
+        if bars == "black frame":
+            return ImageOps.expand(image, border=image.width // 20, fill="black")
+        size = (image.width, image.height * 3 // 2)
+        canvas = image.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(max(size) / 25))
+        canvas.paste(image, (0, (size[1] - image.height) // 2))
+        return canvas
+
+    photos = demo_photos[:12]
+    copies = [_jpeg(framed(photo.rotate(4, resample=Image.Resampling.BICUBIC, expand=True, fillcolor="black")), 90)
+              for photo in photos]
+    sims = dihedral_similarity(describe(photos), describe(copies)).diagonal()
+    assert (sims >= DEFAULT_THRESHOLD).mean() >= 0.9, sims.round(2)

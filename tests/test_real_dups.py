@@ -70,7 +70,7 @@ def test_every_real_image_decodes(real_run):
     assert failed.empty, failed[["file", "status"]]
 
 
-def test_at_least_90_percent_of_same_group_pairs_cluster_together(real_run):
+def test_at_least_96_percent_of_same_group_pairs_cluster_together(real_run):
     groups = real_run[real_run["kind"] == "near"].groupby("group_id")
     together = total = 0
     split = defaultdict(int)
@@ -82,7 +82,9 @@ def test_at_least_90_percent_of_same_group_pairs_cluster_together(real_run):
     recall = together / total
     missed = {g: n for g, n in split.items() if n}
     # The groups that split are named so a regression is easy to trace (BENCHMARKS.md tracks them).
-    assert recall >= 0.90, f"pair recall {recall:.3f}; split pairs per group: {missed}"
+    # 0.965 measured (BENCHMARKS.md): what splits are the 128 px Grace Hopper face crops and 6 of the
+    # 24 Kodak 500x500 crops: parts of a photo a global descriptor cannot place in it (issue 12).
+    assert recall >= 0.96, f"pair recall {recall:.3f}; split pairs per group: {missed}"
 
 
 def test_no_hard_negative_or_distinct_photo_is_merged(real_run):

@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from dedup.decode import to_rgb
 from dedup.descriptors.base import l2_normalize
@@ -59,8 +60,15 @@ MAX_BAR_FRACTION = 0.4  # never trim more than this per side
 BAR_STEP_LOOKAHEAD = 3  # lines checked for the step (JPEG ringing blurs the edge)
 # Meme-style caption bands: a line inside a bar may have up to this share of
 # pixels off the bar colour (the text); the bar must open with clean lines.
-MAX_TEXT_FRACTION = 0.5
+MAX_TEXT_FRACTION = 0.75  # bold caption fonts cover up to ~60 % of a line; a picture line ~100 %
 MIN_CLEAN_LINES = 2
+MIN_TEXT_LINES = 3  # text lines that make a one-sided band a caption band
+MAX_BAR_LAYERS = 3  # a frame inside a letterbox inside a frame
+# Letterbox bars filled with a blurred, stretched copy of the picture: lines whose
+# neighbouring pixels differ by under this (grey levels; photos measure 4-20) for at
+# least MIN_BLUR_BAR lines, the same size on both sides, ending in a step.
+BLUR_DETAIL = 1.5
+MIN_BLUR_BAR = 4
 
 # Frequency weighting and coefficient compression (measured on real-dups and
 # synthetic edits, see benchmarks/perceptual_realdups.py).
@@ -213,17 +221,18 @@ def _bar_profile(lines: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.
     return deviation.mean(axis=1), (deviation > 2 * BAR_TOLERANCE).mean(axis=1)
 
 
-def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
+def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray, bool]:
     """Leading lines (rows of an (n, m, 3) array) that form a bar ending in a clear step.
 
     A bar is uniform lines, possibly with caption text inside (meme-style bands:
     lines where most pixels keep the bar colour). It must open with clean lines
-    and ends at its last uniform line, so text never counts as picture.
+    and ends at its last uniform line, so text never counts as picture. The third
+    value says whether the bar holds text.
     """
     colour = np.median(lines[0], axis=0).astype(np.float32)
     head_deviation, head_outliers = _bar_profile(lines[:MIN_CLEAN_LINES], colour)
     if not ((head_deviation < BAR_TOLERANCE) & (head_outliers <= 0.1)).all():
-        return 0, colour  # the common case: no bar, decided from two lines
+        return 0, colour, False  # the common case: no bar, decided from two lines
     deviation, outliers = _bar_profile(lines[:limit], colour)
     # Uniform on average and nearly everywhere (a line crossing the picture is not a bar).
     uniform = (deviation < BAR_TOLERANCE) & (outliers <= 0.1)
@@ -233,32 +242,302 @@ def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
     length = int(clean[-1]) + 1 if len(clean) else 0
     step_lines = lines[length : length + BAR_STEP_LOOKAHEAD]
     if length == 0 or len(step_lines) == 0:
-        return 0, colour
+        return 0, colour, False
     if _bar_profile(step_lines, colour)[0].max() < BAR_STEP:
-        return 0, colour  # the "bar" fades into the picture: it is part of the photo
-    return length, colour
+        return 0, colour, False  # the "bar" fades into the picture: it is part of the photo
+    return length, colour, int((~uniform[:length]).sum()) >= MIN_TEXT_LINES
 
 
 def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
-    """Bars at both ends of axis 0 of lines, kept only when they match in colour and size."""
+    """Bars at both ends of axis 0 of lines, kept when they match in colour and size or carry captions.
+
+    A plain one-sided band is kept as picture (a grey sky above a horizon); a white or
+    black band with text in it is a caption band (a meme's top text), added on one side or both.
+    """
     limit = int(len(lines) * MAX_BAR_FRACTION)
     if limit == 0:
         return 0, 0
-    start, start_colour = _bar_length(lines, limit)
-    end, end_colour = _bar_length(lines[::-1], limit)
-    if start == 0 or end == 0:
+    start, start_colour, start_text = _bar_length(lines, limit)
+    end, end_colour, end_text = _bar_length(lines[::-1], limit)
+    if start and end:
+        same_colour = np.abs(start_colour - end_colour).max() <= 2 * BAR_TOLERANCE
+        same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
+        if same_colour and same_size:
+            return start, end
+    return (start if start_text and _blank(start_colour) else 0), (end if end_text and _blank(end_colour) else 0)
+
+
+def _blank(colour: np.ndarray) -> bool:
+    """White or black: the colour of caption bands (a sky with a watermark on it is neither)."""
+    return bool(min(np.abs(colour).max(), np.abs(255.0 - colour).max()) <= 2 * BAR_TOLERANCE)
+
+
+def _line_detail(lines: np.ndarray) -> np.ndarray:
+    """Mean absolute step of the channel mean between neighbouring pixels of each line of an (n, m, 3) array.
+
+    The channel mean, not one channel: averaging three channels keeps JPEG noise below the threshold in
+    blurred bars. Integer maths keeps it cheap.
+    """
+    total = lines.astype(np.int16).sum(axis=2)
+    return np.abs(np.diff(total, axis=1)).mean(axis=1) / 3.0
+
+
+def _first_line_detail(lines: np.ndarray) -> float:
+    """`_line_detail` of the first line alone (run on every image's four edges)."""
+    return float(_line_detail(lines[:1])[0]) if lines.shape[1] > 1 else 0.0
+
+
+def _smooth_run(lines: np.ndarray, limit: int) -> int:
+    """Leading lines without detail that end in a step into the picture (0 when they do not).
+
+    The bar ends at the first clear step between two lines: the pasted picture may
+    open with smooth lines of its own (the fill corners of a rotated copy).
+    """
+    if _first_line_detail(lines) >= BLUR_DETAIL:
+        return 0  # the common case, decided from one line
+    run = 0
+    while run <= limit:  # a few lines at a time: most smooth openings are short (a sky)
+        smooth = _line_detail(lines[run : min(run + 16, limit + 1)]) < BLUR_DETAIL
+        run += len(smooth) if smooth.all() else int(np.argmin(smooth))
+        if not smooth.all():
+            break
+    if run < MIN_BLUR_BAR or run >= limit:
+        return 0
+    block = lines[: run + 1, :, 1].astype(np.int16)
+    steps = np.abs(np.diff(block, axis=0)).mean(axis=1)  # steps[i]: line i -> i + 1
+    edges = np.flatnonzero(steps[MIN_BLUR_BAR - 1 :] >= BAR_STEP / 2) + MIN_BLUR_BAR
+    if len(edges):
+        return int(edges[0])
+    return 0
+
+
+def _blurred_bars(lines: np.ndarray) -> tuple[int, int]:
+    """Bars made of a blurred, stretched copy of the picture, matched in size at both ends of axis 0."""
+    limit = int(len(lines) * MAX_BAR_FRACTION)
+    if limit <= MIN_BLUR_BAR:
         return 0, 0
-    same_colour = np.abs(start_colour - end_colour).max() <= 2 * BAR_TOLERANCE
-    same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
-    return (start, end) if same_colour and same_size else (0, 0)
+    if max(_first_line_detail(lines), _first_line_detail(lines[::-1])) >= BLUR_DETAIL:
+        return 0, 0  # bars come in pairs: both edge lines must be smooth (a sky alone is not a bar)
+    start = _smooth_run(lines, limit)
+    end = _smooth_run(lines[::-1], limit) if start else 0
+    if start and end and abs(start - end) <= max(2, 0.1 * max(start, end)):
+        return start, end
+    return 0, 0
+
+
+def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) widths of the outermost layer of bars of an (h, w, 3) array."""
+    top, bottom = _paired_bars(rgb)
+    left, right = _paired_bars(rgb.transpose(1, 0, 2))
+    if not (top or bottom or left or right):
+        top, bottom = _blurred_bars(rgb)
+        left, right = _blurred_bars(rgb.transpose(1, 0, 2))
+    return left, top, right, bottom
 
 
 def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the picture inside letterbox/pillarbox/padding bars of an (h, w, 3) array."""
+    """(left, top, right, bottom) of the picture inside letterbox/pillarbox/padding bars of an (h, w, 3) array.
+
+    Bars are peeled layer by layer: a framed copy may have been letterboxed again.
+    """
     height, width = rgb.shape[:2]
-    top, bottom = _paired_bars(rgb)
-    left, right = _paired_bars(rgb.transpose(1, 0, 2))
-    return left, top, width - right, height - bottom
+    left, top, right, bottom = 0, 0, width, height
+    for _ in range(MAX_BAR_LAYERS):
+        peel_left, peel_top, peel_right, peel_bottom = _peel(rgb[top:bottom, left:right])
+        if not (peel_left or peel_top or peel_right or peel_bottom):
+            break
+        left, top, right, bottom = left + peel_left, top + peel_top, right - peel_right, bottom - peel_bottom
+    return left, top, right, bottom
+
+
+# --- fill corners of a rotated copy ----------------------------------------------------------------
+
+# A copy rotated by a few degrees inside its frame (or on an expanded canvas) has a
+# triangle of one fill colour in each corner. Those triangles are strong low-frequency
+# structure that the original lacks, and every rotated copy shares them: left alone they
+# pull a copy away from its original and two unrelated rotated photos together.
+FILL_TOLERANCE = 24  # max channel distance from the fill colour (JPEG rings near the edge)
+FILL_INSET = 2  # legs are measured this many lines inside the frame (the outer line may be smeared)
+MIN_FILL_LEG = 4  # shorter legs (rotations under ~1.5 degrees here) hurt little and are left alone
+MAX_FILL_ANGLE = 12.0  # degrees: larger angles are not "small rotations"
+FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
+FIT_LINES = 48  # lines sampled along a long leg for the hypotenuse fit
+FILL_LINE_SHARE = 0.98  # a bar line of the fill colour (JPEG specks aside)
+FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
+
+
+def _fill_run(line: np.ndarray, colour: np.ndarray) -> int:
+    """Leading pixels of a (n, 3) line within FILL_TOLERANCE of `colour`."""
+    near = np.abs(line.astype(np.int16) - colour).max(axis=1) <= FILL_TOLERANCE
+    return len(near) if near.all() else int(np.argmin(near))
+
+
+def _corner_triangle(corner: np.ndarray, colour: np.ndarray) -> tuple[float, float] | None:
+    """Legs (along x, along y) of a fill triangle at the top-left of `corner` (h, w, 3), or None.
+
+    The fill runs of the lines crossing the long leg are fitted with a straight
+    hypotenuse (least squares): the legs come out sub-pixel exact, and a photo's own
+    dark corner, which is not bounded by a straight line, is refused by the residual.
+    """
+    along_y = _fill_run(corner[:, FILL_INSET], colour)
+    along_x = _fill_run(corner[FILL_INSET], colour)
+    height, width = corner.shape[:2]
+    if along_x >= width - 1 or along_y >= height - 1 or min(along_x, along_y) < MIN_FILL_LEG:
+        return None  # a bar along a whole side, or no triangle
+    if min(along_x, along_y) > max(along_x, along_y) * math.tan(math.radians(MAX_FILL_ANGLE + 3)):
+        return None  # a blob of the fill colour (a white background), not a thin wedge
+    if along_x < along_y:  # fit across the long leg: many lines, short runs
+        legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
+        return None if legs is None else (legs[1], legs[0])
+    return _fitted_legs(corner, colour, along_x)
+
+
+def _fitted_legs(corner: np.ndarray, colour: np.ndarray, long_leg: int) -> tuple[float, float] | None:
+    """(long leg along x, short leg along y) of the triangle whose long leg runs along the top row."""
+    height, width = corner.shape[:2]
+    short_leg = _fill_run(corner[:, FILL_INSET], colour)
+    if short_leg < MIN_FILL_LEG or long_leg >= width - 1 or short_leg >= height // 2:
+        return None
+    sampled = np.unique(np.linspace(FILL_INSET, short_leg, min(FIT_LINES, short_leg - FILL_INSET + 1)).astype(int))
+    near = np.abs(corner[sampled, : long_leg + 2].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    runs = np.cumprod(near, axis=1).sum(axis=1).astype(np.float64)
+    keep = (runs > 1) & (runs < min(width - 1, long_leg + 2))  # a 1-pixel run is the smeared frame edge
+    rows, runs = sampled[keep], runs[keep]
+    if len(rows) < 3:
+        return None
+    slope, intercept = np.polyfit(rows, runs, 1)
+    error = np.abs(runs - (intercept + slope * rows))
+    trusted = error <= np.quantile(error, 0.75)  # JPEG specks end a few runs early: refit without them
+    slope, intercept = np.polyfit(rows[trusted], runs[trusted], 1)
+    if slope >= 0 or intercept <= 0:
+        return None
+    residual = np.sqrt(np.mean((runs[trusted] - (intercept + slope * rows[trusted])) ** 2))
+    if residual > max(1.5, FILL_STRAIGHTNESS * intercept):
+        return None  # not a straight edge: a dark or bright corner of the photo itself
+    return float(intercept), float(-intercept / slope)
+
+
+@dataclass(frozen=True)
+class FillCorners:
+    """A copy rotated with fill corners: its angle (PIL `rotate` convention) and the four triangles."""
+
+    angle: float
+    legs: tuple[tuple[float, float], ...]  # (along x, along y) at TL, TR, BL, BR, each seen from its corner
+
+
+def _smooth_fill(luma: Image.Image, inside: np.ndarray) -> np.ndarray:
+    """The picture's nearby luma smeared into the cut corners (normalised convolution).
+
+    A flat fill would leave a sharp diagonal edge in each corner, the same in every
+    copy rotated by that angle, which two unrelated low-structure photos would share.
+    """
+    radius = max(2.0, 0.05 * max(luma.size))
+    weight = Image.fromarray(inside.astype(np.uint8) * 255)
+    masked = Image.fromarray(np.where(inside, np.asarray(luma), 0).astype(np.uint8))
+    blur = ImageFilter.GaussianBlur(radius)
+    total = np.asarray(masked.filter(blur), dtype=np.float32)
+    share = np.asarray(weight.filter(blur), dtype=np.float32) / 255.0
+    mean = float(np.asarray(luma, dtype=np.float32)[inside].mean()) if inside.any() else 0.0
+    return np.where(share > 0.02, total / np.maximum(share, 1e-3), mean)
+
+
+def _same_corners(rgb: np.ndarray) -> bool:
+    """Do the four corner pixels share one colour (the cheap first test for fill corners)?"""
+    if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
+        return False
+    colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
+    return bool(np.abs(colours - colours[0]).max() <= FILL_TOLERANCE)
+
+
+def _corner_views(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
+    return rgb, rgb[:, ::-1], rgb[::-1, :], rgb[::-1, ::-1]  # TL, TR, BL, BR, each seen as top-left
+
+
+def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
+    """The fill triangles of a copy rotated by a small angle (in its frame or on a grown canvas), or None.
+
+    Each corner's triangle is fitted where the fill meets the picture; where the picture
+    itself has the fill colour (a white sky, a black suit) the edge is invisible, so that
+    corner borrows the legs of the opposite one (a rotation about the centre makes them
+    equal) and must be fill-coloured over the whole borrowed triangle. At least two
+    fitted corners must tell the same small angle: a photo's own dark corners do not.
+    """
+    corners = _corner_views(rgb)
+    if not _same_corners(rgb):
+        return None
+    colours = np.stack([c[0, 0] for c in corners]).astype(np.int16)
+    colour = np.median(colours, axis=0).astype(np.int16)
+    fitted = [_corner_triangle(corner, colour) for corner in corners]
+    angles = {index: _signed_angle(index, legs) for index, legs in enumerate(fitted) if legs is not None}
+    if not angles:
+        return None
+    consensus = float(np.median(list(angles.values())))
+    # A corner whose picture runs dark (or bright) into the fill misreads its legs: it borrows instead.
+    agreeing = {index: angle for index, angle in angles.items() if abs(angle - consensus) <= FILL_ANGLE_AGREEMENT}
+    if len(agreeing) < max(1, len(angles) - 1) or abs(consensus) > MAX_FILL_ANGLE:
+        return None
+    fitted = [legs if index in agreeing else None for index, legs in enumerate(fitted)]
+    angles = list(agreeing.values())
+    legs = [legs if legs is not None else fitted[3 - index] for index, legs in enumerate(fitted)]
+    if any(leg is None for leg in legs):
+        legs = _grown_canvas_legs(legs, rgb.shape[1], rgb.shape[0])
+    borrowed = [index for index, leg in enumerate(fitted) if leg is None]
+    if any(not _is_filled(corners[index], legs[index], colour) for index in borrowed):
+        return None
+    return FillCorners(float(np.mean(angles)), tuple(legs))
+
+
+def _grown_canvas_legs(legs: list, width: int, height: int) -> list[tuple[float, float]]:
+    """Complete one missing pair of opposite corners on a canvas grown to hold the rotated picture.
+
+    There the picture's corners touch the canvas edges, so a corner's legs and its
+    neighbour's add up to the canvas side. `_is_filled` then checks the guess.
+    """
+    known = 0 if legs[0] is not None else 1
+    along_x, along_y = legs[known]
+    other = (width - along_x, height - along_y)
+    return [legs[i] if legs[i] is not None else other for i in range(4)]
+
+
+def _signed_angle(index: int, legs: tuple[float, float]) -> float:
+    along_x, along_y = legs
+    # A counter-clockwise turn leaves the long leg along x at TL and BR, along y at TR and BL.
+    sign = 1.0 if (along_x > along_y) == (index in (0, 3)) else -1.0
+    return sign * math.degrees(math.atan(min(legs) / max(legs)))
+
+
+def _is_filled(corner: np.ndarray, legs: tuple[float, float], colour: np.ndarray, share: float = 0.9) -> bool:
+    """Is the triangle with these legs at the top-left of `corner` (almost) all fill colour?"""
+    along_x, along_y = legs
+    if min(along_x, along_y) < 1:
+        return False
+    height, width = min(int(along_y), corner.shape[0]), min(int(along_x), corner.shape[1])
+    rows, cols = np.mgrid[:height, :width]
+    inside = cols / along_x + rows / along_y < 0.9  # off the smeared hypotenuse
+    near = np.abs(corner[:height, :width].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    return bool(inside.any() and near[inside].mean() >= share)
+
+
+def _unrotated_luma(thumbnail: Image.Image, fill: FillCorners) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The luma turned back by the fill angle, the fill replaced by the picture's mean, and the picture's box.
+
+    Turning back aligns the copy with its original; the corners the rotation cut off stay
+    unknown and get the picture's mean, which the DCT (DC dropped) sees as no structure.
+    """
+    width, height = thumbnail.size
+    valid = Image.new("L", thumbnail.size, 255)
+    draw = ImageDraw.Draw(valid)
+    for (x0, y0, sx, sy), (along_x, along_y) in zip(
+        ((0, 0, 1, 1), (width, 0, -1, 1), (0, height, 1, -1), (width, height, -1, -1)), fill.legs, strict=True
+    ):
+        pad = 1.5  # the smeared hypotenuse belongs to the fill
+        draw.polygon([(x0, y0), (x0 + sx * (along_x + pad), y0), (x0, y0 + sy * (along_y + pad))], fill=0)
+    luma = thumbnail.convert("L").rotate(-fill.angle, resample=Image.Resampling.BILINEAR)
+    inside = np.asarray(valid.rotate(-fill.angle, resample=Image.Resampling.BILINEAR)) >= 250
+    pixels = np.where(inside, np.asarray(luma, dtype=np.float32), _smooth_fill(luma, inside))
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1) if len(rows) else (0, 0, width, height)
+    return Image.fromarray(pixels.astype(np.uint8)), box
 
 
 # --- the descriptor ----------------------------------------------------------------------------
@@ -297,13 +576,68 @@ def _signature(coefficients: np.ndarray) -> np.ndarray:
     return compressed / max(float(np.linalg.norm(compressed)), 1e-12)
 
 
+def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The luma to describe and the picture's box in it: bars trimmed, a turn with fill corners undone.
+
+    A rotated copy may also have been letterboxed or framed afterwards, so when the
+    whole image shows no fill corners the box inside its bars is looked at again.
+    """
+    rgb = np.asarray(thumbnail)
+    full = (0, 0, rgb.shape[1], rgb.shape[0])
+    if _same_corners(rgb):
+        fill = fill_rotation(rgb)
+        if fill is not None:
+            return _unrotated_luma(thumbnail, fill)
+        margins = _fill_margins(rgb)  # bars of the fill colour around the turned picture
+    else:
+        margins = full
+    box = content_box(rgb)
+    for inner_box in (margins, box):
+        if inner_box == full:
+            continue
+        inner_box = _inset(inner_box, full)  # the line where bar and picture meet is smeared
+        if _same_corners(rgb[inner_box[1]:inner_box[3], inner_box[0]:inner_box[2]]):
+            inner = thumbnail.crop(inner_box)
+            fill = fill_rotation(np.asarray(inner))
+            if fill is not None:
+                return _unrotated_luma(inner, fill)
+    return thumbnail.convert("L"), box
+
+
+def _inset(box: tuple[int, int, int, int], full: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """`box` one pixel smaller on every side where it is inside the frame `full`."""
+    left, top, right, bottom = box
+    return (left + (left > full[0]), top + (top > full[1]), right - (right < full[2]), bottom - (bottom < full[3]))
+
+
+def _fill_margins(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """Box inside the rows and columns at the edges that are all the corner colour (bars the fill merges with)."""
+    colour = rgb[0, 0].astype(np.int16)
+    height, width = rgb.shape[:2]
+    top, bottom = _fill_lines(rgb, colour), _fill_lines(rgb[::-1], colour)
+    left, right = _fill_lines(rgb.transpose(1, 0, 2), colour), _fill_lines(rgb[:, ::-1].transpose(1, 0, 2), colour)
+    if top + bottom >= height or left + right >= width:
+        return 0, 0, width, height
+    return left, top, width - right, height - bottom
+
+
+def _fill_lines(lines: np.ndarray, colour: np.ndarray, block: int = 8) -> int:
+    """Leading lines of an (n, m, 3) array that are (almost) all `colour`, read a few lines at a time."""
+    start = 0
+    while start < len(lines):
+        near = np.abs(lines[start : start + block].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+        full = near.mean(axis=1) >= FILL_LINE_SHARE
+        if not full.all():
+            return start + int(np.argmin(full))
+        start += block
+    return len(lines)
+
+
 def perceptual_vector(image: Image.Image) -> np.ndarray:
     """One image -> its (256,) float32 descriptor (unit length, or all zeros when featureless)."""
     if image.mode != "RGB":
         image = to_rgb(image)
-    thumbnail = _thumbnail(image)
-    box = content_box(np.asarray(thumbnail))
-    luma = thumbnail.convert("L")
+    luma, box = _picture(_thumbnail(image))
     whole = _low_frequencies(luma, box)
     if structure(whole) < MIN_STRUCTURE:
         return np.zeros(DIM, dtype=np.float32)

@@ -12,6 +12,18 @@ about files. Two steps:
   index) and members less similar to it than `guard_threshold` are detached;
   detached members are re-clustered among themselves through their remaining
   edges, for at most `max_passes` passes.
+
+  A representative alone cannot stop a *hub*: B, a blend or collage of two
+  unrelated pictures A and C, is similar to both, so both pass B's guard. The
+  support check closes that hole: each cluster's *anchor* is the member most
+  similar to its representative, and every other member must also reach
+  `support_threshold` against the anchor (A and C at cosine 0.03 cannot both
+  stay). Real copies of one picture all resemble each other, so they pass.
+  A crop does not resemble its sibling crops (the left and the right part of a
+  photo), so a member that its representative *contains* (`contains`, e.g. a
+  crop window of the representative matching the member) joins through that
+  parent without the support check. Every check compares one pair per member:
+  O(edges) work per pass, reading only the rows compared.
 """
 
 from __future__ import annotations
@@ -97,14 +109,20 @@ def cluster_with_guard(
     guard_threshold: float | None = None,
     *,
     max_passes: int = DEFAULT_MAX_PASSES,
+    support_threshold: float | None = None,
+    contains: PairSimilarity | None = None,
 ) -> Clusters:
     """Connected components with a chaining guard (see module doc).
 
     `similarity(reps, members)` gives the exact similarity of node pairs
     (e.g. `dedup.search.pairs.pair_similarity(vectors)`); it is called once per
-    pass with every (representative, member) pair. `guard_threshold=None`
-    keeps whole components. Nodes still unresolved after `max_passes` passes
-    stay singletons: the guard never merges what it could not check.
+    pass with every (representative, member) pair, and once more with every
+    (anchor, member) pair when `support_threshold` is set. `contains(parents,
+    children)` scores how well a child is a part of its parent (compared with
+    `guard_threshold`); such members skip the support check.
+    `guard_threshold=None` keeps whole components. Nodes still unresolved
+    after `max_passes` passes stay singletons: the guard never merges what it
+    could not check.
     """
     a, b = _check_edges(n_nodes, a, b)
     labels = np.arange(n_nodes, dtype=np.int64)
@@ -113,14 +131,67 @@ def cluster_with_guard(
     passes = 0
     while len(a) and passes < max_passes:
         passes += 1
-        detached = _guard_pass(n_nodes, a, b, similarity, guard_threshold, labels, is_rep, sim_to_rep)
+        checks = _Checks(similarity, guard_threshold, support_threshold, contains)
+        detached = _guard_pass(n_nodes, a, b, checks, labels, is_rep, sim_to_rep)
         # Only edges between two detached nodes can still form clusters.
         keep = detached[a] & detached[b]
         a, b = a[keep], b[keep]
     return Clusters(labels, is_rep, sim_to_rep, passes)
 
 
-def _guard_pass(n_nodes, a, b, similarity, guard_threshold, labels, is_rep, sim_to_rep) -> np.ndarray:
+@dataclass(frozen=True)
+class _Checks:
+    similarity: PairSimilarity
+    guard: float | None
+    support: float | None
+    contains: PairSimilarity | None
+
+    def accept(self, member_reps: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(accepted mask, similarity to the representative) of each (rep, member) pair."""
+        sims = np.asarray(self.similarity(member_reps, members), dtype=np.float32)
+        if self.guard is None:
+            return np.ones(len(members), dtype=bool), sims
+        accepted = sims >= self.guard
+        if self.support is not None:
+            accepted &= self._supported(member_reps, members, sims, accepted)
+        if self.contains is not None:
+            contained, part_score = self._contained(member_reps, members, accepted)
+            accepted |= contained
+            sims = np.where(contained, part_score, sims)  # a crop is reported by how well it fits its parent
+        return accepted, sims
+
+    def _supported(self, member_reps, members, sims, accepted) -> np.ndarray:
+        """Members at least `support` similar to their cluster's anchor (the anchor itself passes)."""
+        anchor = _anchors(member_reps, members, np.where(accepted, sims, -np.inf))
+        check = np.flatnonzero(accepted & (anchor != members))
+        supported = np.ones(len(members), dtype=bool)
+        if len(check):
+            support = np.asarray(self.similarity(anchor[check], members[check]), dtype=np.float32)
+            supported[check] = support >= self.support
+        return supported
+
+    def _contained(self, member_reps, members, accepted) -> tuple[np.ndarray, np.ndarray]:
+        """Members their representative contains (a crop joining through its parent), and the containment score."""
+        score = np.full(len(members), -np.inf, dtype=np.float32)
+        check = np.flatnonzero(~accepted)
+        if len(check):
+            score[check] = np.asarray(self.contains(member_reps[check], members[check]), dtype=np.float32)
+        return score >= self.guard, score
+
+
+def _anchors(member_reps: np.ndarray, members: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Per member: the member of the same representative with the highest score (ties -> smallest index)."""
+    order = np.lexsort((members, -score, member_reps))
+    sorted_reps = member_reps[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_reps[1:] != sorted_reps[:-1]
+    group = np.cumsum(first) - 1
+    anchor = np.empty(len(members), dtype=np.int64)
+    anchor[order] = members[order][first][group]
+    return anchor
+
+
+def _guard_pass(n_nodes, a, b, checks: _Checks, labels, is_rep, sim_to_rep) -> np.ndarray:
     """Cluster the graph (a, b) once, writing accepted nodes in place; return the detached mask."""
     components = connected_components(n_nodes, a, b)
     degree = np.bincount(a, minlength=n_nodes) + np.bincount(b, minlength=n_nodes)
@@ -128,8 +199,7 @@ def _guard_pass(n_nodes, a, b, similarity, guard_threshold, labels, is_rep, sim_
     reps = choose_representatives(components, degree, nodes)
     is_member = reps != nodes
     members, member_reps = nodes[is_member], reps[is_member]
-    sims = np.asarray(similarity(member_reps, members), dtype=np.float32)
-    accepted = np.ones(len(members), dtype=bool) if guard_threshold is None else sims >= guard_threshold
+    accepted, sims = checks.accept(member_reps, members)
     rep_nodes = np.unique(member_reps[accepted])
     labels[rep_nodes], is_rep[rep_nodes], sim_to_rep[rep_nodes] = rep_nodes, True, 1.0
     taken = members[accepted]

@@ -25,6 +25,11 @@ from dedup.stages.overrides import drop_separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
 EXACT = "sha256"
+# Support check of the chaining guard (dedup.search.union_find): every member must also be
+# within this of its descriptor's guard against the cluster's anchor (the member
+# closest to the representative). Unrelated photos score ~0 (real-dups: at most
+# 0.38), so a hub such as a blend of two photos cannot hold both in one cluster.
+SUPPORT_SLACK = 0.25
 
 
 @dataclass
@@ -84,7 +89,8 @@ def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> 
     n_nodes = len(head)
     a, b = head[a], head[b]
     apart = a != b
-    result = cluster_with_guard(n_nodes, a[apart], b[apart], margin, guard_threshold=0.0)
+    result = cluster_with_guard(n_nodes, a[apart], b[apart], margin, guard_threshold=0.0,
+                                support_threshold=-SUPPORT_SLACK)
     is_head = head == np.arange(n_nodes)
     return GuardedClusters(result.labels[head], result.is_representative & is_head, int(result.passes))
 
