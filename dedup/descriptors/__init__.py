@@ -175,9 +175,9 @@ def choose_default_descriptors(cuda: bool) -> tuple[list[str], str]:
 
 def default_reason() -> str:
     """Why the default descriptors are what they are here (printed by `dedup run`)."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
+    try:
+        import torch  # noqa: F401 - only whether it imports
+    except ImportError:
         return ("torch is not installed, so the weight-free perceptual descriptor runs "
                 "(pip install 'dedup[clip]' to add CLIP)")
     return choose_default_descriptors(cuda_available())[1]
