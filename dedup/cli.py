@@ -394,7 +394,8 @@ def query_command(
     min_similarity: Annotated[float | None, typer.Option(help="--text: count images at or above this image-text cosine (default: LAION's caption cut for the model, 0.28 for ViT-B-32).")] = None,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""
-    from dedup.stages.query import print_results, query
+    from dedup.console import print_results
+    from dedup.stages.query import query
 
     results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor, min_similarity=min_similarity)
     if as_json:
@@ -411,7 +412,8 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Score a run's clusters against labelled ground truth."""
-    from dedup.stages.evaluate import evaluate_run, print_metrics
+    from dedup.console import print_metrics
+    from dedup.stages.evaluate import evaluate_run
 
     metrics = evaluate_run(out, truth)
     if as_json:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -96,3 +98,43 @@ def print_top(ranking: pd.DataFrame, console: Console, top: int = 15) -> None:
         table.add_row(str(row.rank), str(row.copies), str(row.distinct_captions), str(row.url_domains),
                       str(row.shards_spanned), verbatim, risk, safe_text(row.representative_key), safe_text(caption))
     console.print(table)
+
+
+def print_results(results: list, console: Console, limit: int = 20) -> None:
+    """`dedup query` in the terminal: each query's exact count, then its best matches (web text made safe)."""
+    for result in results:
+        if result.error:
+            console.print(f"[red]{escape(terminal_safe(result.query))}: {escape(terminal_safe(result.error))}[/]")
+            continue
+        counted = "copies above threshold" if result.min_similarity is None else f"images at similarity >= {result.min_similarity:g}"
+        console.print(f"[bold]{escape(terminal_safe(result.query))}[/]: {result.copies} {counted} "
+                      f"({result.descriptor}); best match's cluster has {result.cluster_size} members")
+        table = Table("similarity", "key", "caption", "url")
+        for row in result.matches.head(limit).itertuples():
+            # Keys, captions and URLs are web content: plain Text, never console markup.
+            # ... and never control characters (an ANSI escape in a caption would drive the terminal).
+            table.add_row(f"{row.similarity:.3f}", safe_text(row.key), safe_text(_shown(row.caption)[:50]),
+                          safe_text(_shown(row.url)[:60]))
+        if len(result.matches):
+            console.print(table)
+
+
+def _shown(value: object) -> str:
+    """Missing values (None, NaN) print as nothing, everything else as its text."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def print_metrics(metrics: dict, console: Console) -> None:
+    """`dedup eval` in the terminal: the scores, recall per family, and the largest true groups."""
+    table = Table("metric", "value", title="dedup eval")
+    for name in ("samples", "pair_precision", "pair_recall", "pair_f1", "bcubed_f1", "hard_negative_merges",
+                 "top10_mean_relative_error", "copy_count_spearman"):
+        value = metrics[name]
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for family, value in metrics["recall_by_family"].items():
+        table.add_row(escape(f"recall[{family}]"), f"{value:.4f}")
+    console.print(table)
+    top = Table("group", "true copies", "reported", "rel. error", title="10 largest true groups")
+    for row in metrics["top10"]:
+        top.add_row(escape(str(row["group_id"])), str(row["true_copies"]), str(row["reported_copies"]), f"{row['relative_error']:.3f}")
+    console.print(top)

@@ -6,25 +6,22 @@ import tarfile
 
 import pandas as pd
 import pytest
-from conftest import make_run
 from typer.testing import CliRunner
 
-from dedup import pipeline
 from dedup.cli import app
 from dedup.loader import DropDuplicates
 from dedup.records import RunDir
 from dedup.stages.export import export
 from dedup.stages.read import split_member_name
-from dedup.synth import build_demo
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_session_run, tmp_path_factory):
+    # The shared demo run is only read: the export goes to its own folder.
+    run, _, _, shards = demo_session_run
     root = tmp_path_factory.mktemp("export")
-    shards, _ = build_demo(root / "shards")
-    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="best"), with_report=False)
-    stats = export(root / "run", root / "export", shards=True, show_progress=False)
-    return {"root": root, "shards": shards, "stats": stats, "run": RunDir(root / "run")}
+    stats = export(run.root, root / "export", shards=True, show_progress=False)
+    return {"root": root, "shards": shards, "stats": stats, "run": RunDir(run.root)}
 
 
 def _members(path) -> list[tuple[str, bytes]]:

@@ -7,13 +7,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_run
 
-from dedup import pipeline
 from dedup.records import RunDir
 from dedup.stages.guidance import _exact_pairs, _pair_html, band_pairs, removal_curve, stored_edges
 from dedup.stages.report import build_report_html
-from dedup.synth import build_demo
 
 
 def _edges(rows) -> pd.DataFrame:
@@ -64,11 +61,8 @@ def test_pair_html_escapes_keys():
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guidance")
-    shards, _ = build_demo(root / "shards")
-    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="best"), with_report=False)
-    return RunDir(root / "run")
+def demo_run(demo_session_run):
+    return RunDir(demo_session_run[0].root)  # the shared demo run, only read here
 
 
 def test_demo_curve_bounds_the_real_removals_and_falls_with_the_cut(demo_run):

@@ -50,7 +50,8 @@ def test_printed_results_carry_no_terminal_escapes():
     import pandas as pd
     from rich.console import Console
 
-    from dedup.stages.query import QueryResult, print_results
+    from dedup.console import print_results
+    from dedup.stages.query import QueryResult
 
     matches = pd.DataFrame({"sample_id": [1], "key": ["k\x1b]0;owned\x07"], "url": [None],
                             "caption": ["\x1b[2J\x1b[31mred\u202e"], "similarity": [0.99], "cluster_id": [4]})

@@ -14,9 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from dedup.errors import DedupError
 from dedup.records import RunDir
@@ -127,18 +124,3 @@ def evaluate_run(out: str | Path, truth_path: str | Path) -> dict[str, Any]:
     if not run.clusters.exists():
         raise DedupError(f"{run.root} has no clusters.parquet", hint=f"run 'dedup run' or 'dedup cluster {run.root}' first")
     return evaluate(pd.read_parquet(run.clusters), load_truth(truth_path))
-
-
-def print_metrics(metrics: dict[str, Any], console: Console) -> None:
-    table = Table("metric", "value", title="dedup eval")
-    for name in ("samples", "pair_precision", "pair_recall", "pair_f1", "bcubed_f1", "hard_negative_merges",
-                 "top10_mean_relative_error", "copy_count_spearman"):
-        value = metrics[name]
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    for family, value in metrics["recall_by_family"].items():
-        table.add_row(escape(f"recall[{family}]"), f"{value:.4f}")
-    console.print(table)
-    top = Table("group", "true copies", "reported", "rel. error", title="10 largest true groups")
-    for row in metrics["top10"]:
-        top.add_row(escape(str(row["group_id"])), str(row["true_copies"]), str(row["reported_copies"]), f"{row['relative_error']:.3f}")
-    console.print(top)

@@ -8,7 +8,6 @@ exact (no top-k cap). A key is answered from clusters.parquet directly.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -17,11 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from dedup.console import safe_text, terminal_safe
 from dedup.decode import DecodeFailure, decode_image
 from dedup.descriptors import DescriptorBuilder, descriptor_policy
 from dedup.errors import QueryError, StoreError
@@ -287,26 +282,3 @@ def _all_failed_is_an_error(results: list[QueryResult], what: str) -> list[Query
         raise QueryError(f"cannot query {what}: {detail}",
                          hint=f"pass a readable image file (JPEG, PNG, WebP...; at most {MAX_IMAGE_BYTES:,} bytes)")
     return results
-
-
-def print_results(results: list[QueryResult], console: Console, limit: int = 20) -> None:
-    for result in results:
-        if result.error:
-            console.print(f"[red]{escape(terminal_safe(result.query))}: {escape(terminal_safe(result.error))}[/]")
-            continue
-        counted = "copies above threshold" if result.min_similarity is None else f"images at similarity >= {result.min_similarity:g}"
-        console.print(f"[bold]{escape(terminal_safe(result.query))}[/]: {result.copies} {counted} "
-                      f"({result.descriptor}); best match's cluster has {result.cluster_size} members")
-        table = Table("similarity", "key", "caption", "url")
-        for row in result.matches.head(limit).itertuples():
-            # Keys, captions and URLs are web content: plain Text, never console markup.
-            # ... and never control characters (an ANSI escape in a caption would drive the terminal).
-            table.add_row(f"{row.similarity:.3f}", safe_text(row.key), safe_text(_shown(row.caption)[:50]),
-                          safe_text(_shown(row.url)[:60]))
-        if len(result.matches):
-            console.print(table)
-
-
-def _shown(value: object) -> str:
-    """Missing values (None, NaN) print as nothing, everything else as its text."""
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
