@@ -26,21 +26,18 @@ pytestmark = pytest.mark.usefixtures("single_faiss_thread")
 
 MB = 10**6
 
-# n, dim, budget, gpu, binary -> expected kind
+# n, dim, budget, gpu -> expected kind
 CHOICES = [
-    pytest.param(10_000, 512, 8 * GB, False, False, "flat", id="small-cpu-flat"),
-    pytest.param(50_000, 512, 8 * GB, False, False, "flat", id="5e4-cpu-exact-affordable"),
-    pytest.param(100_000, 512, 8 * GB, False, False, "ivf_flat", id="1e5-cpu-ivf-cheaper-than-exact"),
-    pytest.param(1_000_000, 512, 8 * GB, False, False, "ivf_flat", id="1e6-cpu-too-many-flops-for-exact"),
-    pytest.param(100_000, 512, 150 * MB, False, False, "ivf_pq", id="flat-does-not-fit"),
-    pytest.param(1_000_000, 512, 1 * GB, False, False, "ivf_pq", id="ivf-flat-does-not-fit"),
-    pytest.param(2_000_000, 512, 64 * GB, True, False, "flat", id="2e6-gpu-exact"),
-    pytest.param(10_000_000, 512, 64 * GB, True, False, "ivf_flat", id="1e7-gpu-ivf"),
-    pytest.param(2_000_000_000, 512, 64 * GB, False, False, "ivf_pq", id="laion-2b-64GB"),
-    pytest.param(2_000_000_000, 512, 64 * GB, True, False, "ivf_pq", id="laion-2b-64GB-gpu"),
-    pytest.param(1_000_000, 64, 1 * GB, False, True, "binary_flat", id="phash-1e6-exact"),
-    pytest.param(10_000_000, 64, 8 * GB, False, True, "binary_ivf", id="phash-1e7-ivf"),
-    pytest.param(500_000, 256, 1 * GB, True, True, "binary_flat", id="binary-stays-on-cpu"),
+    pytest.param(10_000, 512, 8 * GB, False, "flat", id="small-cpu-flat"),
+    pytest.param(50_000, 512, 8 * GB, False, "flat", id="5e4-cpu-exact-affordable"),
+    pytest.param(100_000, 512, 8 * GB, False, "ivf_flat", id="1e5-cpu-ivf-cheaper-than-exact"),
+    pytest.param(1_000_000, 512, 8 * GB, False, "ivf_flat", id="1e6-cpu-too-many-flops-for-exact"),
+    pytest.param(100_000, 512, 150 * MB, False, "ivf_pq", id="flat-does-not-fit"),
+    pytest.param(1_000_000, 512, 1 * GB, False, "ivf_pq", id="ivf-flat-does-not-fit"),
+    pytest.param(2_000_000, 512, 64 * GB, True, "flat", id="2e6-gpu-exact"),
+    pytest.param(10_000_000, 512, 64 * GB, True, "ivf_flat", id="1e7-gpu-ivf"),
+    pytest.param(2_000_000_000, 512, 64 * GB, False, "ivf_pq", id="laion-2b-64GB"),
+    pytest.param(2_000_000_000, 512, 64 * GB, True, "ivf_pq", id="laion-2b-64GB-gpu"),
 ]
 
 
@@ -52,30 +49,29 @@ def test_query_variants_make_exact_search_costlier(n, variants, kind):
     assert choose_index(n, 256, 8 * GB, query_variants=variants).kind == kind
 
 
-@pytest.mark.parametrize("n, dim, budget, gpu, binary, kind", CHOICES)
-def test_choose_index_table(n, dim, budget, gpu, binary, kind):
-    spec = choose_index(n, dim, budget, gpu=gpu, binary=binary)
+@pytest.mark.parametrize("n, dim, budget, gpu, kind", CHOICES)
+def test_choose_index_table(n, dim, budget, gpu, kind):
+    spec = choose_index(n, dim, budget, gpu=gpu)
     assert spec.kind == kind
     assert spec.memory_bytes <= budget
     assert spec.n_vectors == n and spec.dim == dim
-    assert spec.metric == ("hamming" if binary else "ip")
-    assert spec.use_gpu == (gpu and not binary)
+    assert spec.metric == "ip"
+    assert spec.use_gpu == gpu
     if spec.nlist:
         assert 1 <= spec.nprobe <= spec.nlist
         assert f"IVF{spec.nlist}" in spec.factory
 
 
 INFEASIBLE = [
-    pytest.param(2_000_000_000, 512, 1 * GB, False, id="laion-2b-1GB"),
-    pytest.param(1_000_000_000, 64, 1 * GB, True, id="binary-1e9-1GB"),
-    pytest.param(1_000, 512, 10_000, False, id="tiny-budget"),
+    pytest.param(2_000_000_000, 512, 1 * GB, id="laion-2b-1GB"),
+    pytest.param(1_000, 512, 10_000, id="tiny-budget"),
 ]
 
 
-@pytest.mark.parametrize("n, dim, budget, binary", INFEASIBLE)
-def test_choose_index_raises_when_nothing_fits(n, dim, budget, binary):
+@pytest.mark.parametrize("n, dim, budget", INFEASIBLE)
+def test_choose_index_raises_when_nothing_fits(n, dim, budget):
     with pytest.raises(IndexInfeasible) as caught:
-        choose_index(n, dim, budget, binary=binary)
+        choose_index(n, dim, budget)
     assert "--memory" in caught.value.hint
     assert "smaller descriptor" in caught.value.hint
 
@@ -138,8 +134,6 @@ BUILDS = [
     ("ivf_flat", {"nlist": 32, "nprobe": 4}),
     ("ivf_pq", {"nlist": 32, "nprobe": 4, "pq_m": 8}),
     ("hnsw", {}),
-    ("binary_flat", {}),
-    ("binary_ivf", {"nlist": 32, "nprobe": 4}),
 ]
 
 
@@ -147,10 +141,7 @@ BUILDS = [
 def test_build_save_load_roundtrip(tmp_path, kind, options):
     n, dim = 10_000, 32
     spec = spec_for_kind(kind, n, dim, **options)
-    if spec.is_binary:
-        vectors = np.random.default_rng(1).integers(0, 256, (n, dim // 8), dtype=np.uint8)
-    else:
-        vectors = _unit_vectors(n, dim)
+    vectors = _unit_vectors(n, dim)
     index = build_index(spec, vectors)
     assert index.ntotal == n
     queries = vectors[:50]
@@ -163,7 +154,7 @@ def test_build_save_load_roundtrip(tmp_path, kind, options):
     assert loaded_spec == spec
     assert loaded.ntotal == n
     if spec.nprobe:
-        ivf = loaded if spec.is_binary else faiss.extract_index_ivf(loaded)
+        ivf = faiss.extract_index_ivf(loaded)
         assert ivf.nprobe == spec.nprobe  # not stored in .faiss, restored from the spec
     _, loaded_labels = loaded.search(queries, 1)
     assert np.array_equal(loaded_labels, labels)
@@ -186,9 +177,8 @@ def test_build_index_rejects_wrong_shapes():
         build_index(spec, _unit_vectors(100, 16))
     with pytest.raises(ValueError, match="choose_index"):
         build_index(spec, _unit_vectors(101, 32))
-    binary_spec = spec_for_kind("binary_flat", 100, 64)
-    with pytest.raises(ValueError, match="packed uint8"):
-        build_index(binary_spec, _unit_vectors(100, 8))
+    with pytest.raises(ValueError, match="unknown index kind"):
+        spec_for_kind("binary_flat", 100, 64)  # no descriptor makes binary codes: the kinds are gone
 
 
 def test_gpu_spec_on_faiss_cpu_names_the_swap():

@@ -14,12 +14,11 @@ from dedup.search.index_choice import ADD_CHUNK, GPU_INSTALL_HINT, IndexSpec, de
 
 def build_index(
     spec: IndexSpec, vectors: np.ndarray, train_sample: int | None = None, seed: int = 0
-) -> faiss.Index | faiss.IndexBinary:
+) -> faiss.Index:
     """Train (IVF: on a random sample) and fill the index with every row of `vectors`.
 
-    `vectors` may be a memory map: it is read in chunks. Float kinds take
-    L2-normalised float32/float16 rows; binary kinds take packed uint8 codes
-    (dim/8 bytes per row). Row i gets faiss label i.
+    `vectors` may be a memory map: it is read in chunks, L2-normalised
+    float32/float16 rows. Row i gets faiss label i.
     """
     _check_vectors(spec, vectors)
     index = _empty_index(spec)
@@ -28,10 +27,10 @@ def build_index(
     if not index.is_trained:
         index.train(_train_rows(spec, vectors, train_sample, seed))
     if _is_cpu_array_ivf(index):
-        _add_ivf_without_slack(index, vectors, spec.is_binary)
+        _add_ivf_without_slack(index, vectors)
     else:
         for start in range(0, len(vectors), ADD_CHUNK):
-            index.add(_rows(vectors[start : start + ADD_CHUNK], spec.is_binary))
+            index.add(_rows(vectors[start : start + ADD_CHUNK]))
     apply_search_params(index, spec)
     return index
 
@@ -39,13 +38,7 @@ def build_index(
 def _check_vectors(spec: IndexSpec, vectors: np.ndarray) -> None:
     if vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"expected a non-empty (n, d) array, got shape {vectors.shape}")
-    if spec.is_binary:
-        if vectors.dtype != np.uint8 or vectors.shape[1] * 8 != spec.dim:
-            raise ValueError(
-                f"{spec.kind} needs packed uint8 codes of {spec.dim // 8} bytes per row, "
-                f"got {vectors.dtype} rows of {vectors.shape[1]}"
-            )
-    elif vectors.shape[1] != spec.dim:
+    if vectors.shape[1] != spec.dim:
         raise ValueError(f"spec is for dim={spec.dim}, vectors have {vectors.shape[1]} columns")
     if len(vectors) > spec.n_vectors:
         # The memory estimate (and the index kind) were checked for n_vectors only.
@@ -54,9 +47,7 @@ def _check_vectors(spec: IndexSpec, vectors: np.ndarray) -> None:
         )
 
 
-def _empty_index(spec: IndexSpec) -> faiss.Index | faiss.IndexBinary:
-    if spec.is_binary:
-        return faiss.index_binary_factory(spec.dim, spec.factory)
+def _empty_index(spec: IndexSpec) -> faiss.Index:
     index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index)) if "IVF" in spec.factory else None
     if isinstance(ivf, faiss.IndexIVFPQ):
@@ -66,8 +57,8 @@ def _empty_index(spec: IndexSpec) -> faiss.Index | faiss.IndexBinary:
     return index
 
 
-def _rows(block: np.ndarray, binary: bool) -> np.ndarray:
-    return np.ascontiguousarray(block, dtype=np.uint8 if binary else np.float32)
+def _rows(block: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(block, dtype=np.float32)
 
 
 def _train_rows(spec: IndexSpec, vectors: np.ndarray, train_sample: int | None, seed: int) -> np.ndarray:
@@ -75,7 +66,7 @@ def _train_rows(spec: IndexSpec, vectors: np.ndarray, train_sample: int | None, 
     rng = np.random.default_rng(seed)
     # Sorted positions keep reads sequential when `vectors` is a memory map.
     rows = np.sort(rng.choice(len(vectors), size=size, replace=False))
-    return _rows(vectors[rows], spec.is_binary)
+    return _rows(vectors[rows])
 
 
 def _is_cpu_array_ivf(index) -> bool:
@@ -84,17 +75,13 @@ def _is_cpu_array_ivf(index) -> bool:
 
 
 def _try_extract_ivf(index):
-    if isinstance(index, faiss.IndexBinaryIVF):
-        return index
-    if isinstance(index, faiss.IndexBinary):
-        return None
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:  # faiss raises this for indexes without inverted lists
         return None
 
 
-def _add_ivf_without_slack(index, vectors: np.ndarray, binary: bool) -> None:
+def _add_ivf_without_slack(index, vectors: np.ndarray) -> None:
     """Add with every inverted list reserved at its final length.
 
     A plain `add` appends to each list in 64k-vector batches and std::vector
@@ -105,7 +92,7 @@ def _add_ivf_without_slack(index, vectors: np.ndarray, binary: bool) -> None:
     ivf = _try_extract_ivf(index)
     assignment = np.empty(len(vectors), dtype=np.int32)
     for start in range(0, len(vectors), ADD_CHUNK):
-        block = _rows(vectors[start : start + ADD_CHUNK], binary)
+        block = _rows(vectors[start : start + ADD_CHUNK])
         assignment[start : start + len(block)] = _assign(ivf.quantizer, block)
     counts = np.bincount(assignment, minlength=ivf.nlist)
     invlists = faiss.downcast_InvertedLists(ivf.invlists)
@@ -114,7 +101,7 @@ def _add_ivf_without_slack(index, vectors: np.ndarray, binary: bool) -> None:
         invlists.resize(int(list_no), int(counts[list_no]))
         invlists.resize(int(list_no), 0)
     for start in range(0, len(vectors), ADD_CHUNK):
-        block = _rows(vectors[start : start + ADD_CHUNK], binary)
+        block = _rows(vectors[start : start + ADD_CHUNK])
         lists = assignment[start : start + len(block)].astype(np.int64)
         ivf.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(lists))
     if ivf is not index:  # wrappers (e.g. IndexPreTransform) keep their own count
@@ -246,7 +233,7 @@ def probe_cells(quantizer, vectors, nprobe: int, out: np.ndarray, block_rows: in
     quantizer pass serves both the index fill and the neighbour join.
     """
     for start in range(0, len(vectors), block_rows):
-        block = _rows(vectors[start : start + block_rows], binary=False)
+        block = _rows(vectors[start : start + block_rows])
         _, cells = quantizer.search(block, nprobe)
         out[start : start + len(block)] = cells
         if progress is not None:
@@ -268,7 +255,7 @@ def fill_ivf(index, vectors, home: np.ndarray, block_rows: int = ADD_CHUNK, firs
             invlists.resize(int(list_no), int(counts[list_no]))
             invlists.resize(int(list_no), 0)
     for start in range(0, len(vectors), block_rows):
-        block = _rows(vectors[start : start + block_rows], binary=False)
+        block = _rows(vectors[start : start + block_rows])
         lists = np.ascontiguousarray(home[start : start + len(block)], dtype=np.int64)
         labels = None if first_id is None else np.arange(first_id + start, first_id + start + len(block), dtype=np.int64)
         ivf.add_core(len(block), faiss.swig_ptr(block), None if labels is None else faiss.swig_ptr(labels),

@@ -1,6 +1,6 @@
 """Choose the faiss index of one descriptor: a pure function of (vectors, dim, memory budget, GPU).
 
-Index choice is a pure function of (n_vectors, dim, memory budget, gpu, binary)
+Index choice is a pure function of (n_vectors, dim, memory budget, gpu)
 so that it can be tested table-driven and checked *before* any vector is read
 (in the spirit of autofaiss). The rules, in order:
 
@@ -15,9 +15,6 @@ so that it can be tested table-driven and checked *before* any vector is read
   that), it is not faster than IVF for a full self-join, and its graph costs
   ``2*M`` int32 links per vector on top of the raw vectors. It stays available
   through ``spec_for_kind("hnsw", ...)`` for low-latency interactive queries.
-* Binary hashes (``binary=True``, ``dim`` in bits) use ``binary_flat`` while the
-  exact Hamming self-join is affordable, else ``binary_ivf``. Both stay on CPU:
-  faiss has no GPU binary IVF, and popcount Hamming is memory-bound anyway.
 """
 
 from __future__ import annotations
@@ -28,8 +25,7 @@ from dataclasses import asdict, dataclass
 
 from dedup.errors import IndexInfeasible
 
-KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw", "binary_flat", "binary_ivf")
-BINARY_KINDS = ("binary_flat", "binary_ivf")
+KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 
 # Exact all-vs-all budget in flops. 3e12 is ~1 min at the ~50 GFLOP/s a 2-core
 # AVX2 machine sustains (measured); at d=512 it allows n <= 54k. Beyond, IVF is
@@ -39,9 +35,6 @@ BINARY_KINDS = ("binary_flat", "binary_ivf")
 # fp32) 1e16 flops is a few minutes and allows n <= 3.1M at d=512.
 EXACT_FLOP_BUDGET_CPU = 3e12
 EXACT_FLOP_BUDGET_GPU = 1e16
-# Exact Hamming self-join budget in 64-bit word comparisons (xor + popcount,
-# ~1 ns each per core): 1e12 allows n <= 1M for 64-bit perceptual hashes.
-EXACT_HAMMING_WORD_BUDGET = 1e12
 
 # nlist ~ 4*sqrt(n) (autofaiss / faiss wiki guideline), clipped. Above 2^16
 # lists the coarse quantizer itself becomes an HNSW graph so that assigning a
@@ -76,7 +69,7 @@ class IndexSpec:
 
     kind: str
     factory: str
-    dim: int  # float dimensions, or bits for binary kinds
+    dim: int
     n_vectors: int
     nlist: int = 0
     pq_m: int = 0
@@ -92,13 +85,8 @@ class IndexSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}; use one of {KINDS}")
-        expected_metric = "hamming" if self.kind in BINARY_KINDS else "ip"
-        if self.metric != expected_metric:
-            raise ValueError(f"index kind {self.kind!r} uses metric {expected_metric!r}, not {self.metric!r}")
-
-    @property
-    def is_binary(self) -> bool:
-        return self.kind in BINARY_KINDS
+        if self.metric != "ip":
+            raise ValueError(f"index kind {self.kind!r} uses metric 'ip', not {self.metric!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -117,11 +105,8 @@ def default_nlist(n_vectors: int) -> int:
     return max(1, min(nlist, n_vectors // MIN_TRAIN_POINTS_PER_LIST))
 
 
-def exact_search_affordable(n_vectors: int, dim: int, gpu: bool, binary: bool, query_variants: int = 1) -> bool:
+def exact_search_affordable(n_vectors: int, dim: int, gpu: bool, query_variants: int = 1) -> bool:
     """Is the exact all-vs-all self-join (each query searched in `query_variants` forms) within budget?"""
-    if binary:
-        words = math.ceil(dim / 64)
-        return float(n_vectors) ** 2 * words * query_variants <= EXACT_HAMMING_WORD_BUDGET
     budget = EXACT_FLOP_BUDGET_GPU if gpu else EXACT_FLOP_BUDGET_CPU
     return 2.0 * float(n_vectors) ** 2 * dim * query_variants <= budget
 
@@ -143,8 +128,6 @@ def _factory(kind: str, nlist: int, pq_m: int, gpu: bool) -> str:
         "ivf_flat": f"{_ivf_prefix(nlist, gpu)},Flat",
         "ivf_pq": f"{_ivf_prefix(nlist, gpu)},PQ{pq_m}x{PQ_NBITS}",
         "hnsw": f"HNSW{HNSW_M},Flat",
-        "binary_flat": "BFlat",
-        "binary_ivf": f"BIVF{nlist}",
     }
     return factories[kind]
 
@@ -174,10 +157,6 @@ def estimate_memory_bytes(kind: str, n_vectors: int, dim: int, nlist: int = 0, p
         codebooks = (1 << PQ_NBITS) * dim * 4
         size = n * (pq_m + ID_BYTES + ASSIGNMENT_BYTES) + _quantizer_bytes(nlist, dim, gpu) + codebooks
         size += add_chunk * dim * 4
-    elif kind == "binary_flat":
-        size = n * (dim // 8)
-    elif kind == "binary_ivf":
-        size = n * (dim // 8 + ID_BYTES + ASSIGNMENT_BYTES) + nlist * (dim // 8)
     else:
         raise ValueError(f"unknown index kind {kind!r}; use one of {KINDS}")
     return int(size + (GPU_SCRATCH_BYTES if gpu else 0))
@@ -196,15 +175,12 @@ def spec_for_kind(
     """The spec of one given kind (defaults as `choose_index` would pick them)."""
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; use one of {KINDS}")
-    binary = kind in BINARY_KINDS
-    if binary and dim % 8:
-        raise ValueError(f"binary codes must have a multiple of 8 bits, got {dim}")
-    uses_lists = kind in ("ivf_flat", "ivf_pq", "binary_ivf")
+    uses_lists = kind in ("ivf_flat", "ivf_pq")
     lists = (nlist or default_nlist(n_vectors)) if uses_lists else 0
     m = (pq_m or _largest_pq_m(dim, gpu)) if kind == "ivf_pq" else 0
     if kind == "ivf_pq" and dim % m:
         raise ValueError(f"pq_m={m} must divide dim={dim}")
-    use_gpu = gpu and not binary and kind != "hnsw"  # faiss GPU has no HNSW index
+    use_gpu = gpu and kind != "hnsw"  # faiss GPU has no HNSW index
     return IndexSpec(
         kind=kind,
         factory=_factory(kind, lists, m, use_gpu),
@@ -214,7 +190,7 @@ def spec_for_kind(
         pq_m=m,
         nprobe=min(nprobe or DEFAULT_NPROBE, lists) if uses_lists else 0,
         ef_search=DEFAULT_EF_SEARCH if kind == "hnsw" else 0,
-        metric="hamming" if binary else "ip",
+        metric="ip",
         use_gpu=use_gpu,
         memory_bytes=estimate_memory_bytes(kind, n_vectors, dim, lists, m, use_gpu),
     )
@@ -234,12 +210,9 @@ def _largest_pq_m(dim: int, gpu: bool) -> int:
     return options[0]
 
 
-def _candidates(n_vectors: int, dim: int, gpu: bool, binary: bool, query_variants: int = 1) -> list[IndexSpec]:
+def _candidates(n_vectors: int, dim: int, gpu: bool, query_variants: int = 1) -> list[IndexSpec]:
     """Specs in order of preference; the first that fits the budget wins."""
-    exact = exact_search_affordable(n_vectors, dim, gpu and not binary, binary, query_variants)
-    if binary:
-        kinds = (["binary_flat"] if exact else []) + ["binary_ivf"]
-        return [spec_for_kind(kind, n_vectors, dim, gpu=gpu) for kind in kinds]
+    exact = exact_search_affordable(n_vectors, dim, gpu, query_variants)
     specs = [spec_for_kind("flat", n_vectors, dim, gpu=gpu)] if exact else []
     specs.append(spec_for_kind("ivf_flat", n_vectors, dim, gpu=gpu))
     specs += [spec_for_kind("ivf_pq", n_vectors, dim, gpu=gpu, pq_m=m) for m in _pq_m_options(dim, gpu)]
@@ -247,8 +220,7 @@ def _candidates(n_vectors: int, dim: int, gpu: bool, binary: bool, query_variant
 
 
 def choose_index(
-    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, binary: bool = False,
-    query_variants: int = 1,
+    n_vectors: int, dim: int, memory_budget_bytes: int, gpu: bool = False, query_variants: int = 1,
 ) -> IndexSpec:
     """Pick the most exact index that fits `memory_budget_bytes` (see module doc).
 
@@ -257,17 +229,17 @@ def choose_index(
     """
     if n_vectors < 1 or dim < 1:
         raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
-    candidates = _candidates(n_vectors, dim, gpu, binary, query_variants)
+    candidates = _candidates(n_vectors, dim, gpu, query_variants)
     for spec in candidates:
         if spec.memory_bytes <= memory_budget_bytes:
             return spec
     smallest = min(candidates, key=lambda spec: spec.memory_bytes)
     raise IndexInfeasible(
-        f"no index for {n_vectors:,} vectors of {dim} {'bits' if binary else 'dims'} fits "
+        f"no index for {n_vectors:,} vectors of {dim} dims fits "
         f"{_gib(memory_budget_bytes)}: the smallest, {smallest.kind} ({smallest.factory}), "
         f"needs {_gib(smallest.memory_bytes)}",
         hint=f"raise --memory to at least {_gib(smallest.memory_bytes)}, "
-        "or use a smaller descriptor (fewer dimensions / bits)",
+        "or use a smaller descriptor (fewer dimensions)",
     )
 
 
@@ -281,7 +253,7 @@ def choose_index_streaming(
     """
     if n_vectors < 1 or dim < 1:
         raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
-    for spec in _candidates(n_vectors, dim, gpu, False, query_variants):
+    for spec in _candidates(n_vectors, dim, gpu, query_variants):
         if index_stage_bytes(spec) <= memory_budget_bytes:  # the index plus the stage's own training sample
             return spec
     if gpu:
@@ -350,7 +322,7 @@ def _gib(n_bytes: float) -> str:
 
 def default_train_size(spec: IndexSpec) -> int:
     """Training points for the coarse quantizer (and PQ codebooks)."""
-    if spec.kind not in ("ivf_flat", "ivf_pq", "binary_ivf"):
+    if spec.kind not in ("ivf_flat", "ivf_pq"):
         return 0
     needed = MIN_TRAIN_POINTS_PER_LIST * spec.nlist
     if spec.kind == "ivf_pq":

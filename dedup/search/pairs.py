@@ -1,9 +1,6 @@
 """Streaming all-vs-all neighbour search: every pair above a similarity threshold.
 
-Similarity is the inner product of L2-normalised float32 vectors, or, for
-binary hashes (packed uint8 codes of `nbits` bits), ``1 - 2 * hamming / nbits``
--- the inner product of the equivalent +-1/sqrt(nbits) vectors, so one
-threshold scale serves both.
+Similarity is the inner product of L2-normalised float32 vectors.
 
 Every function yields ``(id_a, id_b, similarity)`` blocks with ``id_a < id_b``,
 no self-pairs and each unordered pair exactly once over the whole stream,
@@ -28,7 +25,6 @@ Two engines:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -53,7 +49,6 @@ CELL_PRODUCT_ENTRIES = 1 << 23
 # Upper-triangle flat join tiles: 2048 x 16384 float32 similarities = 128 MB per product.
 UPPER_QUERY_ROWS = 2048
 UPPER_TARGET_ROWS = 16384
-_POPCOUNT = np.array([value.bit_count() for value in range(256)], dtype=np.uint8)
 
 
 def iter_blocks(n: int, block_size: int) -> Iterator[slice]:
@@ -64,48 +59,27 @@ def iter_blocks(n: int, block_size: int) -> Iterator[slice]:
         yield slice(start, min(start + block_size, n))
 
 
-# ---------------------------------------------------------------- metric
+# ---------------------------------------------------------------- rows
 
 
-@dataclass(frozen=True)
-class _Metric:
-    """Maps a similarity threshold to faiss' native distances and back."""
+def _range_radius(threshold: float) -> float:
+    """faiss keeps IP > radius; we want similarity >= threshold."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
 
-    binary: bool
-    nbits: int  # binary only
 
-    @classmethod
-    def of(cls, vectors: np.ndarray) -> _Metric:
-        binary = vectors.dtype == np.uint8
-        return cls(binary=binary, nbits=vectors.shape[1] * 8 if binary else 0)
+def _rows(block: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(block, dtype=np.float32)
 
-    def similarity(self, distances: np.ndarray) -> np.ndarray:
-        if self.binary:
-            return (1.0 - 2.0 * distances.astype(np.float64) / self.nbits).astype(np.float32)
-        return distances.astype(np.float32, copy=False)
 
-    def range_radius(self, threshold: float) -> float | int:
-        """faiss keeps IP > radius and Hamming < radius; we want similarity >= threshold."""
-        if self.binary:
-            return self.max_hamming(threshold) + 1
-        return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-
-    def max_hamming(self, threshold: float) -> int:
-        # The epsilon keeps a threshold that is an exact Hamming step inclusive.
-        return math.floor((1.0 - threshold) * self.nbits / 2.0 + 1e-9)
-
-    def rows(self, block: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(block, dtype=np.uint8 if self.binary else np.float32)
-
-    def variants(self, block: np.ndarray, query_transform: QueryTransform | None) -> np.ndarray:
-        """(t, b, d) query variants of a block of rows."""
-        rows = self.rows(block)
-        if query_transform is None:
-            return rows[None]
-        variants = np.asarray(query_transform(rows))
-        if variants.ndim != 3 or variants.shape[1:] != rows.shape:
-            raise ValueError(f"query_transform must map {rows.shape} to (t, *{rows.shape}), got {variants.shape}")
-        return self.rows(variants.reshape(-1, rows.shape[1])).reshape(variants.shape)
+def _variants(block: np.ndarray, query_transform: QueryTransform | None) -> np.ndarray:
+    """(t, b, d) query variants of a block of rows."""
+    rows = _rows(block)
+    if query_transform is None:
+        return rows[None]
+    variants = np.asarray(query_transform(rows))
+    if variants.ndim != 3 or variants.shape[1:] != rows.shape:
+        raise ValueError(f"query_transform must map {rows.shape} to (t, *{rows.shape}), got {variants.shape}")
+    return _rows(variants.reshape(-1, rows.shape[1])).reshape(variants.shape)
 
 
 def _as_float32(threshold: float) -> np.float32:
@@ -121,32 +95,25 @@ def pair_similarity(vectors: np.ndarray, query_transform: QueryTransform | None 
     Used to re-score candidates and by `dedup.search.union_find` for similarity to the
     representative.
     """
-    metric = _Metric.of(vectors)
 
     def similarity(rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
         rows_a, rows_b = np.asarray(rows_a, np.int64), np.asarray(rows_b, np.int64)
         out = np.empty(len(rows_a), dtype=np.float32)
         for chunk in iter_blocks(len(rows_a), RESCORE_CHUNK):
-            queries = metric.variants(vectors[rows_a[chunk]], query_transform)
-            out[chunk] = _variant_similarity(metric, queries, metric.rows(vectors[rows_b[chunk]]))
+            queries = _variants(vectors[rows_a[chunk]], query_transform)
+            out[chunk] = _variant_similarity(queries, _rows(vectors[rows_b[chunk]]))
         return out
 
     return similarity
 
 
-def _variant_similarity(metric: _Metric, queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _variant_similarity(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Row-wise similarity of (t, k, d) query variants with (k, d) targets, max over t."""
-    if metric.binary:
-        hamming = _POPCOUNT[np.bitwise_xor(queries, targets[None])].sum(axis=2, dtype=np.int64)
-        return metric.similarity(hamming.min(axis=0))
     return np.einsum("tkd,kd->tk", queries, targets).max(axis=0)
 
 
-def _similarity_matrix(metric: _Metric, queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _similarity_matrix(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(q, d) x (m, d) -> (q, m) similarities."""
-    if metric.binary:
-        hamming = _POPCOUNT[np.bitwise_xor(queries[:, None, :], targets[None, :, :])].sum(axis=2, dtype=np.int64)
-        return metric.similarity(hamming)
     return queries @ targets.T
 
 
@@ -157,15 +124,14 @@ def brute_force_pairs(
 
     O(n^2 d) in blocks of rows; meant for tests and recall measurements.
     """
-    metric = _Metric.of(vectors)
     threshold32 = _as_float32(threshold)
     n = len(vectors)
-    block_size = max(1, min(1024, 2**26 // max(1, n * (vectors.shape[1] if metric.binary else 1))))
+    block_size = max(1, min(1024, 2**26 // max(1, n)))
     found = []
     for block in iter_blocks(n, block_size):
-        queries = metric.variants(vectors[block], query_transform)
-        targets = metric.rows(vectors[block.start :])
-        sims = np.max([_similarity_matrix(metric, variant, targets) for variant in queries], axis=0)
+        queries = _variants(vectors[block], query_transform)
+        targets = _rows(vectors[block.start :])
+        sims = np.max([_similarity_matrix(variant, targets) for variant in queries], axis=0)
         q_local, r_local = np.nonzero(sims >= threshold32)
         q_rows, r_rows = q_local + block.start, r_local + block.start
         forward = r_rows > q_rows
@@ -228,19 +194,18 @@ def find_pairs(
     ids = _check_inputs(index, vectors, ids)
     rows = rows or slice(0, len(vectors))
     _check_engine(index, knn_cap)
-    metric = _Metric.of(vectors)
     exact_scores = _stores_exact_vectors(index)
     search_threshold = threshold if exact_scores else threshold - rerank_margin
     rescore = None if exact_scores else pair_similarity(vectors, query_transform)
     for local in iter_blocks(rows.stop - rows.start, block_size):
         block = slice(rows.start + local.start, rows.start + local.stop)
-        queries = metric.variants(vectors[block], query_transform)
+        queries = _variants(vectors[block], query_transform)
         if knn_cap is None and _is_cpu_float_flat(index):
-            found = _upper_triangle_candidates(metric, vectors, queries, block.start, search_threshold)
+            found = _upper_triangle_candidates(vectors, queries, block.start, search_threshold)
         elif knn_cap is None:
-            found = _range_candidates(index, metric, queries, block.start, search_threshold)
+            found = _range_candidates(index, queries, block.start, search_threshold)
         else:
-            found = _knn_candidates(index, metric, vectors, queries, block.start, search_threshold, knn_cap)
+            found = _knn_candidates(index, vectors, queries, block.start, search_threshold, knn_cap)
         q_rows, r_rows, sims = found
         if rescore is not None:
             q_rows, r_rows = _unique_forward(q_rows, r_rows, len(vectors))
@@ -267,8 +232,8 @@ def _check_inputs(index, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
             f"vectors ({len(vectors)}), ids ({len(ids)}) and index ({index.ntotal}) must have the same length: "
             "build the index from exactly these rows, in order"
         )
-    if (vectors.dtype == np.uint8) != isinstance(index, faiss.IndexBinary):
-        raise ValueError("binary indexes need packed uint8 codes and float indexes float vectors")
+    if not np.issubdtype(vectors.dtype, np.floating):
+        raise ValueError(f"vectors must be float rows, got {vectors.dtype}")
     return ids
 
 
@@ -282,7 +247,7 @@ def _check_engine(index, knn_cap: int | None) -> None:
             "faiss GPU indexes have no range search",
             hint="pass knn_cap (at most 2048 on GPU); saturated queries are redone exactly on CPU",
         )
-    if not isinstance(index, faiss.IndexBinary) and isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
         raise DedupError(
             "HNSW range search explores only efSearch candidates and would truncate large duplicate groups",
             hint="pass knn_cap (e.g. 64): queries whose knn_cap-th neighbour still passes are redone exactly",
@@ -290,17 +255,13 @@ def _check_engine(index, knn_cap: int | None) -> None:
 
 
 def _is_gpu_index(index) -> bool:
-    if isinstance(index, faiss.IndexBinary):
-        return type(index).__name__.startswith("Gpu")
     return type(faiss.downcast_index(index)).__name__.startswith("Gpu") or isinstance(
         index, (faiss.IndexReplicas, faiss.IndexShards)
     )
 
 
 def _stores_exact_vectors(index) -> bool:
-    """True where the index's scores are exact (uncompressed float or binary codes)."""
-    if isinstance(index, faiss.IndexBinary):
-        return True
+    """True where the index's scores are exact (uncompressed float vectors)."""
     if isinstance(index, (faiss.IndexReplicas, faiss.IndexShards)) and index.count():
         index = index.at(0)  # index_cpu_to_all_gpus wraps one copy per GPU
     cpu = faiss.downcast_index(index)
@@ -313,12 +274,12 @@ def _stores_exact_vectors(index) -> bool:
 
 
 def _is_cpu_float_flat(index) -> bool:
-    if isinstance(index, faiss.IndexBinary) or _is_gpu_index(index):
+    if _is_gpu_index(index):
         return False
     return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
 
 
-def _upper_triangle_candidates(metric: _Metric, vectors: np.ndarray, queries: np.ndarray, row0: int, threshold: float):
+def _upper_triangle_candidates(vectors: np.ndarray, queries: np.ndarray, row0: int, threshold: float):
     """Exact self-join of a flat index against rows >= row0 only.
 
     A pair is kept from its smaller row anyway, so the lower triangle a range
@@ -332,7 +293,7 @@ def _upper_triangle_candidates(metric: _Metric, vectors: np.ndarray, queries: np
         first_row = row0 + q_part.start
         for t_part in iter_blocks(len(vectors) - first_row, UPPER_TARGET_ROWS):
             start = first_row + t_part.start
-            targets = metric.rows(vectors[start : first_row + t_part.stop])
+            targets = _rows(vectors[start : first_row + t_part.stop])
             sims = part[0] @ targets.T
             for variant in part[1:]:
                 np.maximum(sims, variant @ targets.T, out=sims)
@@ -341,25 +302,25 @@ def _upper_triangle_candidates(metric: _Metric, vectors: np.ndarray, queries: np
     return _concat(found)
 
 
-def _range_candidates(index, metric: _Metric, queries: np.ndarray, row0: int, threshold: float):
-    radius = metric.range_radius(threshold)
+def _range_candidates(index, queries: np.ndarray, row0: int, threshold: float):
+    radius = _range_radius(threshold)
     found = []
     for variant in queries:
         lims, distances, labels = index.range_search(variant, radius)
         q_local = np.repeat(np.arange(len(variant), dtype=np.int64), np.diff(lims).astype(np.int64))
-        found.append((q_local + row0, labels, metric.similarity(distances)))
+        found.append((q_local + row0, labels, distances))
     return _concat(found)
 
 
 def _knn_candidates(
-    index, metric: _Metric, vectors: np.ndarray, queries: np.ndarray, row0: int, threshold: float, k: int
+    index, vectors: np.ndarray, queries: np.ndarray, row0: int, threshold: float, k: int
 ):
     """k-NN per variant; queries whose k-th hit still passes are redone exhaustively."""
     threshold32 = _as_float32(threshold)
     found, saturated = [], np.zeros(queries.shape[1], dtype=bool)
     for variant in queries:
         distances, labels = index.search(variant, k)
-        sims = metric.similarity(distances)
+        sims = distances
         valid = (labels >= 0) & (sims >= threshold32)
         saturated |= valid[:, -1]
         q_local, rank = np.nonzero(valid)
@@ -369,23 +330,23 @@ def _knn_candidates(
     candidates = [(q_rows[keep], r_rows[keep], sims[keep])]
     if saturated.any():
         sat_rows = np.flatnonzero(saturated)
-        candidates.append(_exact_range(metric, vectors, queries[:, sat_rows], sat_rows + row0, threshold))
+        candidates.append(_exact_range(vectors, queries[:, sat_rows], sat_rows + row0, threshold))
     return _concat(candidates)
 
 
-def _exact_range(metric: _Metric, vectors: np.ndarray, queries: np.ndarray, q_rows: np.ndarray, threshold: float):
+def _exact_range(vectors: np.ndarray, queries: np.ndarray, q_rows: np.ndarray, threshold: float):
     """Exhaustive CPU range search of (t, s, d) query variants against the rows after min(q_rows)."""
-    radius = metric.range_radius(threshold)
+    radius = _range_radius(threshold)
     first = int(q_rows.min()) + 1  # the forward rule never needs rows <= the query
     found = []
     for chunk in iter_blocks(len(vectors) - first, EXACT_REDO_CHUNK):
         start = first + chunk.start
-        flat = faiss.IndexBinaryFlat(metric.nbits) if metric.binary else faiss.IndexFlatIP(vectors.shape[1])
-        flat.add(metric.rows(vectors[start : first + chunk.stop]))
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(_rows(vectors[start : first + chunk.stop]))
         for variant in queries:
             lims, distances, labels = flat.range_search(variant, radius)
             which = np.repeat(np.arange(len(variant)), np.diff(lims).astype(np.int64))
-            found.append((q_rows[which], labels + start, metric.similarity(distances)))
+            found.append((q_rows[which], labels + start, distances))
     return _concat(found)
 
 
@@ -417,9 +378,8 @@ def find_pairs_ivf_join(
     if ids.dtype != np.int64 or len(ids) != len(vectors):
         raise ValueError("ids must be int64 and row-aligned with vectors")
     ivf = _cpu_float_ivf(index)
-    metric = _Metric.of(vectors)
     nprobe = min(nprobe or ivf.nprobe, ivf.nlist)
-    member_cell, probes = _cells_and_probes(ivf.quantizer, metric, vectors, query_transform, nprobe)
+    member_cell, probes = _cells_and_probes(ivf.quantizer, vectors, query_transform, nprobe)
     members = _CellIndex(member_cell, ivf.nlist)
     probing = _CellIndex(probes.ravel(), ivf.nlist)
     entries_per_row = probes.shape[1] * probes.shape[2]
@@ -430,17 +390,17 @@ def find_pairs_ivf_join(
             entries = probing.rows(cell)
             if len(member_rows) and len(entries):
                 query_rows, variant = entries // entries_per_row, (entries // nprobe) % probes.shape[1]
-                found.append(_join_cell(metric, vectors, query_transform, query_rows, variant, member_rows, threshold))
+                found.append(_join_cell(vectors, query_transform, query_rows, variant, member_rows, threshold))
         yield _rows_to_pairs(*_concat(found), ids, len(vectors))
         if progress is not None:
             progress(cells.stop - cells.start)
 
 
 def _cpu_float_ivf(index):
-    if isinstance(index, faiss.IndexBinary) or _is_gpu_index(index):
+    if _is_gpu_index(index):
         raise DedupError(
             "find_pairs_ivf_join needs a CPU float IVF index",
-            hint="use find_pairs for binary and GPU indexes",
+            hint="use find_pairs for GPU indexes",
         )
     try:
         return faiss.extract_index_ivf(index)
@@ -459,14 +419,14 @@ class _CellIndex:
         return self.order[self.bounds[cell] : self.bounds[cell + 1]]
 
 
-def _cells_and_probes(quantizer, metric: _Metric, vectors, query_transform, nprobe: int, block_size: int = 65536):
+def _cells_and_probes(quantizer, vectors, query_transform, nprobe: int, block_size: int = 65536):
     """Home cell of every row, and the (n, t, nprobe) cells probed by its variants."""
     n = len(vectors)
     member_cell = np.empty(n, dtype=np.int32)
     probes = None
     for block in iter_blocks(n, block_size):
-        rows = metric.rows(vectors[block])
-        variants = metric.variants(rows, query_transform)
+        rows = _rows(vectors[block])
+        variants = _variants(rows, query_transform)
         if probes is None:
             probes = np.empty((n, len(variants), nprobe), dtype=np.int32)
         for t, variant in enumerate(variants):
@@ -479,16 +439,16 @@ def _cells_and_probes(quantizer, metric: _Metric, vectors, query_transform, npro
     return member_cell, probes
 
 
-def _join_cell(metric: _Metric, vectors, query_transform, query_rows, variant, member_rows, threshold: float):
+def _join_cell(vectors, query_transform, query_rows, variant, member_rows, threshold: float):
     """Pairs (query row < member row) between one cell's members and the queries probing it."""
     last_member = member_rows.max()
     useful = query_rows < last_member  # the forward rule needs a member after the query
     query_rows, variant = query_rows[useful], variant[useful]
     unique_rows, position = np.unique(query_rows, return_inverse=True)
-    variants = metric.variants(vectors[unique_rows], query_transform)
+    variants = _variants(vectors[unique_rows], query_transform)
     queries = variants[variant, position]
-    targets = metric.rows(vectors[member_rows])
-    sims = _similarity_matrix(metric, queries, targets)
+    targets = _rows(vectors[member_rows])
+    sims = _similarity_matrix(queries, targets)
     q_idx, m_idx = np.nonzero(sims >= _as_float32(threshold))
     q, r = query_rows[q_idx], member_rows[m_idx]
     forward = r > q
@@ -552,13 +512,12 @@ def find_pairs_cells(
         raise ValueError("ids must be int64 and row-aligned with vectors")
     if query_transform is not None and quantizer is None:
         raise ValueError("query variants need the quantizer to choose their cells")
-    metric = _Metric.of(vectors)
     rows = rows or slice(0, len(vectors))
     for local in iter_blocks(rows.stop - rows.start, block_size):
         block = slice(rows.start + local.start, rows.start + local.stop)
-        queries = metric.variants(vectors[block], query_transform)
+        queries = _variants(vectors[block], query_transform)
         probes = _block_probes(lists, quantizer, queries, block)
-        yield from _join_block(metric, vectors, ids, lists, queries, probes, block.start, threshold, max_pairs)
+        yield from _join_block(vectors, ids, lists, queries, probes, block.start, threshold, max_pairs)
         if progress is not None:
             progress(block.stop - block.start)
 
@@ -573,7 +532,7 @@ def _block_probes(lists: CellLists, quantizer, queries: np.ndarray, block: slice
     return probes
 
 
-def _join_block(metric, vectors, ids, lists: CellLists, queries, probes, row0: int, threshold: float, max_pairs: int):
+def _join_block(vectors, ids, lists: CellLists, queries, probes, row0: int, threshold: float, max_pairs: int):
     t, b, nprobe = probes.shape
     cells = probes.reshape(-1)
     order = np.argsort(cells, kind="stable")
@@ -586,7 +545,7 @@ def _join_block(metric, vectors, ids, lists: CellLists, queries, probes, row0: i
         entries = order[start:end]
         if cell < 0:  # faiss pads with -1 when nprobe > nlist
             continue
-        for pairs in _join_cell_block(metric, vectors, lists, queries, entries // (b * nprobe),
+        for pairs in _join_cell_block(vectors, lists, queries, entries // (b * nprobe),
                                       (entries // nprobe) % b, cell, row0, threshold):
             found.append(pairs)
             pending += len(pairs[0])
@@ -608,7 +567,7 @@ def _to_pairs(variants: int, found, ids: np.ndarray, n: int) -> Pairs:
     return np.minimum(id_q, id_r), np.maximum(id_q, id_r), sims
 
 
-def _join_cell_block(metric, vectors, lists: CellLists, queries, variant, local, cell: int, row0: int,
+def _join_cell_block(vectors, lists: CellLists, queries, variant, local, cell: int, row0: int,
                      threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Pairs (query row < member row) between one cell's members and the block's queries probing it.
 
@@ -619,7 +578,7 @@ def _join_cell_block(metric, vectors, lists: CellLists, queries, variant, local,
     members = members[members > row0 + local.min()] if len(members) else members
     if not len(members):
         return
-    targets = metric.rows(vectors[members])
+    targets = _rows(vectors[members])
     by_row = np.argsort(local, kind="stable")
     local, variant = local[by_row], variant[by_row]
     rows_per_chunk = max(1, CELL_PRODUCT_ENTRIES // len(members) // len(queries))
@@ -627,7 +586,7 @@ def _join_cell_block(metric, vectors, lists: CellLists, queries, variant, local,
     for start, stop in zip(cuts, np.r_[cuts[1:], len(local)], strict=True):
         q_rows = local[start:stop] + row0
         useful = q_rows < members[-1]
-        sims = _similarity_matrix(metric, queries[variant[start:stop][useful], local[start:stop][useful]], targets)
+        sims = _similarity_matrix(queries[variant[start:stop][useful], local[start:stop][useful]], targets)
         q_idx, m_idx = np.nonzero(sims >= _as_float32(threshold))
         q, r = q_rows[useful][q_idx], members[m_idx]
         forward = r > q

@@ -203,10 +203,7 @@ def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str,
         for part in ("probes.npy", "cell_rows.npy", "cell_bounds.npy", "quantizer.faiss"):
             cell_paths(directory, name)[part].unlink(missing_ok=True)
     with atomic_output(index_path) as tmp_index:
-        if spec.is_binary:
-            faiss.write_index_binary(index, str(tmp_index))
-        else:
-            faiss.write_index(faiss.index_gpu_to_cpu(index) if spec.use_gpu else index, str(tmp_index))
+        faiss.write_index(faiss.index_gpu_to_cpu(index) if spec.use_gpu else index, str(tmp_index))
     # The spec goes last: its presence marks a complete pair.
     with atomic_output(spec_path) as tmp_spec:
         tmp_spec.write_text(replace(spec, n_vectors=int(index.ntotal)).to_json())
@@ -223,8 +220,8 @@ def load_index(directory: str | os.PathLike, name: str, *, gpu: bool | None = No
         )
     spec = IndexSpec.from_json(spec_path.read_text())
     if gpu is not None:
-        spec = replace(spec, use_gpu=gpu and not spec.is_binary)
-    index = faiss.read_index_binary(str(index_path)) if spec.is_binary else faiss.read_index(str(index_path))
+        spec = replace(spec, use_gpu=gpu)
+    index = faiss.read_index(str(index_path))
     if spec.use_gpu:
         index = _to_gpu(index)
     apply_search_params(index, spec)
