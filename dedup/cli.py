@@ -120,6 +120,7 @@ ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x
 ByOpt = Annotated[str, typer.Option(help="copies, or risk (memorisation risk: copies, caption sameness, domains).")]
 TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing", help="Record local shards absent from a brace range (OUT/missing_shards.parquet) instead of stopping.")]
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
 ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
 ReadTimeoutOpt = Annotated[float, typer.Option("--read-timeout", help="Seconds to wait for the next bytes of a remote shard.")]
@@ -148,14 +149,15 @@ def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: flo
 
 def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
                engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None,
-               model_extra: dict | None = None, timeouts: tuple[float, float] = (30.0, 60.0)) -> Run:
+               model_extra: dict | None = None, timeouts: tuple[float, float] = (30.0, 60.0),
+               allow_missing: bool = False) -> Run:
     """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
     thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
     requested = Settings.build(
         shard_specs=shards, descriptors=descriptor or [], keep=keep or "best", memory=memory or DEFAULT_MEMORY,
         batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
         model_options={"model": model, "pretrained": pretrained, **(model_extra or {})},
-        connect_timeout_s=timeouts[0], read_timeout_s=timeouts[1],
+        connect_timeout_s=timeouts[0], read_timeout_s=timeouts[1], allow_missing=allow_missing,
     )
     given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory)) if value}
     _hold_lock(out)
@@ -220,6 +222,7 @@ def embed_command(
     retries: RetriesOpt = 2,
     connect_timeout: ConnectTimeoutOpt = 30.0,
     read_timeout: ReadTimeoutOpt = 60.0,
+    allow_missing: AllowMissingOpt = False,
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
     from dedup.stages.embed import embed
@@ -227,7 +230,7 @@ def embed_command(
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize},
-                     timeouts=(connect_timeout, read_timeout))
+                     timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing)
     print_embed_summary(embed(run), err_console)
     _exit_if_shards_failed(out)
 
@@ -333,6 +336,7 @@ def run_command(
     retries: RetriesOpt = 2,
     connect_timeout: ConnectTimeoutOpt = 30.0,
     read_timeout: ReadTimeoutOpt = 60.0,
+    allow_missing: AllowMissingOpt = False,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.pipeline import run_all
@@ -355,7 +359,7 @@ def run_command(
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      threshold, guard, memory, keep,
                      model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize},
-                     timeouts=(connect_timeout, read_timeout))
+                     timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing)
     print_top(run_all(run, with_report=report), out_console, top)
     _exit_if_shards_failed(out)
 

@@ -49,9 +49,9 @@ def _resolve(spec: str, base: Path) -> str:
     return os.path.normpath(str(base / spec))
 
 
-def expand_inputs(specs: list[str]) -> list[str]:
-    """Shard specs, with any data manifest replaced by its shards."""
+def expand_inputs(specs: list[str], missing: list[str] | None = None) -> list[str]:
+    """Shard specs, with any data manifest replaced by its shards (absent ones go to `missing` when given)."""
     expanded: list[str] = []
     for spec in specs:
         expanded.extend(load_data_manifest(spec)["shards"] if is_data_manifest(spec) else [spec])
-    return expand_shard_specs(expanded)
+    return expand_shard_specs(expanded, missing)

@@ -165,6 +165,8 @@ REMOVE_URLS = _schema(
     ("url", pa.string()), ("key", pa.string()), ("shard", pa.string()), ("sample_id", pa.int64()),
     ("cluster_id", pa.int64()), ("reason", pa.string()),
 )
+# OUT/missing_shards.parquet (--allow-missing): shards of the specs that did not exist when the run read them.
+MISSING_SHARDS = _schema(("url", pa.string()))
 # manifests/_index.parquet: shard location -> its manifest file, read once by the loader.
 MANIFEST_INDEX = _schema(
     ("shard_index", pa.int32()), ("shard", pa.string()), ("manifest", pa.string()), ("samples", pa.int64()),
@@ -199,7 +201,7 @@ IMG2DATASET_PARQUET = _schema(
 
 TABLES: dict[str, pa.Schema] = {
     "shards": SHARDS, "samples": SAMPLES, "embedding_metadata": EMBEDDING_METADATA, "edges": EDGES,
-    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST, "remove_urls": REMOVE_URLS,
+    "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST, "remove_urls": REMOVE_URLS, "missing_shards": MISSING_SHARDS,
     "contamination": CONTAMINATION, "contamination_pairs": CONTAMINATION_PAIRS, "evaluation_truth": EVALUATION_TRUTH,
     "overrides": OVERRIDES, "export_urls": EXPORT_URLS, "img2dataset_parquet": IMG2DATASET_PARQUET,
 }

@@ -79,6 +79,10 @@ class RunDir:
         return self.root / "remove_keys.parquet"
 
     @property
+    def missing_shards(self) -> Path:
+        return self.root / "missing_shards.parquet"
+
+    @property
     def overrides(self) -> Path:
         """Review decisions (dedup/stages/overrides.py), applied by cluster and manifests on every rerun."""
         return self.root / "overrides.parquet"

@@ -78,6 +78,8 @@ class Settings:
     # Remote shards (http, https): seconds to connect, and to wait for the next bytes.
     connect_timeout_s: float = 30.0
     read_timeout_s: float = 60.0
+    # Local shards absent from a brace range are recorded in OUT/missing_shards.parquet instead of stopping the run.
+    allow_missing: bool = False
     engine: EngineSettings = field(default_factory=EngineSettings)
     version: int = SETTINGS_VERSION
 
@@ -89,7 +91,7 @@ class Settings:
               keep: str = "best", memory: str | int = DEFAULT_MEMORY, batch_size: int = 64,
               workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
               engine: EngineSettings | None = None, cuda_available: bool | None = None,
-              connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0) -> Settings:
+              connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0, allow_missing: bool = False) -> Settings:
         """Validated settings for a new run; descriptors default from the registry (GPU or not).
 
         `model_options` are the CLI's model values (model, pretrained, ...): each descriptor keeps
@@ -102,7 +104,7 @@ class Settings:
             shard_specs=list(shard_specs or []), descriptors=names, keep=keep,
             memory_budget_bytes=parse_size(memory) if isinstance(memory, str) else int(memory),
             batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
-            connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+            connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, allow_missing=allow_missing,
         )
         settings.descriptor_options = {n: _shaping(builder_options(n, model_options or {})) for n in names}
         return settings.with_cuts(thresholds or {}, guards or {}).validated()
@@ -181,7 +183,7 @@ class Settings:
             changes["shard_specs"] = requested.shard_specs
         return replace(self, **changes, batch_size=requested.batch_size, workers=requested.workers,
                        device=requested.device, engine=requested.engine, connect_timeout_s=requested.connect_timeout_s,
-                       read_timeout_s=requested.read_timeout_s).validated()
+                       read_timeout_s=requested.read_timeout_s, allow_missing=requested.allow_missing).validated()
 
     # ------------------------------------------------------------ run.json
 

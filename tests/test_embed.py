@@ -177,3 +177,27 @@ def test_local_model_files_are_recorded_as_absolute_paths(tmp_path, monkeypatch)
     assert clip.options["pretrained"] == str(tmp_path / "weights.pt") and clip.options["model"] == "ViT-B-32"
     (tagged,) = builders("ViT-B-32", "laion2b_s34b_b79k")
     assert tagged.options["pretrained"] == "laion2b_s34b_b79k"
+
+
+def test_allow_missing_records_gaps_in_a_brace_range_and_a_rerun_adds_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from dedup.cli import app
+
+    for index in (0, 2):
+        shard(tmp_path / f"{index:05d}.tar", [f"k{index}"])
+    spec = str(tmp_path / "{00000..00002}.tar")
+    out = tmp_path / "out"
+    args = ["embed", spec, "--out", str(out), "--descriptor", "perceptual", "--workers", "0", "--no-progress"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "00001.tar" in refused.output and "--allow-missing" in refused.output
+    result = CliRunner().invoke(app, [*args, "--allow-missing"])
+    assert result.exit_code == 0, result.output
+    assert pd.read_parquet(out / "missing_shards.parquet")["url"].tolist() == [str(tmp_path / "00001.tar")]
+    assert len(pd.read_parquet(out / "shards.parquet")) == 2
+    shard(tmp_path / "00001.tar", ["k1"])  # the download finally succeeded
+    again = CliRunner().invoke(app, [*args, "--allow-missing"])
+    assert again.exit_code == 0, again.output
+    shards = pd.read_parquet(out / "shards.parquet")["url"].tolist()
+    assert shards[-1] == str(tmp_path / "00001.tar") and len(shards) == 3  # appended: ids of the others unchanged
+    assert not (out / "missing_shards.parquet").exists()

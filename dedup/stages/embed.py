@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dedup import decode
+from dedup.console import terminal_safe
 from dedup.descriptors import builder_options, cuda_available, descriptor_policy
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.engine import StageReport, TaskIncomplete, run_stage
@@ -224,6 +225,20 @@ def _with_url(url: str, message: str) -> str:
     return message if url in message else f"{url}: {message}"
 
 
+def record_missing(run: Run, missing: list[str]) -> None:
+    """OUT/missing_shards.parquet lists the absent shards of this run (none: no file); a later run adds them."""
+    import pandas as pd
+
+    from dedup.records import MISSING_SHARDS, write_record
+
+    if not missing:
+        run.missing_shards.unlink(missing_ok=True)
+        return
+    write_record(pd.DataFrame({"url": missing}), run.missing_shards, MISSING_SHARDS)
+    run.log(f"warning: {len(missing):,} shards do not exist (first: {terminal_safe(missing[0])}); "
+            f"recorded in {run.missing_shards.name}, rerun to add them once they do")
+
+
 def keys_in_several_shards(run: RunDir) -> int:
     """Distinct keys that occur in more than one shard (e.g. two img2dataset outputs both starting at 000000000).
 
@@ -285,7 +300,9 @@ def embed(run: Run) -> StageReport:
     from dedup.data_manifest import expand_inputs
 
     remove_stale_temp_files(run)
-    shards = record_shards(run, expand_inputs(run.settings.shard_specs))
+    missing: list[str] | None = [] if run.settings.allow_missing else None
+    shards = record_shards(run, expand_inputs(run.settings.shard_specs, missing))
+    record_missing(run, missing or [])
     builders = descriptor_builders(run.settings)
     _check_builders(builders, run)
     workers = resolve_workers(run.settings)

@@ -119,12 +119,16 @@ def shard_location(url: str) -> str:
     return url if is_remote(url) else str(Path(url).resolve())
 
 
-def expand_shard_specs(specs: Iterable[str]) -> list[str]:
-    """Brace patterns, globs and URLs -> ordered list of distinct shard URLs."""
+def expand_shard_specs(specs: Iterable[str], missing: list[str] | None = None) -> list[str]:
+    """Brace patterns, globs and URLs -> ordered list of distinct shard URLs.
+
+    A local shard that does not exist is an error, unless `missing` is a list: then it is
+    appended there (img2dataset leaves gaps in a brace range when a shard failed to download).
+    """
     shards: list[str] = []
     for spec in specs:
         for expanded in braceexpand(spec):
-            shards.extend(_expand_one(expanded))
+            shards.extend(_expand_one(expanded, missing))
     unique = list(dict.fromkeys(shards))
     if not unique:
         raise ShardSpecError(
@@ -134,7 +138,7 @@ def expand_shard_specs(specs: Iterable[str]) -> list[str]:
     return unique
 
 
-def _expand_one(spec: str) -> list[str]:
+def _expand_one(spec: str, missing: list[str] | None = None) -> list[str]:
     if is_remote(spec):
         return [spec]
     if any(ch in spec for ch in "*?["):
@@ -143,7 +147,11 @@ def _expand_one(spec: str) -> list[str]:
     if path.is_dir():
         return sorted(str(p) for p in path.iterdir() if is_shard_file(p.name) and p.is_file())
     if not path.exists():
-        raise ShardSpecError(f"shard {spec!r} does not exist", hint="check the path or the brace pattern's range")
+        if missing is not None:
+            missing.append(spec)
+            return []
+        raise ShardSpecError(f"shard {spec!r} does not exist",
+                             hint="check the path or the brace pattern's range (--allow-missing records gaps and goes on)")
     return [spec]
 
 
