@@ -114,3 +114,14 @@ def precomputed_run(source, out: Path, memory: str | int = "1GB"):
     settings = Settings.build(shard_specs=[str(source)], descriptors=["precomputed"], memory=memory,
                               engine=EngineSettings(show_progress=False))
     return Run.start(out, settings)
+
+
+@pytest.fixture(scope="module")
+def demo_copy(demo_session_run, tmp_path_factory):
+    """A private copy of the shared demo run, for tests that rerun stages or write overrides."""
+    import shutil
+
+    from dedup.run import RunDir
+
+    run = demo_session_run[0]
+    return RunDir(shutil.copytree(run.root, tmp_path_factory.mktemp("demo-copy") / "run", symlinks=True))

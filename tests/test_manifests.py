@@ -16,15 +16,11 @@ from dedup.image_quality import GRAYSCALE_MAX, colourfulness, content_fraction
 from dedup.records import RunDir, load_samples
 from dedup.run import Run
 from dedup.stages.manifests import KeepPolicy, decide_keep, manifests_stage
-from dedup.synth import build_demo
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keep_best")
-    shards, _ = build_demo(root / "shards")
-    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="first"), with_report=False)
-    return RunDir(root / "run")
+def demo_run(demo_copy):
+    return demo_copy  # a private copy of the shared demo run
 
 
 def _largest_cluster_kept(run: RunDir, keep: str) -> tuple[pd.Series, pd.DataFrame]:

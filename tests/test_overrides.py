@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import make_run
 from typer.testing import CliRunner
 
 from dedup import pipeline
@@ -19,17 +18,13 @@ from dedup.stages.cluster import cluster
 from dedup.stages.manifests import manifests_stage
 from dedup.stages.overrides import OVERRIDES_SCHEMA, load_overrides, overrides_path, review_row
 from dedup.stages.report import build_report_html
-from dedup.synth import build_demo
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("overrides")
-    shards, _ = build_demo(root / "shards")
-    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="best"), with_report=False)
-    return RunDir(root / "run")
+def demo(demo_copy):
+    return demo_copy  # a private copy of the shared demo run
 
 
 def _review(run: RunDir, *args: str) -> None:

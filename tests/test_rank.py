@@ -6,17 +6,13 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import make_run
 from typer.testing import CliRunner
 
-from dedup import pipeline
 from dedup.cli import app
 from dedup.errors import DedupError
-from dedup.records import RunDir
 from dedup.run import Run
 from dedup.settings import Settings
 from dedup.stages.rank import normalise_caption, rank, rank_clusters, risk_score
-from dedup.synth import build_demo
 
 
 def _members(cluster_id: int, captions: list, urls: list[str]) -> list[dict]:
@@ -64,11 +60,8 @@ def test_unknown_order_is_a_user_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rank")
-    shards, _ = build_demo(root / "shards")
-    pipeline.run_all(make_run(root / "run", [str(p) for p in shards], keep="best"), with_report=False)
-    return RunDir(root / "run")
+def demo_run(demo_copy):
+    return demo_copy  # a private copy of the shared demo run
 
 
 def test_demo_ranking_has_the_new_columns_and_sorts_by_risk(demo_run):
