@@ -1,0 +1,71 @@
+"""Optional CUDA-graph replay of the clip image tower (`ClipDescriptor(cuda_graphs=True)`).
+
+A ViT-B/32 forward is a few hundred small kernels; at small batch sizes their
+launch cost can bound the GPU. A graph records them once per batch shape and
+replays them in one launch. Off by default: whether it pays at the batch sizes
+the pipeline uses has not been measured yet (benchmarks/bench_gpu_embed.py
+reports both when run with --cuda-graphs on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_WARMUP_RUNS = 3  # side-stream runs before capture, as torch.cuda.graphs asks
+
+
+class GraphedEncoder:
+    """`model.encode_image` replayed from one CUDA graph per input shape.
+
+    Batches smaller than `batch_size` are zero-padded to it, so the short last
+    batch of a run replays the same graph instead of capturing a new one.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
+                 batch_size: int) -> None:
+        self.model, self.device, self.autocast_dtype = model, device, autocast_dtype
+        self.batch_size = batch_size
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _context(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # The autocast weight cache cannot live across graph capture and replay.
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _capture(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = example.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode(), self._context():
+            for _ in range(_WARMUP_RUNS):
+                self.model.encode_image(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode(), self._context():
+            static_out = self.model.encode_image(static_in)
+        return graph, static_in, static_out
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) > self.batch_size:
+            return torch.cat([self(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
+        count = len(batch)
+        if count < self.batch_size:
+            pad = batch.new_zeros((self.batch_size - count, *batch.shape[1:]))
+            batch = torch.cat([batch, pad]).contiguous(memory_format=_memory_format(batch))
+        return self._replay(batch)[:count]
+
+    def _replay(self, batch: torch.Tensor) -> torch.Tensor:
+        key = (tuple(batch.shape), batch.dtype, batch.is_contiguous(memory_format=torch.channels_last))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(batch)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out.clone()
+
+
+def _memory_format(batch: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if batch.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format

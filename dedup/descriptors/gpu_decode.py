@@ -1,0 +1,291 @@
+"""Batched GPU preprocessing for `clip`: JPEG bytes -> nvJPEG -> one batched resize + crop + normalise.
+
+Why: on a GPU the model outruns CPU JPEG decoding and PIL resizing (clip-retrieval
+is bound there, at about 2,500 images/s per A100). Here baseline JPEGs are decoded
+by nvJPEG (`torchvision.io.decode_jpeg(device='cuda')`, which uses the chip's
+hardware JPEG engines where it has them), and all images of a batch are resized
+and centre-cropped by two batched matrix products whose rows are PIL's own
+resampling weights. The pixels therefore match the CPU path (open_clip's
+preprocess on PIL) to within a rounding step, without a per-image PIL call.
+
+Which samples go to the GPU is decided from the header alone (`gpu_route`):
+baseline JPEGs in RGB or grayscale, no EXIF rotation, ending in an end-of-image
+marker, within the size limits. Everything else (PNG, WebP, CMYK, progressive,
+rotated, truncated, too small, too large) takes the CPU decoder
+(`dedup.decode.decode_image`) exactly as the CPU pipeline does, so its status is
+the one the CPU pipeline records. A JPEG that the decoder still rejects comes
+back as None from `decode`, for the caller to decode again on the CPU, alone:
+a bad image never fails its batch.
+
+The device is a parameter: the same code runs with device='cpu' (decode_jpeg on
+CPU tensors), which is how the tests check it against the per-image path.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from dedup import decode
+from dedup.errors import DedupError
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec, which has no batched nvJPEG path yet;
+# the warning would repeat on every batch.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+SUPPORTED_RESIZE_MODES = ("shortest", "squash")
+# nvJPEG decodes a whole image at full size: beyond 16 MP the CPU's DCT-domain downscale (PIL draft) is cheaper.
+DEFAULT_MAX_GPU_PIXELS = 4096 * 4096
+# float32 elements of one padded resize group (1 GiB); bounds the GPU memory one batch takes.
+_GROUP_ELEMENTS = 2**28
+# A group may hold at most this many padded pixels per real pixel before a new group starts.
+_MAX_PADDING_RATIO = 2.0
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
+
+# ---------------------------------------------------------------- routing (reader side, no torch work)
+
+
+def gpu_route(
+    data: bytes | None,
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+    min_side: int = decode.DEFAULT_MIN_SIDE,
+    max_gpu_pixels: int = DEFAULT_MAX_GPU_PIXELS,
+) -> tuple[int, int] | None:
+    """(height, width) where the GPU decoder can take these bytes, else None (the CPU decoder decides)."""
+    if not data or not data.startswith(_JPEG_START) or not _ends_with_eoi(data):
+        return None
+    header = _header(data)
+    if header is None:
+        return None
+    width, height = header
+    if width * height > min(max_pixels, max_gpu_pixels) or min(width, height) < min_side:
+        return None
+    return height, width
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    # A JPEG cut short has no end marker: the CPU decoder records it as truncated, as the CPU path does.
+    return data[-64:].rstrip(b"\x00").endswith(_JPEG_END)
+
+
+def _header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a plain baseline RGB/gray JPEG with no rotation; None for anything else."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                plain = image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive")
+                if not plain or decode._exif_orientation(image) != 1:
+                    return None
+                return image.size
+    except Exception:  # noqa: BLE001 - an unreadable header is the CPU decoder's to report
+        return None
+
+
+# ---------------------------------------------------------------- PIL's resampling weights, batched
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic kernel (a = -0.5)."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x.abs()).clamp(min=0.0)
+
+
+_FILTERS = {"bicubic": (2.0, _bicubic), "bilinear": (1.0, _triangle)}
+
+
+def resample_weights(
+    in_sizes: Sequence[int], out_sizes: Sequence[int], offsets: Sequence[int], out_len: int, max_in: int,
+    interpolation: str, device: torch.device,
+) -> torch.Tensor:
+    """(B, out_len, max_in) float32: row o of image b is PIL's filter for output pixel offsets[b] + o.
+
+    This is PIL's `precompute_coeffs` (antialiased: the kernel widens by the
+    downscale factor) evaluated densely; columns past an image's size are zero,
+    so zero padding of the input contributes nothing.
+    """
+    support, kernel = _FILTERS[interpolation]
+    f64 = {"dtype": torch.float64, "device": device}
+    size_in = torch.tensor(list(in_sizes), **f64)[:, None, None]
+    scale = size_in / torch.tensor(list(out_sizes), **f64)[:, None, None]
+    filterscale = scale.clamp(min=1.0)
+    reach = support * filterscale
+    out_index = torch.arange(out_len, **f64)[None, :, None] + torch.tensor(list(offsets), **f64)[:, None, None]
+    center = (out_index + 0.5) * scale
+    first = torch.trunc(center - reach + 0.5).clamp(min=0.0)
+    stop = torch.minimum(torch.trunc(center + reach + 0.5), size_in)
+    source = torch.arange(max_in, **f64)[None, None, :]
+    weights = torch.where((source >= first) & (source < stop), kernel((source - center + 0.5) / filterscale), 0.0)
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.where(total != 0, weights / total, weights).float()
+
+
+def _round_to_uint8_range(values: torch.Tensor) -> torch.Tensor:
+    # PIL rounds half up and clips after each 8-bit pass.
+    return torch.floor(values + 0.5).clamp_(0.0, 255.0)
+
+
+def resized_size(height: int, width: int, size: int, resize_mode: str) -> tuple[int, int]:
+    """torchvision's Resize(int) on PIL (shorter side -> size, longer truncated), or a squash to size x size."""
+    if resize_mode == "squash":
+        return size, size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
+def crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision's CenterCrop offsets (top, left)."""
+    return round((height - size) / 2.0), round((width - size) / 2.0)
+
+
+def padding_groups(shapes: Sequence[tuple[int, int]], max_elements: int = _GROUP_ELEMENTS) -> list[list[int]]:
+    """Indexes of similar-sized images, sorted by size, each group cheap to zero-pad to its largest member."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in order:
+        height, width = shapes[index]
+        grown = current + [index]
+        padded = len(grown) * max(shapes[i][0] for i in grown) * max(shapes[i][1] for i in grown)
+        if current and (3 * padded > max_elements or padded > _MAX_PADDING_RATIO * (real + height * width)):
+            groups.append(current)
+            grown, real = [index], 0
+        current, real = grown, real + height * width
+    if current:
+        groups.append(current)
+    return groups
+
+
+# ---------------------------------------------------------------- the batched preprocess
+
+
+def supports_preprocess(preprocess: dict[str, Any]) -> bool:
+    """Whether `BatchPreprocess` reproduces this open_clip preprocess (square input, shortest/squash, PIL filter)."""
+    size = preprocess["size"]
+    square = isinstance(size, (int, float)) or (len(size) == 2 and int(size[0]) == int(size[1]))
+    mode = preprocess.get("resize_mode") or "shortest"
+    return square and mode in SUPPORTED_RESIZE_MODES and (preprocess.get("interpolation") or "bicubic") in _FILTERS
+
+
+class BatchPreprocess:
+    """open_clip's eval preprocess for a whole batch on one device: decode, resize, crop, normalise."""
+
+    def __init__(self, preprocess: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        if not supports_preprocess(preprocess):
+            raise DedupError(
+                f"GPU decoding supports square inputs, resize modes {', '.join(SUPPORTED_RESIZE_MODES)} and "
+                f"bicubic or bilinear resampling, not {preprocess.get('resize_mode')!r} with "
+                f"{preprocess.get('interpolation')!r} at size {preprocess['size']}",
+                hint="run clip with gpu_decode=False (the CPU preprocess handles every open_clip mode)",
+            )
+        size = preprocess["size"]
+        self.size = int(size) if isinstance(size, (int, float)) else int(size[0])
+        self.resize_mode = preprocess.get("resize_mode") or "shortest"
+        self.interpolation = preprocess.get("interpolation") or "bicubic"
+        self.device = torch.device(device)
+        self.mean = torch.tensor(preprocess["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._pin = self.device.type == "cuda"
+
+    # -- decode ------------------------------------------------------------
+
+    def decode(self, datas: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """JPEG bytes -> (3, h, w) uint8 tensors on the device; None where this decoder rejects the bytes."""
+        if not datas:
+            return []
+        encoded = self._host_tensors(datas)
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            # One bad image fails the whole call (no partial results): find it by decoding one at a time.
+            return [self._decode_one(tensor) for tensor in encoded]
+
+    def _decode_one(self, encoded: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return None
+
+    def _host_tensors(self, datas: Sequence[bytes]) -> list[torch.Tensor]:
+        """One (pinned, on CUDA) host buffer holding every bitstream; the decoder reads slices of it."""
+        sizes = [len(d) for d in datas]
+        buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self._pin)
+        view = buffer.numpy()
+        tensors, start = [], 0
+        for data, size in zip(datas, sizes):
+            view[start : start + size] = np.frombuffer(data, dtype=np.uint8)
+            tensors.append(buffer[start : start + size])
+            start += size
+        return tensors
+
+    # -- geometry ----------------------------------------------------------
+
+    def resize_crop(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(3, h_i, w_i) uint8 images -> (n, 3, S, S) float32 holding whole numbers 0..255, as PIL would give."""
+        out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.float32, device=self.device)
+        shapes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        for group in padding_groups(shapes):
+            pixels = self._resize_group([images[i] for i in group], [shapes[i] for i in group])
+            out[torch.tensor(group, device=self.device)] = pixels
+        return out
+
+    def _resize_group(self, images: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        max_h, max_w = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        padded = torch.zeros((len(images), 3, max_h, max_w), dtype=torch.float32, device=self.device)
+        for slot, (image, (height, width)) in enumerate(zip(images, shapes)):
+            padded[slot, :, :height, :width].copy_(image)
+        plans = [self._plan(height, width) for height, width in shapes]
+        rows = resample_weights([s[0] for s in shapes], [p[0] for p in plans], [p[2] for p in plans],
+                                self.size, max_h, self.interpolation, self.device)
+        cols = resample_weights([s[1] for s in shapes], [p[1] for p in plans], [p[3] for p in plans],
+                                self.size, max_w, self.interpolation, self.device)
+        # PIL's order: the horizontal pass, rounded to 8 bits, then the vertical pass.
+        horizontal = _round_to_uint8_range(torch.matmul(padded, cols.transpose(1, 2).unsqueeze(1)))
+        return _round_to_uint8_range(torch.matmul(rows.unsqueeze(1), horizontal))
+
+    def _plan(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, resized width, crop top, crop left) for one image."""
+        new_h, new_w = resized_size(height, width, self.size, self.resize_mode)
+        top, left = crop_offsets(new_h, new_w, self.size) if self.resize_mode == "shortest" else (0, 0)
+        return new_h, new_w, top, left
+
+    # -- normalise ---------------------------------------------------------
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """0..255 pixels -> model input; the same float32 arithmetic as ClipDescriptor's CPU path."""
+        return (pixels.float().div(255) - self.mean) / self.std
+
+    def from_prepared(self, prepared: np.ndarray) -> torch.Tensor:
+        """(n, 3, S, S) uint8 from `ClipDescriptor.prepare` (the CPU fallback) -> device, via pinned memory."""
+        host = torch.from_numpy(np.ascontiguousarray(prepared))
+        if self._pin:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def __call__(self, datas: Sequence[bytes]) -> tuple[torch.Tensor, list[int]]:
+        """Bytes -> (normalised batch of the decoded ones, indexes of the ones the decoder rejected)."""
+        decoded = self.decode(datas)
+        failed = [i for i, image in enumerate(decoded) if image is None]
+        good = [image for image in decoded if image is not None]
+        if not good:
+            return torch.empty((0, 3, self.size, self.size), dtype=torch.float32, device=self.device), failed
+        return self.normalise(self.resize_crop(good)), failed
+

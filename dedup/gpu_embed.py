@@ -1,0 +1,418 @@
+"""Embed stage for clip with batched GPU decoding: parallel shard readers feed one model process.
+
+Used instead of `dedup.embed.EmbedStage` when clip is the only descriptor, its
+`gpu_decode` option is on (the default on CUDA) and the engine is local. Same
+files, same columns, same per-sample statuses, same resume rule (one task per
+shard, written when the shard is complete):
+
+* `readers` processes (one per core) each read whole shards, hash every sample
+  and route it from its header (`gpu_decode.gpu_route`): plain JPEGs travel to
+  the model process as bytes; everything else is decoded and prepared inside
+  the reader by the CPU path (`dedup.worker`), so CPU decoding uses every core.
+* The model process mixes the samples of every shard in flight into full
+  batches, whatever order the readers deliver them in; the engine's current
+  shard is flushed early so it never waits for a batch to fill.
+* Two threads overlap the GPU work: one decodes and preprocesses batch k+1 on
+  its own CUDA stream while the other runs the model on batch k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dedup import decode
+from dedup.descriptors.base import DescriptorBuilder
+from dedup.descriptors.gpu_decode import gpu_route
+from dedup.embed import _shard_stats
+from dedup.shards import RawSample, read_shard
+from dedup.store import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, write_array, write_table
+from dedup.worker import _base_row, _process_sample, cached_descriptor
+
+READ_CHUNK = 64  # samples per reader message: large enough to amortise pickling, small enough to interleave
+_POLL_S = 0.05
+
+
+# ---------------------------------------------------------------- reader side
+
+
+@dataclass
+class RoutedSample:
+    """One sample after its reader: a finished CPU result, or JPEG bytes for the GPU."""
+
+    shard_index: int
+    position: int
+    row: dict[str, Any]
+    prepared: np.ndarray | None = None  # the CPU path's (3, S, S) uint8
+    jpeg: RawSample | None = None  # kept whole so a rejected JPEG can take the CPU path
+
+    @property
+    def needs_model(self) -> bool:
+        return self.prepared is not None or self.jpeg is not None
+
+
+def route_sample(raw: RawSample, descriptor, max_pixels: int) -> RoutedSample:
+    """GPU route for plain JPEGs; the CPU pipeline's own per-sample code for everything else."""
+    shape = gpu_route(raw.image_bytes, max_pixels) if raw.failure is None else None
+    if shape is None:
+        processed = _process_sample(raw, [("clip", descriptor)], descriptor.min_side, max_pixels)
+        return RoutedSample(raw.shard_index, raw.position, processed.row, processed.prepared.get("clip"))
+    row = _base_row(raw)
+    row["sha256"] = hashlib.sha256(raw.image_bytes).hexdigest()
+    row["height"], row["width"] = shape
+    return RoutedSample(raw.shard_index, raw.position, row, jpeg=raw)
+
+
+def cpu_retry(sample: RoutedSample, descriptor, max_pixels: int) -> RoutedSample:
+    """A JPEG the batched decoder rejected: decoded alone on the CPU, whose verdict is the status."""
+    processed = _process_sample(sample.jpeg, [("clip", descriptor)], descriptor.min_side, max_pixels)
+    return RoutedSample(sample.shard_index, sample.position, processed.row, processed.prepared.get("clip"))
+
+
+def _chunked(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+    chunk: list[RawSample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def read_routed(shard_index: int, url: str, builder: DescriptorBuilder, max_pixels: int) -> Iterator[tuple]:
+    """Messages for one shard: ("items", shard, [RoutedSample]) ..., then ("end", shard, count)."""
+    descriptor = cached_descriptor(builder)
+    count = 0
+    for chunk in _chunked(read_shard(url, shard_index), READ_CHUNK):
+        yield "items", shard_index, [route_sample(raw, descriptor, max_pixels) for raw in chunk]
+        count += len(chunk)
+    yield "end", shard_index, count
+
+
+def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int) -> None:
+    while (job := jobs.get()) is not None:
+        shard_index, url = job
+        try:
+            for message in read_routed(shard_index, url, builder, max_pixels):
+                results.put(message)
+        except Exception:  # noqa: BLE001 - sent to the model process, which fails the shard's task
+            results.put(("error", shard_index, traceback.format_exc()))
+
+
+class ReaderPool:
+    """`readers` spawned processes reading the planned shards in order into one bounded queue."""
+
+    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, readers: int, max_pixels: int) -> None:
+        context = multiprocessing.get_context("spawn")  # the parent holds CUDA and torch threads
+        self.planned = {index for index, _ in plan}
+        self._jobs = context.Queue()
+        for job in plan:
+            self._jobs.put(job)
+        for _ in range(readers):
+            self._jobs.put(None)
+        # Bounded: readers block rather than pile decoded shards up in memory.
+        self._results = context.Queue(maxsize=readers * 4)
+        self._procs = [
+            context.Process(target=_reader_process, args=(self._jobs, self._results, builder, max_pixels), daemon=True)
+            for _ in range(readers)
+        ]
+        for proc in self._procs:
+            proc.start()
+
+    def get(self, timeout: float) -> tuple | None:
+        try:
+            return self._results.get(timeout=timeout)
+        except queue.Empty:
+            dead = [p.exitcode for p in self._procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a shard reader process died (exit code {dead[0]})") from None
+            return None
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(timeout=5)
+
+
+class InlineReader:
+    """readers=0: the same messages, read in this process (small runs and tests)."""
+
+    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, max_pixels: int) -> None:
+        self.planned = {index for index, _ in plan}
+        self._messages = (m for index, url in plan for m in read_routed(index, url, builder, max_pixels))
+
+    def get(self, timeout: float) -> tuple | None:
+        return next(self._messages, None)
+
+    def close(self) -> None:
+        self._messages.close()
+
+
+# ---------------------------------------------------------------- model side
+
+
+class GpuEmbedder:
+    """Batches of RoutedSample in, (sample, vector or None) out; preprocess and model overlap in two threads."""
+
+    def __init__(self, descriptor, max_pixels: int, depth: int = 2) -> None:
+        import torch
+
+        self.descriptor, self.max_pixels = descriptor, max_pixels
+        self.preprocess = descriptor.batch_preprocess()
+        cuda = descriptor.device.type == "cuda"
+        self._streams = (torch.cuda.Stream(descriptor.device), torch.cuda.Stream(descriptor.device)) if cuda else None
+        self._todo: queue.Queue = queue.Queue(maxsize=depth)
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._done: queue.Queue = queue.Queue()
+        self.in_flight = 0
+        self._error: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._guarded, args=(self._preprocess_loop,), daemon=True),
+            threading.Thread(target=self._guarded, args=(self._model_loop,), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, batch: list[RoutedSample]) -> None:
+        while True:  # a dead thread must raise here, not leave the put blocked forever
+            self._raise_if_failed()
+            try:
+                self._todo.put(batch, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        self.in_flight += 1
+
+    def results(self, timeout: float | None) -> list[tuple[RoutedSample, np.ndarray | None]]:
+        """One finished batch (waiting up to `timeout`; None waits not at all), or []."""
+        self._raise_if_failed()
+        try:
+            done = self._done.get(timeout=timeout) if timeout else self._done.get_nowait()
+        except queue.Empty:
+            return []
+        self.in_flight -= 1
+        return done
+
+    def close(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._todo.put(None, timeout=1)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    # -- threads -----------------------------------------------------------
+
+    def _guarded(self, loop) -> None:
+        try:
+            loop()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+            self._done.put([])
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"GPU embedding failed: {type(self._error).__name__}: {self._error}") from self._error
+
+    def _stream(self, which: int):
+        import torch
+
+        return torch.cuda.stream(self._streams[which]) if self._streams else contextlib.nullcontext()
+
+    def _preprocess_loop(self) -> None:
+        while (batch := self._todo.get()) is not None:
+            with self._stream(0):
+                prepared = self._prepare(batch)
+                event = self._record(prepared[1])
+            self._ready.put((*prepared, event))
+        self._ready.put(None)
+
+    def _model_loop(self) -> None:
+        while (item := self._ready.get()) is not None:
+            embedded, model_input, skipped, event = item
+            with self._stream(1):
+                if event is not None:
+                    self._streams[1].wait_event(event)
+                    model_input.record_stream(self._streams[1])  # allocated on the preprocess stream
+                vectors = self.descriptor.encode_normalised(model_input)
+            self._done.put(list(zip(embedded, vectors)) + [(s, None) for s in skipped])
+
+    def _record(self, tensor):
+        if self._streams is None:
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(self._streams[0])
+        return event
+
+    def _prepare(self, batch: list[RoutedSample]):
+        """-> (samples in model-input order, model input, samples that failed on the CPU retry too)."""
+        import torch
+
+        jpegs = [s for s in batch if s.jpeg is not None]
+        gpu_input, rejected = self.preprocess([s.jpeg.image_bytes for s in jpegs])
+        rejected_set = set(rejected)
+        decoded = [s for i, s in enumerate(jpegs) if i not in rejected_set]
+        retried = [cpu_retry(jpegs[i], self.descriptor, self.max_pixels) for i in rejected]
+        on_cpu = [s for s in batch if s.jpeg is None] + [s for s in retried if s.prepared is not None]
+        parts = [gpu_input]
+        if on_cpu:
+            parts.append(self.preprocess.normalise(self.preprocess.from_prepared(np.stack([s.prepared for s in on_cpu]))))
+        return decoded + on_cpu, torch.cat(parts), [s for s in retried if s.prepared is None]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+class _ShardState:
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.vectors: dict[int, np.ndarray] = {}
+        self.expected: int | None = None
+        self.waiting = 0  # samples handed to the model and not back yet
+
+    def all_received(self) -> bool:
+        return self.expected is not None and len(self.rows) >= self.expected
+
+    def complete(self) -> bool:
+        return self.all_received() and self.waiting == 0
+
+
+class GpuClipEmbedStage:
+    """Picklable until it runs: builder and paths only; readers, threads and the model are made lazily."""
+
+    name = "embed"
+
+    def __init__(self, run: RunDir, shards: list[str], builder: DescriptorBuilder, readers: int | None = None,
+                 batch_size: int = 256, max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> None:
+        self.run_dir, self.shards, self.builder = run, shards, builder
+        self.readers = (os.cpu_count() or 1) if readers is None else readers
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self._feed: ReaderPool | InlineReader | None = None
+        self._embedder: GpuEmbedder | None = None
+        self._states: dict[int, _ShardState] = {}
+        self._pending: list[RoutedSample] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_feed": None, "_embedder": None, "_states": {}, "_pending": []}
+
+    def task_ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.shards))]
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        index = int(task_id)
+        try:
+            self._start(index)
+            state = self._states.setdefault(index, _ShardState())
+            while not state.complete():
+                self._step(state, progress)
+            return self._finish(index)
+        except BaseException:
+            self.close()  # a retry starts from clean readers and empty buffers
+            raise
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _start(self, index: int) -> None:
+        if self._feed is not None and index in self._feed.planned:
+            return
+        self.close()
+        later = [i for i in range(index + 1, len(self.shards)) if not self.run_dir.marker(self.name, str(i)).exists()]
+        plan = [(i, self.shards[i]) for i in [index, *later]]
+        if self.readers > 0:
+            self._feed = ReaderPool(plan, self.builder, min(self.readers, len(plan)), self.max_pixels)
+        else:
+            self._feed = InlineReader(plan, self.builder, self.max_pixels)
+        self._embedder = GpuEmbedder(cached_descriptor(self.builder), self.max_pixels)
+
+    def _step(self, state: _ShardState, progress) -> None:
+        embedder = self._embedder
+        if self._collect(embedder.results(timeout=None)):
+            return
+        if state.all_received():
+            # Everything of the current shard has arrived: send what is pending now, then wait for it.
+            if self._pending:
+                self._flush()
+            self._collect(embedder.results(timeout=_POLL_S))
+            return
+        message = self._feed.get(timeout=_POLL_S)
+        if message is None:
+            if embedder.in_flight:
+                self._collect(embedder.results(timeout=_POLL_S))
+            return
+        self._handle(message, progress)
+
+    def _handle(self, message: tuple, progress) -> None:
+        kind, shard_index, payload = message
+        state = self._states.setdefault(shard_index, _ShardState())
+        if kind == "error":
+            raise RuntimeError(f"reading shard {self.shards[shard_index]} failed:\n{payload}")
+        if kind == "end":
+            state.expected = payload
+            return
+        for sample in payload:
+            state.rows[sample.position] = sample.row
+            if sample.needs_model:
+                state.waiting += 1
+                self._pending.append(sample)
+        progress(len(payload))
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
+        self._embedder.submit(batch)
+
+    def _collect(self, results: list[tuple[RoutedSample, np.ndarray | None]]) -> bool:
+        for sample, vector in results:
+            state = self._states[sample.shard_index]
+            state.rows[sample.position] = sample.row
+            if vector is not None:
+                state.vectors[sample.position] = vector
+            state.waiting -= 1
+        return bool(results)
+
+    def _finish(self, index: int) -> dict[str, Any]:
+        state = self._states.pop(index)
+        rows = [state.rows[p] for p in sorted(state.rows)]
+        embedded = sorted(state.vectors)
+        dim = cached_descriptor(self.builder).dim
+        vectors = np.stack([state.vectors[p] for p in embedded]) if embedded else np.zeros((0, dim), np.float32)
+        meta_rows = [state.rows[p] for p in embedded]
+        metadata = pa.Table.from_pydict({n: [r[n] for r in meta_rows] for n in METADATA_SCHEMA.names},
+                                        schema=METADATA_SCHEMA)
+        write_array(vectors.astype(np.float16), self.run_dir.embedding_part(self.builder.name, index))
+        write_table(metadata, self.run_dir.metadata_part(self.builder.name, index))
+        samples = pa.Table.from_pydict({n: [r[n] for r in rows] for n in SAMPLES_SCHEMA.names}, schema=SAMPLES_SCHEMA)
+        write_table(samples, self.run_dir.samples_part(index))
+        return _shard_stats(rows)
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        self._feed, self._embedder, self._states, self._pending = None, None, {}, []
+
+
+def gpu_stage_for(run: RunDir, shards: list[str], builders: list[DescriptorBuilder], engine: str,
+                  readers: int | None, batch_size: int) -> GpuClipEmbedStage | None:
+    """The GPU-decode stage where it applies (clip alone, gpu_decode on, local engine), else None."""
+    if engine != "local" or len(builders) != 1 or builders[0].name != "clip":
+        return None
+    if not getattr(cached_descriptor(builders[0]), "gpu_decode", False):
+        return None
+    return GpuClipEmbedStage(run, shards, builders[0], readers=readers, batch_size=batch_size)

@@ -1,0 +1,141 @@
+"""The clip embed stage with batched decoding (dedup.gpu_embed), run on the CPU device against the CPU stage.
+
+Same shards, same tiny random-weight model: the samples tables must be equal
+(every status, error, size and hash), the embedding metadata equal, and each
+vector within 5% of the distance from its CPU twin to the nearest other image
+(JPEG decode of libjpeg-turbo in both; PIL-exact resampling weights; the
+shards' images are under 2x the model side, so PIL draft does not apply).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+
+from dedup import pipeline
+from dedup.descriptors.gpu_decode import gpu_route
+from dedup.gpu_embed import GpuClipEmbedStage
+from dedup.shards import read_shard
+from dedup.store import RunDir, load_embeddings, load_samples
+from dedup.synth import demo_photos, make_laion_like, write_shards
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+# 224 px input like ViT-B/32, but 2 layers of width 64: builds and runs in a blink.
+SMALL_224 = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+PER_SHARD = 24
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> tuple[str, str]:
+    directory = tmp_path_factory.mktemp("gpu_embed_model")
+    config = directory / "dedup-test-small224-clip.json"
+    config.write_text(json.dumps(SMALL_224))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = directory / "small224.pt"
+    torch.save(open_clip.create_model("dedup-test-small224-clip").state_dict(), checkpoint)
+    return str(config), str(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """3 shards of demo photos: JPEG copies, PNG/WebP copies and every bad kind."""
+    photos = demo_photos()
+    sources = [(p.name, p.image) for p in photos if not p.negative_of]
+    samples, _ = make_laion_like(sources, 3 * PER_SHARD, seed=3, bad_fraction=0.1, samples_per_shard=PER_SHARD,
+                                 max_side=300)
+    return [str(p) for p in write_shards(samples, tmp_path_factory.mktemp("gpu_embed_shards"), PER_SHARD)]
+
+
+def embed(shards, out, model_files, gpu_decode: bool, workers: int = 0):
+    model, pretrained = model_files
+    options = pipeline.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=pretrained,
+                                    device="cpu", batch_size=16, workers=workers, show_progress=False,
+                                    gpu_decode=gpu_decode)
+    return pipeline.embed(shards, out, options)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, shards, model_files) -> RunDir:
+    out = tmp_path_factory.mktemp("cpu_run")
+    embed(shards, out, model_files, gpu_decode=False)
+    return RunDir(out)
+
+
+def relative_error(reference: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    error = np.linalg.norm(reference - vectors, axis=1)
+    spread = np.linalg.norm(reference[:, None] - reference[None], axis=2)
+    np.fill_diagonal(spread, np.inf)
+    return error / spread.min(axis=1)
+
+
+def assert_same_outputs(run: RunDir, cpu_run: RunDir, tolerance: float) -> None:
+    pd.testing.assert_frame_equal(load_samples(run), load_samples(cpu_run))
+    for part in range(3):
+        pd.testing.assert_frame_equal(pd.read_parquet(run.metadata_part("clip", part)),
+                                      pd.read_parquet(cpu_run.metadata_part("clip", part)))
+    ids, vectors = load_embeddings(run, "clip")
+    cpu_ids, cpu_vectors = load_embeddings(cpu_run, "clip")
+    np.testing.assert_array_equal(ids, cpu_ids)
+    assert np.all(relative_error(cpu_vectors, vectors) < tolerance)
+
+
+def test_shards_exercise_both_routes_and_bad_samples(shards, cpu_run):
+    routed = [gpu_route(raw.image_bytes) is not None for i, s in enumerate(shards) for raw in read_shard(s, i)]
+    assert 0 < sum(routed) < len(routed)
+    statuses = set(load_samples(cpu_run)["status"])
+    assert {"ok", "truncated", "empty", "decode_error", "too_small", "missing_image"} <= statuses
+
+
+def test_inline_gpu_stage_matches_cpu_stage(tmp_path, shards, model_files, cpu_run):
+    report = embed(shards, tmp_path, model_files, gpu_decode=True)
+    assert report.stats["samples"] == 3 * PER_SHARD
+    assert_same_outputs(RunDir(tmp_path), cpu_run, tolerance=0.05)
+
+
+def test_pipeline_picks_the_gpu_stage_only_for_clip_with_gpu_decode(tmp_path, shards, model_files, monkeypatch):
+    seen = []
+    original = GpuClipEmbedStage.run_task
+    monkeypatch.setattr(GpuClipEmbedStage, "run_task", lambda self, *a: seen.append(1) or original(self, *a))
+    embed(shards[:1], tmp_path / "off", model_files, gpu_decode=False)
+    assert not seen
+    embed(shards[:1], tmp_path / "on", model_files, gpu_decode=True)
+    assert seen == [1]
+
+
+def test_resume_rewrites_only_the_missing_shard(tmp_path, shards, model_files, cpu_run):
+    embed(shards, tmp_path, model_files, gpu_decode=True)
+    run = RunDir(tmp_path)
+    run.marker("embed", "1").unlink()
+    run.samples_part(1).unlink()
+    kept = run.samples_part(2).stat().st_mtime_ns
+    report = embed(shards, tmp_path, model_files, gpu_decode=True)
+    assert (report.tasks_run, report.tasks_skipped) == (1, 2)
+    assert run.samples_part(2).stat().st_mtime_ns == kept
+    assert_same_outputs(run, cpu_run, tolerance=0.05)
+
+
+@pytest.mark.slow
+def test_parallel_readers_give_the_same_outputs(tmp_path, shards, model_files, cpu_run):
+    """Two spawned reader processes interleave three shards; outputs are those of the CPU stage."""
+    embed(shards, tmp_path, model_files, gpu_decode=True, workers=2)
+    assert_same_outputs(RunDir(tmp_path), cpu_run, tolerance=0.05)
+
+
+@pytest.mark.gpu
+def test_cuda_stage_matches_cpu_stage(tmp_path, shards, model_files, cpu_run):
+    model, pretrained = model_files
+    options = pipeline.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=pretrained,
+                                    device="cuda", batch_size=16, workers=2, show_progress=False)
+    pipeline.embed(shards, tmp_path, options)
+    assert_same_outputs(RunDir(tmp_path), cpu_run, tolerance=0.2)  # fp16 and nvJPEG's IDCT
