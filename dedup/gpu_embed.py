@@ -42,6 +42,7 @@ from dedup.worker import _base_row, _process_sample, cached_descriptor
 
 READ_CHUNK = 64  # samples per reader message: large enough to amortise pickling, small enough to interleave
 _POLL_S = 0.05
+_SHORT_POLL_S = 0.002  # while batches are in flight: wait briefly, then look at the other queue
 
 
 # ---------------------------------------------------------------- reader side
@@ -324,13 +325,22 @@ class GpuClipEmbedStage:
             self.close()  # a retry starts from clean readers and empty buffers
             raise
 
+    def prestart(self) -> None:
+        """Start the readers on the first unfinished shard now, so their start overlaps the model's load."""
+        pending = [i for i in range(len(self.shards)) if not self._done(i)]
+        if pending:
+            self._start(pending[0])
+
     # -- plumbing ----------------------------------------------------------
+
+    def _done(self, index: int) -> bool:
+        return self.run_dir.marker(self.name, str(index)).exists()
 
     def _start(self, index: int) -> None:
         if self._feed is not None and index in self._feed.planned:
             return
         self.close()
-        later = [i for i in range(index + 1, len(self.shards)) if not self.run_dir.marker(self.name, str(i)).exists()]
+        later = [i for i in range(index + 1, len(self.shards)) if not self._done(i)]
         plan = [(i, self.shards[i]) for i in [index, *later]]
         if self.readers > 0:
             self._feed = ReaderPool(plan, self.builder, min(self.readers, len(plan)), self.max_pixels)
@@ -339,21 +349,23 @@ class GpuClipEmbedStage:
         self._embedder = GpuEmbedder(cached_descriptor(self.builder), self.max_pixels)
 
     def _step(self, state: _ShardState, progress) -> None:
+        """One unit of work: collect a finished batch, flush the current shard's tail, or take a reader message.
+
+        Reader messages keep flowing while the current shard's last batch is on the
+        GPU, so later shards' batches queue behind it and the GPU never idles at a
+        shard boundary.
+        """
         embedder = self._embedder
         if self._collect(embedder.results(timeout=None)):
             return
-        if state.all_received():
-            # Everything of the current shard has arrived: send what is pending now, then wait for it.
-            if self._pending:
-                self._flush()
-            self._collect(embedder.results(timeout=_POLL_S))
+        if state.all_received() and self._pending:
+            self._flush()  # the current shard's tail goes now, in a short batch if need be
             return
-        message = self._feed.get(timeout=_POLL_S)
-        if message is None:
-            if embedder.in_flight:
-                self._collect(embedder.results(timeout=_POLL_S))
-            return
-        self._handle(message, progress)
+        message = self._feed.get(timeout=_SHORT_POLL_S if embedder.in_flight else _POLL_S)
+        if message is not None:
+            self._handle(message, progress)
+        elif embedder.in_flight:
+            self._collect(embedder.results(timeout=_SHORT_POLL_S))
 
     def _handle(self, message: tuple, progress) -> None:
         kind, shard_index, payload = message

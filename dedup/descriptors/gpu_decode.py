@@ -48,6 +48,7 @@ DEFAULT_MAX_GPU_PIXELS = 4096 * 4096
 _GROUP_ELEMENTS = 2**28
 # A group may hold at most this many padded pixels per real pixel before a new group starts.
 _MAX_PADDING_RATIO = 2.0
+_WEIGHT_CACHE_ENTRIES = 4096  # distinct (size, resized size, offset) axes kept; ~3.5 KB per 1000 px axis
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 
 
@@ -94,46 +95,40 @@ def _header(data: bytes) -> tuple[int, int] | None:
 # ---------------------------------------------------------------- PIL's resampling weights, batched
 
 
-def _bicubic(x: torch.Tensor) -> torch.Tensor:
+def _bicubic(x: np.ndarray) -> np.ndarray:
     """PIL's bicubic kernel (a = -0.5)."""
     a = -0.5
-    x = x.abs()
+    x = np.abs(x)
     near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
     far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _triangle(x: torch.Tensor) -> torch.Tensor:
-    return (1.0 - x.abs()).clamp(min=0.0)
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.clip(1.0 - np.abs(x), 0.0, None)
 
 
 _FILTERS = {"bicubic": (2.0, _bicubic), "bilinear": (1.0, _triangle)}
 
 
-def resample_weights(
-    in_sizes: Sequence[int], out_sizes: Sequence[int], offsets: Sequence[int], out_len: int, max_in: int,
-    interpolation: str, device: torch.device,
-) -> torch.Tensor:
-    """(B, out_len, max_in) float32: row o of image b is PIL's filter for output pixel offsets[b] + o.
+def resample_weights(size_in: int, size_out: int, offset: int, out_len: int, interpolation: str) -> np.ndarray:
+    """(out_len, size_in) float64: row o is PIL's filter for output pixel offset + o of a size_in -> size_out resize.
 
     This is PIL's `precompute_coeffs` (antialiased: the kernel widens by the
-    downscale factor) evaluated densely; columns past an image's size are zero,
-    so zero padding of the input contributes nothing.
+    downscale factor), evaluated densely so that a batch of images resizes as
+    one matrix product; rows are cut to the crop window by `offset`/`out_len`.
     """
     support, kernel = _FILTERS[interpolation]
-    f64 = {"dtype": torch.float64, "device": device}
-    size_in = torch.tensor(list(in_sizes), **f64)[:, None, None]
-    scale = size_in / torch.tensor(list(out_sizes), **f64)[:, None, None]
-    filterscale = scale.clamp(min=1.0)
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
     reach = support * filterscale
-    out_index = torch.arange(out_len, **f64)[None, :, None] + torch.tensor(list(offsets), **f64)[:, None, None]
-    center = (out_index + 0.5) * scale
-    first = torch.trunc(center - reach + 0.5).clamp(min=0.0)
-    stop = torch.minimum(torch.trunc(center + reach + 0.5), size_in)
-    source = torch.arange(max_in, **f64)[None, None, :]
-    weights = torch.where((source >= first) & (source < stop), kernel((source - center + 0.5) / filterscale), 0.0)
-    total = weights.sum(dim=-1, keepdim=True)
-    return torch.where(total != 0, weights / total, weights).float()
+    center = ((np.arange(out_len, dtype=np.float64) + offset + 0.5) * scale)[:, None]
+    first = np.maximum(np.trunc(center - reach + 0.5), 0.0)
+    stop = np.minimum(np.trunc(center + reach + 0.5), size_in)
+    source = np.arange(size_in, dtype=np.float64)[None, :]
+    weights = np.where((source >= first) & (source < stop), kernel((source - center + 0.5) / filterscale), 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    return np.divide(weights, total, out=weights, where=total != 0)
 
 
 def _round_to_uint8_range(values: torch.Tensor) -> torch.Tensor:
@@ -204,6 +199,7 @@ class BatchPreprocess:
         self.mean = torch.tensor(preprocess["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._pin = self.device.type == "cuda"
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     # -- decode ------------------------------------------------------------
 
@@ -253,13 +249,32 @@ class BatchPreprocess:
         for slot, (image, (height, width)) in enumerate(zip(images, shapes)):
             padded[slot, :, :height, :width].copy_(image)
         plans = [self._plan(height, width) for height, width in shapes]
-        rows = resample_weights([s[0] for s in shapes], [p[0] for p in plans], [p[2] for p in plans],
-                                self.size, max_h, self.interpolation, self.device)
-        cols = resample_weights([s[1] for s in shapes], [p[1] for p in plans], [p[3] for p in plans],
-                                self.size, max_w, self.interpolation, self.device)
+        rows = self._weights([(s[0], p[0], p[2]) for s, p in zip(shapes, plans)], max_h)
+        cols = self._weights([(s[1], p[1], p[3]) for s, p in zip(shapes, plans)], max_w)
         # PIL's order: the horizontal pass, rounded to 8 bits, then the vertical pass.
         horizontal = _round_to_uint8_range(torch.matmul(padded, cols.transpose(1, 2).unsqueeze(1)))
         return _round_to_uint8_range(torch.matmul(rows.unsqueeze(1), horizontal))
+
+    def _weights(self, axes: Sequence[tuple[int, int, int]], max_in: int) -> torch.Tensor:
+        """(B, S, max_in) weights for (input size, resized size, crop offset) per image.
+
+        Shards mostly hold a few image sizes (img2dataset resizes to a fixed
+        side), so each distinct axis is computed once and gathered per image.
+        """
+        unique = list(dict.fromkeys(axes))
+        stacked = torch.stack([torch.nn.functional.pad(self._axis_weights(a), (0, max_in - a[0])) for a in unique])
+        where = {axis: i for i, axis in enumerate(unique)}
+        return stacked[torch.tensor([where[a] for a in axes], device=self.device)]
+
+    def _axis_weights(self, axis: tuple[int, int, int]) -> torch.Tensor:
+        cached = self._cache.get(axis)
+        if cached is None:
+            if len(self._cache) >= _WEIGHT_CACHE_ENTRIES:
+                self._cache.clear()
+            weights = resample_weights(*axis, self.size, self.interpolation)
+            cached = torch.from_numpy(weights.astype(np.float32)).to(self.device)
+            self._cache[axis] = cached
+        return cached
 
     def _plan(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(resized height, resized width, crop top, crop left) for one image."""
