@@ -45,12 +45,12 @@ import numpy as np
 import open_clip
 import torch
 
-from dedup import pipeline
 from dedup.descriptors import DescriptorBuilder
 from dedup.descriptors.clip import ClipDescriptor
 from dedup.descriptors.gpu_decode import BatchPreprocess, gpu_route
-from dedup.gpu_embed import ReaderPool
-from dedup.shards import read_shard
+from dedup.stages import embed as embed_stage
+from dedup.stages.embed_gpu import ReaderPool
+from dedup.stages.read import read_shard
 from dedup.synth import demo_photos, make_laion_like, write_shards
 
 # 224 px input like ViT-B/32 but 2 narrow layers: the CPU check runs the same code in seconds.
@@ -193,16 +193,17 @@ class UtilisationSampler:
 
     def _read(self) -> float | None:
         try:
-            value = torch.cuda.utilization(self.device)
-            self.source = "torch.cuda.utilization"
-            return float(value)
+            value = float(torch.cuda.utilization(self.device))
         except Exception:  # noqa: BLE001 - pynvml missing or NVML unsupported: try the CLI
-            pass
+            return self._read_nvidia_smi()
+        self.source = "torch.cuda.utilization"
+        return value
+
+    def _read_nvidia_smi(self) -> float | None:
         if shutil.which("nvidia-smi") is None:
             return None
-        index = self.device.index or 0
-        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["nvidia-smi", f"--id={self.device.index or 0}", "--query-gpu=utilization.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5, check=False)
         self.source = "nvidia-smi"
         return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 and out.stdout.strip() else None
 
@@ -213,7 +214,7 @@ class UtilisationSampler:
                 return
             self.samples.append(value)
 
-    def __enter__(self) -> UtilisationSampler:
+    def __enter__(self):
         if self.device.type == "cuda":
             self._thread.start()
         return self
@@ -231,12 +232,12 @@ class UtilisationSampler:
 
 
 def pipeline_rates(shards: list[str], out: Path, args, model: str, checkpoint: str) -> tuple[float, float, dict]:
-    options = pipeline.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=checkpoint,
+    options = embed_stage.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=checkpoint,
                                     device=args.device, batch_size=args.batch_size, workers=args.readers,
                                     show_progress=False, gpu_decode=True)
     with UtilisationSampler(torch.device(args.device)) as sampler:
         start = time.perf_counter()
-        report = pipeline.embed(shards, out, options)
+        report = embed_stage.embed(shards, out, options)
         wall = time.perf_counter() - start
     samples = report.stats["samples"]
     statuses = {k.split(".", 1)[1]: v for k, v in report.stats.items() if k.startswith("status.")}

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dedup import pipeline
 from dedup.descriptors.gpu_decode import gpu_route
-from dedup.gpu_embed import GpuClipEmbedStage
-from dedup.shards import read_shard
-from dedup.store import RunDir, load_embeddings, load_samples
+from dedup.records import RunDir, load_embeddings, load_samples
+from dedup.stages import embed as embed_stage
+from dedup.stages.embed_gpu import GpuClipEmbedStage
+from dedup.stages.read import read_shard
 from dedup.synth import demo_photos, make_laion_like, write_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -59,10 +59,10 @@ def shards(tmp_path_factory) -> list[str]:
 
 def embed(shards, out, model_files, gpu_decode: bool, workers: int = 0):
     model, pretrained = model_files
-    options = pipeline.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=pretrained,
+    options = embed_stage.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=pretrained,
                                     device="cpu", batch_size=16, workers=workers, show_progress=False,
                                     gpu_decode=gpu_decode)
-    return pipeline.embed(shards, out, options)
+    return embed_stage.embed(shards, out, options)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_parallel_readers_give_the_same_outputs(tmp_path, shards, model_files, c
 @pytest.mark.gpu
 def test_cuda_stage_matches_cpu_stage(tmp_path, shards, model_files, cpu_run):
     model, pretrained = model_files
-    options = pipeline.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=pretrained,
+    options = embed_stage.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=pretrained,
                                     device="cuda", batch_size=16, workers=2, show_progress=False)
-    pipeline.embed(shards, tmp_path, options)
+    embed_stage.embed(shards, tmp_path, options)
     assert_same_outputs(RunDir(tmp_path), cpu_run, tolerance=0.2)  # fp16 and nvJPEG's IDCT

@@ -1,6 +1,6 @@
 """Embed stage for clip with batched GPU decoding: parallel shard readers feed one model process.
 
-Used instead of `dedup.embed.EmbedStage` when clip is the only descriptor, its
+Used instead of `dedup.stages.embed.EmbedStage` when clip is the only descriptor, its
 `gpu_decode` option is on (the default on CUDA) and the engine is local. Same
 files, same columns, same per-sample statuses, same resume rule (one task per
 shard, written when the shard is complete):
@@ -8,7 +8,7 @@ shard, written when the shard is complete):
 * `readers` processes (one per core) each read whole shards, hash every sample
   and route it from its header (`gpu_decode.gpu_route`): plain JPEGs travel to
   the model process as bytes; everything else is decoded and prepared inside
-  the reader by the CPU path (`dedup.worker`), so CPU decoding uses every core.
+  the reader by the CPU path (`dedup.stages.embed_worker`), so CPU decoding uses every core.
 * The model process mixes the samples of every shard in flight into full
   batches, whatever order the readers deliver them in; the engine's current
   shard is flushed early so it never waits for a batch to fill.
@@ -35,10 +35,10 @@ import pyarrow as pa
 from dedup import decode
 from dedup.descriptors.base import DescriptorBuilder
 from dedup.descriptors.gpu_decode import gpu_route
-from dedup.embed import _shard_stats
-from dedup.shards import RawSample, read_shard
-from dedup.store import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, write_array, write_table
-from dedup.worker import _base_row, _process_sample, cached_descriptor
+from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, write_array, write_table
+from dedup.run import RunDir
+from dedup.stages.embed_worker import _base_row, _process_sample, cached_descriptor
+from dedup.stages.read import RawSample, read_shard
 
 READ_CHUNK = 64  # samples per reader message: large enough to amortise pickling, small enough to interleave
 _POLL_S = 0.05
@@ -410,6 +410,8 @@ class GpuClipEmbedStage:
         write_table(metadata, self.run_dir.metadata_part(self.builder.name, index))
         samples = pa.Table.from_pydict({n: [r[n] for r in rows] for n in SAMPLES_SCHEMA.names}, schema=SAMPLES_SCHEMA)
         write_table(samples, self.run_dir.samples_part(index))
+        from dedup.stages.embed import _shard_stats  # here: stages.embed imports this module
+
         return _shard_stats(rows)
 
     def close(self) -> None:
@@ -422,7 +424,11 @@ class GpuClipEmbedStage:
 
 def gpu_stage_for(run: RunDir, shards: list[str], builders: list[DescriptorBuilder], engine: str,
                   readers: int | None, batch_size: int) -> GpuClipEmbedStage | None:
-    """The GPU-decode stage where it applies (clip alone, gpu_decode on, local engine), else None."""
+    """The GPU-decode stage where it applies (clip alone, gpu_decode on, local engine), else None.
+
+    Ray actors each run their own shards, so a reader pool planned over the
+    following shards would read work that other actors do: Ray keeps EmbedStage.
+    """
     if engine != "local" or len(builders) != 1 or builders[0].name != "clip":
         return None
     if not getattr(cached_descriptor(builders[0]), "gpu_decode", False):
