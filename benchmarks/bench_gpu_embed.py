@@ -12,9 +12,10 @@ to --n samples. Weights are random (`pretrained=None` saved to a file): speed do
 not depend on their values and none can be downloaded offline.
 
 Prints one JSON object (also written to OUT/bench_gpu_embed.json), images/s:
-* model_per_s: `ClipDescriptor.encode_normalised` on device-resident input, for
-  each precision / channels_last / CUDA-graph variant asked for (the pipeline's
-  settings are the `model_per_s` headline);
+* model_per_s: `ClipDescriptor.encode_normalised` on device-resident input with
+  the pipeline's settings; model_variants_per_s for each precision /
+  channels_last / CUDA-graph variant asked for, model_batch_sweep_per_s for each
+  --model-batch-sizes (how the defaults are to be chosen);
 * decode_per_s (nvJPEG alone) and decode_resize_per_s (decode + batched resize,
   crop and normalise) over the JPEGs the pipeline sends to the GPU;
 * readers_per_s: the parallel shard readers alone (read, hash, route, CPU-decode
@@ -265,6 +266,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precisions", default="auto", help="comma-separated: auto, fp16, bf16, fp32")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time the model with CUDA-graph replay")
     parser.add_argument("--model-batches", type=int, default=20, help="timed model batches per variant")
+    parser.add_argument("--model-batch-sizes", default="", help="comma-separated batch sizes to time the model at")
     parser.add_argument("--decode-samples", type=int, default=20_000, help="JPEGs timed for decode / resize")
     parser.add_argument("--shards", type=Path, default=None, help="reuse (or build once into) this shard folder")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu_embed")))
@@ -289,6 +291,8 @@ def main() -> None:
                                     batch_size=args.batch_size)
         model_rates = model_variants(args, model, checkpoint)
         headline_model = model_rate(descriptor, args.batch_size, args.model_batches)
+        sweep = {int(b): round(model_rate(descriptor, int(b), args.model_batches), 1)
+                 for b in args.model_batch_sizes.split(",") if b}
         preprocess = descriptor.batch_preprocess()
         decode_only, decode_resize = decode_rates(preprocess, jpeg_bytes_for_gpu(shards, args.decode_samples),
                                                   args.batch_size)
@@ -302,6 +306,7 @@ def main() -> None:
             "samples": sum(routes.values()), "shards": len(shards), "readers": args.readers,
             "batch_size": args.batch_size, "routes": routes, "shard_build_s": round(shard_seconds, 1),
             "model_per_s": round(headline_model, 1), "model_variants_per_s": model_rates,
+            "model_batch_sweep_per_s": sweep,
             "decode_per_s": round(decode_only, 1), "decode_resize_per_s": round(decode_resize, 1),
             "readers_per_s": round(reader_rate, 1),
             "pipeline_per_s": round(pipe, 1), "pipeline_wall_per_s": round(pipe_wall, 1),
