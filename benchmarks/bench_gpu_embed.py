@@ -153,6 +153,12 @@ def decode_rates(preprocess: BatchPreprocess, datas: list[bytes], batch_size: in
     return rates[0], rates[1]
 
 
+def nvjpeg_rejects_corrupt_scan(preprocess: BatchPreprocess, data: bytes) -> bool:
+    """Whether this decoder rejects a JPEG whose scan is garbage (libjpeg does; the CPU path says decode_error)."""
+    corrupt = data[:300] + bytes(range(256)) * 8 + b"\xff\xd9"
+    return preprocess.decode([corrupt])[0] is None
+
+
 def readers_rate(shards: list[str], builder: DescriptorBuilder, readers: int) -> tuple[float, dict[str, int]]:
     """Parallel readers alone, messages consumed and dropped; also counts samples per route."""
     plan = list(enumerate(shards))
@@ -294,8 +300,9 @@ def main() -> None:
         sweep = {int(b): round(model_rate(descriptor, int(b), args.model_batches), 1)
                  for b in args.model_batch_sizes.split(",") if b}
         preprocess = descriptor.batch_preprocess()
-        decode_only, decode_resize = decode_rates(preprocess, jpeg_bytes_for_gpu(shards, args.decode_samples),
-                                                  args.batch_size)
+        jpegs = jpeg_bytes_for_gpu(shards, args.decode_samples)
+        decode_only, decode_resize = decode_rates(preprocess, jpegs, args.batch_size)
+        rejects_corrupt = nvjpeg_rejects_corrupt_scan(preprocess, jpegs[0])
         builder = DescriptorBuilder("clip", {"model": model, "pretrained": checkpoint, "device": args.device})
         reader_rate, routes = readers_rate(shards, builder, args.readers)
         pipe, pipe_wall, details = pipeline_rates(shards, work / "run", args, model, checkpoint)
@@ -308,7 +315,7 @@ def main() -> None:
             "model_per_s": round(headline_model, 1), "model_variants_per_s": model_rates,
             "model_batch_sweep_per_s": sweep,
             "decode_per_s": round(decode_only, 1), "decode_resize_per_s": round(decode_resize, 1),
-            "readers_per_s": round(reader_rate, 1),
+            "readers_per_s": round(reader_rate, 1), "decoder_rejects_corrupt_scan": rejects_corrupt,
             "pipeline_per_s": round(pipe, 1), "pipeline_wall_per_s": round(pipe_wall, 1),
             "pipeline_over_bound": round(pipe / bound, 3),
             "pipeline_over_all_bounds": round(pipe / min(bound, reader_rate), 3),

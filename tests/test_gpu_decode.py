@@ -168,7 +168,7 @@ def test_gpu_route_takes_plain_jpegs_only():
 def test_decode_rejects_a_bad_jpeg_without_failing_the_batch():
     batch = BatchPreprocess(preprocess_cfg(64), "cpu")
     good = encoded(smooth_image(90, 70, seed=2), quality=92)
-    corrupt = good[:200] + bytes(range(256)) * 4 + b"\xff\xd9"  # header intact, scan garbage
+    corrupt = corrupt_scan(good)
     decoded = batch.decode([good, corrupt, good])
     assert decoded[1] is None
     assert decoded[0].shape == (3, 70, 90) and decoded[0].dtype == torch.uint8
@@ -245,14 +245,21 @@ def test_channels_last_gives_the_same_vectors(tiny_clip):
 # ---------------------------------------------------------------- real GPU (skipped without CUDA)
 
 
+def corrupt_scan(data: bytes) -> bytes:
+    """Header intact, scan replaced by garbage, end marker kept: libjpeg (PIL, torchvision CPU) rejects it."""
+    return data[:300] + bytes(range(256)) * 8 + b"\xff\xd9"
+
+
 @pytest.mark.gpu
-def test_nvjpeg_decode_is_close_to_pil():
+def test_nvjpeg_batch_survives_a_corrupt_jpeg_and_matches_pil():
     batch = BatchPreprocess(preprocess_cfg(224), "cuda")
     datas = [encoded(smooth_image(w, h, seed=s), quality=90) for s, (w, h) in enumerate([(384, 288), (500, 333)])]
-    corrupt = datas[0][:300] + bytes(range(256)) * 8 + b"\xff\xd9"
-    decoded = batch.decode([datas[0], corrupt, datas[1]])
-    assert decoded[1] is None and decoded[0].is_cuda
+    decoded = batch.decode([datas[0], corrupt_scan(datas[0]), datas[1]])
+    # nvJPEG may reject the corrupt scan (None: the CPU decoder then records decode_error, as the CPU
+    # path does) or decode it to garbage of the header's size; bench_gpu_embed.py records which.
+    assert decoded[1] is None or tuple(decoded[1].shape) == (3, 288, 384)
     for data, image in zip(datas, [decoded[0], decoded[2]]):
+        assert image.is_cuda
         pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1).astype(np.float32)
         assert np.abs(image.cpu().numpy().astype(np.float32) - pil).mean() < 1.5
 

@@ -62,9 +62,10 @@ class GraphedEncoder:
         if key not in self._graphs:
             self._graphs[key] = self._capture(batch)
         graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(batch)
-        graph.replay()
-        return static_out.clone()
+        with torch.inference_mode():  # static_out is an inference tensor: read it where it was made
+            static_in.copy_(batch)
+            graph.replay()
+            return static_out.clone()
 
 
 def _memory_format(batch: torch.Tensor) -> torch.memory_format:
