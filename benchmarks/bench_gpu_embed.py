@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -40,6 +41,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +68,27 @@ BASE_SAMPLES = 600
 # ---------------------------------------------------------------- shards
 
 
+_BASE: list = []  # the base samples, shared with forked shard writers
+
+
+def _write_copies(job: tuple[str, int, int, int]) -> str:
+    folder, shard, per_shard, n = job
+    start = shard * per_shard
+    copies = [dataclasses.replace(_BASE[i % len(_BASE)], key=f"{i:09d}") for i in range(start, min(n, start + per_shard))]
+    return str(write_shards(copies, Path(folder), per_shard, prefix=f"{shard:05d}_")[0])
+
+
 def build_shards(folder: Path, n: int, per_shard: int, seed: int = 7) -> list[str]:
-    """A LAION-like base set from the demo photos, replicated under fresh keys to n samples."""
+    """A LAION-like base set from the demo photos, replicated under fresh keys to n samples (shards in parallel)."""
+    global _BASE
     photos = demo_photos()
     sources = [(p.name, p.image) for p in photos if not p.negative_of]
-    base, _ = make_laion_like(sources, min(n, BASE_SAMPLES), seed=seed, bad_fraction=0.01,
-                              samples_per_shard=per_shard, captions={p.name: p.caption for p in photos})
-    copies = (dataclasses.replace(base[i % len(base)], key=f"{i:09d}") for i in range(n))
-    return [str(p) for p in write_shards(copies, folder, per_shard)]
+    _BASE, _ = make_laion_like(sources, min(n, BASE_SAMPLES), seed=seed, bad_fraction=0.01,
+                               samples_per_shard=per_shard, captions={p.name: p.caption for p in photos})
+    jobs = [(str(folder), shard, per_shard, n) for shard in range(-(-n // per_shard))]
+    # fork: nothing has started CUDA or torch threads yet, and the base set is not pickled per job.
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_write_copies, jobs))
 
 
 def jpeg_bytes_for_gpu(shards: list[str], limit: int) -> list[bytes]:

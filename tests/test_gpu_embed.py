@@ -139,3 +139,18 @@ def test_cuda_stage_matches_cpu_stage(tmp_path, shards, model_files, cpu_run):
                                     device="cuda", batch_size=16, workers=2, show_progress=False)
     embed_stage.embed(shards, tmp_path, options)
     assert_same_outputs(RunDir(tmp_path), cpu_run, tolerance=0.2)  # fp16 and nvJPEG's IDCT
+
+
+def test_gpu_stage_only_for_clip_alone_on_the_local_engine(tmp_path, model_files):
+    from dedup.descriptors import DescriptorBuilder
+    from dedup.stages.embed_gpu import gpu_stage_for
+
+    model, pretrained = model_files
+    clip = DescriptorBuilder("clip", {"model": model, "pretrained": pretrained, "device": "cpu", "gpu_decode": True})
+    run = RunDir(tmp_path)
+    assert isinstance(gpu_stage_for(run, ["a.tar"], [clip], "local", 3, 64), GpuClipEmbedStage)
+    # Ray actors run shards independently; perceptual needs per-image CPU decoding anyway.
+    assert gpu_stage_for(run, ["a.tar"], [clip], "ray", 3, 64) is None
+    assert gpu_stage_for(run, ["a.tar"], [DescriptorBuilder("perceptual"), clip], "local", 3, 64) is None
+    off = DescriptorBuilder("clip", {**clip.options, "gpu_decode": False})
+    assert gpu_stage_for(run, ["a.tar"], [off], "local", 3, 64) is None
