@@ -242,6 +242,15 @@ def test_channels_last_gives_the_same_vectors(tiny_clip):
         tiny_clip.channels_last = False
 
 
+def test_graph_batch_sizes_are_few_and_waste_under_half():
+    from dedup.descriptors.cuda_graphs import graph_batch_size
+
+    sizes = {graph_batch_size(n, 256) for n in range(1, 257)}
+    assert sizes == {1, 2, 4, 8, 16, 32, 64, 128, 256}
+    assert all(n <= graph_batch_size(n, 256) < 2 * n for n in range(1, 257))
+    assert graph_batch_size(200, 128) == 128  # larger batches are split into cap-sized ones
+
+
 # ---------------------------------------------------------------- real GPU (skipped without CUDA)
 
 

@@ -16,11 +16,17 @@ import torch
 _WARMUP_RUNS = 3  # side-stream runs before capture, as torch.cuda.graphs asks
 
 
+def graph_batch_size(count: int, cap: int) -> int:
+    """The captured batch size a batch of `count` replays: the next power of two, at most `cap`."""
+    return min(cap, 1 << max(count - 1, 0).bit_length())
+
+
 class GraphedEncoder:
     """`model.encode_image` replayed from one CUDA graph per input shape.
 
-    Batches smaller than `batch_size` are zero-padded to it, so the short last
-    batch of a run replays the same graph instead of capturing a new one.
+    Batches are zero-padded to the next power of two (at most `batch_size`,
+    above which they are split), so short batches replay one of a few graphs
+    instead of capturing one per size, and waste at most half a batch.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
@@ -52,8 +58,9 @@ class GraphedEncoder:
         if len(batch) > self.batch_size:
             return torch.cat([self(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
         count = len(batch)
-        if count < self.batch_size:
-            pad = batch.new_zeros((self.batch_size - count, *batch.shape[1:]))
+        padded_size = graph_batch_size(count, self.batch_size)
+        if count < padded_size:
+            pad = batch.new_zeros((padded_size - count, *batch.shape[1:]))
             batch = torch.cat([batch, pad]).contiguous(memory_format=_memory_format(batch))
         return self._replay(batch)[:count]
 
