@@ -45,16 +45,20 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import open_clip
-import torch
 
-from dedup.descriptors import DescriptorBuilder
-from dedup.descriptors.clip import ClipDescriptor
-from dedup.descriptors.gpu_decode import BatchPreprocess, gpu_route
-from dedup.stages import embed as embed_stage
-from dedup.stages.embed_gpu import ReaderPool
-from dedup.stages.read import read_shard
-from dedup.synth import demo_photos, make_laion_like, write_shards
+# Spawned shard readers re-run this file's top level as __mp_main__: they must not pay for torch
+# and open_clip here (the stage's reader module keeps them out so readers start at once).
+if __name__ != "__mp_main__":
+    import open_clip
+    import torch
+
+    from dedup.descriptors import DescriptorBuilder
+    from dedup.descriptors.clip import ClipDescriptor
+    from dedup.descriptors.gpu_decode import BatchPreprocess, gpu_route
+    from dedup.stages import embed as embed_stage
+    from dedup.stages.embed_gpu_read import ReaderPool
+    from dedup.stages.read import read_shard
+    from dedup.synth import demo_photos, make_laion_like, write_shards
 
 # 224 px input like ViT-B/32 but 2 narrow layers: the CPU check runs the same code in seconds.
 SMALL_224 = {

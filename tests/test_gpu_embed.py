@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dedup.descriptors.gpu_decode import gpu_route
+from dedup.descriptors.jpeg_route import gpu_route
 from dedup.records import RunDir, load_embeddings, load_samples
 from dedup.stages import embed as embed_stage
 from dedup.stages.embed_gpu import GpuClipEmbedStage
@@ -154,3 +154,13 @@ def test_gpu_stage_only_for_clip_alone_on_the_local_engine(tmp_path, model_files
     assert gpu_stage_for(run, ["a.tar"], [DescriptorBuilder("perceptual"), clip], "local", 3, 64) is None
     off = DescriptorBuilder("clip", {**clip.options, "gpu_decode": False})
     assert gpu_stage_for(run, ["a.tar"], [off], "local", 3, 64) is None
+
+
+def test_reader_module_starts_without_torch():
+    """Spawned readers import only this module: torch would cost seconds per reader before the first shard."""
+    import subprocess
+    import sys
+
+    code = "import sys, dedup.stages.embed_gpu_read; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ and centre-cropped by two batched matrix products whose rows are PIL's own
 resampling weights. The pixels therefore match the CPU path (open_clip's
 preprocess on PIL) to within a rounding step, without a per-image PIL call.
 
-Which samples go to the GPU is decided from the header alone (`gpu_route`):
+Which samples go to the GPU is decided from the header alone (`jpeg_route.gpu_route`):
 baseline JPEGs in RGB or grayscale, no EXIF rotation, ending in an end-of-image
 marker, within the size limits. Everything else (PNG, WebP, CMYK, progressive,
 rotated, truncated, too small, too large) takes the CPU decoder
@@ -23,17 +23,15 @@ CPU tensors), which is how the tests check it against the per-image path.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from dedup import decode
+from dedup.descriptors.jpeg_route import DEFAULT_MAX_GPU_PIXELS, gpu_route
 from dedup.errors import DedupError
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which has no batched nvJPEG path yet;
@@ -41,55 +39,14 @@ from dedup.errors import DedupError
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
+__all__ = ["DEFAULT_MAX_GPU_PIXELS", "BatchPreprocess", "gpu_route", "resample_weights", "supports_preprocess"]
+
 SUPPORTED_RESIZE_MODES = ("shortest", "squash")
-# nvJPEG decodes a whole image at full size: beyond 16 MP the CPU's DCT-domain downscale (PIL draft) is cheaper.
-DEFAULT_MAX_GPU_PIXELS = 4096 * 4096
 # float32 elements of one padded resize group (1 GiB); bounds the GPU memory one batch takes.
 _GROUP_ELEMENTS = 2**28
 # A group may hold at most this many padded pixels per real pixel before a new group starts.
 _MAX_PADDING_RATIO = 2.0
 _WEIGHT_CACHE_ENTRIES = 4096  # distinct (size, resized size, offset) axes kept; ~3.5 KB per 1000 px axis
-_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
-
-
-# ---------------------------------------------------------------- routing (reader side, no torch work)
-
-
-def gpu_route(
-    data: bytes | None,
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS,
-    min_side: int = decode.DEFAULT_MIN_SIDE,
-    max_gpu_pixels: int = DEFAULT_MAX_GPU_PIXELS,
-) -> tuple[int, int] | None:
-    """(height, width) where the GPU decoder can take these bytes, else None (the CPU decoder decides)."""
-    if not data or not data.startswith(_JPEG_START) or not _ends_with_eoi(data):
-        return None
-    header = _header(data)
-    if header is None:
-        return None
-    width, height = header
-    if width * height > min(max_pixels, max_gpu_pixels) or min(width, height) < min_side:
-        return None
-    return height, width
-
-
-def _ends_with_eoi(data: bytes) -> bool:
-    # A JPEG cut short has no end marker: the CPU decoder records it as truncated, as the CPU path does.
-    return data[-64:].rstrip(b"\x00").endswith(_JPEG_END)
-
-
-def _header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a plain baseline RGB/gray JPEG with no rotation; None for anything else."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                plain = image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive")
-                if not plain or decode._exif_orientation(image) != 1:
-                    return None
-                return image.size
-    except Exception:  # noqa: BLE001 - an unreadable header is the CPU decoder's to report
-        return None
 
 
 # ---------------------------------------------------------------- PIL's resampling weights, batched

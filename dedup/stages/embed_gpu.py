@@ -19,14 +19,9 @@ shard, written when the shard is complete):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import multiprocessing
 import os
 import queue
 import threading
-import traceback
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,133 +29,13 @@ import pyarrow as pa
 
 from dedup import decode
 from dedup.descriptors.base import DescriptorBuilder
-from dedup.descriptors.gpu_decode import gpu_route
 from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, write_array, write_table
 from dedup.run import RunDir
-from dedup.stages.embed_worker import _base_row, _process_sample, cached_descriptor
-from dedup.stages.read import RawSample, read_shard
+from dedup.stages.embed_gpu_read import InlineReader, ReaderPool, RoutedSample, cpu_retry
+from dedup.stages.embed_worker import cached_descriptor
 
-READ_CHUNK = 64  # samples per reader message: large enough to amortise pickling, small enough to interleave
 _POLL_S = 0.05
 _SHORT_POLL_S = 0.002  # while batches are in flight: wait briefly, then look at the other queue
-
-
-# ---------------------------------------------------------------- reader side
-
-
-@dataclass
-class RoutedSample:
-    """One sample after its reader: a finished CPU result, or JPEG bytes for the GPU."""
-
-    shard_index: int
-    position: int
-    row: dict[str, Any]
-    prepared: np.ndarray | None = None  # the CPU path's (3, S, S) uint8
-    jpeg: RawSample | None = None  # kept whole so a rejected JPEG can take the CPU path
-
-    @property
-    def needs_model(self) -> bool:
-        return self.prepared is not None or self.jpeg is not None
-
-
-def route_sample(raw: RawSample, descriptor, max_pixels: int) -> RoutedSample:
-    """GPU route for plain JPEGs; the CPU pipeline's own per-sample code for everything else."""
-    shape = gpu_route(raw.image_bytes, max_pixels) if raw.failure is None else None
-    if shape is None:
-        processed = _process_sample(raw, [("clip", descriptor)], descriptor.min_side, max_pixels)
-        return RoutedSample(raw.shard_index, raw.position, processed.row, processed.prepared.get("clip"))
-    row = _base_row(raw)
-    row["sha256"] = hashlib.sha256(raw.image_bytes).hexdigest()
-    row["height"], row["width"] = shape
-    return RoutedSample(raw.shard_index, raw.position, row, jpeg=raw)
-
-
-def cpu_retry(sample: RoutedSample, descriptor, max_pixels: int) -> RoutedSample:
-    """A JPEG the batched decoder rejected: decoded alone on the CPU, whose verdict is the status."""
-    processed = _process_sample(sample.jpeg, [("clip", descriptor)], descriptor.min_side, max_pixels)
-    return RoutedSample(sample.shard_index, sample.position, processed.row, processed.prepared.get("clip"))
-
-
-def _chunked(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    chunk: list[RawSample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def read_routed(shard_index: int, url: str, builder: DescriptorBuilder, max_pixels: int) -> Iterator[tuple]:
-    """Messages for one shard: ("items", shard, [RoutedSample]) ..., then ("end", shard, count)."""
-    descriptor = cached_descriptor(builder)
-    count = 0
-    for chunk in _chunked(read_shard(url, shard_index), READ_CHUNK):
-        yield "items", shard_index, [route_sample(raw, descriptor, max_pixels) for raw in chunk]
-        count += len(chunk)
-    yield "end", shard_index, count
-
-
-def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int) -> None:
-    while (job := jobs.get()) is not None:
-        shard_index, url = job
-        try:
-            for message in read_routed(shard_index, url, builder, max_pixels):
-                results.put(message)
-        except Exception:  # noqa: BLE001 - sent to the model process, which fails the shard's task
-            results.put(("error", shard_index, traceback.format_exc()))
-
-
-class ReaderPool:
-    """`readers` spawned processes reading the planned shards in order into one bounded queue."""
-
-    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, readers: int, max_pixels: int) -> None:
-        context = multiprocessing.get_context("spawn")  # the parent holds CUDA and torch threads
-        self.planned = {index for index, _ in plan}
-        self._jobs = context.Queue()
-        for job in plan:
-            self._jobs.put(job)
-        for _ in range(readers):
-            self._jobs.put(None)
-        # Bounded: readers block rather than pile decoded shards up in memory.
-        self._results = context.Queue(maxsize=readers * 4)
-        self._procs = [
-            context.Process(target=_reader_process, args=(self._jobs, self._results, builder, max_pixels), daemon=True)
-            for _ in range(readers)
-        ]
-        for proc in self._procs:
-            proc.start()
-
-    def get(self, timeout: float) -> tuple | None:
-        try:
-            return self._results.get(timeout=timeout)
-        except queue.Empty:
-            dead = [p.exitcode for p in self._procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a shard reader process died (exit code {dead[0]})") from None
-            return None
-
-    def close(self) -> None:
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self._procs:
-            proc.join(timeout=5)
-
-
-class InlineReader:
-    """readers=0: the same messages, read in this process (small runs and tests)."""
-
-    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, max_pixels: int) -> None:
-        self.planned = {index for index, _ in plan}
-        self._messages = (m for index, url in plan for m in read_routed(index, url, builder, max_pixels))
-
-    def get(self, timeout: float) -> tuple | None:
-        return next(self._messages, None)
-
-    def close(self) -> None:
-        self._messages.close()
 
 
 # ---------------------------------------------------------------- model side
