@@ -164,3 +164,17 @@ def test_reader_module_starts_without_torch():
     code = "import sys, dedup.stages.embed_gpu_read; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_failing_gpu_batch_fails_the_task_cleanly(tmp_path, shards, model_files, monkeypatch):
+    """An error inside the preprocess thread surfaces as the task's failure (retried, then reported), never a hang."""
+    from dedup.descriptors.gpu_decode import BatchPreprocess
+    from dedup.engine import StageFailed
+
+    def broken(self, datas):
+        raise RuntimeError("simulated device fault")
+
+    monkeypatch.setattr(BatchPreprocess, "__call__", broken)
+    with pytest.raises(StageFailed, match="simulated device fault"):
+        embed(shards[:1], tmp_path, model_files, gpu_decode=True)
+    assert not RunDir(tmp_path).samples_part(0).exists()

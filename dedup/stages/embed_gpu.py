@@ -97,6 +97,8 @@ class GpuEmbedder:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._error = exc
             self._done.put([])
+            with contextlib.suppress(queue.Full):
+                self._ready.put_nowait(None)  # let the model thread end too
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
