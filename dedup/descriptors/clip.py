@@ -397,16 +397,22 @@ class ClipDescriptor:
         """(n, 3, H, W) float32 model input already on the device -> (n, dim) float32, L2-normalised rows."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(self.launch_encode(batch).cpu().numpy())
+
+    def launch_encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Queue the image tower on `batch`; (n, dim) float32 features on the device, not yet synchronised.
+
+        The GPU stage copies them out asynchronously and launches the next batch
+        before waiting, so kernel launches overlap the previous batch's compute.
+        """
         model = self._loaded_model()
         if self.channels_last:
             # The patch-embedding convolution reads NHWC faster on tensor cores; the result is the same.
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs and self.device.type == "cuda":
-            features = self._graphed_encoder(model)(batch)
-        else:
-            with torch.inference_mode(), _autocast(self.device, self.precision):
-                features = model.encode_image(batch)
-        return l2_normalize(features.float().cpu().numpy())
+            return self._graphed_encoder(model)(batch).float()
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            return model.encode_image(batch).float()
 
     def _graphed_encoder(self, model: torch.nn.Module):
         if self._graphed is None:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from dedup import decode
-from dedup.descriptors.base import DescriptorBuilder
+from dedup.descriptors.base import DescriptorBuilder, l2_normalize
 from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, write_array, write_table
 from dedup.run import RunDir
 from dedup.stages.embed_gpu_read import InlineReader, ReaderPool, RoutedSample, cpu_retry
@@ -118,14 +118,48 @@ class GpuEmbedder:
         self._ready.put(None)
 
     def _model_loop(self) -> None:
-        while (item := self._ready.get()) is not None:
-            embedded, model_input, skipped, event = item
-            with self._stream(1):
-                if event is not None:
-                    self._streams[1].wait_event(event)
-                    model_input.record_stream(self._streams[1])  # allocated on the preprocess stream
-                vectors = self.descriptor.encode_normalised(model_input)
-            self._done.put(list(zip(embedded, vectors)) + [(s, None) for s in skipped])
+        """Launch batch k+1 before waiting for batch k's features: launches overlap the GPU's work."""
+        waiting = None
+        while True:
+            try:
+                item = self._ready.get(timeout=_SHORT_POLL_S if waiting else None)
+            except queue.Empty:  # nothing new to launch: hand over what is done
+                self._deliver(waiting)
+                waiting = None
+                continue
+            if item is None:
+                break
+            launched = self._launch(*item)
+            if waiting is not None:
+                self._deliver(waiting)
+            waiting = launched
+        if waiting is not None:
+            self._deliver(waiting)
+
+    def _launch(self, embedded, model_input, skipped, event):
+        import torch
+
+        with self._stream(1):
+            if event is not None:
+                self._streams[1].wait_event(event)
+                model_input.record_stream(self._streams[1])  # allocated on the preprocess stream
+            if len(model_input) == 0:
+                return embedded, torch.zeros((0, self.descriptor.dim)), skipped, None
+            features = self.descriptor.launch_encode(model_input)
+            if self._streams is None:
+                return embedded, features, skipped, None
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._streams[1])
+        return embedded, host, skipped, done
+
+    def _deliver(self, launched) -> None:
+        embedded, host, skipped, done = launched
+        if done is not None:
+            done.synchronize()
+        vectors = l2_normalize(host.numpy())
+        self._done.put(list(zip(embedded, vectors)) + [(s, None) for s in skipped])
 
     def _record(self, tensor):
         if self._streams is None:
