@@ -8,13 +8,14 @@
 #
 # Prepare the wheel folder once, on a machine with a package index (pure-Python wheels,
 # plus wcwidth's abi3 one; ~5 MB; faiss is not needed: only the embed stage runs):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl \
 #       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 braceexpand==0.1.7 webdataset==1.0.2 timm==1.0.31
 # (`*.whl` is git-ignored: pass `.whl` in the device tool's `carry`.)
 #
 # Run it there (device tool, from the repository root; figures come back from $OUT):
-#   bash benchmarks/gpu_check.sh
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
+# A rerun on the same warm machine reuses the shards (/tmp) and skips their build.
 # Check its CPU parts anywhere (small, tiny model, same code paths):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_N=300 GPU_CHECK_PER_SHARD=100 GPU_CHECK_MODEL=small224 \
 #   GPU_CHECK_BATCH=32 GPU_CHECK_READERS=2 GPU_CHECK_PYTHON=/work/venv/bin/python bash benchmarks/gpu_check.sh
