@@ -120,8 +120,10 @@ def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixe
     yield "end", shard_index, count
 
 
-def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int) -> None:
+def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int, eager: bool) -> None:
     descriptor = LazyDescriptor(builder)
+    if eager:
+        descriptor.get()
     while (job := jobs.get()) is not None:
         shard_index, url = job
         try:
@@ -134,7 +136,9 @@ def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int) 
 class ReaderPool:
     """`readers` spawned processes reading the planned shards in order into one bounded queue."""
 
-    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, readers: int, max_pixels: int) -> None:
+    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, readers: int, max_pixels: int,
+                 eager: bool = False) -> None:
+        """`eager`: build the descriptor before reading (benchmarks time steady-state reading that way)."""
         context = multiprocessing.get_context("spawn")  # the parent holds CUDA and torch threads
         self.planned = {index for index, _ in plan}
         self._jobs = context.Queue()
@@ -145,7 +149,8 @@ class ReaderPool:
         # Bounded: readers block rather than pile decoded shards up in memory.
         self._results = context.Queue(maxsize=readers * 4)
         self._procs = [
-            context.Process(target=_reader_process, args=(self._jobs, self._results, builder, max_pixels), daemon=True)
+            context.Process(target=_reader_process, args=(self._jobs, self._results, builder, max_pixels, eager),
+                            daemon=True)
             for _ in range(readers)
         ]
         for proc in self._procs:
