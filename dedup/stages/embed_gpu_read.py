@@ -121,7 +121,8 @@ def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixe
 
 
 def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int, eager: bool) -> None:
-    descriptor = LazyDescriptor(builder)
+    # Readers only `prepare` (resize and crop on the CPU): a CPU descriptor keeps CUDA out of every reader.
+    descriptor = LazyDescriptor(DescriptorBuilder(builder.name, {**builder.options, "device": "cpu"}))
     if eager:
         descriptor.get()
     while (job := jobs.get()) is not None:
