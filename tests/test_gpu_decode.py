@@ -123,6 +123,20 @@ def test_padding_groups_cover_every_image_once_and_split_odd_sizes():
     assert 3 in small and 0 not in small
 
 
+def test_reduced_copies_equal_the_cpu_quality_copy():
+    """colourfulness / content_fraction are measured on this copy: it must be PIL's NEAREST reduce, pixel for pixel."""
+    from dedup.image_quality import _reduced
+
+    batch = BatchPreprocess(preprocess_cfg(64), "cpu")
+    rng = np.random.default_rng(5)
+    # Sizes where a naive (i + 0.5) * step index picks other pixels than PIL's running sum does.
+    sizes = [(239, 232), (237, 196), (234, 298), (224, 265), (278, 212), (384, 288), (100, 90), (1001, 333)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    tensors = [torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy()) for im in images]
+    for image, reduced in zip(images, batch.reduced_copies(tensors)):
+        np.testing.assert_array_equal(reduced, _reduced(image))
+
+
 def test_unsupported_preprocess_is_refused_with_hint():
     assert not supports_preprocess(preprocess_cfg(64, resize_mode="longest"))
     assert not supports_preprocess(preprocess_cfg((64, 96)))

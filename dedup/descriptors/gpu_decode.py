@@ -33,6 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from dedup.descriptors.jpeg_route import DEFAULT_MAX_GPU_PIXELS, gpu_route
 from dedup.errors import DedupError
+from dedup.image_quality import ANALYSIS_SIDE
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which has no batched nvJPEG path yet;
 # the warning would repeat on every batch.
@@ -127,6 +128,17 @@ def padding_groups(shapes: Sequence[tuple[int, int]], max_elements: int = _GROUP
 
 
 # ---------------------------------------------------------------- the batched preprocess
+
+
+def _pil_nearest_sources(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output pixel in PIL's NEAREST resize (its affine "scale" path).
+
+    PIL steps a double from half a step by repeated addition and truncates; the
+    rounding of that running sum, not (i + 0.5) * step, decides ties.
+    """
+    step = size_in / size_out
+    positions = np.add.accumulate(np.concatenate([[0.5 * step], np.full(size_out - 1, step)]))
+    return np.minimum(positions.astype(np.int64), size_in - 1)
 
 
 def supports_preprocess(preprocess: dict[str, Any]) -> bool:
@@ -238,6 +250,39 @@ class BatchPreprocess:
         new_h, new_w = resized_size(height, width, self.size, self.resize_mode)
         top, left = crop_offsets(new_h, new_w, self.size) if self.resize_mode == "shortest" else (0, 0)
         return new_h, new_w, top, left
+
+    # -- quality signals ---------------------------------------------------
+
+    def reduced_copies(self, images: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Each image's (h, w, 3) uint8 nearest-neighbour copy, long side ANALYSIS_SIDE, as PIL makes it.
+
+        `dedup.image_quality` measures colourfulness and letterbox bars on this
+        copy; taking the same pixels on the device keeps those columns equal to
+        the CPU path's without bringing whole images back to the host.
+        """
+        if not images:
+            return []
+        small = [self._nearest_reduce(image).permute(1, 2, 0).reshape(-1) for image in images]
+        host = torch.cat(small).cpu().numpy()
+        shapes = [self._reduced_shape(int(im.shape[1]), int(im.shape[2])) for im in images]
+        offsets = np.cumsum([0] + [h * w * 3 for h, w in shapes])
+        return [host[offsets[i] : offsets[i + 1]].reshape(h, w, 3) for i, (h, w) in enumerate(shapes)]
+
+    @staticmethod
+    def _reduced_shape(height: int, width: int) -> tuple[int, int]:
+        scale = ANALYSIS_SIDE / max(height, width)
+        if scale >= 1:
+            return height, width
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def _nearest_reduce(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = int(image.shape[1]), int(image.shape[2])
+        new_h, new_w = self._reduced_shape(height, width)
+        if (new_h, new_w) == (height, width):
+            return image
+        rows = torch.from_numpy(_pil_nearest_sources(height, new_h)).to(image.device)
+        cols = torch.from_numpy(_pil_nearest_sources(width, new_w)).to(image.device)
+        return image.index_select(1, rows).index_select(2, cols)
 
     # -- normalise ---------------------------------------------------------
 

@@ -29,7 +29,8 @@ import pyarrow as pa
 
 from dedup import decode
 from dedup.descriptors.base import DescriptorBuilder, l2_normalize
-from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, write_array, write_table
+from dedup.image_quality import quality_signals_of_reduced
+from dedup.records import EMBEDDING_METADATA, SAMPLES, write_array, write_record
 from dedup.run import RunDir
 from dedup.stages.embed_gpu_read import InlineReader, ReaderPool, RoutedSample, cpu_retry
 from dedup.stages.embed_worker import cached_descriptor
@@ -175,18 +176,28 @@ class GpuEmbedder:
         import torch
 
         jpegs = [s for s in batch if s.jpeg is not None]
-        gpu_input, rejected = self.preprocess([s.jpeg.image_bytes for s in jpegs])
-        rejected_set = set(rejected)
-        decoded = [s for i, s in enumerate(jpegs) if i not in rejected_set]
-        retried = [cpu_retry(jpegs[i], self.descriptor, self.max_pixels) for i in rejected]
+        images = self.preprocess.decode([s.jpeg.image_bytes for s in jpegs])
+        decoded = [(s, image) for s, image in zip(jpegs, images) if image is not None]
+        retried = [cpu_retry(s, self.descriptor, self.max_pixels) for s, image in zip(jpegs, images) if image is None]
+        self._measure_quality(decoded)
         on_cpu = [s for s in batch if s.jpeg is None] + [s for s in retried if s.prepared is not None]
-        parts = [gpu_input]
+        parts = [self.preprocess.normalise(self.preprocess.resize_crop([image for _, image in decoded]))]
         if on_cpu:
             parts.append(self.preprocess.normalise(self.preprocess.from_prepared(np.stack([s.prepared for s in on_cpu]))))
-        return decoded + on_cpu, torch.cat(parts), [s for s in retried if s.prepared is None]
+        return [s for s, _ in decoded] + on_cpu, torch.cat(parts), [s for s in retried if s.prepared is None]
+
+    def _measure_quality(self, decoded: list[tuple[RoutedSample, Any]]) -> None:
+        """The samples table's colourfulness / content_fraction, from the same reduced copy the CPU path uses."""
+        reduced = self.preprocess.reduced_copies([image for _, image in decoded])
+        for (sample, _), pixels in zip(decoded, reduced):
+            sample.row["colourfulness"], sample.row["content_fraction"] = quality_signals_of_reduced(pixels)
 
 
 # ---------------------------------------------------------------- the stage
+
+
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pydict({n: [r[n] for r in rows] for n in schema.names}, schema=schema)
 
 
 class _ShardState:
@@ -309,20 +320,18 @@ class GpuClipEmbedStage:
         return bool(results)
 
     def _finish(self, index: int) -> dict[str, Any]:
+        """Write the shard's parts exactly as EmbedStage does: rows in shard order, vectors of the embedded ones."""
+        from dedup.stages.embed import _shard_stats  # here: stages.embed imports this module
+
         state = self._states.pop(index)
         rows = [state.rows[p] for p in sorted(state.rows)]
         embedded = sorted(state.vectors)
         dim = cached_descriptor(self.builder).dim
         vectors = np.stack([state.vectors[p] for p in embedded]) if embedded else np.zeros((0, dim), np.float32)
-        meta_rows = [state.rows[p] for p in embedded]
-        metadata = pa.Table.from_pydict({n: [r[n] for r in meta_rows] for n in METADATA_SCHEMA.names},
-                                        schema=METADATA_SCHEMA)
         write_array(vectors.astype(np.float16), self.run_dir.embedding_part(self.builder.name, index))
-        write_table(metadata, self.run_dir.metadata_part(self.builder.name, index))
-        samples = pa.Table.from_pydict({n: [r[n] for r in rows] for n in SAMPLES_SCHEMA.names}, schema=SAMPLES_SCHEMA)
-        write_table(samples, self.run_dir.samples_part(index))
-        from dedup.stages.embed import _shard_stats  # here: stages.embed imports this module
-
+        write_record(_table([state.rows[p] for p in embedded], EMBEDDING_METADATA),
+                     self.run_dir.metadata_part(self.builder.name, index), EMBEDDING_METADATA)
+        write_record(_table(rows, SAMPLES), self.run_dir.samples_part(index), SAMPLES)
         return _shard_stats(rows)
 
     def close(self) -> None:
