@@ -55,6 +55,8 @@ if __name__ != "__mp_main__":
     from dedup.descriptors import DescriptorBuilder
     from dedup.descriptors.clip import ClipDescriptor
     from dedup.descriptors.gpu_decode import BatchPreprocess, gpu_route
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
     from dedup.stages import embed as embed_stage
     from dedup.stages.embed_gpu_read import ReaderPool
     from dedup.stages.read import read_shard
@@ -259,12 +261,13 @@ class UtilisationSampler:
 
 
 def pipeline_rates(shards: list[str], out: Path, args, model: str, checkpoint: str) -> tuple[float, float, dict]:
-    options = embed_stage.EmbedOptions(descriptors=["clip"], clip_model=model, clip_pretrained=checkpoint,
-                                    device=args.device, batch_size=args.batch_size, workers=args.readers,
-                                    show_progress=False, gpu_decode=True)
+    """`dedup embed --descriptor clip` as the CLI runs it (settings, run.json, engine), timed two ways."""
+    requested = Settings.build(shard_specs=shards, descriptors=["clip"], workers=args.readers, device=args.device,
+                               batch_size=args.batch_size, engine=EngineSettings(show_progress=False),
+                               model_options={"model": model, "pretrained": checkpoint, "gpu_decode": True})
     with UtilisationSampler(torch.device(args.device)) as sampler:
         start = time.perf_counter()
-        report = embed_stage.embed(shards, out, options)
+        report = embed_stage.embed(Run.start(out, requested))
         wall = time.perf_counter() - start
     samples = report.stats["samples"]
     statuses = {k.split(".", 1)[1]: v for k, v in report.stats.items() if k.startswith("status.")}
