@@ -133,7 +133,7 @@ def test_reduced_copies_equal_the_cpu_quality_copy():
     sizes = [(239, 232), (237, 196), (234, 298), (224, 265), (278, 212), (384, 288), (100, 90), (1001, 333)]
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     tensors = [torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy()) for im in images]
-    for image, reduced in zip(images, batch.reduced_copies(tensors)):
+    for image, reduced in zip(images, batch.reduced_copies(tensors), strict=True):
         np.testing.assert_array_equal(reduced, _reduced(image))
 
 
@@ -281,7 +281,7 @@ def test_nvjpeg_batch_survives_a_corrupt_jpeg_and_matches_pil():
     # nvJPEG may reject the corrupt scan (None: the CPU decoder then records decode_error, as the CPU
     # path does) or decode it to garbage of the header's size; bench_gpu_embed.py records which.
     assert decoded[1] is None or tuple(decoded[1].shape) == (3, 288, 384)
-    for data, image in zip(datas, [decoded[0], decoded[2]]):
+    for data, image in zip(datas, [decoded[0], decoded[2]], strict=True):
         assert image.is_cuda
         pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1).astype(np.float32)
         assert np.abs(image.cpu().numpy().astype(np.float32) - pil).mean() < 1.5

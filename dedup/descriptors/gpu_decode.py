@@ -116,7 +116,7 @@ def padding_groups(shapes: Sequence[tuple[int, int]], max_elements: int = _GROUP
     real = 0
     for index in order:
         height, width = shapes[index]
-        grown = current + [index]
+        grown = [*current, index]
         padded = len(grown) * max(shapes[i][0] for i in grown) * max(shapes[i][1] for i in grown)
         if current and (3 * padded > max_elements or padded > _MAX_PADDING_RATIO * (real + height * width)):
             groups.append(current)
@@ -195,7 +195,7 @@ class BatchPreprocess:
         buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self._pin)
         view = buffer.numpy()
         tensors, start = [], 0
-        for data, size in zip(datas, sizes):
+        for data, size in zip(datas, sizes, strict=True):
             view[start : start + size] = np.frombuffer(data, dtype=np.uint8)
             tensors.append(buffer[start : start + size])
             start += size
@@ -215,11 +215,11 @@ class BatchPreprocess:
     def _resize_group(self, images: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
         max_h, max_w = max(s[0] for s in shapes), max(s[1] for s in shapes)
         padded = torch.zeros((len(images), 3, max_h, max_w), dtype=torch.float32, device=self.device)
-        for slot, (image, (height, width)) in enumerate(zip(images, shapes)):
+        for slot, (image, (height, width)) in enumerate(zip(images, shapes, strict=True)):
             padded[slot, :, :height, :width].copy_(image)
         plans = [self._plan(height, width) for height, width in shapes]
-        rows = self._weights([(s[0], p[0], p[2]) for s, p in zip(shapes, plans)], max_h)
-        cols = self._weights([(s[1], p[1], p[3]) for s, p in zip(shapes, plans)], max_w)
+        rows = self._weights([(s[0], p[0], p[2]) for s, p in zip(shapes, plans, strict=True)], max_h)
+        cols = self._weights([(s[1], p[1], p[3]) for s, p in zip(shapes, plans, strict=True)], max_w)
         # PIL's order: the horizontal pass, rounded to 8 bits, then the vertical pass.
         horizontal = _round_to_uint8_range(torch.matmul(padded, cols.transpose(1, 2).unsqueeze(1)))
         return _round_to_uint8_range(torch.matmul(rows.unsqueeze(1), horizontal))

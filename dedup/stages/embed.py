@@ -288,8 +288,9 @@ def embed(run: Run) -> StageReport:
     remove_stale_temp_files(run)
     shards = record_shards(run, expand_inputs(run.settings.shard_specs))
     builders = descriptor_builders(run.settings)
+    timeouts = Timeouts(run.settings.connect_timeout_s, run.settings.read_timeout_s)
     gpu_stage = gpu_stage_for(run, shards, builders, run.settings.engine.name, run.settings.workers,
-                              run.settings.batch_size)
+                              run.settings.batch_size, timeouts)
     if gpu_stage is not None:
         gpu_stage.prestart()  # its shard readers start while _check_builders loads the model
     try:
@@ -300,11 +301,12 @@ def embed(run: Run) -> StageReport:
         raise
     if gpu_stage is not None:
         run.log(f"clip: batched decoding, {gpu_stage.readers} shard readers")
-        return run_stage(run, gpu_stage)
-    workers = resolve_workers(run.settings)
-    run.log(f"decode workers: {workers}")
-    timeouts = Timeouts(run.settings.connect_timeout_s, run.settings.read_timeout_s)
-    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size, timeouts=timeouts)
+        stage = gpu_stage
+    else:
+        workers = resolve_workers(run.settings)
+        run.log(f"decode workers: {workers}")
+        stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size,
+                           timeouts=timeouts)
     report = run_stage(run, stage)
     report.stats["keys.in_several_shards"] = keys_in_several_shards(run)
     require_decoded(report, run)

@@ -29,11 +29,13 @@ import pyarrow as pa
 
 from dedup import decode
 from dedup.descriptors.base import DescriptorBuilder, l2_normalize
+from dedup.engine import TaskIncomplete
 from dedup.image_quality import quality_signals_of_reduced
 from dedup.records import EMBEDDING_METADATA, SAMPLES, write_array, write_record
 from dedup.run import RunDir
-from dedup.stages.embed_gpu_read import InlineReader, ReaderPool, RoutedSample, cpu_retry
+from dedup.stages.embed_gpu_read import InlineReader, ReaderPool, RoutedSample, ShardEnd, cpu_retry
 from dedup.stages.embed_worker import cached_descriptor
+from dedup.stages.read import DEFAULT_TIMEOUTS, Timeouts
 
 _POLL_S = 0.05
 _SHORT_POLL_S = 0.002  # while batches are in flight: wait briefly, then look at the other queue
@@ -160,7 +162,7 @@ class GpuEmbedder:
         if done is not None:
             done.synchronize()
         vectors = l2_normalize(host.numpy())
-        self._done.put(list(zip(embedded, vectors)) + [(s, None) for s in skipped])
+        self._done.put(list(zip(embedded, vectors, strict=True)) + [(s, None) for s in skipped])
 
     def _record(self, tensor):
         if self._streams is None:
@@ -177,8 +179,9 @@ class GpuEmbedder:
 
         jpegs = [s for s in batch if s.jpeg is not None]
         images = self.preprocess.decode([s.jpeg.image_bytes for s in jpegs])
-        decoded = [(s, image) for s, image in zip(jpegs, images) if image is not None]
-        retried = [cpu_retry(s, self.descriptor, self.max_pixels) for s, image in zip(jpegs, images) if image is None]
+        decoded = [(s, image) for s, image in zip(jpegs, images, strict=True) if image is not None]
+        retried = [cpu_retry(s, self.descriptor, self.max_pixels)
+                   for s, image in zip(jpegs, images, strict=True) if image is None]
         self._measure_quality(decoded)
         on_cpu = [s for s in batch if s.jpeg is None] + [s for s in retried if s.prepared is not None]
         parts = [self.preprocess.normalise(self.preprocess.resize_crop([image for _, image in decoded]))]
@@ -189,11 +192,19 @@ class GpuEmbedder:
     def _measure_quality(self, decoded: list[tuple[RoutedSample, Any]]) -> None:
         """The samples table's colourfulness / content_fraction, from the same reduced copy the CPU path uses."""
         reduced = self.preprocess.reduced_copies([image for _, image in decoded])
-        for (sample, _), pixels in zip(decoded, reduced):
+        for (sample, _), pixels in zip(decoded, reduced, strict=True):
             sample.row["colourfulness"], sample.row["content_fraction"] = quality_signals_of_reduced(pixels)
 
 
 # ---------------------------------------------------------------- the stage
+
+
+def _stats(rows: list[dict[str, Any]], end: ShardEnd) -> dict[str, int]:
+    """EmbedStage's per-shard stats (samples, statuses, repeated keys and members)."""
+    stats = {"samples": len(rows), "keys.repeated_in_shard": end.repeated_keys, "members.repeated": end.repeated_members}
+    for row in rows:
+        stats[f"status.{row['status']}"] = stats.get(f"status.{row['status']}", 0) + 1
+    return stats
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -204,11 +215,11 @@ class _ShardState:
     def __init__(self) -> None:
         self.rows: dict[int, dict[str, Any]] = {}
         self.vectors: dict[int, np.ndarray] = {}
-        self.expected: int | None = None
+        self.end: ShardEnd | None = None  # the reader's last message: count, and a failure if cut short
         self.waiting = 0  # samples handed to the model and not back yet
 
     def all_received(self) -> bool:
-        return self.expected is not None and len(self.rows) >= self.expected
+        return self.end is not None and len(self.rows) >= self.end.count
 
     def complete(self) -> bool:
         return self.all_received() and self.waiting == 0
@@ -220,8 +231,9 @@ class GpuClipEmbedStage:
     name = "embed"
 
     def __init__(self, run: RunDir, shards: list[str], builder: DescriptorBuilder, readers: int | None = None,
-                 batch_size: int = 256, max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> None:
-        self.run_dir, self.shards, self.builder = run, shards, builder
+                 batch_size: int = 256, max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+        self.run_dir, self.shards, self.builder, self.timeouts = run, shards, builder, timeouts
         self.readers = (os.cpu_count() or 1) if readers is None else readers
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self._feed: ReaderPool | InlineReader | None = None
@@ -265,9 +277,10 @@ class GpuClipEmbedStage:
         later = [i for i in range(index + 1, len(self.shards)) if not self._done(i)]
         plan = [(i, self.shards[i]) for i in [index, *later]]
         if self.readers > 0:
-            self._feed = ReaderPool(plan, self.builder, min(self.readers, len(plan)), self.max_pixels)
+            self._feed = ReaderPool(plan, self.builder, min(self.readers, len(plan)), self.max_pixels,
+                                    timeouts=self.timeouts)
         else:
-            self._feed = InlineReader(plan, self.builder, self.max_pixels)
+            self._feed = InlineReader(plan, self.builder, self.max_pixels, self.timeouts)
         self._embedder = GpuEmbedder(cached_descriptor(self.builder), self.max_pixels)
 
     def _step(self, state: _ShardState, progress) -> None:
@@ -295,7 +308,7 @@ class GpuClipEmbedStage:
         if kind == "error":
             raise RuntimeError(f"reading shard {self.shards[shard_index]} failed:\n{payload}")
         if kind == "end":
-            state.expected = payload
+            state.end = payload
             return
         for sample in payload:
             state.rows[sample.position] = sample.row
@@ -320,19 +333,37 @@ class GpuClipEmbedStage:
         return bool(results)
 
     def _finish(self, index: int) -> dict[str, Any]:
-        """Write the shard's parts exactly as EmbedStage does: rows in shard order, vectors of the embedded ones."""
-        from dedup.stages.embed import _shard_stats  # here: stages.embed imports this module
+        """Write the shard's parts as EmbedStage does; a shard cut short raises TaskIncomplete after writing."""
+        from dedup.stages.embed import _rows_on_disk, _with_url  # here: stages.embed imports this module
 
         state = self._states.pop(index)
         rows = [state.rows[p] for p in sorted(state.rows)]
+        stats = _stats(rows, state.end)
+        if state.end.failure is None or len(rows) >= _rows_on_disk(self.run_dir.samples_part(index)):
+            # The readable samples are used until the shard reads in full; a worse retry never replaces them.
+            self._write(index, state)
+        if state.end.failure is None:
+            return stats
+        status, message = state.end.failure
+        raise TaskIncomplete(status, _with_url(self.shards[index], message), stats)
+
+    def _write(self, index: int, state: _ShardState) -> None:
         embedded = sorted(state.vectors)
         dim = cached_descriptor(self.builder).dim
         vectors = np.stack([state.vectors[p] for p in embedded]) if embedded else np.zeros((0, dim), np.float32)
         write_array(vectors.astype(np.float16), self.run_dir.embedding_part(self.builder.name, index))
         write_record(_table([state.rows[p] for p in embedded], EMBEDDING_METADATA),
                      self.run_dir.metadata_part(self.builder.name, index), EMBEDDING_METADATA)
-        write_record(_table(rows, SAMPLES), self.run_dir.samples_part(index), SAMPLES)
-        return _shard_stats(rows)
+        write_record(_table([state.rows[p] for p in sorted(state.rows)], SAMPLES), self.run_dir.samples_part(index),
+                     SAMPLES)
+
+    def describe_task(self, task_id: str) -> dict[str, Any]:
+        """Columns of OUT/failed_shards.parquet besides the engine's own (as EmbedStage)."""
+        return {"shard_index": int(task_id), "url": self.shards[int(task_id)]}
+
+    def abort(self) -> None:
+        """Ctrl-C: stop readers and threads now; nothing unfinished is marked done."""
+        self.close()
 
     def close(self) -> None:
         if self._feed is not None:
@@ -343,7 +374,8 @@ class GpuClipEmbedStage:
 
 
 def gpu_stage_for(run: RunDir, shards: list[str], builders: list[DescriptorBuilder], engine: str,
-                  readers: int | None, batch_size: int) -> GpuClipEmbedStage | None:
+                  readers: int | None, batch_size: int,
+                  timeouts: Timeouts = DEFAULT_TIMEOUTS) -> GpuClipEmbedStage | None:
     """The GPU-decode stage where it applies (clip alone, gpu_decode on, local engine), else None.
 
     Ray actors each run their own shards, so a reader pool planned over the
@@ -353,4 +385,4 @@ def gpu_stage_for(run: RunDir, shards: list[str], builders: list[DescriptorBuild
         return None
     if not getattr(cached_descriptor(builders[0]), "gpu_decode", False):
         return None
-    return GpuClipEmbedStage(run, shards, builders[0], readers=readers, batch_size=batch_size)
+    return GpuClipEmbedStage(run, shards, builders[0], readers=readers, batch_size=batch_size, timeouts=timeouts)

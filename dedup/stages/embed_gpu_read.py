@@ -21,9 +21,19 @@ import numpy as np
 from dedup.descriptors.base import DescriptorBuilder
 from dedup.descriptors.jpeg_route import gpu_route
 from dedup.stages.embed_worker import _base_row, _process_sample, cached_descriptor
-from dedup.stages.read import RawSample, read_shard
+from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts
 
 READ_CHUNK = 64  # samples per reader message: large enough to amortise pickling, small enough to interleave
+
+
+@dataclass(frozen=True)
+class ShardEnd:
+    """A reader's last message for a shard: how many samples, and whether it was read to its end."""
+
+    count: int
+    failure: tuple[str, str] | None  # (status, message) of a shard cut short, as ShardStream reports it
+    repeated_keys: int = 0
+    repeated_members: int = 0
 
 
 @dataclass
@@ -93,15 +103,17 @@ def _chunked(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample
         yield chunk
 
 
-def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixels: int) -> Iterator[tuple]:
-    """Messages for one shard: ("items", shard, [RoutedSample]) ..., then ("end", shard, count).
+def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixels: int,
+                timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[tuple]:
+    """Messages for one shard: ("items", shard, [RoutedSample]) ..., then ("end", shard, ShardEnd).
 
     Samples for the CPU decoder wait (in order) until the descriptor is built;
     plain JPEGs never wait. Order inside a shard does not matter downstream:
     every sample carries its position.
     """
+    stream = ShardStream(url, shard_index, timeouts)
     count, held = 0, []
-    for chunk in _chunked(read_shard(url, shard_index), READ_CHUNK):
+    for chunk in _chunked(stream, READ_CHUNK):
         items = []
         for raw in chunk:
             shape = gpu_shape(raw, max_pixels)
@@ -117,10 +129,12 @@ def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixe
             yield "items", shard_index, items
     if held:
         yield "items", shard_index, [cpu_sample(raw, descriptor.get(), max_pixels) for raw in held]
-    yield "end", shard_index, count
+    failure = (stream.failure.status, stream.failure.message) if stream.failure is not None else None
+    yield "end", shard_index, ShardEnd(count, failure, stream.repeated_keys, stream.repeated_members)
 
 
-def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int, eager: bool) -> None:
+def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int, eager: bool,
+                    timeouts: Timeouts) -> None:
     # Readers only `prepare` (resize and crop on the CPU): a CPU descriptor keeps CUDA out of every reader.
     descriptor = LazyDescriptor(DescriptorBuilder(builder.name, {**builder.options, "device": "cpu"}))
     if eager:
@@ -128,7 +142,7 @@ def _reader_process(jobs, results, builder: DescriptorBuilder, max_pixels: int, 
     while (job := jobs.get()) is not None:
         shard_index, url = job
         try:
-            for message in read_routed(shard_index, url, descriptor, max_pixels):
+            for message in read_routed(shard_index, url, descriptor, max_pixels, timeouts):
                 results.put(message)
         except Exception:  # noqa: BLE001 - sent to the model process, which fails the shard's task
             results.put(("error", shard_index, traceback.format_exc()))
@@ -138,7 +152,7 @@ class ReaderPool:
     """`readers` spawned processes reading the planned shards in order into one bounded queue."""
 
     def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, readers: int, max_pixels: int,
-                 eager: bool = False) -> None:
+                 eager: bool = False, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         """`eager`: build the descriptor before reading (benchmarks time steady-state reading that way)."""
         context = multiprocessing.get_context("spawn")  # the parent holds CUDA and torch threads
         self.planned = {index for index, _ in plan}
@@ -150,7 +164,7 @@ class ReaderPool:
         # Bounded: readers block rather than pile decoded shards up in memory.
         self._results = context.Queue(maxsize=readers * 4)
         self._procs = [
-            context.Process(target=_reader_process, args=(self._jobs, self._results, builder, max_pixels, eager),
+            context.Process(target=_reader_process, args=(self._jobs, self._results, builder, max_pixels, eager, timeouts),
                             daemon=True)
             for _ in range(readers)
         ]
@@ -177,10 +191,11 @@ class ReaderPool:
 class InlineReader:
     """readers=0: the same messages, read in this process (small runs and tests)."""
 
-    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, max_pixels: int) -> None:
+    def __init__(self, plan: list[tuple[int, str]], builder: DescriptorBuilder, max_pixels: int,
+                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         self.planned = {index for index, _ in plan}
         descriptor = LazyDescriptor(builder)
-        self._messages = (m for index, url in plan for m in read_routed(index, url, descriptor, max_pixels))
+        self._messages = (m for i, url in plan for m in read_routed(i, url, descriptor, max_pixels, timeouts))
 
     def get(self, timeout: float) -> tuple | None:
         return next(self._messages, None)
