@@ -191,3 +191,32 @@ def test_a_failing_gpu_batch_fails_the_task_cleanly(tmp_path, shards, model_file
     with pytest.raises(StageFailed, match="simulated device fault"):
         embed(shards[:1], tmp_path, model_files, gpu_decode=True)
     assert not RunDir(tmp_path).samples_part(0).exists()
+
+
+def test_a_shard_cut_short_is_kept_and_retried_as_embed_stage_does(tmp_path, model_files):
+    """Same contract as EmbedStage (tests/test_embed.py): readable samples written, task not done, failure recorded."""
+    import tarfile
+    from dataclasses import replace
+
+    from conftest import jpeg_bytes, sample_members, write_tar
+    from PIL import Image
+
+    def photo(seed):
+        return jpeg_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 255, (80, 90, 3), dtype=np.uint8)))
+
+    full = write_tar(tmp_path / "full.tar", [m for i in range(5) for m in sample_members(f"b{i}", photo(i))])
+    with tarfile.open(full) as tar:
+        cut_at = next(m.offset for m in tar.getmembers() if m.name == "b3.jpg")
+    cut = tmp_path / "00000.tar"
+    cut.write_bytes(full.read_bytes()[:cut_at])
+    model, pretrained = model_files
+    run = make_run(tmp_path / "out", [cut], descriptors=("clip",), device="cpu", batch_size=16,
+                   model_options={"model": model, "pretrained": pretrained, "gpu_decode": True})
+    run.settings = replace(run.settings, engine=replace(run.settings.engine, retries=1, retry_backoff_s=0))
+    report = embed_stage.embed(run)
+    assert set(report.failures) == {"0"} and report.stats["samples"] == 3
+    assert pd.read_parquet(run.samples_part(0))["key"].tolist() == ["b0", "b1", "b2"]
+    assert len(np.load(run.embedding_part("clip", 0))) == 3
+    assert not run.marker("embed", "0").exists()
+    (row,) = pd.read_parquet(run.failed_shards).to_dict("records")
+    assert row["status"] == "truncated" and row["url"] == str(cut)
