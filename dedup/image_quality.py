@@ -68,7 +68,11 @@ def _content_fraction(pixels: np.ndarray) -> float:
 
 def quality_signals(image: Image.Image) -> tuple[float, float]:
     """(colourfulness, content_fraction) of a decoded image, from one reduced copy."""
-    pixels = _reduced(image)
+    return quality_signals_of_reduced(_reduced(image))
+
+
+def quality_signals_of_reduced(pixels: np.ndarray) -> tuple[float, float]:
+    """The same signals from the reduced (h, w, 3) uint8 copy itself (the GPU decode path reduces on the device)."""
     return _colourfulness(pixels), _content_fraction(pixels)
 
 

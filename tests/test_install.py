@@ -27,6 +27,8 @@ from dedup.errors import MissingExtraError, missing_extra, require
 from dedup.search.faiss_index import faiss_backend, faiss_gpu_count
 
 CLIP_STACK = ("torch", "torchvision", "open_clip")
+# The modules of the clip extra: the descriptor and its batched GPU decoding / CUDA-graph helpers.
+CLIP_MODULES = ("dedup.descriptors.clip", "dedup.descriptors.gpu_decode", "dedup.descriptors.cuda_graphs")
 BLOCKER = f'''
 import importlib.abc
 import sys
@@ -69,7 +71,7 @@ def test_blocker_really_hides_the_clip_stack(tmp_path):
 
 
 def test_every_module_but_clip_imports_without_torch(tmp_path):
-    names = [m.name for m in pkgutil.walk_packages(dedup.__path__, "dedup.") if m.name != "dedup.descriptors.clip"]
+    names = [m.name for m in pkgutil.walk_packages(dedup.__path__, "dedup.") if m.name not in CLIP_MODULES]
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
     code += f"assert not {{*sys.modules}} & {set(CLIP_STACK)!r}\nprint('imported', {len(names)})"
     result = run_lean(tmp_path, "-c", code)

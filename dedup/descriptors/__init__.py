@@ -97,7 +97,7 @@ register(DescriptorInfo(
     "clip", "dedup.descriptors.clip", "ClipDescriptor", "vector", True,
     "open_clip image embedding (default ViT-B-32 / laion2b_s34b_b79k). Default where a GPU is present.",
     default_threshold=CLIP_THRESHOLD,
-    cli_options=("model", "pretrained", "device"), path_options=("model", "pretrained"),
+    cli_options=("model", "pretrained", "device", "gpu_decode"), path_options=("model", "pretrained"),
     warm_up=True, supports_text=True, uses_all_cores_on_cpu=True,
 ))
 register(DescriptorInfo(

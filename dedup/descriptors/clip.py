@@ -280,6 +280,23 @@ def _image_size(preprocess: dict[str, Any]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
 
+def _resolve_gpu_decode(gpu_decode: bool | str, device: torch.device, preprocess: dict[str, Any]) -> bool:
+    """`auto`: batched nvJPEG decoding on CUDA where the preprocess is one it reproduces; else PIL per image."""
+    from dedup.descriptors.gpu_decode import supports_preprocess
+
+    if gpu_decode == "auto":
+        return device.type == "cuda" and supports_preprocess(preprocess)
+    if gpu_decode not in (True, False):
+        raise DedupError(f"clip gpu_decode must be auto, true or false, not {gpu_decode!r}", hint="use gpu_decode=auto")
+    if gpu_decode and not supports_preprocess(preprocess):
+        raise DedupError(
+            f"batched decoding cannot reproduce this model's preprocess ({preprocess['resize_mode']}, "
+            f"{preprocess['interpolation']}, size {preprocess['size']})",
+            hint="run clip with gpu_decode=False (the CPU preprocess handles every open_clip mode)",
+        )
+    return bool(gpu_decode)
+
+
 # ---------------------------------------------------------------------------
 # The descriptor
 
@@ -294,6 +311,9 @@ class ClipDescriptor:
         device: str = "auto",
         precision: str = "auto",
         batch_size: int = 256,
+        gpu_decode: bool | str = "auto",
+        channels_last: bool | str = "auto",
+        cuda_graphs: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DedupError(f"clip batch_size must be >= 1, got {batch_size}", hint="use --batch-size 256")
@@ -309,6 +329,10 @@ class ClipDescriptor:
         self._tokenizer: Any = None
         self._mean = torch.tensor(self.spec.preprocess["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.preprocess["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.gpu_decode = _resolve_gpu_decode(gpu_decode, self.device, self.spec.preprocess)
+        self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphed: Any = None
 
     def describe_device(self) -> str:
         return f"clip {self.spec.label} on {self.device} ({self.precision})"
@@ -360,6 +384,42 @@ class ClipDescriptor:
         with torch.inference_mode(), _autocast(self.device, self.precision):
             features = model.encode_image(normalised)
         return features.float().cpu().numpy()
+
+    # -- batched GPU-decode path (dedup.gpu_embed) ---------------------------
+
+    def batch_preprocess(self):
+        """The batched decode + resize + crop + normalise for this model, on this descriptor's device."""
+        from dedup.descriptors.gpu_decode import BatchPreprocess
+
+        return BatchPreprocess(self.spec.preprocess, self.device)
+
+    def encode_normalised(self, batch: torch.Tensor) -> np.ndarray:
+        """(n, 3, H, W) float32 model input already on the device -> (n, dim) float32, L2-normalised rows."""
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(self.launch_encode(batch).cpu().numpy())
+
+    def launch_encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Queue the image tower on `batch`; (n, dim) float32 features on the device, not yet synchronised.
+
+        The GPU stage copies them out asynchronously and launches the next batch
+        before waiting, so kernel launches overlap the previous batch's compute.
+        """
+        model = self._loaded_model()
+        if self.channels_last:
+            # The patch-embedding convolution reads NHWC faster on tensor cores; the result is the same.
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.cuda_graphs and self.device.type == "cuda":
+            return self._graphed_encoder(model)(batch).float()
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            return model.encode_image(batch).float()
+
+    def _graphed_encoder(self, model: torch.nn.Module):
+        if self._graphed is None:
+            from dedup.descriptors.cuda_graphs import GraphedEncoder
+
+            self._graphed = GraphedEncoder(model, self.device, _AUTOCAST_DTYPES.get(self.precision), self.batch_size)
+        return self._graphed
 
     def _loaded_model(self) -> torch.nn.Module:
         if self._model is None:

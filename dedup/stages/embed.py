@@ -298,17 +298,32 @@ def descriptor_builders(settings: Settings) -> list[DescriptorBuilder]:
 def embed(run: Run) -> StageReport:
     """Read every shard, store hashes + descriptors; resumes shard by shard."""
     from dedup.data_manifest import expand_inputs
+    from dedup.stages.embed_gpu import gpu_stage_for
 
     remove_stale_temp_files(run)
     missing: list[str] | None = [] if run.settings.allow_missing else None
     shards = record_shards(run, expand_inputs(run.settings.shard_specs, missing))
     record_missing(run, missing or [])
     builders = descriptor_builders(run.settings)
-    _check_builders(builders, run)
-    workers = resolve_workers(run.settings)
-    run.log(f"decode workers: {workers}")
     timeouts = Timeouts(run.settings.connect_timeout_s, run.settings.read_timeout_s)
-    stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size, timeouts=timeouts)
+    gpu_stage = gpu_stage_for(run, shards, builders, run.settings.engine.name, run.settings.workers,
+                              run.settings.batch_size, timeouts)
+    if gpu_stage is not None:
+        gpu_stage.prestart()  # its shard readers start while _check_builders loads the model
+    try:
+        _check_builders(builders, run)
+    except BaseException:
+        if gpu_stage is not None:
+            gpu_stage.close()
+        raise
+    if gpu_stage is not None:
+        run.log(f"clip: batched decoding, {gpu_stage.readers} shard readers")
+        stage = gpu_stage
+    else:
+        workers = resolve_workers(run.settings)
+        run.log(f"decode workers: {workers}")
+        stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size,
+                           timeouts=timeouts)
     report = run_stage(run, stage)
     report.stats["keys.in_several_shards"] = keys_in_several_shards(run)
     require_decoded(report, run)
