@@ -120,6 +120,7 @@ ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x
 ByOpt = Annotated[str, typer.Option(help="copies, or risk (memorisation risk: copies, caption sameness, domains).")]
 TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+GpuDecodeOpt = Annotated[bool | None, typer.Option("--gpu-decode/--no-gpu-decode", help="clip on CUDA: decode JPEGs on the GPU (nvJPEG) and resize there (default: on with CUDA).")]
 AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing", help="Record local shards absent from a brace range (OUT/missing_shards.parquet) instead of stopping.")]
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
 ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
@@ -223,13 +224,15 @@ def embed_command(
     connect_timeout: ConnectTimeoutOpt = 30.0,
     read_timeout: ReadTimeoutOpt = 60.0,
     allow_missing: AllowMissingOpt = False,
+    gpu_decode: GpuDecodeOpt = None,
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
     from dedup.stages.embed import embed
 
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
-                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize},
+                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize,
+                                  "gpu_decode": gpu_decode},
                      timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing)
     print_embed_summary(embed(run), err_console)
     _exit_if_shards_failed(out)
@@ -337,6 +340,7 @@ def run_command(
     connect_timeout: ConnectTimeoutOpt = 30.0,
     read_timeout: ReadTimeoutOpt = 60.0,
     allow_missing: AllowMissingOpt = False,
+    gpu_decode: GpuDecodeOpt = None,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.pipeline import run_all
@@ -358,7 +362,8 @@ def run_command(
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      threshold, guard, memory, keep,
-                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize},
+                     model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize,
+                                  "gpu_decode": gpu_decode},
                      timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing)
     print_top(run_all(run, with_report=report), out_console, top)
     _exit_if_shards_failed(out)

@@ -106,7 +106,9 @@ class Settings:
             batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
             connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, allow_missing=allow_missing,
         )
-        settings.descriptor_options = {n: _shaping(builder_options(n, model_options or {})) for n in names}
+        # The device is a run setting of its own (settings.device); everything else a descriptor takes is kept.
+        settings.descriptor_options = {n: {k: v for k, v in builder_options(n, model_options or {}).items() if k != "device"}
+                                       for n in names}
         return settings.with_cuts(thresholds or {}, guards or {}).validated()
 
     def with_cuts(self, thresholds: dict[str, float], guards: dict[str, float], search: bool = True) -> Settings:
@@ -179,6 +181,10 @@ class Settings:
                     f"this run's {name} vectors were made with {_shaping(saved)}, not {_shaping(asked)}",
                     hint="resume with the same --model/--pretrained, or use a new --out directory")
         changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes") if k in given}
+        # How this invocation computes (device, GPU decoding) is its own choice; what it computes is the run's.
+        changes["descriptor_options"] = {
+            name: {**_shaping(self.descriptor_options.get(name, {})), **_runtime(requested.descriptor_options.get(name, {}))}
+            for name in self.descriptors}
         if requested.shard_specs:  # the embed stage checks them against the shards already recorded
             changes["shard_specs"] = requested.shard_specs
         return replace(self, **changes, batch_size=requested.batch_size, workers=requested.workers,
@@ -216,9 +222,17 @@ class Settings:
 RunConfig = Settings
 
 
+# Descriptor options that say how the vectors are computed, not which: a resumed run may change them.
+RUNTIME_OPTIONS = frozenset({"device", "gpu_decode", "channels_last", "cuda_graphs"})
+
+
 def _shaping(options: dict[str, Any]) -> dict[str, Any]:
-    """The descriptor options that change the vectors (the device does not)."""
-    return {k: v for k, v in sorted(options.items()) if k != "device"}
+    """The descriptor options that change the vectors (the device or the decoder does not)."""
+    return {k: v for k, v in sorted(options.items()) if k not in RUNTIME_OPTIONS}
+
+
+def _runtime(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in RUNTIME_OPTIONS and k != "device"}
 
 
 def _check(ok: bool, message: str, hint: str) -> None:

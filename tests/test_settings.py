@@ -148,3 +148,15 @@ def demo_out_settings(tmp_path_factory):
                                  "--keep", "largest", "--descriptor", "perceptual", "--workers", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     return root / "loose", default
+
+
+def test_how_the_vectors_are_computed_may_change_on_resume_but_not_what(tmp_path):
+    def clip(**options):
+        return Settings.build(descriptors=["clip"], model_options={"model": "ViT-B-32", "pretrained": "tag", **options})
+
+    Run.start(tmp_path / "out", clip(gpu_decode=True))
+    resumed = Run.start(tmp_path / "out", clip(gpu_decode=False))
+    assert resumed.settings.descriptor_options["clip"]["gpu_decode"] is False
+    assert resumed.settings.descriptor_options["clip"]["model"] == "ViT-B-32"
+    with pytest.raises(SettingsError, match="made with"):
+        Run.start(tmp_path / "out", Settings.build(descriptors=["clip"], model_options={"model": "ViT-L-14"}))
