@@ -6,6 +6,7 @@ import math
 import re
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -84,19 +85,28 @@ def print_failed_shards(run: RunDir, console: Console, retry_command: str) -> in
     return len(failed)
 
 
+def _clip(text: str, width: int) -> str:
+    """At most `width` characters, an ellipsis marking a cut (one line a cluster in an 80-column terminal)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def print_top(ranking: pd.DataFrame, console: Console, top: int = 15) -> None:
     if ranking.empty:
         console.print("no duplicate clusters found")
         return
-    table = Table("rank", "copies", "captions", "domains", "shards", "verbatim", "risk", "representative key", "caption",
-                  title="Most duplicated images")
+    table = Table("#", "copies", "capt", "doms", "shards", "verb", "risk", "key", "caption", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True,
+                  title="Most duplicated images",
+                  caption="capt: distinct captions, doms: URL domains, verb: copies captioned as the representative, "
+                          "risk: memorisation risk (README)")
     for row in ranking.head(top).itertuples():
-        caption = row.representative_caption[:60] if isinstance(row.representative_caption, str) else ""
+        caption = _clip(row.representative_caption, 24) if isinstance(row.representative_caption, str) else ""
         verbatim = str(getattr(row, "verbatim_copies", ""))
         risk = f"{row.risk:.2f}" if hasattr(row, "risk") else ""
         # Keys and captions are web content: plain Text, never console markup, never control characters.
         table.add_row(str(row.rank), str(row.copies), str(row.distinct_captions), str(row.url_domains),
-                      str(row.shards_spanned), verbatim, risk, safe_text(row.representative_key), safe_text(caption))
+                      str(row.shards_spanned), verbatim, risk, safe_text(_clip(str(row.representative_key), 12)),
+                      safe_text(caption))
     console.print(table)
 
 
