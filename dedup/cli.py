@@ -350,7 +350,8 @@ def run_command(
     if embeddings is not None:
         if shards:
             raise DedupError("--embeddings runs from precomputed vectors alone", hint="drop the SHARDS arguments")
-        from dedup.stages.precomputed import PRECOMPUTED, run_from_embeddings
+        from dedup.pipeline import run_from_embeddings
+        from dedup.stages.precomputed import PRECOMPUTED
 
         engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
         run = _start_run(out, [embeddings], [PRECOMPUTED], model, pretrained, device, batch_size, workers,

@@ -8,13 +8,13 @@ import pytest
 from conftest import precomputed_run
 
 from dedup.errors import DedupError, StoreError
+from dedup.pipeline import run_from_embeddings
 from dedup.records import RunDir, load_samples, open_embeddings
 from dedup.search.pairs import brute_force_pairs
 from dedup.stages.precomputed import (
     PRECOMPUTED,
     PRECOMPUTED_THRESHOLD,
     ingest_embeddings,
-    run_from_embeddings,
     shard_and_key,
 )
 

@@ -39,7 +39,7 @@ from dedup.records import (
 from dedup.run import Run
 from dedup.settings import Settings
 from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, process_chunk
-from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts
+from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts, chunked
 
 CHUNK_SIZE = 32
 
@@ -77,17 +77,6 @@ class _Batcher:
         vectors = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float16)
         columns = {name: [r[name] for r in self.rows] for name in EMBEDDING_METADATA.names}
         return vectors, pa.Table.from_pydict(columns, schema=EMBEDDING_METADATA)
-
-
-def _chunks(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    chunk: list[RawSample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 class EmbedStage:
@@ -160,7 +149,7 @@ class EmbedStage:
         return self._main_descriptors
 
     def _processed(self, samples: Iterable[RawSample]) -> Iterator[list[ProcessedSample]]:
-        chunks = _chunks(samples, CHUNK_SIZE)
+        chunks = chunked(samples, CHUNK_SIZE)
         if self.workers <= 0:
             for chunk in chunks:
                 yield process_chunk(chunk, self.builders, self.max_pixels)

@@ -12,7 +12,7 @@ import hashlib
 import multiprocessing
 import queue
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 from dedup.descriptors.base import DescriptorBuilder
 from dedup.descriptors.jpeg_route import gpu_route
 from dedup.stages.embed_worker import _base_row, _process_sample, cached_descriptor
-from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts
+from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts, chunked
 
 READ_CHUNK = 64  # samples per reader message: large enough to amortise pickling, small enough to interleave
 
@@ -92,17 +92,6 @@ def cpu_retry(sample: RoutedSample, descriptor, max_pixels: int) -> RoutedSample
     return cpu_sample(sample.jpeg, descriptor, max_pixels)
 
 
-def _chunked(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    chunk: list[RawSample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixels: int,
                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[tuple]:
     """Messages for one shard: ("items", shard, [RoutedSample]) ..., then ("end", shard, ShardEnd).
@@ -113,7 +102,7 @@ def read_routed(shard_index: int, url: str, descriptor: LazyDescriptor, max_pixe
     """
     stream = ShardStream(url, shard_index, timeouts)
     count, held = 0, []
-    for chunk in _chunked(stream, READ_CHUNK):
+    for chunk in chunked(stream, READ_CHUNK):
         items = []
         for raw in chunk:
             shape = gpu_shape(raw, max_pixels)

@@ -31,7 +31,6 @@ dataset).
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -261,29 +260,3 @@ def write_url_remove_list(out: str | Path) -> int:
     table = pd.concat(frames, ignore_index=True)[REMOVE_URL_COLUMNS]
     write_record(table, run.root / "remove_urls.parquet", REMOVE_URLS)
     return len(table)
-
-
-def run_from_embeddings(run: Run, with_report: bool = True) -> pd.DataFrame:
-    """`dedup run --embeddings DIR`: ingest, then index -> neighbours -> cluster -> rank -> manifests -> report."""
-    from dedup.stages.cluster import cluster
-    from dedup.stages.index import build_indexes, faiss_gpu_available
-    from dedup.stages.manifests import manifests_stage
-    from dedup.stages.neighbors import find_neighbors
-    from dedup.stages.rank import rank
-
-    started = time.perf_counter()
-    report = ingest_embeddings(run, run.settings.shard_specs[0])
-    run.log(f"ingest: {int(report.stats.get('samples', 0)):,} vectors from {report.tasks_total} parts")
-    gpu = faiss_gpu_available()
-    for name, spec in build_indexes(run, gpu=gpu).items():
-        run.log(f"index {name}: {spec.kind} ({spec.factory}) over {spec.n_vectors:,} vectors")
-    find_neighbors(run, gpu=gpu)
-    run.log(f"clusters: {cluster(run)}")
-    ranking = rank(run)
-    run.log(f"manifests: {manifests_stage(run)}; remove list by url: {write_url_remove_list(run):,} rows")
-    if with_report:
-        from dedup.stages.report import report_stage
-
-        run.log(f"report (text only, no images): {report_stage(run)}")
-    run.log(f"done in {time.perf_counter() - started:.1f}s")
-    return ranking

@@ -458,3 +458,15 @@ def meta_int(meta: dict[str, Any], name: str) -> int | None:
     except (TypeError, ValueError):
         return None
     return number if 0 <= number < 2**31 else None
+
+
+def chunked(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+    """Samples in lists of `size` (the last one shorter): what a decode worker gets at a time."""
+    chunk: list[RawSample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -843,34 +843,6 @@ def _build_report(out: str | Path, top: int, copies_shown: int, order: str = "co
     return document, count_thumbnails(thumbs)
 
 
-    run = RunDir(out)
-    tables = _load_run(run, top, order)
-    clusters = _top_clusters(run, tables, copies_shown)
-    thumbs = read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]])
-    thumb = _ThumbnailHtml(thumbs)
-    cards = "".join(_gallery_card(row, shown, members, thumb) for row, shown, members in clusters)
-    sections = "".join(_cluster_section(row, shown, len(members), thumb) for row, shown, members in clusters)
-    total = tables.duplicate_cluster_count
-    gallery_note = f"top {len(clusters)} of {total:,} duplicate clusters" if clusters else "no duplicate clusters found"
-    subtitle = f"{int(tables.statuses.sum()):,} samples in {len(tables.shards):,} shards &middot; {gallery_note}"
-    document = _page(
-        "dedup report",
-        subtitle,
-        [
-            _summary_section(tables),
-            (
-                f"<section id='gallery'><h2>Most duplicated images <span class='muted small'>{gallery_note}</span></h2>"
-                f"<div class='gallery'>{cards}</div></section>"
-            ),
-            _plots_section(run, tables),
-            overrides_section(run),
-            threshold_guidance_section(run, tables.config),
-            f"<section id='clusters'><h2>Clusters in detail</h2>{sections}</section>",
-        ],
-    )
-    return document, count_thumbnails(thumbs)
-
-
 def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies", log=None) -> Path:
     """Write `OUT/report/index.html`, a single self-contained file, and return its path.
 
