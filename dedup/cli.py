@@ -397,6 +397,7 @@ def query_command(
     image: Annotated[Path | None, typer.Option(help="An image file.")] = None,
     images: Annotated[Path | None, typer.Option(help="A folder of images.")] = None,
     key: Annotated[str | None, typer.Option(help="A sample key of the run.")] = None,
+    shard: Annotated[str | None, typer.Option(help="With --key: the shard of the sample, as given to the run (keys repeat across outputs).")] = None,
     text: Annotated[str | None, typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
     descriptor: Annotated[str | None, typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
     limit: Annotated[int, typer.Option(min=0, help="Matches listed per query (the count is always exact).")] = 20,
@@ -407,7 +408,8 @@ def query_command(
     from dedup.console import print_results
     from dedup.stages.query import query
 
-    results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor, min_similarity=min_similarity)
+    results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor,
+                    min_similarity=min_similarity, shard=shard)
     if as_json:
         out_console.print_json(json.dumps([r.to_dict(limit) for r in results]))
     else:

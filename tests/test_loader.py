@@ -253,3 +253,17 @@ def test_select_and_pickled_copies_filter_the_same(tmp_path):
     dropper = pickle.loads(pickle.dumps(DropDuplicates(tmp_path / "run")))
     selected = [s["__key__"] for s in wds.WebDataset([url], shardshuffle=False).select(dropper.keep)]
     assert selected == [k for _, k in keys_read([url], DropDuplicates(tmp_path / "run"))] == ["a", "c"]
+
+
+def test_query_by_a_key_that_repeats_across_outputs_needs_the_shard(two_outputs):
+    """`dedup query --key` answers for one sample: a key of two outputs is ambiguous, never a silent first pick."""
+    from dedup.errors import QueryError
+    from dedup.stages.query import query
+
+    out, urls = two_outputs
+    with pytest.raises(QueryError, match="--shard"):
+        query(out, key="000000005")
+    (in_a,) = query(out, key="000000005", shard=urls[0])
+    (in_b,) = query(out, key="000000005", shard=urls[2])
+    assert in_a.cluster_id != in_b.cluster_id
+    assert in_b.copies == 2  # b's 000000005 is a copy of a's 000000007

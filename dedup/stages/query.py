@@ -194,10 +194,21 @@ def query_images(run_index: RunIndex, paths: list[Path], root: Path | None = Non
     return [r for r in results if r is not None]
 
 
-def query_key(run_index: RunIndex, key: str) -> QueryResult:
+def query_key(run_index: RunIndex, key: str, shard: str | None = None) -> QueryResult:
+    """The cluster of the sample a key names. A sample is its shard plus its key: keys repeat across
+    img2dataset outputs, so a key found in several shards needs `shard` (never a silent first pick)."""
     rows = run_index.clusters[run_index.clusters["key"] == key]
+    if shard is not None:
+        rows = rows[rows["shard"] == shard]
     if rows.empty:
-        raise QueryError(f"no sample with key {key!r} in {run_index.run.root}", hint="keys are the tar member names without extension")
+        where = f" of shard {shard!r}" if shard is not None else ""
+        raise QueryError(f"no sample with key {key!r}{where} in {run_index.run.root}",
+                         hint="keys are the tar member names without extension; shards as given to the run")
+    if rows["cluster_id"].nunique() > 1:
+        shards = sorted(rows["shard"].unique().tolist())
+        raise QueryError(f"key {key!r} names {len(rows)} different samples (shards: {', '.join(shards[:3])}"
+                         f"{', ...' if len(shards) > 3 else ''})",
+                         hint="pass --shard SHARD as well (the shard as given to the run)")
     cluster_id = int(rows["cluster_id"].iloc[0])
     members = run_index.clusters[run_index.clusters["cluster_id"] == cluster_id]
     matches = members.assign(similarity=members["similarity_to_representative"])[MATCH_COLUMNS]
@@ -256,13 +267,14 @@ def query_text(run_index: RunIndex, text: str, min_similarity: float | None = No
 
 
 def query(out: str | Path, *, image: Path | None = None, images: Path | None = None, key: str | None = None,
-          text: str | None = None, descriptor: str | None = None, min_similarity: float | None = None) -> list[QueryResult]:
+          text: str | None = None, descriptor: str | None = None, min_similarity: float | None = None,
+          shard: str | None = None) -> list[QueryResult]:
     chosen = [name for name, value in (("--image", image), ("--images", images), ("--key", key), ("--text", text)) if value]
     if len(chosen) != 1:
         raise QueryError("give exactly one of --image, --images, --key, --text", hint="e.g. dedup query OUT --image photo.jpg")
     run_index = RunIndex(out, text_descriptor(out) if text and descriptor is None else descriptor)
     if key is not None:
-        return [query_key(run_index, key)]
+        return [query_key(run_index, key, shard)]
     if text is not None:
         return [query_text(run_index, text, min_similarity)]
     if image is not None:
