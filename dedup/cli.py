@@ -117,7 +117,6 @@ InputSizeOpt = Annotated[int, typer.Option(help="torchscript: model input side S
 MeanOpt = Annotated[str, typer.Option(help="torchscript: per-channel mean, R,G,B in 0..1.")]
 StdOpt = Annotated[str, typer.Option(help="torchscript: per-channel std, R,G,B.")]
 ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x S) or crop (short side S, centre crop).")]
-ByOpt = Annotated[str, typer.Option(help="copies, or risk (memorisation risk: copies, caption sameness, domains).")]
 TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 GpuDecodeOpt = Annotated[bool | None, typer.Option("--gpu-decode/--no-gpu-decode", help="clip on CUDA: decode JPEGs on the GPU (nvJPEG) and resize there (default: on with CUDA).")]

@@ -115,23 +115,23 @@ def _mark_done(run: RunDir, stage: str, task_id: str, stats: dict[str, Any], sec
     write_json(record, run.marker(stage, task_id))
 
 
-def unfinished_tasks(run: RunDir, stage: Stage) -> list[str]:
+def unfinished_tasks(run: RunDir, stage: Stage, task_ids: list[str] | None = None) -> list[str]:
     """Tasks without a current marker (read-only: nothing is reset)."""
     fingerprint = _fingerprint(stage)
-    return [t for t in stage.task_ids() if not _is_done(run, stage.name, t, fingerprint)]
+    return [t for t in (stage.task_ids() if task_ids is None else task_ids)
+            if not _is_done(run, stage.name, t, fingerprint)]
 
 
 def pending_tasks(run: RunDir, stage: Stage, task_ids: list[str]) -> tuple[list[str], str | None]:
     """Tasks still to run. A stage whose inputs or settings changed (another fingerprint) starts over."""
-    fingerprint = _fingerprint(stage)
-    pending = [t for t in task_ids if not _is_done(run, stage.name, t, fingerprint)]
-    stale = [t for t in task_ids if t in pending and run.marker(stage.name, t).exists()]
+    pending = unfinished_tasks(run, stage, task_ids)
+    stale = any(run.marker(stage.name, t).exists() for t in pending)  # a marker of other inputs or settings
     if stale and hasattr(stage, "reset"):
         stage.reset()
         for path in (run.root / "_markers" / stage.name).glob("*.done"):
             path.unlink(missing_ok=True)
         pending = list(task_ids)
-    return pending, fingerprint
+    return pending, _fingerprint(stage)
 
 
 def collect_stats(run: RunDir, stage: str, task_ids: list[str]) -> Counter:

@@ -79,6 +79,11 @@ class RunDir:
         return self.root / "remove_keys.parquet"
 
     @property
+    def remove_urls(self) -> Path:
+        """Runs from precomputed embeddings: url and key of every removed sample (dedup/stages/precomputed.py)."""
+        return self.root / "remove_urls.parquet"
+
+    @property
     def missing_shards(self) -> Path:
         return self.root / "missing_shards.parquet"
 

@@ -218,8 +218,6 @@ class Settings:
                                 hint="restore it, or start again with a new --out directory") from None
 
 
-# The old name: run.json was a "RunConfig" in earlier versions.
-RunConfig = Settings
 
 
 # Descriptor options that say how the vectors are computed, not which: a resumed run may change them.

@@ -258,5 +258,5 @@ def write_url_remove_list(out: str | Path) -> int:
                                filters=[("sample_id", "in", ids)])
         frames.append(removed[shard_of == shard_index].merge(urls, on="sample_id", how="left"))
     table = pd.concat(frames, ignore_index=True)[REMOVE_URL_COLUMNS]
-    write_record(table, run.root / "remove_urls.parquet", REMOVE_URLS)
+    write_record(table, run.remove_urls, REMOVE_URLS)
     return len(table)
