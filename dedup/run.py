@@ -83,6 +83,10 @@ class RunDir:
         """Runs from precomputed embeddings: url and key of every removed sample (dedup/stages/precomputed.py)."""
         return self.root / "remove_urls.parquet"
 
+    def scratch_dir(self, stage: str) -> Path:
+        """Intermediate files one stage's tasks hand to its later steps (removed when the stage ends)."""
+        return self.root / "_scratch" / stage
+
     @property
     def missing_shards(self) -> Path:
         return self.root / "missing_shards.parquet"
