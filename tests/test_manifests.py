@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import make_run
 from PIL import Image
@@ -174,3 +175,127 @@ def test_real_photos_forest_keeps_a_full_size_copy_not_the_thumbnail_or_low_qual
     assert len(kept) == 1
     assert kept["width"].iloc[0] * kept["height"].iloc[0] == (forest["width"] * forest["height"]).max()
     assert not kept["file"].str.contains("thumb|lowQuality|forest-low").any()
+
+
+# ---------------------------------------------------------------- the stage as engine tasks
+
+
+def _today_manifests(run: RunDir, keep: str) -> dict[str, pd.DataFrame]:
+    """Frozen copy of the one-task stage before it became engine tasks: every table in memory at once."""
+    from dedup.stages.manifests import BEST_COLUMNS, _present, with_occurrence
+    from dedup.stages.overrides import pinned_samples
+
+    clusters = pd.read_parquet(run.clusters)
+    sizes = load_samples(run, ["sample_id", "width", "height", *_present(run, BEST_COLUMNS)])
+    decided = with_occurrence(decide_keep(clusters.merge(sizes, on="sample_id", how="left"), KeepPolicy.parse(keep),
+                                          pinned_samples(run)))
+    tables = {}
+    for _, part in decided.groupby("shard_index", sort=True):
+        tables[run.manifest_part(str(part["shard"].iloc[0])).name] = part.reset_index(drop=True)
+    tables["remove_keys"] = decided[~decided["keep"]].reset_index(drop=True)
+    return tables
+
+
+def _written(run: RunDir) -> dict[str, pd.DataFrame]:
+    index = pd.read_parquet(run.manifest_index)
+    tables = {name: pd.read_parquet(run.manifests_dir / name) for name in index["manifest"]}
+    tables["remove_keys"] = pd.read_parquet(run.remove_keys)
+    return tables
+
+
+def _assert_same_manifests(run: RunDir, expected: dict[str, pd.DataFrame]) -> None:
+    from dedup.records import MANIFEST, REMOVE_LIST
+
+    written = _written(run)
+    assert sorted(written) == sorted(expected)
+    files = sorted(p.name for p in run.manifests_dir.glob("*.parquet"))
+    assert files == sorted([*(n for n in expected if n != "remove_keys"), "_index.parquet"])
+    for name, frame in expected.items():
+        schema = REMOVE_LIST if name == "remove_keys" else MANIFEST
+        want = frame[schema.names].astype({"occurrence": "int32"}).reset_index(drop=True)
+        pd.testing.assert_frame_equal(written[name], want, check_dtype=False)
+        assert pq.read_schema(run.remove_keys if name == "remove_keys" else run.manifests_dir / name).remove_metadata() == schema
+    assert not run.scratch_dir("manifests").exists()  # the steps' hand-over files are gone
+
+
+@pytest.mark.parametrize("keep", ["best", "first", "largest", "max-copies=2"])
+def test_manifest_tasks_write_what_the_one_task_stage_wrote(demo_run, keep):
+    counts = manifests_stage(Run.open(demo_run.root, keep=keep))
+    expected = _today_manifests(demo_run, keep)
+    _assert_same_manifests(demo_run, expected)
+    removed = expected["remove_keys"]
+    assert counts == {"kept": sum(int(f["keep"].sum()) for n, f in expected.items() if n != "remove_keys"),
+                      "removed_duplicates": int((removed["reason"] == "duplicate").sum()),
+                      "removed_failed": int(removed["reason"].str.startswith("status:").sum()),
+                      "manifests": len(expected) - 1}
+    index = pd.read_parquet(demo_run.manifest_index)
+    assert index["removed"].sum() == len(removed) and index["shard_index"].is_monotonic_increasing
+
+
+def test_many_keep_buckets_and_a_review_pin_give_the_same_manifests(demo_run, monkeypatch):
+    import dedup.stages.manifests as manifests
+    from dedup.stages.overrides import add_override, review_row
+
+    clusters = pd.read_parquet(demo_run.clusters)
+    big = clusters[clusters["cluster_size"] == clusters["cluster_size"].max()]
+    pin = int(big.loc[~big["is_representative"], "sample_id"].iloc[-1])
+    add_override(demo_run, review_row(demo_run, "keep", [f"id:{pin}"]))
+    monkeypatch.setattr(manifests, "KEEP_BUCKET_ROWS", 3)  # a bucket holds a few clusters' members
+    try:
+        manifests_stage(Run.open(demo_run.root, keep="best"))
+        assert len(list((demo_run.root / "_markers" / "manifests-keep").glob("*.done"))) > 3
+        _assert_same_manifests(demo_run, _today_manifests(demo_run, "best"))
+        manifest = pd.concat(_written(demo_run).values())
+        assert manifest.loc[manifest["sample_id"] == pin, "reason"].tolist()[0] == "kept_by_review"
+    finally:
+        demo_run.overrides.unlink(missing_ok=True)
+
+
+def test_run_medians_equal_pandas_groupby_median(tmp_path):
+    from dedup.records import write_table
+    from dedup.stages.manifests import exact_medians
+
+    rng = np.random.default_rng(7)
+    frames = []
+    for part, rows in enumerate([0, 1, 7, 40, 1000, 13]):
+        ext = rng.choice(["jpg", "png", "webp", ""], size=rows, p=[0.6, 0.2, 0.15, 0.05])
+        values = np.round(rng.lognormal(0.0, 1.0, rows), int(rng.integers(1, 4)))  # ties within and across parts
+        frame = pd.DataFrame({"ext": ext, "per_pixel": values})
+        write_table(frame, tmp_path / f"p{part}.parquet")
+        frames.append(frame)
+    whole = pd.concat(frames, ignore_index=True)
+    expected = whole.groupby("ext")["per_pixel"].median().to_dict()
+    got = exact_medians([tmp_path / f"p{i}.parquet" for i in range(len(frames))])
+    assert got == expected  # exact: the same float, not approximately
+    even = whole[whole["ext"] == "png"].head(10)
+    write_table(even, tmp_path / "even.parquet")
+    assert exact_medians([tmp_path / "even.parquet"])["png"] == even["per_pixel"].median()
+
+
+def test_a_shard_task_reads_only_the_row_groups_of_its_shard(demo_run, monkeypatch, tmp_path):
+    import shutil
+
+    from dedup.records import CLUSTERS
+    from dedup.stages.manifests import shard_rows
+
+    clusters = pd.read_parquet(demo_run.clusters)
+    path = tmp_path / "clusters.parquet"
+    with pq.ParquetWriter(path, CLUSTERS) as writer:  # one row group per 7 rows, as a streamed write leaves them
+        table = pq.read_table(demo_run.clusters)
+        for start in range(0, table.num_rows, 7):
+            writer.write_table(table.slice(start, 7))
+    shutil.copy(path, demo_run.clusters)
+    read: list[list[int]] = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or original(self, groups, **kw))
+    shard = int(clusters["shard_index"].iloc[-1])
+    rows = shard_rows(demo_run.clusters, shard).to_pandas()
+    pd.testing.assert_frame_equal(rows, clusters[clusters["shard_index"] == shard].reset_index(drop=True))
+    own = np.flatnonzero(clusters["shard_index"].to_numpy() == shard) // 7
+    assert read == [sorted(set(own.tolist()))]
+    read.clear()
+    manifests_stage(Run.open(demo_run.root, keep="first"))
+    total = pq.ParquetFile(demo_run.clusters).metadata.num_row_groups
+    assert read and all(len(groups) < total for groups in read)  # no task read the whole table
+    _assert_same_manifests(demo_run, _today_manifests(demo_run, "first"))
