@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.util
 import io
 import re
 import shutil
@@ -450,3 +451,67 @@ def test_report_renders_in_headless_chromium(fixture_run, report_html, tmp_path)
     _headless(binary, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", page)
     with Image.open(shot) as image:
         assert image.size == (1280, 2000)
+
+
+# ---------------------------------------------------------------- the stage as engine tasks
+
+
+@pytest.mark.parametrize("order", ["copies", "risk"])
+def test_report_tasks_write_the_page_write_report_writes(fixture_run, tmp_path, order):
+    copy = RunDir(shutil.copytree(fixture_run.root, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+    path = report.report_stage(copy, top=8, order=order)
+    staged = path.read_text()
+    assert staged == report.build_report_html(copy.root, top=8, order=order)
+    shown = pd.read_parquet(copy.scratch_dir("report") / "shown.parquet")
+    tasks = sorted(p.stem for p in (copy.root / "_markers" / "report-thumbnails").glob("*.done"))
+    assert tasks == sorted(str(i) for i in set(shown["shard_index"])) and len(tasks) > 1  # one task per shard
+    assert "placeholder" in staged and "data:image/jpeg;base64," in staged  # unreadable and readable both shown
+    assert XSS_CAPTION not in staged
+
+
+def test_report_rerun_skips_every_step_and_a_new_top_redoes_them(fixture_run, tmp_path):
+    copy = RunDir(shutil.copytree(fixture_run.root, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+    report.report_stage(copy, top=2)
+    page = (copy.report_dir / "index.html").stat().st_mtime_ns
+    report.report_stage(copy, top=2)
+    assert (copy.report_dir / "index.html").stat().st_mtime_ns == page
+    report.report_stage(copy, top=8)
+    assert (copy.report_dir / "index.html").read_text() == report.build_report_html(copy.root, top=8)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'dedup[ray]')")
+def test_manifests_and_report_on_ray_equal_the_local_engine(demo_session_run, tmp_path):
+    """One local Ray cluster for the module: both stages' tasks run on it and write the local answer."""
+    from dataclasses import replace
+
+    import ray
+
+    from dedup.run import Run
+    from dedup.stages.manifests import manifests_stage
+
+    source = demo_session_run[0].root
+    runs = {}
+    for engine in ("local", "ray"):
+        root = shutil.copytree(source, tmp_path / engine, symlinks=True,
+                               ignore=shutil.ignore_patterns("report", "manifests", "remove_keys.parquet", "_markers"))
+        run = Run.open(root)
+        run.settings = replace(run.settings, engine=replace(run.settings.engine, name=engine, ray_actors=2))
+        runs[engine] = run
+    manifests_stage(runs["local"])
+    report.report_stage(runs["local"], top=10)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        counts = manifests_stage(runs["ray"])
+        report.report_stage(runs["ray"], top=10)
+    finally:
+        ray.shutdown()
+    local, remote = runs["local"], runs["ray"]
+    assert counts["manifests"] > 1
+    for table in ("remove_keys.parquet", "manifests/_index.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(local.root / table), pd.read_parquet(remote.root / table))
+    for name in pd.read_parquet(local.manifest_index)["manifest"]:
+        pd.testing.assert_frame_equal(pd.read_parquet(local.manifests_dir / name), pd.read_parquet(remote.manifests_dir / name))
+    assert (local.report_dir / "index.html").read_text() == (remote.report_dir / "index.html").read_text()
+    shards = len(pd.read_parquet(remote.shards_table))
+    for stage in ("manifests-prepare", "manifests-shards"):
+        assert len(list((remote.root / "_markers" / stage).glob("*.done"))) == shards

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from rich.markup import escape
@@ -40,7 +41,7 @@ from rich.markup import escape
 from dedup.console import terminal_safe
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
-from dedup.records import RunDir, fingerprint, make_sample_id, read_shards, split_sample_id, write_text
+from dedup.records import RunDir, fingerprint, make_sample_id, read_shards, split_sample_id, write_table, write_text
 from dedup.stages.guidance import threshold_guidance_section
 from dedup.stages.overrides import overrides_section
 from dedup.stages.rank import url_domain
@@ -230,6 +231,23 @@ def make_thumbnail(image_bytes: bytes, side: int = THUMB_SIDE) -> Thumbnail:
     image = decoded.image.copy()
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
     return Thumbnail(image)
+
+
+@dataclass(frozen=True)
+class EncodedThumbnail:
+    """A thumbnail as the page shows it (a JPEG data: URI and its size), or why there is none: what a
+    report-thumbnails task hands to the step that writes the page."""
+
+    src: str | None
+    width: int = 0
+    height: int = 0
+    problem: str | None = None
+
+
+def encode_thumbnail(thumb: Thumbnail) -> EncodedThumbnail:
+    if thumb.image is None:
+        return EncodedThumbnail(None, problem=thumb.problem)
+    return EncodedThumbnail(thumbnail_data_uri(thumb.image), thumb.image.width, thumb.image.height)
 
 
 def thumbnail_data_uri(image: Image.Image, quality: int = THUMB_QUALITY) -> str:
@@ -473,7 +491,7 @@ def _top_clusters(run: RunDir, tables: _RunTables, copies_shown: int) -> list[tu
 class _ThumbnailHtml:
     """`<img>` (data: URI) or placeholder markup per sample, each image encoded once though shown twice."""
 
-    def __init__(self, thumbs: dict[int, Thumbnail]) -> None:
+    def __init__(self, thumbs: dict[int, Thumbnail] | dict[int, EncodedThumbnail]) -> None:
         self.thumbs = thumbs
         self._markup: dict[int, str] = {}
 
@@ -484,14 +502,13 @@ class _ThumbnailHtml:
         return self._markup[sample_id].replace("alt=''", f"alt='{alt}'", 1)
 
     @staticmethod
-    def _render(thumb: Thumbnail | None) -> str:
-        if thumb is None or thumb.image is None:
-            reason = thumb.problem if thumb is not None and thumb.problem else "image not read"
+    def _render(thumb: Thumbnail | EncodedThumbnail | None) -> str:
+        encoded = encode_thumbnail(thumb) if isinstance(thumb, Thumbnail) else thumb
+        if encoded is None or encoded.src is None:
+            reason = encoded.problem if encoded is not None and encoded.problem else "image not read"
             return (f"<div class='thumb placeholder' role='img' title='{_text(reason)}'>"
                     f"<span>{_text(reason, 140)}</span></div>")
-        image = thumb.image
-        return (f"<img class='thumb' alt='' width='{image.width}' height='{image.height}' "
-                f"src='{thumbnail_data_uri(image)}'>")
+        return f"<img class='thumb' alt='' width='{encoded.width}' height='{encoded.height}' src='{encoded.src}'>"
 
 
 def _domains(members: pd.DataFrame) -> list[str]:
@@ -803,8 +820,9 @@ class ThumbnailCount:
                 f"(most common, {count:,}x: {reason})")
 
 
-def count_thumbnails(thumbs: dict[int, Thumbnail]) -> ThumbnailCount:
-    problems = [t.problem or "image not read" for t in thumbs.values() if t.image is None]
+def count_thumbnails(thumbs: dict[int, Thumbnail] | dict[int, EncodedThumbnail]) -> ThumbnailCount:
+    missing = (t for t in thumbs.values() if (t.image if isinstance(t, Thumbnail) else t.src) is None)
+    problems = [t.problem or "image not read" for t in missing]
     # The reason's kind, not its per-sample detail: "status decode_error: ..." -> "status decode_error".
     return ThumbnailCount(len(thumbs), len(problems), Counter(p.split(":", 1)[0][:120] for p in problems))
 
@@ -814,11 +832,15 @@ def build_report_html(out: str | Path, top: int = 50, copies_shown: int = 12, or
     return _build_report(out, top, copies_shown, order)[0]
 
 
-def _build_report(out: str | Path, top: int, copies_shown: int, order: str = "copies") -> tuple[str, ThumbnailCount]:
+def _build_report(out: str | Path, top: int, copies_shown: int, order: str = "copies",
+                  thumbs: dict[int, EncodedThumbnail] | None = None) -> tuple[str, ThumbnailCount]:
+    """The page and its thumbnail count; `thumbs` (read by the report-thumbnails tasks) or, when
+    None, the shown samples' images read here."""
     run = RunDir(out)
     tables = _load_run(run, top, order)
     clusters = _top_clusters(run, tables, copies_shown)
-    thumbs = read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]])
+    if thumbs is None:
+        thumbs = read_thumbnails(run.root, [int(i) for _, shown, _ in clusters for i in shown["sample_id"]])
     thumb = _ThumbnailHtml(thumbs)
     cards = "".join(_gallery_card(row, shown, members, thumb) for row, shown, members in clusters)
     sections = "".join(_cluster_section(row, shown, len(members), thumb) for row, shown, members in clusters)
@@ -843,14 +865,15 @@ def _build_report(out: str | Path, top: int, copies_shown: int, order: str = "co
     return document, count_thumbnails(thumbs)
 
 
-def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies", log=None) -> Path:
+def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: str = "copies", log=None,
+                 thumbs: dict[int, EncodedThumbnail] | None = None) -> Path:
     """Write `OUT/report/index.html`, a single self-contained file, and return its path.
 
     `log` (a rich Console) gets a warning when shown thumbnails could not be read
     (shards moved or unreachable since the run): the report is written anyway.
     """
     run = RunDir(out)
-    document, thumbnails = _build_report(run.root, top, copies_shown, order)
+    document, thumbnails = _build_report(run.root, top, copies_shown, order, thumbs)
     path = run.report_dir / "index.html"
     write_text(document, path)
     warning = thumbnails.warning()
@@ -859,38 +882,139 @@ def write_report(out: str | Path, top: int = 50, copies_shown: int = 12, order: 
     return path
 
 
-class ReportStage:
-    """One task: clusters + ranking + samples -> report/index.html."""
+# ====================================================================== the stage, as engine tasks
+#
+# `report_stage` runs three steps behind the run's engine, so that with --engine ray the images are
+# read on the cluster, shard by shard:
+#   report-plan        one task: the shown samples (top clusters' ids from top_duplicates.parquet, their
+#                      members read from clusters.parquet with a filter on cluster_id, four columns);
+#   report-thumbnails  one task per shard holding shown samples: their thumbnails, encoded as the page
+#                      shows them, to a scratch file (OUT/_scratch/report/thumbs_<shard>.parquet);
+#   report             one task: the page, as `write_report` builds it, with those thumbnails.
+# The page equals `write_report`'s for the same run (tests/test_report.py checks it byte for byte).
 
-    name = "report"
+_PLAN_COLUMNS = ["sample_id", "cluster_id", "is_representative", "similarity_to_representative"]
+_THUMBS = pa.schema([("sample_id", pa.int64()), ("src", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+                     ("problem", pa.string())])
+
+
+def shown_sample_ids(run: RunDir, top: int, copies_shown: int, order: str = "copies") -> list[int]:
+    """The samples whose thumbnails the page shows, as `_top_clusters` chooses them (same function)."""
+    ranking = gallery_rows(run.top_duplicates, top, order)
+    wanted = [int(i) for i in ranking["cluster_id"]]
+    if not wanted:
+        return []
+    members = pq.read_table(run.clusters, columns=_PLAN_COLUMNS, filters=[("cluster_id", "in", wanted)]).to_pandas()
+    groups = dict(iter(members.groupby("cluster_id")))
+    return [int(i) for cluster_id in wanted if cluster_id in groups
+            for i in _shown_members(groups[cluster_id], copies_shown)["sample_id"]]
+
+
+class _ReportStep:
+    """What the three steps share: the run, the page's options, one fingerprint, scratch paths."""
+
+    name = "report-step"
 
     def __init__(self, run: RunDir, top: int = 50, copies_shown: int = 12, order: str = "copies") -> None:
         self.run_dir, self.top, self.copies_shown, self.order = run, top, copies_shown, order
-
-    def task_ids(self) -> list[str]:
-        return ["0"]
 
     def fingerprint(self) -> str:
         inputs = [self.run_dir.clusters, self.run_dir.top_duplicates, self.run_dir.run_config, self.run_dir.overrides,
                   *self.run_dir.root.glob("neighbors/*/part_*.parquet")]
         return fingerprint(inputs, {"top": self.top, "copies_shown": self.copies_shown, "order": self.order})
 
-    def reset(self) -> None:
-        (self.run_dir.report_dir / "index.html").unlink(missing_ok=True)
+    def scratch(self, name: str) -> Path:
+        return self.run_dir.scratch_dir("report") / name
 
-    def run_task(self, task_id: str, progress) -> dict[str, int]:
-        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown, order=self.order,
-                            log=getattr(self.run_dir, "console", None))
-        return {"report_bytes": path.stat().st_size}
+    def shown(self) -> pd.DataFrame:
+        """The plan: `sample_id` and `shard_index` of every shown sample (empty before the plan ran)."""
+        path = self.scratch("shown.parquet")
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame({"sample_id": [], "shard_index": []}, dtype="int64")
+
+    def reset(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
 
 
+class PlanStep(_ReportStep):
+    name = "report-plan"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def reset(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.run_dir.scratch_dir("report"), ignore_errors=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        ids = np.array(shown_sample_ids(self.run_dir, self.top, self.copies_shown, self.order), dtype=np.int64)
+        write_table(pd.DataFrame({"sample_id": ids, "shard_index": ids >> 32}), self.scratch("shown.parquet"))
+        return {"shown": len(ids)}
+
+
+class ThumbnailStep(_ReportStep):
+    """One task per shard with shown samples: their thumbnails -> a scratch file."""
+
+    name = "report-thumbnails"
+
+    def task_ids(self) -> list[str]:
+        return [str(i) for i in sorted(set(self.shown()["shard_index"].astype(int)))]
+
+    def reset(self) -> None:
+        for path in self.run_dir.scratch_dir("report").glob("thumbs_*.parquet"):
+            path.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        shown = self.shown()
+        ids = shown.loc[shown["shard_index"] == int(task_id), "sample_id"].astype(int).tolist()
+        encoded = {i: encode_thumbnail(t) for i, t in read_thumbnails(self.run_dir.root, ids).items()}
+        rows = [{"sample_id": i, "src": e.src, "width": e.width, "height": e.height, "problem": e.problem}
+                for i, e in encoded.items()]
+        write_table(pa.Table.from_pylist(rows, schema=_THUMBS), self.scratch(f"thumbs_{task_id}.parquet"))
+        progress(len(rows))
+        return {"thumbnails": len(rows), "missing": sum(e.src is None for e in encoded.values())}
+
+
+class ReportStage(_ReportStep):
+    """The last step, one task: clusters + ranking + the tasks' thumbnails -> report/index.html."""
+
+    name = "report"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def reset(self) -> None:
+        (self.run_dir.report_dir / "index.html").unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        path = write_report(self.run_dir, top=self.top, copies_shown=self.copies_shown, order=self.order,
+                            log=getattr(self.run_dir, "console", None), thumbs=self._thumbnails())
+        return {"report_bytes": path.stat().st_size}
+
+    def _thumbnails(self) -> dict[int, EncodedThumbnail]:
+        shown = self.shown()
+        thumbs: dict[int, EncodedThumbnail] = {}
+        for shard_index in sorted(set(shown["shard_index"].astype(int))):
+            # Rows as Python values: a missing src or problem stays None (pandas would make it NaN).
+            for row in pq.read_table(self.scratch(f"thumbs_{shard_index}.parquet")).to_pylist():
+                thumbs[row["sample_id"]] = EncodedThumbnail(row["src"], row["width"], row["height"], row["problem"])
+        lost = set(shown["sample_id"].astype(int)) - set(thumbs)
+        if lost:
+            raise StoreError(f"{len(lost)} shown samples have no thumbnail in {self.scratch('')}",
+                             hint="rerun the same command: the report steps start over when their scratch is incomplete")
+        return thumbs
+
+
 def report_stage(run: RunDir, top: int = 50, order: str = "copies") -> Path:
-    """Write the report behind the engine; returns its path."""
+    """Write the report behind the engine (plan, thumbnails per shard, page); returns its path."""
     from dedup.engine import run_stage
     from dedup.stages.rank import check_order
 
-    run_stage(run, ReportStage(run, top=top, order=check_order(order)))
+    steps = {"top": top, "order": check_order(order)}
+    run_stage(run, PlanStep(run, **steps))
+    run_stage(run, ThumbnailStep(run, **steps), unit="thumbnails")
+    run_stage(run, ReportStage(run, **steps))
     return run.report_dir / "index.html"
