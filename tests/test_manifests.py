@@ -299,3 +299,33 @@ def test_a_shard_task_reads_only_the_row_groups_of_its_shard(demo_run, monkeypat
     total = pq.ParquetFile(demo_run.clusters).metadata.num_row_groups
     assert read and all(len(groups) < total for groups in read)  # no task read the whole table
     _assert_same_manifests(demo_run, _today_manifests(demo_run, "first"))
+
+
+def test_singletons_are_decided_as_decide_keep_decides_them():
+    from dedup.stages.manifests import decide_singletons
+
+    frame = _cluster(status=["ok", "decode_error", "ok", "ok"], width=[10, 20, 30, 40]).assign(
+        cluster_id=[0, 1, 2, 3], cluster_size=1, key=list("abcd"), shard_index=0)
+    for policy in ("best", "first", "largest", "max-copies=3"):
+        expected = decide_keep(frame, KeepPolicy.parse(policy), {2, 1})
+        got = decide_singletons(frame.iloc[::-1], {2, 1})
+        assert got["keep"].tolist() == expected["keep"].tolist() == [True, False, True, True]
+        assert got["reason"].tolist() == expected["reason"].tolist() == ["unique", "status:decode_error", "kept_by_review", "unique"]
+
+
+def test_remove_list_by_url_is_streamed_with_the_same_rows(demo_run):
+    from dedup.records import REMOVE_URLS
+    from dedup.stages.precomputed import REMOVE_URL_COLUMNS, write_url_remove_list
+
+    manifests_stage(Run.open(demo_run.root, keep="first"))
+    assert write_url_remove_list(demo_run.root) == len(pd.read_parquet(demo_run.remove_keys))
+    # Frozen copy of the one-pass version: every removed row in memory, one merge per shard.
+    removed = pd.read_parquet(demo_run.remove_keys)
+    shard_of = removed["sample_id"].to_numpy(np.int64) >> 32
+    frames = [removed[shard_of == s].merge(pd.read_parquet(demo_run.samples_part(int(s)), columns=["sample_id", "url"]),
+                                           on="sample_id", how="left") for s in np.unique(shard_of)]
+    expected = pd.concat(frames, ignore_index=True)[REMOVE_URL_COLUMNS]
+    written = pd.read_parquet(demo_run.remove_urls)
+    assert len(written) > 0 and written["url"].notna().any()
+    pd.testing.assert_frame_equal(written, expected, check_dtype=False)
+    assert pq.read_schema(demo_run.remove_urls).remove_metadata() == REMOVE_URLS

@@ -274,9 +274,14 @@ def _may_hold(row_group, low: int, high: int) -> bool:
     return True
 
 
+# What each step reads of clusters.parquet (captions and urls stay on disk).
+_PREPARE_COLUMNS = ["sample_id", "cluster_id", "cluster_size", "status"]
+_SHARD_COLUMNS = ["sample_id", "shard_index", "shard", "key", "cluster_id", "cluster_size", "status"]
+
+
 def _shard_frame(run: RunDir, shard_index: int, sample_columns: list[str]) -> pd.DataFrame:
     """One shard's clusters rows joined with the sample columns the keep policy reads."""
-    clusters = shard_rows(run.clusters, shard_index).to_pandas()
+    clusters = shard_rows(run.clusters, shard_index, _PREPARE_COLUMNS).to_pandas()
     part = run.samples_part(shard_index)
     if part.exists():
         sizes = pd.read_parquet(part, columns=["sample_id", *sample_columns])
@@ -442,6 +447,15 @@ class KeepStep(_ManifestStep):
         return frame[frame["cluster_id"].to_numpy(np.int64) % self.buckets == bucket]
 
 
+def decide_singletons(frame: pd.DataFrame, pinned: set[int]) -> pd.DataFrame:
+    """`decide_keep` for samples alone in their cluster, without its sort: every policy keeps them
+    (a review pin says so), failed ones are dropped; rows with copies get `keep`/`reason` later."""
+    keep = frame["status"] == "ok"
+    reason = np.where(frame["sample_id"].isin(pinned), "kept_by_review", "unique").astype(object)
+    reason = np.where(keep, reason, ("status:" + frame["status"].astype(str)).to_numpy(object))
+    return frame.assign(keep=keep.to_numpy(bool), reason=reason).sort_values("sample_id").reset_index(drop=True)
+
+
 class ShardStep(_ManifestStep):
     """One task per shard: its rows decided -> its manifest, its removed rows and index row (scratch)."""
 
@@ -461,11 +475,11 @@ class ShardStep(_ManifestStep):
         from dedup.stages.overrides import pinned_samples
 
         shard_index = int(task_id)
-        frame = _shard_frame(self.run_dir, shard_index, self.sample_columns())
+        frame = shard_rows(self.run_dir.clusters, shard_index, _SHARD_COLUMNS).to_pandas()
         if frame.empty:
             return {"kept": 0, "removed_duplicates": 0, "removed_failed": 0, "manifests": 0}
         # Singletons are decided here; members of clusters with copies take their bucket's decision.
-        decided = decide_keep(frame, self.policy(), pinned_samples(self.run_dir))
+        decided = decide_singletons(frame, pinned_samples(self.run_dir))
         decided = with_occurrence(self._apply_buckets(decided, shard_index))
         shard = str(decided["shard"].iloc[0])
         path = self.run_dir.manifest_part(shard)

@@ -49,7 +49,6 @@ from dedup.records import (
     RunDir,
     record_shards,
     remove_stale_temp_files,
-    write_record,
     write_table,
 )
 from dedup.run import Run
@@ -247,16 +246,30 @@ def ingest_embeddings(run: Run, source: str, link: bool = True) -> StageReport:
 
 
 def write_url_remove_list(out: str | Path) -> int:
-    """OUT/remove_urls.parquet: url and key of every removed sample, for a rewrite job that knows no shard."""
+    """OUT/remove_urls.parquet: url and key of every removed sample, for a rewrite job that knows no shard.
+
+    Streamed: one row group of remove_keys.parquet (its rows are in shard order) and the urls of
+    its shards' removed samples at a time, never the whole list.
+    """
+    from dedup.records import atomic_output, conform
+
     run = RunDir(out)
-    removed = pd.read_parquet(run.remove_keys)
-    frames = [pd.DataFrame({c: pd.Series(dtype="object") for c in REMOVE_URL_COLUMNS})]
+    removed_keys = pq.ParquetFile(run.remove_keys)
+    schema = conform(REMOVE_URLS.empty_table(), REMOVE_URLS).schema
+    rows = 0
+    with atomic_output(run.remove_urls) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for group in range(removed_keys.num_row_groups):
+            for table in _with_urls(run, removed_keys.read_row_group(group).to_pandas()):
+                writer.write_table(conform(table, REMOVE_URLS).cast(schema))
+                rows += len(table)
+    return rows
+
+
+def _with_urls(run: RunDir, removed: pd.DataFrame):
+    """Per shard of `removed`: its rows with the url of each, read from that shard's samples part."""
     shard_of = removed["sample_id"].to_numpy(np.int64) >> 32
     for shard_index in np.unique(shard_of):
         ids = removed.loc[shard_of == shard_index, "sample_id"].tolist()
         urls = pd.read_parquet(run.samples_part(int(shard_index)), columns=["sample_id", "url"],
                                filters=[("sample_id", "in", ids)])
-        frames.append(removed[shard_of == shard_index].merge(urls, on="sample_id", how="left"))
-    table = pd.concat(frames, ignore_index=True)[REMOVE_URL_COLUMNS]
-    write_record(table, run.remove_urls, REMOVE_URLS)
-    return len(table)
+        yield removed[shard_of == shard_index].merge(urls, on="sample_id", how="left")[REMOVE_URL_COLUMNS]
