@@ -82,3 +82,15 @@ def test_cli_rank_by_risk(demo_run):
     assert "risk" in result.output
     bad = CliRunner().invoke(app, ["rank", str(demo_run.root), "--by", "size"])
     assert bad.exit_code == 2 and "--by copies" in bad.output
+
+
+def test_ranking_reads_only_clusters_with_copies_and_ranks_as_over_the_whole_table(demo_session_run):
+    from dedup.stages.rank import read_copies
+
+    run = demo_session_run[0]
+    whole = pd.read_parquet(run.clusters)
+    copies = read_copies(run.clusters)
+    assert len(copies) == int((whole["cluster_size"] >= 2).sum()) < len(whole)
+    for by in ("copies", "risk"):
+        pd.testing.assert_frame_equal(rank_clusters(copies, by), rank_clusters(whole, by))
+    pd.testing.assert_frame_equal(pd.read_parquet(run.top_duplicates), rank_clusters(whole, "copies"))

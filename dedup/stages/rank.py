@@ -90,6 +90,18 @@ def rank_clusters(clusters: pd.DataFrame, by: str = "copies") -> pd.DataFrame:
     return summary[TOP_COLUMNS].reset_index(drop=True)
 
 
+# What `rank_clusters` reads of a member.
+RANK_COLUMNS = ["sample_id", "shard_index", "key", "url", "caption", "cluster_id", "cluster_size", "is_representative"]
+
+
+def read_copies(path) -> pd.DataFrame:
+    """The rows of clusters with copies, the columns ranking reads: singletons (most samples) are
+    filtered out while the file is scanned, never loaded."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=RANK_COLUMNS, filters=[("cluster_size", ">=", 2)]).to_pandas()
+
+
 def check_order(by: str) -> str:
     if by not in RANK_ORDERS:
         raise DedupError(f"unknown ranking order {by!r}", hint="use --by copies or --by risk")
@@ -117,7 +129,7 @@ class RankStage:
         if not self.run_dir.clusters.exists():
             raise StoreError(f"{self.run_dir.root} has no clusters.parquet",
                              hint=f"run 'dedup cluster {self.run_dir.root}' first")
-        ranking = rank_clusters(pd.read_parquet(self.run_dir.clusters), self.by)
+        ranking = rank_clusters(read_copies(self.run_dir.clusters), self.by)
         write_record(ranking, self.run_dir.top_duplicates, TOP_DUPLICATES)
         return {"clusters_ranked": len(ranking)}
 
