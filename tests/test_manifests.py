@@ -247,6 +247,10 @@ def test_many_keep_buckets_and_a_review_pin_give_the_same_manifests(demo_run, mo
         _assert_same_manifests(demo_run, _today_manifests(demo_run, "best"))
         manifest = pd.concat(_written(demo_run).values())
         assert manifest.loc[manifest["sample_id"] == pin, "reason"].tolist()[0] == "kept_by_review"
+        # Same inputs, another bucket count: the keep step reruns and finds its hand-over files again.
+        monkeypatch.setattr(manifests, "KEEP_BUCKET_ROWS", 5)
+        manifests_stage(Run.open(demo_run.root, keep="best"))
+        _assert_same_manifests(demo_run, _today_manifests(demo_run, "best"))
     finally:
         demo_run.overrides.unlink(missing_ok=True)
 

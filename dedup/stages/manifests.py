@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup.decode import SHARD_ERROR
-from dedup.engine import run_stage
+from dedup.engine import run_stage, unfinished_tasks
 from dedup.errors import DedupError, StoreError
 from dedup.ids import make_sample_id
 from dedup.records import (
@@ -307,7 +307,9 @@ class _ManifestStep:
         self.buckets = buckets
 
     def fingerprint(self) -> str:
-        return fingerprint([self.run_dir.clusters, self.run_dir.overrides], {"keep": self.keep})
+        # The bucket count is the same for the same inputs; it changes with KEEP_BUCKET_ROWS only
+        # (the prepare and median steps, made with the default, do not depend on it).
+        return fingerprint([self.run_dir.clusters, self.run_dir.overrides], {"keep": self.keep, "buckets": self.buckets})
 
     def shard_indices(self) -> list[int]:
         return [int(i) for i in read_shards(self.run_dir)["shard_index"]]
@@ -429,9 +431,6 @@ class KeepStep(_ManifestStep):
     def task_ids(self) -> list[str]:
         return [str(j) for j in range(self.buckets)]
 
-    def fingerprint(self) -> str:
-        return fingerprint([self.run_dir.clusters, self.run_dir.overrides], {"keep": self.keep, "buckets": self.buckets})
-
     def run_task(self, task_id: str, progress) -> dict[str, int]:
         from dedup.stages.overrides import pinned_samples
 
@@ -547,14 +546,16 @@ def _stream_removed(target: Path, parts: list[Path]) -> int:
 
 def manifests_stage(run: Run) -> dict[str, int]:
     """Write manifests with the run's keep policy behind the engine; returns kept/removed counts."""
-    prepared = run_stage(run, PrepareStep(run))
-    run_stage(run, MedianStep(run))
-    buckets = max(1, math.ceil(int(prepared.stats.get("members", 0)) / KEEP_BUCKET_ROWS))
-    run_stage(run, KeepStep(run, buckets))
-    report = run_stage(run, ShardStep(run, buckets))
-    run_stage(run, ManifestsStage(run, buckets))
-    counts = {k: int(report.stats.get(k, 0)) for k in ("kept", "removed_duplicates", "removed_failed", "manifests")}
-    return counts
+    prepare = PrepareStep(run)
+    buckets = max(1, math.ceil(int(run_stage(run, prepare).stats.get("members", 0)) / KEEP_BUCKET_ROWS))
+    later = [MedianStep(run), KeepStep(run, buckets), ShardStep(run, buckets), ManifestsStage(run, buckets)]
+    if not run.scratch_dir("manifests").exists() and any(unfinished_tasks(run, step) for step in later):
+        # A finished stage removes its hand-over files; a later step that must run again needs them back.
+        for task_id in prepare.task_ids():
+            run.marker(prepare.name, task_id).unlink(missing_ok=True)
+        run_stage(run, prepare)
+    reports = [run_stage(run, step) for step in later]
+    return {k: int(reports[2].stats.get(k, 0)) for k in ("kept", "removed_duplicates", "removed_failed", "manifests")}
 
 
 def _present(run: RunDir, columns: list[str]) -> list[str]:
