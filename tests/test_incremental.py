@@ -101,14 +101,14 @@ def test_a_grown_shard_run_equals_a_run_from_scratch(grown_demo):
 def test_a_grown_run_searches_only_the_new_rows_and_keeps_the_old_edge_parts(grown_demo):
     grown, _, before, _ = grown_demo
     rows = len(open_embeddings(grown, "perceptual"))
-    record = json.loads(generations_path(grown.index_dir, "perceptual").read_text())
-    assert record["bounds"] == [0, before["rows"], rows]
     markers = _neighbour_markers(grown, "perceptual")
     kept = {name: m for name, m in markers.items() if name in before["markers"]}
     assert kept == before["markers"], "a task of the first run was searched again"
     new = [m for name, m in markers.items() if name not in before["markers"]]
     assert sum(m["stats"]["queries"] for m in new) == rows - before["rows"] > 0
     assert _stamps(before["edges"]) == before["edges"], "an old edge part was rewritten"
+    record = json.loads(generations_path(grown.index_dir, "perceptual").read_text())
+    assert record["bounds"] == [0, before["rows"], rows]
 
 
 # ---------------------------------------------------------------- precomputed parts, IVF index with cells
@@ -183,6 +183,43 @@ def test_grown_embedding_parts_extend_the_ivf_index_and_equal_a_run_from_scratch
     assert_same_results(grown, scratch, PRECOMPUTED)
     copies = pd.read_parquet(grown.top_duplicates)["copies"].tolist()
     assert copies == [33, 18, 10]  # 1 + 20 + 8 + 4, 1 + 12 + 5, 1 + 3 + 6: old-new and new-new pairs all found
+
+
+def test_an_on_disk_ivf_index_grows_by_merging_its_lists_with_the_new_rows(tmp_path, monkeypatch, single_faiss_thread):
+    """What choose_index_streaming picks when no index fits in RAM, at test size: 12 cells, lists in .ivfdata files."""
+    from dataclasses import replace
+
+    import faiss
+
+    import dedup.stages.increment as increment
+    import dedup.stages.index as index_stage
+    from dedup.search.index_choice import spec_for_kind
+
+    def on_disk(n, dim, budget, gpu=False, query_variants=1):
+        return replace(spec_for_kind("ivf_flat", n, dim, nlist=12, nprobe=3), on_disk=True)
+
+    for module in (index_stage, increment):
+        monkeypatch.setattr(module, "choose_index_streaming", on_disk)
+    monkeypatch.setattr(index_stage, "on_disk_part_rows", lambda budget, dim: 150)
+    parts = _planted_parts()
+    _write_parts(tmp_path / "emb", parts, [0, 1])
+    first = _precomputed(tmp_path / "emb", tmp_path / "grown")
+    quantizer = _stamps([first.index_dir / f"{PRECOMPUTED}.quantizer.faiss"])
+    _write_parts(tmp_path / "emb", parts, [2, 3])
+    grown = _precomputed(tmp_path / "emb", tmp_path / "grown")
+    assert _stamps(quantizer) == quantizer
+    assert sorted(p.name for p in grown.index_dir.glob("*ivfdata")) == [f"{PRECOMPUTED}.g1.ivfdata"]
+    assert_same_results(grown, _precomputed(tmp_path / "emb", tmp_path / "scratch"), PRECOMPUTED)
+    from dedup.stages.index import load_index
+
+    index, spec = load_index(grown.index_dir, PRECOMPUTED)  # the full index, for queries: every row, its own label
+    assert spec.on_disk and index.ntotal == sum(map(len, parts))
+    faiss.extract_index_ivf(index).nprobe = spec.nlist
+    x = np.concatenate(parts)
+    _, _, labels = index.range_search(x[::9], 0.9)
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(x)
+    assert sorted(labels) == sorted(flat.range_search(x[::9], 0.9)[2])
 
 
 def test_a_changed_old_part_rebuilds_the_index_and_searches_everything_again(tmp_path, forced_ivf,

@@ -120,7 +120,7 @@ def growth_rows(run: RunDir, name: str, budget: int, gpu: bool) -> int | None:
 
 
 def _same_kind(run: RunDir, name: str, spec: IndexSpec, total: int, budget: int, gpu: bool, trained: int) -> bool:
-    if spec.use_gpu or spec.on_disk or spec.kind not in ("flat", *IVF_KINDS):
+    if spec.use_gpu or spec.kind not in ("flat", *IVF_KINDS) or (spec.on_disk and spec.kind != "ivf_flat"):
         return False
     if spec.kind in IVF_KINDS and (total > MAX_GROWTH * trained or not cell_paths(run.index_dir, name)["probes.npy"].exists()):
         return False
@@ -147,6 +147,7 @@ class GrowingIndexStage(IndexStage):
     def reset(self) -> None:
         if growth_rows(self.run_dir, self.descriptor, self.memory_budget_bytes, self.gpu) is None:
             super().reset()
+            _remove_ivfdata(self.run_dir.index_dir, self.descriptor)  # lists of extended on-disk indexes too
             generations_path(self.run_dir.index_dir, self.descriptor).unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
@@ -157,7 +158,7 @@ class GrowingIndexStage(IndexStage):
             progress(spec.n_vectors)
             return {"vectors": spec.n_vectors, "added": spec.n_vectors}
         record = read_generations(self.run_dir, self.descriptor)
-        spec = extend_index(self.run_dir, self.descriptor, old)
+        spec = extend_index(self.run_dir, self.descriptor, old, generation=len(record.bounds) - 1)
         write_generations(self.run_dir, self.descriptor, record.lineage, [*record.bounds, spec.n_vectors],
                           self._settings())
         progress(spec.n_vectors - old)
@@ -191,22 +192,65 @@ class _RowRange:
         return self.vectors[self.start + first : self.start + last]
 
 
-def extend_index(run: RunDir, name: str, old: int) -> IndexSpec:
+def extend_index(run: RunDir, name: str, old: int, generation: int) -> IndexSpec:
     """Add rows old: of the descriptor's parts to its stored index (quantizer kept); returns the new spec."""
     vectors = open_embeddings(run, name)
-    spec = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
-    index = faiss.read_index(str(index_paths(run.index_dir, name)[0]))
+    index_path, spec_path = index_paths(run.index_dir, name)
+    spec = IndexSpec.from_json(spec_path.read_text())
     new = _RowRange(vectors, old, len(vectors))
     if spec.kind == "flat":
+        index = faiss.read_index(str(index_path))
         for start in range(0, len(new), BLOCK_ROWS):
             index.add(np.ascontiguousarray(new[start : start + BLOCK_ROWS], dtype=np.float32))
+    elif spec.on_disk:
+        index = _extend_on_disk(run, name, spec, new, _extend_cells(run, name, spec, vectors, old), old, generation)
     else:
-        home = _extend_cells(run, name, spec, vectors, old)
-        _append_ivf(index, new, home, first_id=old)
-    grown = replace(spec, n_vectors=len(vectors),
-                    memory_bytes=estimate_memory_bytes(spec.kind, len(vectors), spec.dim, spec.nlist, spec.pq_m))
+        index = faiss.read_index(str(index_path))
+        _append_ivf(index, new, _extend_cells(run, name, spec, vectors, old), first_id=old)
+    grown = replace(spec, n_vectors=len(vectors))
+    if not spec.on_disk:  # the on-disk spec's memory_bytes is the build's working set: unchanged
+        grown = replace(grown, memory_bytes=estimate_memory_bytes(spec.kind, len(vectors), spec.dim, spec.nlist, spec.pq_m))
     save_index(index, grown, run.index_dir, name, with_cells=spec.kind in IVF_KINDS)
+    if spec.on_disk:
+        _remove_ivfdata(run.index_dir, name, keep=ivfdata_path(run.index_dir, name, generation))
     return grown
+
+
+def ivfdata_path(index_dir: Path, name: str, generation: int) -> Path:
+    """On-disk lists of generation g >= 1: a new file each time, so the stored index stays whole until replaced."""
+    return cell_paths(index_dir, name)["ivfdata"] if generation == 0 else Path(index_dir) / f"{name}.g{generation}.ivfdata"
+
+
+def _remove_ivfdata(index_dir: Path, name: str, keep: Path | None = None) -> None:
+    for path in Path(index_dir).glob(f"{name}.*ivfdata"):
+        if path != keep:
+            path.unlink(missing_ok=True)
+
+
+def _extend_on_disk(run: RunDir, name: str, spec: IndexSpec, new: _RowRange, home: np.ndarray, old: int,
+                    generation: int):
+    """The stored on-disk lists plus one index of the new rows, merged into a new .ivfdata file.
+
+    The new rows go to the cells `home` chose (no quantizer pass). The stored
+    lists are read through faiss' memory map of their .ivfdata, never loaded.
+    (faiss contrib's merge_ondisk cannot take them: it reopens every input
+    with IO_FLAG_MMAP, which crashes on on-disk lists.)
+    """
+    quantizer = faiss.read_index(str(cell_paths(run.index_dir, name)["quantizer.faiss"]))
+    part = faiss.IndexIVFFlat(quantizer, spec.dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+    _append_ivf(part, new, home, first_id=old)
+    stored = faiss.read_index(str(index_paths(run.index_dir, name)[0]))
+    target = ivfdata_path(run.index_dir, name, generation)
+    target.unlink(missing_ok=True)  # a killed extension's leftover (the stored index names another file)
+    merged = faiss.IndexIVFFlat(quantizer, spec.dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+    lists = faiss.OnDiskInvertedLists(spec.nlist, merged.code_size, str(target))
+    sources = faiss.InvertedListsPtrVector()
+    for index in (stored, part):
+        sources.push_back(faiss.extract_index_ivf(index).invlists)
+    merged.ntotal = lists.merge_from_multiple(sources.data(), sources.size(), False)
+    merged.replace_invlists(lists, True)
+    lists.this.disown()  # owned by `merged` now
+    return merged
 
 
 def _extend_cells(run: RunDir, name: str, spec: IndexSpec, vectors, old: int) -> np.ndarray:
