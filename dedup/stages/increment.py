@@ -7,19 +7,21 @@ index was built from is still there, unchanged (name, size, mtime, rows), in
 the same order, and the memory budget and GPU setting are those of the build
 -- `GrowingIndexStage` extends the index: the quantizer is kept (no k-means),
 the new rows get their probed cells appended to `<name>.probes.npy`, the rows
-are regrouped by home cell, the full index gets the new vectors (a flat index
-just adds them). `<name>.generations.json` records which rows each build
-indexed (`bounds`: generation g is rows bounds[g]:bounds[g+1]) and a `lineage`
-that is new with every full build; the neighbour stage keys its markers on it,
-so it keeps the tasks of earlier generations and searches only the new rows,
-against all rows (`dedup.search.new_pairs`).
+are regrouped by home cell, and the full index (for queries) gets the new
+vectors: a flat or in-RAM IVF index adds them, on-disk lists are merged with
+them into a new `<name>.g<generation>.ivfdata`. `<name>.generations.json`
+records which rows each build indexed (`bounds`: generation g is rows
+bounds[g]:bounds[g+1]) and a `lineage` that is new with every full build;
+the neighbour stage keys its markers on it, so it keeps the tasks of earlier
+generations and searches only the new rows, against all rows
+(`dedup.search.new_pairs`).
 
 Full rebuild (and a full search) instead, whenever:
 * an old part changed, vanished, or a new part sorts before an old one;
-* the budget or GPU setting changed, the index is on a GPU or on disk;
+* the budget or GPU setting changed, or the index is on a GPU;
 * the kind `choose_index_streaming` picks for the new total differs from the
-  stored one (e.g. flat -> IVF when exact search stops being affordable), or
-  an IVF-PQ code size differs;
+  stored one (flat -> IVF when exact search stops being affordable, in RAM ->
+  on disk when the lists outgrow the budget), or an IVF-PQ code size differs;
 * an IVF index would hold more than `MAX_GROWTH` times the rows its quantizer
   was trained on (nlist ~ 4 sqrt(n): 4x the rows is 2x the lists a fresh
   choice makes, so cells get long and the search slows: retrain).
@@ -124,14 +126,14 @@ def _same_kind(run: RunDir, name: str, spec: IndexSpec, total: int, budget: int,
         return False
     if spec.kind in IVF_KINDS and (total > MAX_GROWTH * trained or not cell_paths(run.index_dir, name)["probes.npy"].exists()):
         return False
-    vectors = open_embeddings(run, name)
-    chosen = choose_index_streaming(total, vectors.dim, budget, gpu=gpu, query_variants=_variants(name, vectors))
+    first = np.load(run.embedding_part(name, embedding_parts(run, name)[0]), mmap_mode="r")
+    chosen = choose_index_streaming(total, first.shape[1], budget, gpu=gpu, query_variants=_variants(name, first))
     return chosen.kind == spec.kind and chosen.on_disk == spec.on_disk and chosen.pq_m == spec.pq_m
 
 
-def _variants(name: str, vectors) -> int:
+def _variants(name: str, rows: np.ndarray) -> int:
     transform = query_transform_for(name)
-    return len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
+    return len(transform(np.asarray(rows[:1], np.float32))) if transform is not None else 1
 
 
 class GrowingIndexStage(IndexStage):
