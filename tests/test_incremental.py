@@ -96,6 +96,9 @@ def test_a_grown_shard_run_equals_a_run_from_scratch(grown_demo):
     assert not grown.missing_shards.exists()  # filled: no longer missing
     assert pd.read_parquet(grown.shards_table)["url"].tolist()[-1] == str(folder / "00002.tar")
     assert_same_results(grown, scratch, "perceptual")
+    edges = _edges(grown, "perceptual")
+    shard_a, shard_b = edges["id_a"].to_numpy() >> 32, edges["id_b"].to_numpy() >> 32
+    assert ((shard_a != 3) & (shard_b == 3)).any()  # pairs across the growth (shard 3 is the one added)
 
 
 def test_a_grown_run_searches_only_the_new_rows_and_keeps_the_old_edge_parts(grown_demo):

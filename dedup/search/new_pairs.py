@@ -32,7 +32,9 @@ Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 # One (queries x targets) float32 product: 8M entries = 32 MB (as pairs.CELL_PRODUCT_ENTRIES).
 PRODUCT_ENTRIES = 1 << 23
-QUERY_ROWS = 1024  # new rows per block: their variants and probes are in memory together
+# New rows per block (the neighbour stage passes its rows per task): their variants and probes are in
+# memory together, and each probed cell's members are read once per block, not once per query.
+QUERY_ROWS = 16384
 TARGET_ROWS = 8192  # earlier rows per exact tile
 
 

@@ -147,7 +147,7 @@ class NeighborsStage:
         lists, quantizer = searcher if isinstance(searcher, tuple) else (None, None)
         return pairs_with_earlier(vectors, vectors.ids, self.threshold, rows, earlier, lists=lists,
                                   quantizer=quantizer, query_transform=query_transform_for(self.descriptor),
-                                  max_pairs=EDGES_PER_FILE, progress=progress)
+                                  block_size=self.rows_per_task, max_pairs=EDGES_PER_FILE, progress=progress)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         _, vectors, keys = self._load()
