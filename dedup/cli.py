@@ -242,7 +242,7 @@ def embed_command(
 def index_command(out: OutArg, memory: MemoryOpt = None, gpu: GpuOpt = None) -> None:
     """Build a FAISS index per descriptor (type chosen from size, dim and --memory)."""
     from dedup.settings import parse_size
-    from dedup.stages.index import build_indexes
+    from dedup.stages.increment import build_indexes
 
     run = _open_run(out, memory_budget_bytes=parse_size(memory) if memory else None)
     for name, spec in build_indexes(run, gpu=gpu).items():

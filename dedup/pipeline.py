@@ -18,7 +18,8 @@ from dedup.run import Run
 from dedup.search.faiss_index import faiss_backend
 from dedup.stages.cluster import cluster
 from dedup.stages.embed import embed
-from dedup.stages.index import build_indexes, faiss_gpu_available
+from dedup.stages.increment import build_indexes
+from dedup.stages.index import faiss_gpu_available
 from dedup.stages.manifests import manifests_stage
 from dedup.stages.neighbors import find_neighbors
 from dedup.stages.rank import rank

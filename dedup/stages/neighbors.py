@@ -9,6 +9,7 @@ and no vector is assigned to a cell a second time.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ class NeighborsStage:
 
     Rows are the descriptor's vectors in sample_id order, so block boundaries
     are stable and a killed search resumes at the first unfinished block.
+    An index extended by an incremental run (`dedup.stages.increment`) has
+    generations of rows: block j of generation g >= 1 is task `g{g}-{j}`
+    (part_g{g}-{j}.parquet) and searches its new rows against all rows: the
+    forward rule among rows up to the generation's end, plus every earlier
+    row. The fingerprint then names the index lineage, not its files, so the
+    tasks of earlier generations stay done; a full rebuild starts a new lineage.
     """
 
     def __init__(self, run: RunDir, descriptor: str, threshold: float, knn_cap: int | None = None,
@@ -47,10 +54,10 @@ class NeighborsStage:
         self.run_dir, self.descriptor, self.threshold, self.knn_cap = run, descriptor, threshold, knn_cap
         self.rows_per_task = rows_per_task
         self.name = f"neighbors-{descriptor}"
-        self._loaded = None
+        self._loaded = self._bounds = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_loaded": None}
+        return {**self.__dict__, "_loaded": None, "_bounds": None}
 
     def _spec(self):
         from dedup.search.index_choice import IndexSpec
@@ -89,10 +96,35 @@ class NeighborsStage:
                           np.load(paths["probes.npy"], mmap_mode="r"))
         return lists, faiss.read_index(str(paths["quantizer.faiss"]))
 
-    def task_ids(self) -> list[str]:
+    def _generations(self):
+        """Generation bounds (rows bounds[g]:bounds[g+1]) and lineage; one generation without a valid record."""
+        if self._bounds is None:
+            self._bounds = self._read_generations()
+        return self._bounds
+
+    def _read_generations(self):
+        from dedup.stages.increment import read_generations
+
         rows = sum(len(np.load(self.run_dir.embedding_part(self.descriptor, p), mmap_mode="r"))
                    for p in embedding_parts(self.run_dir, self.descriptor))
-        return [str(j) for j in range(max(1, -(-rows // self.rows_per_task)))]
+        record = read_generations(self.run_dir, self.descriptor)
+        if record is None or record.rows != rows:
+            return [0, rows], None
+        return record.bounds, record.lineage
+
+    def task_ids(self) -> list[str]:
+        bounds, _ = self._generations()
+        ids = []
+        for g, (lo, hi) in enumerate(pairwise(bounds)):
+            blocks = -(-(hi - lo) // self.rows_per_task)
+            blocks = max(1, blocks) if g == 0 else blocks  # an empty run still has its one (empty) task
+            ids += [str(j) if g == 0 else f"g{g}-{j}" for j in range(blocks)]
+        return ids
+
+    def _task_rows(self, task_id: str, bounds: list[int]) -> tuple[int, slice]:
+        generation, block = (int(x) for x in task_id[1:].split("-")) if task_id.startswith("g") else (0, int(task_id))
+        start = bounds[generation] + block * self.rows_per_task
+        return generation, slice(start, min(start + self.rows_per_task, bounds[generation + 1]))
 
     def _pairs(self, rows: slice, progress):
         from dedup.search.pairs import find_pairs, find_pairs_cells
@@ -107,21 +139,41 @@ class NeighborsStage:
         return find_pairs(searcher, vectors, vectors.ids, self.threshold, query_transform=transform,
                           knn_cap=self.knn_cap, rows=rows, progress=progress)
 
+    def _earlier_pairs(self, rows: slice, earlier: int, progress):
+        """Generation >= 1: pairs of its new rows with every row of the earlier generations."""
+        from dedup.search.new_pairs import pairs_with_earlier
+
+        searcher, vectors, _ = self._load()
+        lists, quantizer = searcher if isinstance(searcher, tuple) else (None, None)
+        return pairs_with_earlier(vectors, vectors.ids, self.threshold, rows, earlier, lists=lists,
+                                  quantizer=quantizer, query_transform=query_transform_for(self.descriptor),
+                                  block_size=self.rows_per_task, max_pairs=EDGES_PER_FILE, progress=progress)
+
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         _, vectors, keys = self._load()
-        start = int(task_id) * self.rows_per_task
-        rows = slice(start, min(start + self.rows_per_task, len(vectors)))
+        bounds, _ = self._generations()
+        generation, rows = self._task_rows(task_id, bounds)
+        end = bounds[generation + 1]
         writer = _EdgeWriter(self.run_dir.neighbors_dir(self.descriptor), task_id, self.descriptor, keys, vectors.ids)
-        for pairs in self._pairs(rows, progress):
-            writer.add(pairs)
+        for id_a, id_b, sims in self._pairs(rows, progress):
+            if end < len(vectors):  # a later generation pairs its rows with these: keep each pair once
+                keep = id_b < vectors.ids[end]
+                id_a, id_b, sims = id_a[keep], id_b[keep], sims[keep]
+            writer.add((id_a, id_b, sims))
+        if generation:
+            for pairs in self._earlier_pairs(rows, bounds[generation], lambda n: None):
+                writer.add(pairs)
         writer.close()
         return {"queries": rows.stop - rows.start, "edges": writer.edges}
 
     def fingerprint(self) -> str:
         from dedup.stages.index import index_paths
 
-        return fingerprint(index_paths(self.run_dir.index_dir, self.descriptor),
-                           {"threshold": self.threshold, "knn_cap": self.knn_cap, "rows": self.rows_per_task})
+        settings = {"threshold": self.threshold, "knn_cap": self.knn_cap, "rows": self.rows_per_task}
+        _, lineage = self._generations()
+        if lineage is not None:  # an extended index: earlier generations' tasks stay valid
+            return fingerprint([], {**settings, "lineage": lineage})
+        return fingerprint(index_paths(self.run_dir.index_dir, self.descriptor), settings)
 
     def reset(self) -> None:
         import shutil
@@ -129,7 +181,7 @@ class NeighborsStage:
         shutil.rmtree(self.run_dir.neighbors_dir(self.descriptor), ignore_errors=True)
 
     def close(self) -> None:
-        self._loaded = None
+        self._loaded = self._bounds = None
 
 
 class _EdgeWriter:
