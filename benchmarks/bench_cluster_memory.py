@@ -122,8 +122,10 @@ def _write_vectors(run, rng, group: np.ndarray, n_groups: int, dim: int, node_id
 def _write_samples(run, rng, n: int, group: np.ndarray) -> None:
     sha = np.array([hashlib.sha256(b"%d" % i).hexdigest() for i in range(n)], dtype=object)
     grouped = np.flatnonzero(group >= 0)
+    first = np.full(group.max() + 1, n)
+    np.minimum.at(first, group[grouped], grouped)
     copies = rng.choice(grouped, len(grouped) * 3 // 100, replace=False)
-    sha[copies] = sha[grouped[np.searchsorted(grouped, copies) // 2]]  # 3% carry bytes of an earlier node
+    sha[copies] = sha[first[group[copies]]]  # 3% carry the bytes of their group's first node
     status = np.where(rng.random(n) < 0.01, "decode_error", "ok").astype(object)
     (run.root / "samples").mkdir(parents=True, exist_ok=True)
     for shard, start in enumerate(range(0, n, SHARD_ROWS)):

@@ -27,7 +27,7 @@ from dedup.errors import DedupError, StoreError
 from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings
 from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard, cluster_with_guard_streamed
-from dedup.stages.overrides import drop_separated_edges
+from dedup.stages.overrides import load_overrides, separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
 EXACT = "sha256"
@@ -299,6 +299,7 @@ class _EdgeSource:
 
     def __init__(self, run: RunDir, nodes: _Nodes, descriptors: list[str], thresholds: dict[str, float]) -> None:
         self.run, self.nodes, self.descriptors, self.thresholds = run, nodes, descriptors, thresholds
+        self.overrides = load_overrides(run)  # read once: every pass applies them to every part
         self.edges = 0
 
     def paths(self) -> list[tuple[str, Path]]:
@@ -313,7 +314,12 @@ class _EdgeSource:
         a = np.searchsorted(self.nodes.ids, table["id_a"].to_numpy()[keep]).astype(np.int64)
         b = np.searchsorted(self.nodes.ids, table["id_b"].to_numpy()[keep]).astype(np.int64)
         both = self.nodes.ok[a] & self.nodes.ok[b]  # a failed sample keeps its row, alone
-        return drop_separated_edges(self.run, self.nodes.ids, a[both], b[both])  # review overrides
+        a, b = a[both], b[both]
+        if self.overrides.empty:
+            return a, b
+        # Review overrides, as `drop_separated_edges` applies them, with the table read once.
+        keep = ~separated_edges(self.overrides, self.nodes.ids[a], self.nodes.ids[b])
+        return a[keep], b[keep]
 
     def __call__(self, paths: list[tuple[str, Path]] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         count = 0
