@@ -147,7 +147,7 @@ def make_run(root: Path, n: int, edges: int, dim: int, seed: int = 0) -> int:
 
 # The child: the cluster stage of one tree (main's code returns a frame, the streamed one writes itself).
 CHILD = """
-import sys, time
+import resource, sys, time
 from dedup.records import CLUSTERS, RunDir, write_record
 import dedup.stages.cluster as c
 run = RunDir(sys.argv[1])
@@ -158,7 +158,10 @@ if hasattr(c, "write_clusters"):
 else:
     frame, stats = c.cluster_run(run, *args)
     write_record(frame, run.clusters, CLUSTERS)
-print("STATS", stats, "SECONDS", round(time.perf_counter() - began, 1))
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print("STATS", stats, "SECONDS", round(time.perf_counter() - began, 1), "CPU", round(usage.ru_utime + usage.ru_stime, 1),
+      "VmHWM", status["VmHWM"].strip())
 """
 
 
@@ -180,7 +183,7 @@ def measure(tree: str, root: Path) -> tuple[float, float, str]:
     peak = [0]
 
     def sample():
-        while child.poll() is None:
+        while child.returncode is None and Path(f"/proc/{child.pid}").exists():
             peak[0] = max(peak[0], _anon_kib(child.pid))
             time.sleep(0.02)
 

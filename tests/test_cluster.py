@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, make_sample_id, write_array, write_table
 from dedup.stages.cluster import cluster_run, guarded_clusters
@@ -267,3 +270,63 @@ def test_stage_working_set_does_not_grow_with_the_edges(tmp_path, monkeypatch):
     assert stats["edges"] == len(edges) and stats["guard_passes"] == 2 and stats["clusters_with_copies"] == 2
     assert peak < total_edge_bytes / 4, f"peak {peak / 2**20:.1f} MiB for {total_edge_bytes / 2**20:.1f} MiB of edges"
     assert not (tmp_path / stage.SCRATCH / "parent.npy").exists()
+
+
+def hand_built_run(tmp_path, rng, n: int = 600, n_parts: int = 6) -> RunDir:
+    """Samples with identical bytes and failures, clustered vectors and their edges in several parts."""
+    run = RunDir(tmp_path)
+    centres = rng.standard_normal((25, 16))
+    vectors = centres[rng.integers(0, 25, n)] + 0.6 * rng.standard_normal((n, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    status = np.where(rng.random(n) < 0.05, "decode_error", "ok")
+    byte_group = rng.integers(0, n - 60, n)
+    write_samples(run, [{"key": f"{i:09d}", "status": status[i], "sha256": sha(b"%d" % byte_group[i])} for i in range(n)])
+    edges = np.argwhere(np.triu(vectors @ vectors.T >= 0.6, 1))
+    edges = np.concatenate([edges, rng.integers(0, n, (60, 2))])
+    write_edge_parts(run, "clip", vectors, edges[edges[:, 0] != edges[:, 1]], n_parts=n_parts)
+    return run
+
+
+def cluster_context(root, engine: str):
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
+
+    settings = Settings(descriptors=["clip"], thresholds={"clip": 0.6}, guards={"clip": 0.65},
+                        engine=EngineSettings(name=engine, show_progress=False))
+    return Run(root, settings)
+
+
+def test_edge_reduction_tasks_give_the_streamed_answer(tmp_path):
+    """cluster_nodes + one cluster_edges task per part + the merging cluster task = the single streamed pass."""
+    from dedup.stages.cluster import run_cluster_stages, write_clusters
+
+    run = hand_built_run(tmp_path, np.random.default_rng(8))
+    stats = write_clusters(run, ["clip"], {"clip": 0.6}, {"clip": 0.65})
+    expected = pd.read_parquet(run.clusters)
+    run.clusters.unlink()
+    staged = run_cluster_stages(cluster_context(run.root, "local"))
+    assert len(list((run.root / "_markers" / "cluster_edges").glob("*.done"))) == 6
+    pd.testing.assert_frame_equal(pd.read_parquet(run.clusters), expected)
+    assert staged == stats and stats["guard_passes"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'dedup[ray]')")
+def test_edge_reduction_on_ray_equals_the_local_engine(tmp_path):
+    import shutil
+
+    import ray
+
+    from dedup.stages.cluster import run_cluster_stages
+
+    local = hand_built_run(tmp_path / "local", np.random.default_rng(9))
+    shutil.copytree(local.root, tmp_path / "ray")
+    run_cluster_stages(cluster_context(local.root, "local"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        stats = run_cluster_stages(cluster_context(tmp_path / "ray", "ray"))
+    finally:
+        ray.shutdown()
+    marker = json.loads((tmp_path / "ray" / "_markers" / "cluster_edges" / "5.done").read_text())
+    assert marker["fingerprint"] and stats["clusters_with_copies"] > 5
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "clusters.parquet"), pd.read_parquet(local.clusters))

@@ -295,3 +295,17 @@ def test_streamed_guard_reads_each_part_once_per_pass_and_holds_one_part():
 
     result = cluster_with_guard_streamed(n, parts, pair_similarity(vectors), guard_threshold=0.6)
     assert sum(reads) == 10 * result.passes and result.passes >= 2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_part_summaries_merge_into_the_components_and_degrees_of_all_edges(seed):
+    from dedup.search.union_find import merge_summaries, reduce_part
+
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    a, b = rng.integers(0, n, 16_000), rng.integers(0, n, 16_000)
+    summaries = [reduce_part(x, y) for x, y in split_into_parts(a, b, 6, seed)()]
+    assert sum(len(s[0]) for s in summaries) < 2 * len(a)  # a summary is at most the part's endpoints
+    components, degree = merge_summaries(n, iter(summaries))
+    assert np.array_equal(components, connected_components(n, a, b))
+    assert np.array_equal(degree, np.bincount(a, minlength=n) + np.bincount(b, minlength=n))

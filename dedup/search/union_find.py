@@ -24,6 +24,9 @@ about files. Two steps:
   crop window of the representative matching the member) joins through that
   parent without the support check. Every check compares one pair per member:
   O(edges) work per pass, reading only the rows compared.
+* `cluster_with_guard_streamed`: the same guard over edges read part by part
+  (O(nodes) memory, the union-find parent optionally a memory map);
+  `reduce_part` / `merge_summaries` split its first pass into per-part tasks.
 """
 
 from __future__ import annotations
@@ -349,3 +352,32 @@ def _surviving(parts, detached: np.ndarray | None):
             keep = detached[a] & detached[b]
             a, b = a[keep], b[keep]
         yield a, b
+
+
+# ---------------------------------------------------------------- edge reduction (engine tasks)
+
+
+def reduce_part(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One edge part -> (nodes it touches, their local root, their degree in the part): O(part) summary.
+
+    Unioning every (node, root) pair of all summaries gives the components of all
+    the edges (roots are the smallest touched node, so labels come out identical),
+    and summing the degrees gives their degree: the first guard pass without the edges.
+    """
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    nodes, local = np.unique(np.concatenate([a, b]), return_inverse=True)
+    local_a, local_b = local[: len(a)], local[len(a) :]
+    roots = nodes[connected_components(len(nodes), local_a, local_b)]  # nodes is sorted: smallest stays smallest
+    return nodes, roots, np.bincount(local, minlength=len(nodes)).astype(np.int64)
+
+
+def merge_summaries(n_nodes: int, summaries, parent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(components, degree) of the whole graph from `reduce_part` summaries, read one at a time."""
+    degree = np.zeros(n_nodes, dtype=np.int64)
+
+    def pairs():
+        for nodes, roots, counts in summaries:
+            degree[nodes] += counts  # nodes are unique within a summary
+            yield nodes, roots
+
+    return components_from_edge_parts(n_nodes, pairs(), labels=parent), degree

@@ -6,12 +6,20 @@ one is always alone). Identical bytes (sha256) are one node for the chaining
 guard and expand afterwards, so they always share a cluster. The guard
 compares each member with its cluster's representative using every
 descriptor: a member stays if it passes *some* descriptor's guard.
+
+Memory is O(nodes), never O(edges) or a frame of every sample: samples are
+read part by part (only the columns used), identical bytes are grouped by
+sorting 64-bit prefixes of the sha256 and verifying candidate runs on the full
+string, every guard pass reads the edge parts one at a time
+(`cluster_with_guard_streamed`), and clusters.parquet is written one row group
+per samples batch. Behind the engine the first components pass runs as one
+task per edge part (`ClusterEdgesStage`, on the cluster with --engine ray).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +32,9 @@ import pyarrow.parquet as pq
 
 from dedup.engine import run_stage
 from dedup.errors import DedupError, StoreError
-from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings
+from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings, write_array
 from dedup.run import Run
-from dedup.search.union_find import cluster_with_guard, cluster_with_guard_streamed
+from dedup.search.union_find import cluster_with_guard, cluster_with_guard_streamed, merge_summaries, reduce_part
 from dedup.stages.overrides import load_overrides, separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
@@ -379,15 +387,21 @@ class _Block:
 
 
 def compute_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, float], guards: dict[str, float],
-                     contains=None, first_graph=None) -> _Result:
-    """Nodes, then the streamed chaining guard over the edge parts (O(nodes) memory; see module doc)."""
-    nodes = read_nodes(run)
+                     contains=None, nodes: _Nodes | None = None, first_graph=None, parent=None) -> _Result:
+    """Nodes, then the streamed chaining guard over the edge parts (O(nodes) memory; see module doc).
+
+    `contains`: the one place a containment check (large crops) enters the stage's guard.
+    `first_graph`: ((components, degree), edge count) of the head-mapped edges, merged from the
+    cluster_edges summaries; None reads the edges for the first pass too.
+    """
+    nodes = read_nodes(run) if nodes is None else nodes
     edges = _EdgeSource(run, nodes, descriptors, thresholds)
     views = _views(run, nodes.ids, descriptors, guards)
-    with _parent_array(run, len(nodes.ids)) as parent:
+    graph, counted = first_graph if first_graph is not None else (None, None)
+    with _parent_array(run, len(nodes.ids)) if parent is None else nullcontext(parent) as parent:
         result = guarded_clusters_streamed(nodes.head, edges, lambda r, m: _best_match(views, nodes, r, m)[0],
-                                           contains=contains, parent=parent, first_graph=first_graph)
-    return _Result(nodes, result, views, edges.edges)
+                                           contains=contains, parent=parent, first_graph=graph)
+    return _Result(nodes, result, views, edges.edges if counted is None else counted)
 
 
 @contextmanager
@@ -418,30 +432,49 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
 
 
 def write_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, float], guards: dict[str, float],
-                   contains=None, first_graph=None) -> dict[str, int]:
-    """Cluster and write clusters.parquet one row group per samples batch (atomic: a temporary, then rename)."""
-    result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, first_graph=first_graph)
+                   contains=None, **options) -> dict[str, int]:
+    """Cluster and write clusters.parquet one row group per samples batch (atomic: a temporary, then rename).
+
+    `options`: nodes, first_graph and parent of `compute_clusters`.
+    """
+    result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, **options)
     with atomic_output(run.clusters) as tmp, pq.ParquetWriter(tmp, CLUSTERS) as writer:
         for block in result.blocks(run):
             writer.write_table(block)
     return result.stats()
 
 
-class ClusterStage:
-    """One task: every descriptor's edges + identical bytes -> clusters.parquet.
+# ---------------------------------------------------------------- the stages behind the engine
+#
+# Three stages share one fingerprint (edges, samples, overrides, cuts), so any change runs all three:
+# cluster_nodes (one task: sample ids, ok mask, identical-bytes heads -> scratch .npy files),
+# cluster_edges (one task per edge part: the part reduced to its touched nodes' local roots and degrees,
+# the first components pass; these run on the cluster with --engine ray) and cluster (one task: the
+# summaries merged into the first pass, the later passes streamed, clusters.parquet written).
 
-    The fingerprint names the edges, the samples and the cuts, so a changed
-    threshold or guard (run.json) or new edges cluster again.
-    """
+NODE_ARRAYS = ("ids", "ok", "head", "known")
 
-    name = "cluster"
+
+def _scratch(run: RunDir) -> Path:
+    return run.root / SCRATCH
+
+
+def save_nodes(run: RunDir, nodes: _Nodes) -> None:
+    for name in NODE_ARRAYS:
+        write_array(np.asarray(getattr(nodes, name)), _scratch(run) / f"nodes_{name}.npy")
+
+
+def load_nodes(run: RunDir) -> _Nodes:
+    """The nodes the cluster_nodes stage saved, as read-only memory maps (O(nodes) on disk, not in every worker)."""
+    return _Nodes(*(np.load(_scratch(run) / f"nodes_{name}.npy", mmap_mode="r") for name in NODE_ARRAYS))
+
+
+class _ClusterInputs:
+    """What the three cluster stages share: the run, its cuts and the fingerprint of their inputs."""
 
     def __init__(self, run: Run) -> None:
         self.run_dir = run
         self.settings = run.settings
-
-    def task_ids(self) -> list[str]:
-        return ["0"]
 
     def fingerprint(self) -> str:
         inputs = [*self.run_dir.root.glob("neighbors/*/part_*.parquet"), *self.run_dir.root.glob("samples/*.parquet"),
@@ -449,17 +482,102 @@ class ClusterStage:
         cuts = {"thresholds": self.settings.thresholds, "guards": self.settings.guards}
         return fingerprint(inputs, cuts)
 
+    def edge_paths(self) -> list[tuple[str, Path]]:
+        from dedup.records import edge_part_paths
+
+        return [(name, path) for name in self.settings.descriptors for path in edge_part_paths(self.run_dir, name)]
+
+    def close(self) -> None:
+        pass
+
+
+class ClusterNodesStage(_ClusterInputs):
+    """One task: sample ids, ok mask and identical-bytes heads (read part by part) -> the run's scratch folder."""
+
+    name = "cluster_nodes"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def reset(self) -> None:
+        for name in NODE_ARRAYS:
+            (_scratch(self.run_dir) / f"nodes_{name}.npy").unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        nodes = read_nodes(self.run_dir)
+        save_nodes(self.run_dir, nodes)
+        progress(len(nodes.ids))
+        return {"samples": len(nodes.ids)}
+
+
+class ClusterEdgesStage(_ClusterInputs):
+    """One task per edge part: its edges (cut, ok, overrides, onto heads) reduced to a (node, root, degree) summary."""
+
+    name = "cluster_edges"
+
+    def task_ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.edge_paths()))]
+
+    def summary_path(self, task_id: str) -> Path:
+        return _scratch(self.run_dir) / f"edges_{task_id}.npy"
+
+    def reset(self) -> None:
+        for path in _scratch(self.run_dir).glob("edges_*.npy"):
+            path.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        nodes = load_nodes(self.run_dir)
+        source = _EdgeSource(self.run_dir, nodes, self.settings.descriptors, self.settings.thresholds)
+        a, b = source.part(*self.edge_paths()[int(task_id)])
+        summary = reduce_part(*_onto_heads(nodes.head, a, b))
+        # One (3, touched) array plus the part's edge count in the last column: a single atomic file.
+        write_array(np.concatenate([np.stack(summary), [[len(a)], [0], [0]]], axis=1), self.summary_path(task_id))
+        progress(len(a))
+        return {"edges": len(a)}
+
+    def summaries(self) -> tuple[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], list[int]]:
+        """The summaries one at a time, and each part's edge count (read from the files' last column)."""
+        paths = [self.summary_path(t) for t in self.task_ids()]
+        counts = [int(np.load(p, mmap_mode="r")[0, -1]) for p in paths]
+
+        def read():
+            for path in paths:
+                table = np.load(path)
+                yield table[0, :-1], table[1, :-1], table[2, :-1]
+
+        return read(), counts
+
+
+class ClusterStage(_ClusterInputs):
+    """One task: the cluster_edges summaries merged (the first guard pass), the later passes over the
+    streamed edge parts, clusters.parquet written batch by batch."""
+
+    name = "cluster"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
     def reset(self) -> None:
         self.run_dir.clusters.unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         settings = self.settings
-        stats = write_clusters(self.run_dir, settings.descriptors, settings.thresholds, settings.guards)
+        nodes = load_nodes(self.run_dir)
+        summaries, counts = ClusterEdgesStage(self.run_dir).summaries()
+        with _parent_array(self.run_dir, len(nodes.ids)) as parent:
+            first_graph = merge_summaries(len(nodes.ids), summaries, parent=parent)
+            stats = write_clusters(self.run_dir, settings.descriptors, settings.thresholds, settings.guards,
+                                   nodes=nodes, first_graph=(first_graph, sum(counts)), parent=parent)
         progress(stats["samples"])
         return stats
 
-    def close(self) -> None:
-        pass
+
+def run_cluster_stages(run: Run) -> dict[str, int]:
+    """Nodes, edge reduction (one task per part) and the cluster task, each behind the run's engine."""
+    run_stage(run, ClusterNodesStage(run))
+    run_stage(run, ClusterEdgesStage(run), unit="edges")
+    report = run_stage(run, ClusterStage(run))
+    return {k: int(v) for k, v in report.stats.items()}
 
 
 def check_cuts(run: Run) -> None:
@@ -489,5 +607,4 @@ def check_cuts(run: Run) -> None:
 def cluster(run: Run) -> dict[str, int]:
     """Cluster at the run's cuts behind the engine; returns the cluster stats."""
     check_cuts(run)
-    report = run_stage(run, ClusterStage(run))
-    return {k: int(v) for k, v in report.stats.items()}
+    return run_cluster_stages(run)
