@@ -160,7 +160,7 @@ else:
     write_record(frame, run.clusters, CLUSTERS)
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 usage = resource.getrusage(resource.RUSAGE_SELF)
-print("STATS", stats, "SECONDS", round(time.perf_counter() - began, 1), "CPU", round(usage.ru_utime + usage.ru_stime, 1),
+print("TREE", c.__file__, "STATS", stats, "SECONDS", round(time.perf_counter() - began, 1), "CPU", round(usage.ru_utime + usage.ru_stime, 1),
       "VmHWM", status["VmHWM"].strip())
 """
 
@@ -178,8 +178,9 @@ def _anon_kib(pid: int) -> int:
 def measure(tree: str, root: Path) -> tuple[float, float, str]:
     """(wall seconds, peak RssAnon GiB, child stdout) of the cluster stage of `tree`."""
     began = time.perf_counter()
+    # cwd=tree as well: `python -c` puts the working directory before PYTHONPATH on sys.path.
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(root)], env={"PYTHONPATH": tree, "PATH": "/usr/bin"},
-                             stdout=subprocess.PIPE, text=True)
+                             cwd=tree, stdout=subprocess.PIPE, text=True)
     peak = [0]
 
     def sample():

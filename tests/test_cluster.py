@@ -180,7 +180,8 @@ def in_memory_clusters(run: RunDir, descriptors, thresholds, guards) -> pd.DataF
                           matched_by=matched_by.astype(str))
 
 
-def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_parts(tmp_path):
+def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_parts(tmp_path, monkeypatch):
+    import dedup.stages.cluster as stage
     from dedup.stages.overrides import _row, add_override
 
     rng = np.random.default_rng(5)
@@ -202,9 +203,13 @@ def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_par
     pair = [make_sample_id(0, int(i)) for i in edges[0]]
     add_override(run, _row("not_duplicate_pair", None, sample_id_a=pair[0], sample_id_b=pair[1]))
     args = (["clip"], {"clip": 0.6}, {"clip": 0.65})
+    reads = []
+    part = stage._EdgeSource.part
+    monkeypatch.setattr(stage._EdgeSource, "part", lambda self, *where: reads.append(where) or part(self, *where))
     clusters, stats = cluster_run(run, *args)
     expected = in_memory_clusters(run, *args)
-    assert stats["guard_passes"] >= 2 and stats["clusters_with_copies"] > 10
+    assert stats["guard_passes"] >= 3 and stats["clusters_with_copies"] > 10
+    assert len(reads) == 2 * 9  # the first pass, then the second writes what can still cluster for the later ones
     assert (clusters["matched_by"] == "sha256").sum() > 20  # identical bytes took part
     pd.testing.assert_frame_equal(clusters, expected[clusters.columns.tolist()])
 

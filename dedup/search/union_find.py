@@ -318,6 +318,7 @@ def cluster_with_guard_streamed(
     contains: PairSimilarity | None = None,
     parent: np.ndarray | None = None,
     first_graph: tuple[np.ndarray, np.ndarray] | None = None,
+    restrict: Callable[[np.ndarray], None] | None = None,
 ) -> Clusters:
     """`cluster_with_guard` with the edges read part by part: the same result, O(nodes) memory.
 
@@ -326,7 +327,9 @@ def cluster_with_guard_streamed(
     than one part. `parent`: a writable int64 array of n_nodes (a memory map keeps
     the union-find state on disk). `first_graph`: (components, degree) of the
     whole graph when the caller reduced the edges already (engine tasks), which
-    saves the first read.
+    saves the first read. `restrict(detached)` is told each pass's detached mask:
+    a source may then drop the edges that can never count again (rewrite its
+    parts smaller); the guard filters either way.
     """
     labels = np.arange(n_nodes, dtype=np.int64)
     is_rep = np.ones(n_nodes, dtype=bool)
@@ -342,6 +345,8 @@ def cluster_with_guard_streamed(
             break
         passes += 1
         detached = _settle(components, degree, checks, labels, is_rep, sim_to_rep)
+        if restrict is not None and passes < max_passes:
+            restrict(detached)
     return Clusters(labels, is_rep, sim_to_rep, passes)
 
 

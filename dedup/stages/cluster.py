@@ -18,6 +18,7 @@ task per edge part (`ClusterEdgesStage`, on the cluster with --engine ray).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def guarded_clusters_streamed(head: np.ndarray, edge_parts, margin, contains=Non
 
     result = cluster_with_guard_streamed(len(head), on_heads, margin, guard_threshold=0.0,
                                          support_threshold=-SUPPORT_SLACK, contains=contains,
-                                         parent=parent, first_graph=first_graph)
+                                         parent=parent, first_graph=first_graph,
+                                         restrict=getattr(edge_parts, "restrict", None))
     return _expanded(head, result)
 
 
@@ -302,13 +304,18 @@ def _strings_of(run: RunDir, nodes: np.ndarray) -> pa.Array:
 class _EdgeSource:
     """Every descriptor's edge parts as node indices between two ok samples, review overrides applied.
 
-    Calling it starts a fresh read; `edges` counts the edges of the last full read (for the stats).
+    Calling it starts a fresh read; `edges` counts the edges of the first full read (for the stats).
+    With a `workdir`, `restrict(detached)` (the guard's detached mask over heads) makes the next read
+    keep only edges between two detached groups and write them there as .npy parts, which later
+    passes read instead: passes after the first read what can still cluster, not every edge again.
     """
 
-    def __init__(self, run: RunDir, nodes: _Nodes, descriptors: list[str], thresholds: dict[str, float]) -> None:
+    def __init__(self, run: RunDir, nodes: _Nodes, descriptors: list[str], thresholds: dict[str, float],
+                 workdir: Path | None = None) -> None:
         self.run, self.nodes, self.descriptors, self.thresholds = run, nodes, descriptors, thresholds
         self.overrides = load_overrides(run)  # read once: every pass applies them to every part
-        self.edges = 0
+        self.edges: int | None = None
+        self.workdir, self.cached, self.detached, self.generation = workdir, None, None, 0
 
     def paths(self) -> list[tuple[str, Path]]:
         from dedup.records import edge_part_paths
@@ -329,13 +336,39 @@ class _EdgeSource:
         keep = ~separated_edges(self.overrides, self.nodes.ids[a], self.nodes.ids[b])
         return a[keep], b[keep]
 
-    def __call__(self, paths: list[tuple[str, Path]] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def restrict(self, detached: np.ndarray) -> None:
+        if self.workdir is not None:
+            self.detached = detached
+
+    def _read(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.cached is not None:
+            for path in self.cached:
+                pair = np.load(path)
+                yield pair[0], pair[1]
+            return
         count = 0
-        for name, path in self.paths() if paths is None else paths:
+        for name, path in self.paths():
             a, b = self.part(name, path)
             count += len(a)
             yield a, b
-        self.edges = count
+        self.edges = count if self.edges is None else self.edges
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.detached is None:
+            yield from self._read()
+            return
+        detached, head, written = self.detached, self.nodes.head, []
+        self.generation += 1
+        for a, b in self._read():
+            keep = detached[head[a]] & detached[head[b]]
+            a, b = a[keep], b[keep]
+            if len(a):
+                written.append(self.workdir / f"pass{self.generation}_{len(written)}.npy")
+                np.save(written[-1], np.stack([a, b]))
+            yield a, b
+        for path in self.cached or []:
+            path.unlink(missing_ok=True)
+        self.cached, self.detached = written, None
 
 
 # ---------------------------------------------------------------- the stage's computation
@@ -395,13 +428,15 @@ def compute_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, 
     cluster_edges summaries; None reads the edges for the first pass too.
     """
     nodes = read_nodes(run) if nodes is None else nodes
-    edges = _EdgeSource(run, nodes, descriptors, thresholds)
     views = _views(run, nodes.ids, descriptors, guards)
     graph, counted = first_graph if first_graph is not None else (None, None)
-    with _parent_array(run, len(nodes.ids)) if parent is None else nullcontext(parent) as parent:
+    (run.root / SCRATCH).mkdir(parents=True, exist_ok=True)
+    with (_parent_array(run, len(nodes.ids)) if parent is None else nullcontext(parent) as parent,
+          tempfile.TemporaryDirectory(prefix="passes-", dir=run.root / SCRATCH) as workdir):
+        edges = _EdgeSource(run, nodes, descriptors, thresholds, workdir=Path(workdir))
         result = guarded_clusters_streamed(nodes.head, edges, lambda r, m: _best_match(views, nodes, r, m)[0],
                                            contains=contains, parent=parent, first_graph=graph)
-    return _Result(nodes, result, views, edges.edges if counted is None else counted)
+    return _Result(nodes, result, views, (edges.edges or 0) if counted is None else counted)
 
 
 @contextmanager
