@@ -11,6 +11,10 @@ the child's RssAnon (anonymous memory: the float16 memory maps are page cache, n
 Clusters are planted: nodes fall into groups of 100-200 copies (all pairs are edges, cosine ~0.9),
 plus a few unrelated cross edges that the chaining guard has to cut, 3% identical bytes and 1%
 failed samples. The data is kept in --data (delete it yourself) so both trees read the same run.
+
+Measured 2026-12-01 on the 2-core machine (shared with other jobs, so wall times are noisy), 1M samples,
+58.85M edges in 30 parts, 128-d float16: main (4243e97) peak RssAnon 6.09 GiB, 37 s CPU, 123 s wall;
+streamed cluster stage 0.48 GiB, 47 s CPU, 169 s wall; clusters.parquet identical.
 """
 
 from __future__ import annotations
