@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, make_sample_id, write_array, write_table
 from dedup.stages.cluster import cluster_run, guarded_clusters
@@ -112,3 +115,223 @@ def test_random_graph_never_splits_identical_bytes():
     assert (result.sizes() == np.bincount(labels, minlength=n)[labels]).all()
     assert result.is_representative.sum() == len(np.unique(labels))
     assert result.is_representative[labels].all()
+
+
+# --- the streamed stage equals the in-memory clustering -----------------------------------------
+
+
+def test_streamed_guard_with_identical_bytes_equals_the_in_memory_one():
+    """Random graph, ~19k identical-bytes groups, edges in uneven parts: labels, representatives, passes equal."""
+    from dedup.stages.cluster import guarded_clusters_streamed
+
+    rng = np.random.default_rng(11)
+    n = 20_000
+    group = rng.integers(0, 15_000, n)
+    first = np.full(15_000, n)
+    np.minimum.at(first, group, np.arange(n))
+    head = first[group]
+    a, b = rng.integers(0, n, 30_000), rng.integers(0, n, 30_000)
+
+    def margin(reps, members):
+        return ((reps * 7919 + members * 104_729) % 101 / 101.0) - 0.5
+
+    pieces = np.split(rng.permutation(len(a)), [3_000, 3_001, 17_000, 29_000])
+    streamed = guarded_clusters_streamed(head, lambda: ((a[p], b[p]) for p in pieces), margin)
+    in_memory = guarded_clusters(head, a, b, margin)
+    assert np.array_equal(streamed.labels, in_memory.labels)
+    assert np.array_equal(streamed.is_representative, in_memory.is_representative)
+    assert streamed.passes == in_memory.passes >= 2
+
+
+def write_edge_parts(run: RunDir, name: str, vectors: np.ndarray, edges: np.ndarray, n_parts: int) -> None:
+    """Vectors of samples 0..n-1 of shard 0, and the edges (positions) in `n_parts` neighbour files."""
+    write_descriptor(run, name, vectors, [(0, 1)])
+    ids = np.array([make_sample_id(0, i) for i in range(len(vectors))], dtype=np.int64)
+    a, b = edges.min(axis=1), edges.max(axis=1)
+    sims = np.einsum("ij,ij->i", vectors[a], vectors[b]).astype(np.float32)
+    for part, rows in enumerate(np.array_split(np.arange(len(a)), n_parts)):
+        frame = pd.DataFrame({"id_a": ids[a[rows]], "id_b": ids[b[rows]], "similarity": sims[rows]})
+        write_table(frame, run.neighbors_dir(name) / f"part_{part}.parquet")
+
+
+def in_memory_clusters(run: RunDir, descriptors, thresholds, guards) -> pd.DataFrame:
+    """The oracle: every sample in one frame, every edge in one array, heads by pandas factorize (main's design)."""
+    from dedup.records import iter_edge_parts, load_samples
+    from dedup.stages.cluster import _exact_heads, _explain, _Nodes, _views
+    from dedup.stages.overrides import drop_separated_edges
+
+    samples = load_samples(run).sort_values("sample_id", ignore_index=True)
+    ids, ok = samples["sample_id"].to_numpy(), (samples["status"] == "ok").to_numpy()
+    sha = np.where(samples["sha256"].isna() | ~ok, None, samples["sha256"].to_numpy(dtype=object))
+    head = _exact_heads(sha)
+    parts = [(np.searchsorted(ids, x), np.searchsorted(ids, y)) for d in descriptors
+             for x, y in iter_edge_parts(run, d, thresholds[d])]
+    a = np.concatenate([np.empty(0, np.int64)] + [p[0] for p in parts])
+    b = np.concatenate([np.empty(0, np.int64)] + [p[1] for p in parts])
+    a, b = drop_separated_edges(run, ids, a[ok[a] & ok[b]], b[ok[a] & ok[b]])
+    nodes = _Nodes(ids, ok, head, pd.notna(sha).astype(bool))
+    views = _views(run, ids, descriptors, guards)
+    from dedup.stages.cluster import _best_match
+
+    result = guarded_clusters(head, a, b, lambda r, m: _best_match(views, nodes, r, m)[0])
+    similarity, matched_by = _explain(views, nodes, result.labels, result.is_representative)
+    return samples.assign(cluster_id=ids[result.labels], cluster_size=result.sizes(),
+                          is_representative=result.is_representative, similarity_to_representative=similarity,
+                          matched_by=matched_by.astype(str))
+
+
+def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_parts(tmp_path, monkeypatch):
+    import dedup.stages.cluster as stage
+    from dedup.stages.overrides import _row, add_override
+
+    rng = np.random.default_rng(5)
+    run = RunDir(tmp_path)
+    n = 1_500
+    centres = rng.standard_normal((60, 16))
+    vectors = centres[rng.integers(0, 60, n)] + 0.6 * rng.standard_normal((n, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    byte_group = rng.integers(0, 1_300, n)  # ~190 groups of identical bytes, most without an edge between them
+    status = np.where(rng.random(n) < 0.05, "decode_error", "ok")
+    rows = [{"key": f"{i:09d}", "status": status[i], "sha256": sha(b"%d" % byte_group[i]) if i % 17 else None}
+            for i in range(n)]
+    write_samples(run, rows)
+    sims = vectors @ vectors.T
+    edges = np.argwhere(np.triu(sims >= 0.6, 1))
+    edges = np.concatenate([edges, rng.integers(0, n, (200, 2))])  # unrelated edges for the guard to cut
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    write_edge_parts(run, "clip", vectors, edges, n_parts=9)
+    pair = [make_sample_id(0, int(i)) for i in edges[0]]
+    add_override(run, _row("not_duplicate_pair", None, sample_id_a=pair[0], sample_id_b=pair[1]))
+    args = (["clip"], {"clip": 0.6}, {"clip": 0.65})
+    reads = []
+    part = stage._EdgeSource.part
+    monkeypatch.setattr(stage._EdgeSource, "part", lambda self, *where: reads.append(where) or part(self, *where))
+    clusters, stats = cluster_run(run, *args)
+    expected = in_memory_clusters(run, *args)
+    assert stats["guard_passes"] >= 3 and stats["clusters_with_copies"] > 10
+    assert len(reads) == 2 * 9  # the first pass, then the second writes what can still cluster for the later ones
+    assert (clusters["matched_by"] == "sha256").sum() > 20  # identical bytes took part
+    pd.testing.assert_frame_equal(clusters, expected[clusters.columns.tolist()])
+
+
+def test_prefix_collision_never_merges_different_bytes(tmp_path):
+    """Two digests sharing their first 16 hex digits are candidates only: the full string decides."""
+    from dedup.stages.cluster import prefix_keys, read_nodes
+
+    run = RunDir(tmp_path)
+    one, other = "0123456789abcdef" + "0" * 48, "0123456789abcdef" + "f" * 48
+    rows = [{"key": f"{i:09d}", "status": "ok", "sha256": s} for i, s in enumerate([one, other, one, other, sha(b"x")])]
+    write_samples(run, rows)
+    keys = prefix_keys(pa.array([one, other, "0123", None, "ABCDEF0123456789"]))
+    assert keys[0] == keys[1] == 0x0123456789ABCDEF and keys[2] == 0x0123 << 48 and keys[4] == 0xABCDEF0123456789
+    nodes = read_nodes(run)
+    assert nodes.head.tolist() == [0, 1, 0, 1, 4]
+    clusters, _ = cluster_run(run, [], {}, {})
+    assert clusters["cluster_id"].nunique() == 3 and clusters["cluster_size"].tolist() == [2, 2, 2, 2, 1]
+
+
+def test_clusters_file_is_written_batch_by_batch_with_the_contract(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import dedup.stages.cluster as stage
+    from dedup.records import CLUSTERS
+
+    monkeypatch.setattr(stage, "BATCH_ROWS", 7)
+    run = RunDir(tmp_path)
+    write_samples(run, [{"key": f"{i:09d}", "status": "ok", "sha256": sha(b"%d" % (i % 4))} for i in range(30)])
+    stats = stage.write_clusters(run, [], {}, {})
+    handle = pq.ParquetFile(run.clusters)
+    assert handle.schema_arrow == CLUSTERS and handle.metadata.num_row_groups == 5  # 30 rows in batches of 7
+    frame = handle.read().to_pandas()
+    assert frame["key"].tolist() == [f"{i:09d}" for i in range(30)] and stats["clusters_with_copies"] == 4
+    assert (frame["cluster_size"] == frame.groupby("cluster_id")["key"].transform("size")).all()
+    assert not list(tmp_path.glob("**/.*.tmp"))  # the temporary was renamed
+
+
+def test_stage_working_set_does_not_grow_with_the_edges(tmp_path, monkeypatch):
+    """48 edge parts of 12.5k edges each (9.6 MB as int64 pairs), read in two guard passes: the stage's
+    traced peak stays far below the edges (it holds about one part, plus O(nodes) arrays)."""
+    import tracemalloc
+
+    import dedup.stages.cluster as stage
+
+    monkeypatch.setattr(stage, "PARENT_IN_MEMORY_NODES", 100)  # the parent array in the run's scratch memory map
+    rng = np.random.default_rng(2)
+    run = RunDir(tmp_path)
+    n, per_part, n_parts = 4_000, 12_500, 48
+    half = np.arange(n) >= n // 2  # two unrelated families: the first pass detaches one of them
+    vectors = np.where(half[:, None], [0.0, 1.0], [1.0, 0.0]) + 0.1 * rng.standard_normal((n, 2))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    write_samples(run, [{"key": f"{i:09d}", "status": "ok", "sha256": None} for i in range(n)])
+    edges = rng.integers(0, n, (per_part * n_parts, 2))
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    write_edge_parts(run, "clip", vectors, edges, n_parts=n_parts)
+    stage.write_clusters(run, ["clip"], {"clip": -1.0}, {"clip": 0.5})  # warm: imports are not the stage's memory
+    tracemalloc.start()
+    stats = stage.write_clusters(run, ["clip"], {"clip": -1.0}, {"clip": 0.5})
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    total_edge_bytes = len(edges) * 2 * 8
+    assert stats["edges"] == len(edges) and stats["guard_passes"] == 2 and stats["clusters_with_copies"] == 2
+    assert peak < total_edge_bytes / 4, f"peak {peak / 2**20:.1f} MiB for {total_edge_bytes / 2**20:.1f} MiB of edges"
+    assert not (tmp_path / stage.SCRATCH / "parent.npy").exists()
+
+
+def hand_built_run(tmp_path, rng, n: int = 600, n_parts: int = 6) -> RunDir:
+    """Samples with identical bytes and failures, clustered vectors and their edges in several parts."""
+    run = RunDir(tmp_path)
+    centres = rng.standard_normal((25, 16))
+    vectors = centres[rng.integers(0, 25, n)] + 0.6 * rng.standard_normal((n, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    status = np.where(rng.random(n) < 0.05, "decode_error", "ok")
+    byte_group = rng.integers(0, n - 60, n)
+    write_samples(run, [{"key": f"{i:09d}", "status": status[i], "sha256": sha(b"%d" % byte_group[i])} for i in range(n)])
+    edges = np.argwhere(np.triu(vectors @ vectors.T >= 0.6, 1))
+    edges = np.concatenate([edges, rng.integers(0, n, (60, 2))])
+    write_edge_parts(run, "clip", vectors, edges[edges[:, 0] != edges[:, 1]], n_parts=n_parts)
+    return run
+
+
+def cluster_context(root, engine: str):
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
+
+    settings = Settings(descriptors=["clip"], thresholds={"clip": 0.6}, guards={"clip": 0.65},
+                        engine=EngineSettings(name=engine, show_progress=False))
+    return Run(root, settings)
+
+
+def test_edge_reduction_tasks_give_the_streamed_answer(tmp_path):
+    """cluster_nodes + one cluster_edges task per part + the merging cluster task = the single streamed pass."""
+    from dedup.stages.cluster import run_cluster_stages, write_clusters
+
+    run = hand_built_run(tmp_path, np.random.default_rng(8))
+    stats = write_clusters(run, ["clip"], {"clip": 0.6}, {"clip": 0.65})
+    expected = pd.read_parquet(run.clusters)
+    run.clusters.unlink()
+    staged = run_cluster_stages(cluster_context(run.root, "local"))
+    assert len(list((run.root / "_markers" / "cluster_edges").glob("*.done"))) == 6
+    pd.testing.assert_frame_equal(pd.read_parquet(run.clusters), expected)
+    assert staged == stats and stats["guard_passes"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'dedup[ray]')")
+def test_edge_reduction_on_ray_equals_the_local_engine(tmp_path):
+    import shutil
+
+    import ray
+
+    from dedup.stages.cluster import run_cluster_stages
+
+    local = hand_built_run(tmp_path / "local", np.random.default_rng(9))
+    shutil.copytree(local.root, tmp_path / "ray")
+    run_cluster_stages(cluster_context(local.root, "local"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        stats = run_cluster_stages(cluster_context(tmp_path / "ray", "ray"))
+    finally:
+        ray.shutdown()
+    marker = json.loads((tmp_path / "ray" / "_markers" / "cluster_edges" / "5.done").read_text())
+    assert marker["fingerprint"] and stats["clusters_with_copies"] > 5
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "clusters.parquet"), pd.read_parquet(local.clusters))

@@ -209,3 +209,103 @@ def test_support_check_keeps_a_family_of_mutually_similar_copies():
     supported = cluster_with_guard(12, a, b, pair_similarity(vectors), guard_threshold=0.5, support_threshold=0.3)
     assert plain.sizes().max() == 12
     assert supported.labels.tolist() == plain.labels.tolist()
+
+
+# --- the streamed guard: edges part by part, the same answer as the in-memory guard ------------
+
+
+def split_into_parts(a: np.ndarray, b: np.ndarray, n_parts: int, seed: int = 0):
+    """A fresh-read callable over `n_parts` uneven slices of a shuffled edge list (as neighbour files are)."""
+    order = np.random.default_rng(seed).permutation(len(a))
+    cuts = np.sort(np.random.default_rng(seed + 1).integers(0, len(a) + 1, n_parts - 1))
+    pieces = np.split(order, cuts)
+    return lambda: ((a[p], b[p]) for p in pieces)
+
+
+def clustered_vectors(rng, n: int, groups: int, dim: int = 8) -> np.ndarray:
+    """Nodes around a few centres (noise large enough that the guard rejects some members)."""
+    centres = rng.standard_normal((groups, dim))
+    vectors = centres[rng.integers(0, groups, n)] + 0.7 * rng.standard_normal((n, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_same_clusters(streamed, in_memory) -> None:
+    assert np.array_equal(streamed.labels, in_memory.labels)
+    assert np.array_equal(streamed.is_representative, in_memory.is_representative)
+    assert np.array_equal(streamed.similarity_to_representative, in_memory.similarity_to_representative)
+    assert streamed.passes == in_memory.passes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_streamed_guard_equals_the_in_memory_guard_on_random_graphs(seed, tmp_path):
+    from dedup.search.union_find import cluster_with_guard_streamed
+
+    rng = np.random.default_rng(seed)
+    n = 3_000
+    vectors = clustered_vectors(rng, n, groups=40)
+    a, b = edges_of(vectors, 0.55)
+    extra = rng.integers(0, n, (2, 300))  # unrelated edges: chains the guard must cut
+    a, b = np.concatenate([a, extra[0]]), np.concatenate([b, extra[1]])
+    similarity = pair_similarity(vectors)
+    contains = matrix_like_contains(n, seed) if seed % 2 else None
+    kwargs = dict(guard_threshold=0.6, support_threshold=0.35, contains=contains, max_passes=5)
+    in_memory = cluster_with_guard(n, a, b, similarity, **kwargs)
+    assert in_memory.passes >= 2 and 1 < len(np.unique(in_memory.labels)) < n  # the guard had work to do
+    parent = np.lib.format.open_memmap(tmp_path / "parent.npy", mode="w+", dtype=np.int64, shape=(n,))
+    streamed = cluster_with_guard_streamed(n, split_into_parts(a, b, 7, seed), similarity, parent=parent, **kwargs)
+    assert_same_clusters(streamed, in_memory)
+
+
+def matrix_like_contains(n: int, seed: int):
+    """A deterministic pseudo-random containment score per (parent, child) pair."""
+    return lambda parents, children: ((parents * 7919 + children * 104_729 + seed) % 97 / 97.0).astype(np.float32)
+
+
+def test_streamed_guard_splits_a_long_chain_like_the_in_memory_one():
+    from dedup.search.union_find import cluster_with_guard_streamed
+
+    vectors = unit_angles([0, 20, 40, 60, 80, 100, 120, 140])
+    a, b = edges_of(vectors, 0.9)
+    for max_passes in (1, 2, 8):
+        in_memory = cluster_with_guard(8, a, b, pair_similarity(vectors), guard_threshold=0.9, max_passes=max_passes)
+        streamed = cluster_with_guard_streamed(8, split_into_parts(a, b, 3), pair_similarity(vectors),
+                                               guard_threshold=0.9, max_passes=max_passes)
+        assert_same_clusters(streamed, in_memory)
+    assert streamed.labels.tolist() == [1, 1, 1, 4, 4, 4, 6, 6]
+
+
+def test_streamed_guard_reads_each_part_once_per_pass_and_holds_one_part():
+    """The streamed guard never asks for a part before it is done with the previous one."""
+    from dedup.search.union_find import cluster_with_guard_streamed
+
+    rng = np.random.default_rng(4)
+    n = 2_000
+    vectors = clustered_vectors(rng, n, groups=30)
+    a, b = edges_of(vectors, 0.55)
+    pieces = np.array_split(np.arange(len(a)), 10)
+    held, reads = [], []
+
+    def parts():
+        for piece in pieces:
+            held.append(piece)  # released when the consumer asks for the next part
+            assert len(held) == 1
+            reads.append(1)
+            yield a[piece], b[piece]
+            held.pop()
+
+    result = cluster_with_guard_streamed(n, parts, pair_similarity(vectors), guard_threshold=0.6)
+    assert sum(reads) == 10 * result.passes and result.passes >= 2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_part_summaries_merge_into_the_components_and_degrees_of_all_edges(seed):
+    from dedup.search.union_find import merge_summaries, reduce_part
+
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    a, b = rng.integers(0, n, 16_000), rng.integers(0, n, 16_000)
+    summaries = [reduce_part(x, y) for x, y in split_into_parts(a, b, 6, seed)()]
+    assert sum(len(s[0]) for s in summaries) < 2 * len(a)  # a summary is at most the part's endpoints
+    components, degree = merge_summaries(n, iter(summaries))
+    assert np.array_equal(components, connected_components(n, a, b))
+    assert np.array_equal(degree, np.bincount(a, minlength=n) + np.bincount(b, minlength=n))

@@ -24,11 +24,14 @@ about files. Two steps:
   crop window of the representative matching the member) joins through that
   parent without the support check. Every check compares one pair per member:
   O(edges) work per pass, reading only the rows compared.
+* `cluster_with_guard_streamed`: the same guard over edges read part by part
+  (O(nodes) memory, the union-find parent optionally a memory map);
+  `reduce_part` / `merge_summaries` split its first pass into per-part tasks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,6 +198,12 @@ def _guard_pass(n_nodes, a, b, checks: _Checks, labels, is_rep, sim_to_rep) -> n
     """Cluster the graph (a, b) once, writing accepted nodes in place; return the detached mask."""
     components = connected_components(n_nodes, a, b)
     degree = np.bincount(a, minlength=n_nodes) + np.bincount(b, minlength=n_nodes)
+    return _settle(components, degree, checks, labels, is_rep, sim_to_rep)
+
+
+def _settle(components, degree: np.ndarray, checks: _Checks, labels, is_rep, sim_to_rep) -> np.ndarray:
+    """One pass's verdicts from its components and degrees (O(nodes)); the in-memory and streamed guards share it."""
+    n_nodes = len(degree)
     nodes = np.flatnonzero(degree)
     reps = choose_representatives(components, degree, nodes)
     is_member = reps != nodes
@@ -264,3 +273,116 @@ def _flatten(parent: np.ndarray, block_nodes: int) -> None:
     for start in range(0, len(parent), block_nodes):
         stop = min(start + block_nodes, len(parent))
         parent[start:stop] = _find(parent, np.arange(start, stop, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- the guard over streamed edges
+
+# edge_parts() -> a fresh iterable of (a, b) node-index arrays: the whole graph, one part at a time.
+EdgeParts = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def streamed_graph(n_nodes: int, parts: Iterable[tuple[np.ndarray, np.ndarray]],
+                   parent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(components, degree) of edges read part by part: `connected_components` plus the degree bincount.
+
+    Only one part is held; `parent` (e.g. an int64 memory map) receives the labels.
+    """
+    degree = np.zeros(n_nodes, dtype=np.int64)
+
+    def counted():
+        for a, b in parts:
+            a, b = _check_edges(n_nodes, a, b)
+            add_degree(degree, a, b)
+            yield a, b
+
+    return components_from_edge_parts(n_nodes, counted(), labels=parent), degree
+
+
+def add_degree(degree: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """degree += the edges' endpoint counts, with O(part) temporaries when the part is small beside the nodes."""
+    if 16 * (len(a) + len(b)) >= len(degree):
+        degree += np.bincount(a, minlength=len(degree)) + np.bincount(b, minlength=len(degree))
+        return
+    nodes, counts = np.unique(np.concatenate([a, b]), return_counts=True)
+    degree[nodes] += counts
+
+
+def cluster_with_guard_streamed(
+    n_nodes: int,
+    edge_parts: EdgeParts,
+    similarity: PairSimilarity,
+    guard_threshold: float | None = None,
+    *,
+    max_passes: int = DEFAULT_MAX_PASSES,
+    support_threshold: float | None = None,
+    contains: PairSimilarity | None = None,
+    parent: np.ndarray | None = None,
+    first_graph: tuple[np.ndarray, np.ndarray] | None = None,
+    restrict: Callable[[np.ndarray], None] | None = None,
+) -> Clusters:
+    """`cluster_with_guard` with the edges read part by part: the same result, O(nodes) memory.
+
+    Each pass reads `edge_parts()` once (keeping only edges between two nodes the
+    previous pass detached, as the in-memory guard does), so no pass holds more
+    than one part. `parent`: a writable int64 array of n_nodes (a memory map keeps
+    the union-find state on disk). `first_graph`: (components, degree) of the
+    whole graph when the caller reduced the edges already (engine tasks), which
+    saves the first read. `restrict(detached)` is told each pass's detached mask:
+    a source may then drop the edges that can never count again (rewrite its
+    parts smaller); the guard filters either way.
+    """
+    labels = np.arange(n_nodes, dtype=np.int64)
+    is_rep = np.ones(n_nodes, dtype=bool)
+    sim_to_rep = np.ones(n_nodes, dtype=np.float32)
+    checks = _Checks(similarity, guard_threshold, support_threshold, contains)
+    passes, detached = 0, None
+    while passes < max_passes and (detached is None or detached.any()):
+        if passes == 0 and first_graph is not None:
+            components, degree = first_graph
+        else:
+            components, degree = streamed_graph(n_nodes, _surviving(edge_parts(), detached), parent)
+        if not degree.any():
+            break
+        passes += 1
+        detached = _settle(components, degree, checks, labels, is_rep, sim_to_rep)
+        if restrict is not None and passes < max_passes:
+            restrict(detached)
+    return Clusters(labels, is_rep, sim_to_rep, passes)
+
+
+def _surviving(parts, detached: np.ndarray | None):
+    """Only edges between two detached nodes can still form clusters (see `cluster_with_guard`)."""
+    for a, b in parts:
+        if detached is not None:
+            keep = detached[a] & detached[b]
+            a, b = a[keep], b[keep]
+        yield a, b
+
+
+# ---------------------------------------------------------------- edge reduction (engine tasks)
+
+
+def reduce_part(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One edge part -> (nodes it touches, their local root, their degree in the part): O(part) summary.
+
+    Unioning every (node, root) pair of all summaries gives the components of all
+    the edges (roots are the smallest touched node, so labels come out identical),
+    and summing the degrees gives their degree: the first guard pass without the edges.
+    """
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    nodes, local = np.unique(np.concatenate([a, b]), return_inverse=True)
+    local_a, local_b = local[: len(a)], local[len(a) :]
+    roots = nodes[connected_components(len(nodes), local_a, local_b)]  # nodes is sorted: smallest stays smallest
+    return nodes, roots, np.bincount(local, minlength=len(nodes)).astype(np.int64)
+
+
+def merge_summaries(n_nodes: int, summaries, parent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(components, degree) of the whole graph from `reduce_part` summaries, read one at a time."""
+    degree = np.zeros(n_nodes, dtype=np.int64)
+
+    def pairs():
+        for nodes, roots, counts in summaries:
+            degree[nodes] += counts  # nodes are unique within a summary
+            yield nodes, roots
+
+    return components_from_edge_parts(n_nodes, pairs(), labels=parent), degree

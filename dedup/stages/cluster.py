@@ -6,22 +6,37 @@ one is always alone). Identical bytes (sha256) are one node for the chaining
 guard and expand afterwards, so they always share a cluster. The guard
 compares each member with its cluster's representative using every
 descriptor: a member stays if it passes *some* descriptor's guard.
+
+Memory is O(nodes), never O(edges) or a frame of every sample: samples are
+read part by part (only the columns used), identical bytes are grouped by
+sorting 64-bit prefixes of the sha256 and verifying candidate runs on the full
+string, every guard pass reads the edge parts one at a time
+(`cluster_with_guard_streamed`), and clusters.parquet is written one row group
+per samples batch. Behind the engine the first components pass runs as one
+task per edge part (`ClusterEdgesStage`, on the cluster with --engine ray).
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dedup.engine import run_stage
-from dedup.errors import DedupError
-from dedup.records import CLUSTERS, RunDir, fingerprint, load_samples, open_embeddings, write_record
+from dedup.errors import DedupError, StoreError
+from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings, write_array
 from dedup.run import Run
-from dedup.search.union_find import cluster_with_guard
-from dedup.stages.overrides import drop_separated_edges
+from dedup.search.union_find import cluster_with_guard, cluster_with_guard_streamed, merge_summaries, reduce_part
+from dedup.stages.overrides import load_overrides, separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
 EXACT = "sha256"
@@ -57,7 +72,7 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
 
 
 def _exact_heads(sha: np.ndarray) -> np.ndarray:
-    """Node -> first node with the same bytes (itself when its bytes are unique or unknown)."""
+    """Node -> first node with the same bytes (itself when its bytes are unique or unknown); in memory, for small inputs."""
     head = np.arange(len(sha), dtype=np.int64)
     known = np.flatnonzero(pd.notna(sha))  # elementwise: sha is an object array
     if not len(known):
@@ -79,7 +94,7 @@ class GuardedClusters:
         return np.bincount(self.labels, minlength=len(self.labels))[self.labels]
 
 
-def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> GuardedClusters:
+def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin, contains=None) -> GuardedClusters:
     """Chaining guard over identical-bytes groups contracted to one node each, then expanded.
 
     Each group travels as its head: edges are moved onto heads, the guard sees one
@@ -87,23 +102,42 @@ def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> 
     bytes end in one cluster whatever the guard does (however many passes it needs).
     """
     n_nodes = len(head)
+    a, b = _onto_heads(head, a, b)
+    result = cluster_with_guard(n_nodes, a, b, margin, guard_threshold=0.0,
+                                support_threshold=-SUPPORT_SLACK, contains=contains)
+    return _expanded(head, result)
+
+
+def guarded_clusters_streamed(head: np.ndarray, edge_parts, margin, contains=None, parent=None,
+                              first_graph=None) -> GuardedClusters:
+    """`guarded_clusters` over edges read part by part (`edge_parts()` -> iterable of (a, b)): the same result.
+
+    `contains` is the one place a containment check (large crops) enters the guard;
+    `parent` and `first_graph` as in `cluster_with_guard_streamed` (first_graph over head-mapped edges).
+    """
+    def on_heads():
+        return (_onto_heads(head, a, b) for a, b in edge_parts())
+
+    result = cluster_with_guard_streamed(len(head), on_heads, margin, guard_threshold=0.0,
+                                         support_threshold=-SUPPORT_SLACK, contains=contains,
+                                         parent=parent, first_graph=first_graph,
+                                         restrict=getattr(edge_parts, "restrict", None))
+    return _expanded(head, result)
+
+
+def _onto_heads(head: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges moved onto their groups' heads; edges inside one group vanish (the group is one node)."""
     a, b = head[a], head[b]
     apart = a != b
-    result = cluster_with_guard(n_nodes, a[apart], b[apart], margin, guard_threshold=0.0,
-                                support_threshold=-SUPPORT_SLACK)
-    is_head = head == np.arange(n_nodes)
+    return a[apart], b[apart]
+
+
+def _expanded(head: np.ndarray, result) -> GuardedClusters:
+    is_head = head == np.arange(len(head))
     return GuardedClusters(result.labels[head], result.is_representative & is_head, int(result.passes))
 
 
-def _descriptor_edges(run: RunDir, name: str, threshold: float, node_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dedup.records import iter_edge_parts
-
-    # File by file as int64 arrays: no frame of every edge (with its keys) is ever built.
-    parts = [(np.searchsorted(node_ids, a), np.searchsorted(node_ids, b)) for a, b in iter_edge_parts(run, name, threshold)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray, members: np.ndarray):
+def _best_match(views: list[_DescriptorView], nodes: _Nodes, reps: np.ndarray, members: np.ndarray):
     """Per (rep, member) pair: the descriptor clearing its guard by most.
 
     Returns (margin = similarity - guard, similarity, matched_by); identical bytes
@@ -121,85 +155,361 @@ def _best_match(views: list[_DescriptorView], sha: np.ndarray, reps: np.ndarray,
         better = sims - view.guard > margin[both]
         chosen = both[better]
         margin[chosen], similarity[chosen], matched_by[chosen] = sims[better] - view.guard, sims[better], view.name
-    same_bytes = (sha[reps] == sha[members]) & pd.notna(sha[members])
+    same_bytes = nodes.same_bytes(reps, members)
     margin[same_bytes], similarity[same_bytes], matched_by[same_bytes] = np.inf, 1.0, EXACT
     return margin, similarity, matched_by
 
 
-def _explain(views, sha, labels, is_rep) -> tuple[np.ndarray, np.ndarray]:
-    """similarity_to_representative and matched_by of every node (representatives: 1.0, `self`)."""
+def _explain(views, nodes: _Nodes, labels, is_rep) -> tuple[np.ndarray, np.ndarray]:
+    """similarity_to_representative and matched_by of every given node (representatives: 1.0, `self`).
+
+    `labels`, `is_rep` and `nodes` may be one block of the nodes: each row needs only its own representative.
+    """
     similarity = np.ones(len(labels), dtype=np.float32)
     matched_by = np.where(is_rep, "self", "").astype(object)
     members = np.flatnonzero(~is_rep)
-    _, similarity[members], matched_by[members] = _best_match(views, sha, labels[members], members)
+    _, similarity[members], matched_by[members] = _best_match(views, nodes, labels[members], nodes.index[members])
     return similarity, matched_by
+
+
+# ---------------------------------------------------------------- nodes: samples read part by part
+
+SAMPLE_COLUMNS = ["sample_id", "shard_index", "shard", "key", "url", "caption", "status"]
+BATCH_ROWS = 65_536  # rows of a samples part read at once (one row group of clusters.parquet)
+# Above this many nodes the union-find parent array lives in a memory map under the run's scratch folder.
+PARENT_IN_MEMORY_NODES = 1 << 25
+SCRATCH = "_scratch/cluster"
+
+
+@dataclass
+class _Nodes:
+    """Node i = the i-th sample in sample_id order: O(nodes) arrays, no Python object per row."""
+
+    ids: np.ndarray  # int64 sample ids, sorted
+    ok: np.ndarray  # bool: status ok (only those get edges)
+    head: np.ndarray  # int64: first node with the same bytes (itself when unique or unknown)
+    known: np.ndarray  # bool: usable sha256 (ok and present)
+
+    @property
+    def index(self) -> np.ndarray:
+        return np.arange(len(self.ids), dtype=np.int64)
+
+    def same_bytes(self, reps: np.ndarray, members: np.ndarray) -> np.ndarray:
+        # Unknown bytes are their own group, so equal heads of two distinct nodes mean equal known bytes.
+        return (self.head[reps] == self.head[members]) & self.known[members]
+
+
+def _sample_paths(run: RunDir) -> list[Path]:
+    parts = sorted((run.root / "samples").glob("samples_*.parquet"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not parts:
+        raise StoreError(f"{run.root} has no samples table", hint=f"run 'dedup embed SHARDS --out {run.root}' first")
+    return parts
+
+
+def iter_sample_tables(run: RunDir, columns: list[str]) -> Iterator[pa.Table]:
+    """The samples in sample_id order, a batch at a time (only `columns`, sample_id always first)."""
+    columns = ["sample_id", *[c for c in columns if c != "sample_id"]]
+    last = None
+    for path in _sample_paths(run):
+        for table in _part_tables(path, columns):
+            ids = table["sample_id"].to_numpy()
+            if len(ids) and last is not None and ids[0] <= last:
+                raise StoreError(f"{path} holds sample ids of another part", hint="rerun the embed stage")
+            last = ids[-1] if len(ids) else last
+            yield table
+
+
+def _part_tables(path: Path, columns: list[str]) -> Iterator[pa.Table]:
+    handle = pq.ParquetFile(path)
+    ids = handle.read(columns=["sample_id"])["sample_id"].to_numpy()
+    if len(ids) > 1 and not (np.diff(ids) > 0).all():  # written in position order; sort the rare other one
+        yield handle.read(columns=columns).take(pa.array(np.argsort(ids, kind="stable")))
+        return
+    for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        yield pa.Table.from_batches([batch])
+
+
+def read_nodes(run: RunDir) -> _Nodes:
+    """Sample ids, ok mask and identical-bytes heads, reading sample_id, status and sha256 part by part."""
+    ids, ok, keys, known = [], [], [], []
+    for table in iter_sample_tables(run, ["status", "sha256"]):
+        ids.append(table["sample_id"].to_numpy())
+        ok.append(pc.fill_null(pc.equal(table["status"].combine_chunks(), "ok"), False).to_numpy(zero_copy_only=False))
+        sha = table["sha256"].combine_chunks()
+        known.append(ok[-1] & sha.is_valid().to_numpy(zero_copy_only=False))
+        keys.append(prefix_keys(sha))
+    ids, ok, keys, known = (np.concatenate(x) for x in (ids, ok, keys, known))
+    return _Nodes(ids.astype(np.int64), ok, _heads(run, keys, known), known)
+
+
+_NIBBLE = np.array([int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else c & 15 for c in range(256)],
+                   dtype=np.uint64)
+PREFIX_CHARS = 16  # 64 bits of a hex digest: equal prefixes are only candidates, verified on the full string
+
+
+def prefix_keys(strings: pa.Array) -> np.ndarray:
+    """uint64 of the first 16 characters of each string (read as hex), straight from the Arrow buffers."""
+    strings = strings.cast(pa.large_string())
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2], dtype=np.uint8) if strings.buffers()[2] else np.zeros(1, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    key = np.zeros(len(strings), dtype=np.uint64)
+    for j in range(PREFIX_CHARS):
+        byte = data[np.minimum(starts + j, max(len(data) - 1, 0))]
+        key = (key << np.uint64(4)) | np.where(j < lengths, _NIBBLE[byte], np.uint64(0))
+    return key
+
+
+def _heads(run: RunDir, keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Identical-bytes heads out of core: sort the 64-bit prefixes, then verify candidate runs on the full sha256."""
+    head = np.arange(len(keys), dtype=np.int64)
+    candidates = _prefix_runs(keys, known)
+    if not len(candidates):
+        return head
+    full = _strings_of(run, candidates)
+    codes = full.dictionary_encode().indices.to_numpy()  # exact equality, in Arrow (no Python object per row)
+    first_of_code = np.full(codes.max() + 1, len(keys), dtype=np.int64)
+    np.minimum.at(first_of_code, codes, candidates)
+    head[candidates] = first_of_code[codes]
+    return head
+
+
+def _prefix_runs(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Known nodes whose prefix another known node shares, in node order."""
+    nodes = np.flatnonzero(known)
+    order = np.argsort(keys[nodes], kind="stable")
+    sorted_keys = keys[nodes][order]
+    repeated = np.zeros(len(nodes), dtype=bool)
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    return np.sort(nodes[order][repeated])
+
+
+def _strings_of(run: RunDir, nodes: np.ndarray) -> pa.Array:
+    """The sha256 strings of the given (sorted) nodes, read part by part."""
+    pieces, start = [], 0
+    for table in iter_sample_tables(run, ["sha256"]):
+        stop = start + len(table)
+        lo, hi = np.searchsorted(nodes, [start, stop])
+        if hi > lo:
+            pieces.append(table["sha256"].combine_chunks().take(pa.array(nodes[lo:hi] - start)))
+        start = stop
+    return pa.concat_arrays(pieces).cast(pa.large_string())
+
+
+# ---------------------------------------------------------------- edges: one part at a time
+
+
+class _EdgeSource:
+    """Every descriptor's edge parts as node indices between two ok samples, review overrides applied.
+
+    Calling it starts a fresh read; `edges` counts the edges of the first full read (for the stats).
+    With a `workdir`, `restrict(detached)` (the guard's detached mask over heads) makes the next read
+    keep only edges between two detached groups and write them there as .npy parts, which later
+    passes read instead: passes after the first read what can still cluster, not every edge again.
+    """
+
+    def __init__(self, run: RunDir, nodes: _Nodes, descriptors: list[str], thresholds: dict[str, float],
+                 workdir: Path | None = None) -> None:
+        self.run, self.nodes, self.descriptors, self.thresholds = run, nodes, descriptors, thresholds
+        self.overrides = load_overrides(run)  # read once: every pass applies them to every part
+        self.edges: int | None = None
+        self.workdir, self.cached, self.detached, self.generation = workdir, None, None, 0
+
+    def paths(self) -> list[tuple[str, Path]]:
+        from dedup.records import edge_part_paths
+
+        return [(name, path) for name in self.descriptors for path in edge_part_paths(self.run, name)]
+
+    def part(self, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        table = pq.read_table(path, columns=["id_a", "id_b", "similarity"])
+        # Compared in float32, as the stored similarities (a float64 cut would drop a pair at exactly the cut).
+        keep = table["similarity"].to_numpy() >= np.float32(self.thresholds[name])
+        a = np.searchsorted(self.nodes.ids, table["id_a"].to_numpy()[keep]).astype(np.int64)
+        b = np.searchsorted(self.nodes.ids, table["id_b"].to_numpy()[keep]).astype(np.int64)
+        both = self.nodes.ok[a] & self.nodes.ok[b]  # a failed sample keeps its row, alone
+        a, b = a[both], b[both]
+        if self.overrides.empty:
+            return a, b
+        # Review overrides, as `drop_separated_edges` applies them, with the table read once.
+        keep = ~separated_edges(self.overrides, self.nodes.ids[a], self.nodes.ids[b])
+        return a[keep], b[keep]
+
+    def restrict(self, detached: np.ndarray) -> None:
+        if self.workdir is not None:
+            self.detached = detached
+
+    def _read(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.cached is not None:
+            for path in self.cached:
+                pair = np.load(path)
+                yield pair[0], pair[1]
+            return
+        count = 0
+        for name, path in self.paths():
+            a, b = self.part(name, path)
+            count += len(a)
+            yield a, b
+        self.edges = count if self.edges is None else self.edges
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.detached is None:
+            yield from self._read()
+            return
+        detached, head, written = self.detached, self.nodes.head, []
+        self.generation += 1
+        for a, b in self._read():
+            keep = detached[head[a]] & detached[head[b]]
+            a, b = a[keep], b[keep]
+            if len(a):
+                written.append(self.workdir / f"pass{self.generation}_{len(written)}.npy")
+                np.save(written[-1], np.stack([a, b]))
+            yield a, b
+        for path in self.cached or []:
+            path.unlink(missing_ok=True)
+        self.cached, self.detached = written, None
+
+
+# ---------------------------------------------------------------- the stage's computation
+
+
+@dataclass
+class _Result:
+    nodes: _Nodes
+    clusters: GuardedClusters
+    views: list[_DescriptorView]
+    edges: int
+
+    def stats(self) -> dict[str, int]:
+        labels = self.clusters.labels
+        sizes = np.bincount(labels, minlength=len(labels))
+        return {
+            "samples": len(labels),
+            "edges": int(self.edges + (self.nodes.head != self.nodes.index).sum()),
+            "clusters_with_copies": int((sizes > 1).sum()),
+            "samples_in_clusters": int((sizes[labels] > 1).sum()),
+            "guard_passes": int(self.clusters.passes),
+        }
+
+    def blocks(self, run: RunDir) -> Iterator[pa.Table]:
+        """clusters.parquet rows, one samples batch at a time, in sample_id order."""
+        labels, is_rep = self.clusters.labels, self.clusters.is_representative
+        sizes = np.bincount(labels, minlength=len(labels))
+        start = 0
+        for table in iter_sample_tables(run, SAMPLE_COLUMNS):
+            block = slice(start, start + len(table))
+            similarity, matched_by = _explain(self.views, _Block(self.nodes, block), labels[block], is_rep[block])
+            columns = {"cluster_id": self.nodes.ids[labels[block]], "cluster_size": sizes[labels[block]].astype(np.int64),
+                       "is_representative": is_rep[block], "similarity_to_representative": similarity,
+                       "matched_by": pa.array(matched_by.astype(str))}
+            for name, values in columns.items():
+                table = table.append_column(name, pa.array(values) if not isinstance(values, pa.Array) else values)
+            yield conform(table, CLUSTERS)
+            start = block.stop
+
+
+class _Block:
+    """A _Nodes seen from one block of rows: `index` is the block's node indices, lookups stay global."""
+
+    def __init__(self, nodes: _Nodes, block: slice) -> None:
+        self.nodes, self.index = nodes, np.arange(block.start, block.stop, dtype=np.int64)
+
+    def same_bytes(self, reps: np.ndarray, members: np.ndarray) -> np.ndarray:
+        return self.nodes.same_bytes(reps, members)
+
+
+def compute_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, float], guards: dict[str, float],
+                     contains=None, nodes: _Nodes | None = None, first_graph=None, parent=None) -> _Result:
+    """Nodes, then the streamed chaining guard over the edge parts (O(nodes) memory; see module doc).
+
+    `contains`: the one place a containment check (large crops) enters the stage's guard.
+    `first_graph`: ((components, degree), edge count) of the head-mapped edges, merged from the
+    cluster_edges summaries; None reads the edges for the first pass too.
+    """
+    nodes = read_nodes(run) if nodes is None else nodes
+    views = _views(run, nodes.ids, descriptors, guards)
+    graph, counted = first_graph if first_graph is not None else (None, None)
+    (run.root / SCRATCH).mkdir(parents=True, exist_ok=True)
+    with (_parent_array(run, len(nodes.ids)) if parent is None else nullcontext(parent) as parent,
+          tempfile.TemporaryDirectory(prefix="passes-", dir=run.root / SCRATCH) as workdir):
+        edges = _EdgeSource(run, nodes, descriptors, thresholds, workdir=Path(workdir))
+        result = guarded_clusters_streamed(nodes.head, edges, lambda r, m: _best_match(views, nodes, r, m)[0],
+                                           contains=contains, parent=parent, first_graph=graph)
+    return _Result(nodes, result, views, (edges.edges or 0) if counted is None else counted)
+
+
+@contextmanager
+def _parent_array(run: RunDir, n_nodes: int):
+    """The union-find state: in memory for small runs, else an int64 memory map in the run's scratch folder."""
+    if n_nodes <= PARENT_IN_MEMORY_NODES:
+        yield None
+        return
+    folder = run.root / SCRATCH
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "parent.npy"
+    try:
+        yield np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n_nodes,))
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float],
                 guards: dict[str, float]) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Cluster a run with explicit cuts and guards (no settings read), so tests and `cluster` share one path."""
-    samples = load_samples(run, ["sample_id", "shard_index", "shard", "key", "url", "caption", "status", "sha256"])
-    samples = samples.sort_values("sample_id", ignore_index=True)
-    node_ids = samples["sample_id"].to_numpy()
-    ok = (samples["status"] == "ok").to_numpy()
-    sha = _usable_sha(samples["sha256"], ok)
-    head = _exact_heads(sha)
-    a, b = _ok_edges([_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors], ok)
-    a, b = drop_separated_edges(run, node_ids, a, b)  # review overrides (OUT/overrides.parquet)
-    views = _views(run, node_ids, descriptors, guards)
-    result = guarded_clusters(head, a, b, lambda r, m: _best_match(views, sha, r, m)[0])
-    similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)
-    clusters = samples.drop(columns=["sha256"]).assign(
-        cluster_id=node_ids[result.labels],
-        cluster_size=result.sizes().astype(np.int64),
-        is_representative=result.is_representative,
-        similarity_to_representative=similarity,
-        matched_by=matched_by.astype(str),
-    )[CLUSTER_COLUMNS]
-    stats = {
-        "samples": len(clusters),
-        "edges": int(len(a) + (head != np.arange(len(head))).sum()),
-        "clusters_with_copies": int(clusters.loc[clusters["cluster_size"] > 1, "cluster_id"].nunique()),
-        "samples_in_clusters": int((clusters["cluster_size"] > 1).sum()),
-        "guard_passes": int(result.passes),
-    }
-    return clusters, stats
+    """Cluster a run with explicit cuts and guards (no settings read), so tests and `cluster` share one path.
 
-
-def _usable_sha(sha256: pd.Series, ok: np.ndarray) -> np.ndarray:
-    """sha256 of samples that decoded; None elsewhere.
-
-    A failed sample never matches by bytes: every 0-byte image has the sha256 of
-    empty bytes, and twenty of them are not twenty copies of one picture.
+    Returns the clusters as one frame: for tests and small runs; the stage writes them block by block.
     """
-    sha = sha256.to_numpy(dtype=object)
-    return np.where(pd.isna(sha) | ~ok, None, sha)
+    result = compute_clusters(run, descriptors, thresholds, guards)
+    blocks = list(result.blocks(run))
+    table = pa.concat_tables(blocks) if blocks else CLUSTERS.empty_table()
+    return table.to_pandas(), result.stats()
 
 
-def _ok_edges(parts: list[tuple[np.ndarray, np.ndarray]], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptor edges between two usable samples (a failed sample keeps its row, alone)."""
-    empty = np.empty(0, dtype=np.int64)
-    a = np.concatenate([empty] + [p[0] for p in parts]).astype(np.int64)
-    b = np.concatenate([empty] + [p[1] for p in parts]).astype(np.int64)
-    both = ok[a] & ok[b]
-    return a[both], b[both]
+def write_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, float], guards: dict[str, float],
+                   contains=None, **options) -> dict[str, int]:
+    """Cluster and write clusters.parquet one row group per samples batch (atomic: a temporary, then rename).
 
-
-class ClusterStage:
-    """One task: every descriptor's edges + identical bytes -> clusters.parquet.
-
-    The fingerprint names the edges, the samples and the cuts, so a changed
-    threshold or guard (run.json) or new edges cluster again.
+    `options`: nodes, first_graph and parent of `compute_clusters`.
     """
+    result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, **options)
+    with atomic_output(run.clusters) as tmp, pq.ParquetWriter(tmp, CLUSTERS) as writer:
+        for block in result.blocks(run):
+            writer.write_table(block)
+    return result.stats()
 
-    name = "cluster"
+
+# ---------------------------------------------------------------- the stages behind the engine
+#
+# Three stages share one fingerprint (edges, samples, overrides, cuts), so any change runs all three:
+# cluster_nodes (one task: sample ids, ok mask, identical-bytes heads -> scratch .npy files),
+# cluster_edges (one task per edge part: the part reduced to its touched nodes' local roots and degrees,
+# the first components pass; these run on the cluster with --engine ray) and cluster (one task: the
+# summaries merged into the first pass, the later passes streamed, clusters.parquet written).
+
+NODE_ARRAYS = ("ids", "ok", "head", "known")
+
+
+def _scratch(run: RunDir) -> Path:
+    return run.root / SCRATCH
+
+
+def save_nodes(run: RunDir, nodes: _Nodes) -> None:
+    for name in NODE_ARRAYS:
+        write_array(np.asarray(getattr(nodes, name)), _scratch(run) / f"nodes_{name}.npy")
+
+
+def load_nodes(run: RunDir) -> _Nodes:
+    """The nodes the cluster_nodes stage saved, as read-only memory maps (O(nodes) on disk, not in every worker)."""
+    return _Nodes(*(np.load(_scratch(run) / f"nodes_{name}.npy", mmap_mode="r") for name in NODE_ARRAYS))
+
+
+class _ClusterInputs:
+    """What the three cluster stages share: the run, its cuts and the fingerprint of their inputs."""
 
     def __init__(self, run: Run) -> None:
         self.run_dir = run
         self.settings = run.settings
-
-    def task_ids(self) -> list[str]:
-        return ["0"]
 
     def fingerprint(self) -> str:
         inputs = [*self.run_dir.root.glob("neighbors/*/part_*.parquet"), *self.run_dir.root.glob("samples/*.parquet"),
@@ -207,18 +517,102 @@ class ClusterStage:
         cuts = {"thresholds": self.settings.thresholds, "guards": self.settings.guards}
         return fingerprint(inputs, cuts)
 
+    def edge_paths(self) -> list[tuple[str, Path]]:
+        from dedup.records import edge_part_paths
+
+        return [(name, path) for name in self.settings.descriptors for path in edge_part_paths(self.run_dir, name)]
+
+    def close(self) -> None:
+        pass
+
+
+class ClusterNodesStage(_ClusterInputs):
+    """One task: sample ids, ok mask and identical-bytes heads (read part by part) -> the run's scratch folder."""
+
+    name = "cluster_nodes"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def reset(self) -> None:
+        for name in NODE_ARRAYS:
+            (_scratch(self.run_dir) / f"nodes_{name}.npy").unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        nodes = read_nodes(self.run_dir)
+        save_nodes(self.run_dir, nodes)
+        progress(len(nodes.ids))
+        return {"samples": len(nodes.ids)}
+
+
+class ClusterEdgesStage(_ClusterInputs):
+    """One task per edge part: its edges (cut, ok, overrides, onto heads) reduced to a (node, root, degree) summary."""
+
+    name = "cluster_edges"
+
+    def task_ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.edge_paths()))]
+
+    def summary_path(self, task_id: str) -> Path:
+        return _scratch(self.run_dir) / f"edges_{task_id}.npy"
+
+    def reset(self) -> None:
+        for path in _scratch(self.run_dir).glob("edges_*.npy"):
+            path.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        nodes = load_nodes(self.run_dir)
+        source = _EdgeSource(self.run_dir, nodes, self.settings.descriptors, self.settings.thresholds)
+        a, b = source.part(*self.edge_paths()[int(task_id)])
+        summary = reduce_part(*_onto_heads(nodes.head, a, b))
+        # One (3, touched) array plus the part's edge count in the last column: a single atomic file.
+        write_array(np.concatenate([np.stack(summary), [[len(a)], [0], [0]]], axis=1), self.summary_path(task_id))
+        progress(len(a))
+        return {"edges": len(a)}
+
+    def summaries(self) -> tuple[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], list[int]]:
+        """The summaries one at a time, and each part's edge count (read from the files' last column)."""
+        paths = [self.summary_path(t) for t in self.task_ids()]
+        counts = [int(np.load(p, mmap_mode="r")[0, -1]) for p in paths]
+
+        def read():
+            for path in paths:
+                table = np.load(path)
+                yield table[0, :-1], table[1, :-1], table[2, :-1]
+
+        return read(), counts
+
+
+class ClusterStage(_ClusterInputs):
+    """One task: the cluster_edges summaries merged (the first guard pass), the later passes over the
+    streamed edge parts, clusters.parquet written batch by batch."""
+
+    name = "cluster"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
     def reset(self) -> None:
         self.run_dir.clusters.unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         settings = self.settings
-        clusters, stats = cluster_run(self.run_dir, settings.descriptors, settings.thresholds, settings.guards)
-        write_record(clusters, self.run_dir.clusters, CLUSTERS)
-        progress(len(clusters))
+        nodes = load_nodes(self.run_dir)
+        summaries, counts = ClusterEdgesStage(self.run_dir).summaries()
+        with _parent_array(self.run_dir, len(nodes.ids)) as parent:
+            first_graph = merge_summaries(len(nodes.ids), summaries, parent=parent)
+            stats = write_clusters(self.run_dir, settings.descriptors, settings.thresholds, settings.guards,
+                                   nodes=nodes, first_graph=(first_graph, sum(counts)), parent=parent)
+        progress(stats["samples"])
         return stats
 
-    def close(self) -> None:
-        pass
+
+def run_cluster_stages(run: Run) -> dict[str, int]:
+    """Nodes, edge reduction (one task per part) and the cluster task, each behind the run's engine."""
+    run_stage(run, ClusterNodesStage(run))
+    run_stage(run, ClusterEdgesStage(run), unit="edges")
+    report = run_stage(run, ClusterStage(run))
+    return {k: int(v) for k, v in report.stats.items()}
 
 
 def check_cuts(run: Run) -> None:
@@ -248,5 +642,4 @@ def check_cuts(run: Run) -> None:
 def cluster(run: Run) -> dict[str, int]:
     """Cluster at the run's cuts behind the engine; returns the cluster stats."""
     check_cuts(run)
-    report = run_stage(run, ClusterStage(run))
-    return {k: int(v) for k, v in report.stats.items()}
+    return run_cluster_stages(run)
