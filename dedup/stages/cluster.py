@@ -21,6 +21,7 @@ from dedup.errors import DedupError
 from dedup.records import CLUSTERS, RunDir, fingerprint, load_samples, open_embeddings, write_record
 from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard
+from dedup.stages.crops import contains_scorer, crop_edge_nodes
 from dedup.stages.overrides import drop_separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
@@ -79,7 +80,7 @@ class GuardedClusters:
         return np.bincount(self.labels, minlength=len(self.labels))[self.labels]
 
 
-def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> GuardedClusters:
+def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin, contains=None) -> GuardedClusters:
     """Chaining guard over identical-bytes groups contracted to one node each, then expanded.
 
     Each group travels as its head: edges are moved onto heads, the guard sees one
@@ -90,7 +91,7 @@ def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin) -> 
     a, b = head[a], head[b]
     apart = a != b
     result = cluster_with_guard(n_nodes, a[apart], b[apart], margin, guard_threshold=0.0,
-                                support_threshold=-SUPPORT_SLACK)
+                                support_threshold=-SUPPORT_SLACK, contains=contains)
     is_head = head == np.arange(n_nodes)
     return GuardedClusters(result.labels[head], result.is_representative & is_head, int(result.passes))
 
@@ -144,10 +145,12 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
     ok = (samples["status"] == "ok").to_numpy()
     sha = _usable_sha(samples["sha256"], ok)
     head = _exact_heads(sha)
-    a, b = _ok_edges([_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors], ok)
+    crop_nodes = crop_edge_nodes(run, node_ids)  # large crops: dedup/stages/crops.py
+    a, b = _ok_edges([_descriptor_edges(run, d, thresholds[d], node_ids) for d in descriptors] + [crop_nodes], ok)
     a, b = drop_separated_edges(run, node_ids, a, b)  # review overrides (OUT/overrides.parquet)
     views = _views(run, node_ids, descriptors, guards)
-    result = guarded_clusters(head, a, b, lambda r, m: _best_match(views, sha, r, m)[0])
+    result = guarded_clusters(head, a, b, lambda r, m: _best_match(views, sha, r, m)[0],
+                              contains=contains_scorer(run, node_ids, crop_nodes))
     similarity, matched_by = _explain(views, sha, result.labels, result.is_representative)
     clusters = samples.drop(columns=["sha256"]).assign(
         cluster_id=node_ids[result.labels],
