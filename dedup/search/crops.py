@@ -22,12 +22,14 @@ import numpy as np
 from dedup.descriptors import crops as windows_of
 
 # Two scales, 3x3 positions: the parent windows a crop's whole view is proposed against.
-COARSE_WINDOWS = windows_of.grid_windows([(0.8, 0.8), (0.65, 0.65)], 3)
+COARSE_WINDOWS = windows_of.grid_windows([(0.85, 0.85), (0.72, 0.72)], 3)  # 72 % and 52 % of the area
 PROPOSAL_COEFFICIENTS = 55  # frequencies u + v <= 9: the ones a window rebuilds well
 PROPOSALS = 6  # parents verified per image
 PROPOSAL_FLOOR = 0.3  # a proposal below this (55 frequencies) is never a crop (real-dups: the Hopper crops start at 0.44)
 CROP_CUT = 0.65  # refined containment score of a crop edge
 RIVAL_MARGIN = 0.1
+# A pair still this far under the cut after each refine step stops climbing (measured: BENCHMARKS.md).
+GIVE_UP_MARGINS = (0.25, 0.12, 0.05, 0.0)
 QUERY_BLOCK = 256  # query rows per proposal product (bounds its memory)
 
 
@@ -98,7 +100,8 @@ def containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray,
         start = COARSE_WINDOWS[windows_of.pair_window_scores(blocks, halves, coarse).argmax(axis=1)]
     else:
         start = COARSE_WINDOWS[np.asarray(start_windows)[both]]
-    score[both] = windows_of.refine(blocks, halves, start)[0]
+    give_up = tuple(CROP_CUT - margin for margin in GIVE_UP_MARGINS)
+    score[both] = windows_of.refine(blocks, halves, start, give_up)[0]
     return score
 
 
