@@ -3,6 +3,7 @@ and the cluster stage joining crops to their photo through `contains`. Real phot
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from dedup import pipeline
 from dedup.descriptors import crops as windows_of
-from dedup.descriptors import descriptor_policy
+from dedup.descriptors import descriptor_policy, register
 from dedup.descriptors.perceptual import describe, dihedral_similarity
 from dedup.records import RunDir
 from dedup.search import crops
@@ -112,6 +113,19 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _run_pipeline(root: Path, images: dict[str, Image.Image], crop_search: bool) -> dict[str, int]:
+    members = [m for key, image in images.items() for m in sample_members(key, _jpeg(image))]
+    root.mkdir(parents=True, exist_ok=True)
+    policy = descriptor_policy("perceptual")
+    register(dataclasses.replace(policy, crop_search=crop_search))
+    try:
+        pipeline.run_all(make_run(root / "run", [write_tar(root / "00000.tar", members)]), with_report=False)
+    finally:
+        register(policy)
+    clusters = pd.read_parquet(RunDir(root / "run").clusters)
+    return dict(zip(clusters["key"], clusters["cluster_id"], strict=True))
+
+
 @pytest.fixture(scope="module")
 def crop_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("crops")
@@ -121,11 +135,7 @@ def crop_run(tmp_path_factory):
         "house": house, "blend": Image.blend(house, boats, 0.5), "boats": boats,
         "door": door, "other": photo(22),
     }
-    members = [m for key, image in images.items() for m in sample_members(key, _jpeg(image))]
-    run = make_run(root / "run", [write_tar(root / "00000.tar", members)])
-    pipeline.run_all(run, with_report=False)
-    clusters = pd.read_parquet(RunDir(root / "run").clusters)
-    return dict(zip(clusters["key"], clusters["cluster_id"], strict=True)), describe(list(images.values()))
+    return _run_pipeline(root, images, crop_search=True), describe(list(images.values()))
 
 
 def test_left_and_right_crops_join_their_photo_through_it(crop_run):
@@ -140,3 +150,13 @@ def test_a_blend_still_does_not_chain_two_unrelated_photos(crop_run):
     assert cluster_of["house"] != cluster_of["boats"]
     assert len({cluster_of[k] for k in ("parent", "door", "other")}) == 3
     assert cluster_of["door"] not in {cluster_of[k] for k in ("house", "boats", "blend")}
+
+
+def test_the_crop_search_is_off_by_default_and_its_old_edges_are_not_used(tmp_path):
+    images = {"parent": photo(15), "left": crop(photo(15), LEFT), "right": crop(photo(15), RIGHT)}
+    on = _run_pipeline(tmp_path / "on", images, crop_search=True)
+    assert on["left"] == on["parent"] == on["right"]
+    # The same run directory again with the search off (the registry default): the crops stand alone.
+    off = _run_pipeline(tmp_path / "on", images, crop_search=False)
+    assert len(set(off.values())) == 3
+    assert not (RunDir(tmp_path / "on").neighbors_dir("perceptual-crops") / "part_0.parquet").exists()

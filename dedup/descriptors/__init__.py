@@ -59,6 +59,9 @@ class DescriptorInfo:
     uses_all_cores_on_cpu: bool = False
     # Options that may name a file: made absolute when the run starts, so query and compare find it from anywhere.
     path_options: tuple[str, ...] = ()
+    # Large crops searched through windows of the stored vectors (dedup/stages/crops.py; perceptual only). Off by
+    # default: on the generated benchmark its nested-crop distractors cost pair precision (BENCHMARKS.md, issue 12).
+    crop_search: bool = False
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def threshold(self) -> float:

@@ -59,7 +59,7 @@ class CropStage:
 
     def __init__(self, run: Run) -> None:
         self.run_dir = run
-        self.threshold = float(run.settings.thresholds[DESCRIPTOR])
+        self.threshold = float(run.settings.thresholds.get(DESCRIPTOR, 0.0))
 
     def task_ids(self) -> list[str]:
         return ["0"]
@@ -87,9 +87,16 @@ class CropStage:
         pass
 
 
+def crop_search_enabled(run: Run) -> bool:
+    from dedup.descriptors import descriptor_policy
+
+    return DESCRIPTOR in run.settings.descriptors and descriptor_policy(DESCRIPTOR).crop_search
+
+
 def find_crops(run: Run) -> dict[str, int]:
-    """The crop stage behind the engine; a run without perceptual vectors has nothing to search."""
-    if DESCRIPTOR not in run.settings.descriptors:
+    """The crop stage behind the engine when the registry enables it; otherwise old crop edges are removed."""
+    if not crop_search_enabled(run):
+        CropStage(run).reset()  # never cluster on crop edges of an earlier, enabled run
         return {"crop_edges": 0}
     report = run_stage(run, CropStage(run), unit="edges")
     return {k: int(v) for k, v in report.stats.items()}
@@ -101,12 +108,15 @@ def find_crops(run: Run) -> dict[str, int]:
 def crop_edge_nodes(run: RunDir, node_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(parent, child) node indices of the run's crop edges (none when the crop stage has not run)."""
     path = run.neighbors_dir(CROPS) / "part_0.parquet"
-    if not path.exists():
-        empty = np.empty(0, dtype=np.int64)
+    empty = np.empty(0, dtype=np.int64)
+    if not path.exists() or not len(node_ids):
         return empty, empty
     edges = pd.read_parquet(path, columns=["id_a", "id_b"])
-    return (np.searchsorted(node_ids, edges["id_a"].to_numpy()).astype(np.int64),
-            np.searchsorted(node_ids, edges["id_b"].to_numpy()).astype(np.int64))
+    ends = [edges[column].to_numpy(dtype=np.int64) for column in ("id_a", "id_b")]
+    nodes = [np.minimum(np.searchsorted(node_ids, end), len(node_ids) - 1) for end in ends]
+    # Edges of samples no longer in the run (re-embedded after the crop stage ran) are dropped, never misplaced.
+    known = (node_ids[nodes[0]] == ends[0]) & (node_ids[nodes[1]] == ends[1])
+    return nodes[0][known], nodes[1][known]
 
 
 def contains_scorer(run: RunDir, node_ids: np.ndarray, crop_nodes: tuple[np.ndarray, np.ndarray]):
