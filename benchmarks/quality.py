@@ -633,12 +633,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration", type=Path, default=RESULTS_DIR / "calibration.json",
                         help="calibrate.py output; adds a row at its chosen values when they differ from the defaults")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where to write quality.json and quality.md")
+    parser.add_argument("--crops", action="store_true",
+                        help="turn on the large-crop search (registry field crop_search of perceptual; off by default)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = Console(stderr=True)
+    if args.crops:
+        from dataclasses import replace
+
+        from dedup.descriptors import descriptor_policy, register
+
+        register(replace(descriptor_policy(DESCRIPTOR), crop_search=True))
     try:
         bench = ensure_benchmark_set(args.work, "heldout", args.n, args.seed)
         truth = load_truth(bench.truth_path)
