@@ -68,6 +68,7 @@ PEER_LABELS = {"imagededup_phash": "imagededup PHash", "pdq": "PDQ (pdqhash)", "
 FASTDUP_OFFLINE_ENV = {"SENTRY_OPT_OUT": "1", "FASTDUP_PRODUCTION": "1"}
 
 DESCRIPTOR = "perceptual"
+LARGE_CROPS = False  # --crops: the large-crop tier (dedup run --large-crops)
 HELDOUT_SEED = 2
 DEFAULT_N = 3000
 # A perceptual cut no cosine similarity reaches: only the sha256 (identical bytes) edges remain.
@@ -139,7 +140,7 @@ def fresh_run_dir(path: Path) -> RunDir:
 def new_run(shards: list[str], path: Path, workers: int, search_threshold: float | None = None) -> Run:
     """A run context as `dedup run --descriptor perceptual --keep first` makes one, progress off."""
     settings = Settings.build(shard_specs=shards, descriptors=[DESCRIPTOR], workers=workers, keep="first",
-                              memory="2GB", engine=EngineSettings(show_progress=False))
+                              memory="2GB", engine=EngineSettings(show_progress=False), large_crops=LARGE_CROPS)
     if search_threshold is not None:  # search lower than the shipped margin, for a sweep of cuts
         settings.search_thresholds[DESCRIPTOR] = min(settings.search_thresholds[DESCRIPTOR], search_threshold)
     return Run.start(path, settings)
@@ -633,12 +634,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration", type=Path, default=RESULTS_DIR / "calibration.json",
                         help="calibrate.py output; adds a row at its chosen values when they differ from the defaults")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where to write quality.json and quality.md")
+    parser.add_argument("--crops", action="store_true",
+                        help="turn on the large-crop search (dedup run --large-crops; off by default)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = Console(stderr=True)
+    global LARGE_CROPS
+    LARGE_CROPS = args.crops
     try:
         bench = ensure_benchmark_set(args.work, "heldout", args.n, args.seed)
         truth = load_truth(bench.truth_path)

@@ -120,6 +120,7 @@ ResizeOpt = Annotated[str, typer.Option(help="torchscript: square (squash to S x
 TopOpt = Annotated[int, typer.Option(min=0, help="Top clusters printed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 GpuDecodeOpt = Annotated[bool | None, typer.Option("--gpu-decode/--no-gpu-decode", help="clip on CUDA: decode JPEGs on the GPU (nvJPEG) and resize there (default: on with CUDA).")]
+LargeCropsOpt = Annotated[bool | None, typer.Option("--large-crops/--no-large-crops", help="Perceptual only: also find large crops (50-75% of a photo) by a two-stage window search. Opt-in: slower, and it can join nested crops of one photo (BENCHMARKS.md, issue 12). Kept by a resumed run unless given.")]
 AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing", help="Record local shards absent from a brace range (OUT/missing_shards.parquet) instead of stopping.")]
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
 ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
@@ -150,7 +151,7 @@ def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: flo
 def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
                engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None,
                model_extra: dict | None = None, timeouts: tuple[float, float] = (30.0, 60.0),
-               allow_missing: bool = False) -> Run:
+               allow_missing: bool = False, large_crops: bool | None = None) -> Run:
     """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
     thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
     requested = Settings.build(
@@ -158,8 +159,10 @@ def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, devi
         batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
         model_options={"model": model, "pretrained": pretrained, **(model_extra or {})},
         connect_timeout_s=timeouts[0], read_timeout_s=timeouts[1], allow_missing=allow_missing,
+        large_crops=bool(large_crops),
     )
-    given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory)) if value}
+    given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory),
+                                      ("large_crops", large_crops is not None)) if value}
     _hold_lock(out)
     run = Run.start(out, requested, err_console, given=frozenset(given))
     if thresholds or guards:  # a resumed run keeps its cuts unless new ones are given
@@ -340,6 +343,7 @@ def run_command(
     read_timeout: ReadTimeoutOpt = 60.0,
     allow_missing: AllowMissingOpt = False,
     gpu_decode: GpuDecodeOpt = None,
+    large_crops: LargeCropsOpt = None,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.pipeline import run_all
@@ -364,7 +368,7 @@ def run_command(
                      threshold, guard, memory, keep,
                      model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize,
                                   "gpu_decode": gpu_decode},
-                     timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing)
+                     timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing, large_crops=large_crops)
     print_top(run_all(run, with_report=report), out_console, top)
     _exit_if_shards_failed(out)
 

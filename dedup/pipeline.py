@@ -17,6 +17,7 @@ from dedup.console import print_embed_summary
 from dedup.run import Run
 from dedup.search.faiss_index import faiss_backend
 from dedup.stages.cluster import cluster
+from dedup.stages.crops import find_crops
 from dedup.stages.embed import embed
 from dedup.stages.increment import build_indexes
 from dedup.stages.index import faiss_gpu_available
@@ -55,6 +56,7 @@ def _from_vectors(run: Run, with_report: bool, top: int, started: float, after_m
     for name, spec in build_indexes(run, gpu=gpu).items():
         run.log(f"index {name}: {spec.kind} ({spec.factory}) over {spec.n_vectors:,} vectors")
     find_neighbors(run, gpu=gpu)
+    run.log(f"crops: {find_crops(run)}")
     run.log(f"clusters: {cluster(run)}")
     ranking = rank(run)
     run.log(f"manifests: {manifests_stage(run)}")

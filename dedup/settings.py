@@ -80,6 +80,8 @@ class Settings:
     read_timeout_s: float = 60.0
     # Local shards absent from a brace range are recorded in OUT/missing_shards.parquet instead of stopping the run.
     allow_missing: bool = False
+    # The large-crop tier of the perceptual descriptor (dedup/stages/crops.py): opt-in, see BENCHMARKS.md issue 12.
+    large_crops: bool = False
     engine: EngineSettings = field(default_factory=EngineSettings)
     version: int = SETTINGS_VERSION
 
@@ -91,7 +93,8 @@ class Settings:
               keep: str = "best", memory: str | int = DEFAULT_MEMORY, batch_size: int = 64,
               workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
               engine: EngineSettings | None = None, cuda_available: bool | None = None,
-              connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0, allow_missing: bool = False) -> Settings:
+              connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0, allow_missing: bool = False,
+              large_crops: bool = False) -> Settings:
         """Validated settings for a new run; descriptors default from the registry (GPU or not).
 
         `model_options` are the CLI's model values (model, pretrained, ...): each descriptor keeps
@@ -105,6 +108,7 @@ class Settings:
             memory_budget_bytes=parse_size(memory) if isinstance(memory, str) else int(memory),
             batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
             connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, allow_missing=allow_missing,
+            large_crops=large_crops,
         )
         # The device is a run setting of its own (settings.device); everything else a descriptor takes is kept.
         settings.descriptor_options = {n: {k: v for k, v in builder_options(n, model_options or {}).items() if k != "device"}
@@ -180,7 +184,7 @@ class Settings:
                 raise SettingsError(
                     f"this run's {name} vectors were made with {_shaping(saved)}, not {_shaping(asked)}",
                     hint="resume with the same --model/--pretrained, or use a new --out directory")
-        changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes") if k in given}
+        changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes", "large_crops") if k in given}
         # How this invocation computes (device, GPU decoding) is its own choice; what it computes is the run's.
         changes["descriptor_options"] = {
             name: {**_shaping(self.descriptor_options.get(name, {})), **_runtime(requested.descriptor_options.get(name, {}))}

@@ -36,6 +36,7 @@ from dedup.errors import DedupError, StoreError
 from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings, write_array
 from dedup.run import Run
 from dedup.search.union_find import cluster_with_guard, cluster_with_guard_streamed, merge_summaries, reduce_part
+from dedup.stages.crops import CROPS, contains_scorer, crop_edge_nodes
 from dedup.stages.overrides import load_overrides, separated_edges
 
 CLUSTER_COLUMNS = CLUSTERS.names  # the contract lives in dedup/records.py
@@ -170,6 +171,20 @@ def _explain(views, nodes: _Nodes, labels, is_rep) -> tuple[np.ndarray, np.ndarr
     members = np.flatnonzero(~is_rep)
     _, similarity[members], matched_by[members] = _best_match(views, nodes, labels[members], nodes.index[members])
     return similarity, matched_by
+
+
+# Crop edges (neighbors/perceptual-crops/) are verified containment scores, already past their own cut:
+# every stored one counts.
+CROP_EDGE_CUT = -np.inf
+
+
+def edge_sources(run: RunDir, descriptors: list[str]) -> list[tuple[str, Path]]:
+    """(name, path) of every edge part the guard reads: each descriptor's, then the large-crop edges if any."""
+    from dedup.records import edge_part_paths
+
+    paths = [(name, path) for name in descriptors for path in edge_part_paths(run, name)]
+    crops = run.neighbors_dir(CROPS) / "part_0.parquet"
+    return paths + ([(CROPS, crops)] if crops.exists() else [])
 
 
 # ---------------------------------------------------------------- nodes: samples read part by part
@@ -318,14 +333,12 @@ class _EdgeSource:
         self.workdir, self.cached, self.detached, self.generation = workdir, None, None, 0
 
     def paths(self) -> list[tuple[str, Path]]:
-        from dedup.records import edge_part_paths
-
-        return [(name, path) for name in self.descriptors for path in edge_part_paths(self.run, name)]
+        return edge_sources(self.run, self.descriptors)
 
     def part(self, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         table = pq.read_table(path, columns=["id_a", "id_b", "similarity"])
         # Compared in float32, as the stored similarities (a float64 cut would drop a pair at exactly the cut).
-        keep = table["similarity"].to_numpy() >= np.float32(self.thresholds[name])
+        keep = table["similarity"].to_numpy() >= np.float32(self.thresholds.get(name, CROP_EDGE_CUT))
         a = np.searchsorted(self.nodes.ids, table["id_a"].to_numpy()[keep]).astype(np.int64)
         b = np.searchsorted(self.nodes.ids, table["id_b"].to_numpy()[keep]).astype(np.int64)
         both = self.nodes.ok[a] & self.nodes.ok[b]  # a failed sample keeps its row, alone
@@ -429,6 +442,8 @@ def compute_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, 
     """
     nodes = read_nodes(run) if nodes is None else nodes
     views = _views(run, nodes.ids, descriptors, guards)
+    if contains is None:  # large crops (`dedup run --large-crops`): None when the run has no crop edges
+        contains = contains_scorer(run, nodes.ids, crop_edge_nodes(run, nodes.ids))
     graph, counted = first_graph if first_graph is not None else (None, None)
     (run.root / SCRATCH).mkdir(parents=True, exist_ok=True)
     with (_parent_array(run, len(nodes.ids)) if parent is None else nullcontext(parent) as parent,
@@ -518,9 +533,7 @@ class _ClusterInputs:
         return fingerprint(inputs, cuts)
 
     def edge_paths(self) -> list[tuple[str, Path]]:
-        from dedup.records import edge_part_paths
-
-        return [(name, path) for name in self.settings.descriptors for path in edge_part_paths(self.run_dir, name)]
+        return edge_sources(self.run_dir, self.settings.descriptors)
 
     def close(self) -> None:
         pass

@@ -1,0 +1,145 @@
+"""Two-stage search for large crops (pure: vectors in, crop edges out; no file I/O).
+
+Stage 1 (proposal): every image's whole-view half, cut to its lowest
+`PROPOSAL_COEFFICIENTS` frequencies, is compared with `COARSE_WINDOWS` windows of
+every other image rebuilt from the stored vectors (`dedup.descriptors.crops`);
+each image keeps its `PROPOSALS` best parents. Stage 2 (verification): each
+proposed (parent, child) pair's window is refined by a local search on all 128
+frequencies; the pair is a crop edge when the score clears `CROP_CUT` and the
+child is *specific*: every other proposed parent scoring within `RIVAL_MARGIN`
+of it is a copy of that parent. A patch of plain sky fits a window of any sky;
+a real crop fits one photo and its copies only (measured on crops of real
+photos and of 3x3 cells of them: BENCHMARKS.md, issue 12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dedup.descriptors import crops as windows_of
+
+# Two scales, 3x3 positions: the parent windows a crop's whole view is proposed against.
+COARSE_WINDOWS = windows_of.grid_windows([(0.85, 0.85), (0.72, 0.72)], 3)  # 72 % and 52 % of the area
+PROPOSAL_COEFFICIENTS = 55  # frequencies u + v <= 9: the ones a window rebuilds well
+PROPOSALS = 6  # parents verified per image
+PROPOSAL_FLOOR = 0.3  # a proposal below this (55 frequencies) is never a crop (real-dups: the Hopper crops start at 0.44)
+CROP_CUT = 0.65  # refined containment score of a crop edge
+RIVAL_MARGIN = 0.1
+# A pair still this far under the cut after each refine step stops climbing (measured: BENCHMARKS.md).
+GIVE_UP_MARGINS = (0.25, 0.12, 0.05, 0.0)
+QUERY_BLOCK = 256  # query rows per proposal product (bounds its memory)
+
+
+@dataclass(frozen=True)
+class CropEdges:
+    parent: np.ndarray  # int64 row of the containing image
+    child: np.ndarray  # int64 row of the crop
+    score: np.ndarray  # float32 refined containment score
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+
+def _usable(vectors: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.asarray(vectors[:, : windows_of.VIEW_DIM], dtype=np.float32), axis=1) > 0
+
+
+def propose(vectors: np.ndarray, proposals: int = PROPOSALS,
+            copy_cut: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent, child, best coarse window) of each image's best-fitting other images (stage 1).
+
+    Images at plain cosine >= `copy_cut` are copies the ordinary search already joins: they are not
+    proposed, or a photo with many copies would fill every proposal with them and never meet its parent.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    usable = np.flatnonzero(_usable(vectors))
+    if len(usable) < 2:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    blocks = windows_of.coefficient_blocks(vectors[usable])
+    index = windows_of.truncate(windows_of.window_signatures(blocks, COARSE_WINDOWS), PROPOSAL_COEFFICIENTS)
+    flat = index.reshape(-1, PROPOSAL_COEFFICIENTS)  # row r * W + w: window w of usable image r
+    queries = windows_of.truncate(windows_of.whole_halves(vectors[usable]), PROPOSAL_COEFFICIENTS)
+    keep = min(proposals, len(usable) - 1)
+    parents, children, window = [], [], []
+    for start in range(0, len(usable), QUERY_BLOCK):
+        block = queries[start : start + QUERY_BLOCK]
+        sims = (block @ flat.T).reshape(len(block), len(usable), len(COARSE_WINDOWS))
+        best_window, best = sims.argmax(axis=2), sims.max(axis=2)
+        best[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # never its own parent
+        if copy_cut is not None:
+            best[vectors[usable[start : start + QUERY_BLOCK]] @ vectors[usable].T >= copy_cut] = -np.inf
+        top = np.argpartition(-best, keep - 1, axis=1)[:, :keep]
+        rows = np.repeat(np.arange(len(block)), keep)
+        chosen = best[rows, top.ravel()] >= PROPOSAL_FLOOR
+        parents.append(top.ravel()[chosen])
+        children.append(rows[chosen] + start)
+        window.append(best_window[rows, top.ravel()][chosen])
+    return usable[np.concatenate(parents)], usable[np.concatenate(children)], np.concatenate(window)
+
+
+def containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray,
+                start_windows: np.ndarray | None = None) -> np.ndarray:
+    """Refined containment score of each (parent row, child row) pair (stage 2; -1 where either has no vector).
+
+    Without start windows each pair starts from its best coarse window.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    parents, children = np.asarray(parents, dtype=np.int64), np.asarray(children, dtype=np.int64)
+    score = np.full(len(parents), -1.0, dtype=np.float32)
+    both = np.flatnonzero(_usable(vectors[parents]) & _usable(vectors[children]))
+    if not len(both):
+        return score
+    blocks = windows_of.coefficient_blocks(vectors[parents[both]])
+    halves = windows_of.whole_halves(vectors[children[both]])
+    if start_windows is None:
+        coarse = np.broadcast_to(COARSE_WINDOWS, (len(both), *COARSE_WINDOWS.shape))
+        start = COARSE_WINDOWS[windows_of.pair_window_scores(blocks, halves, coarse).argmax(axis=1)]
+    else:
+        start = COARSE_WINDOWS[np.asarray(start_windows)[both]]
+    give_up = tuple(CROP_CUT - margin for margin in GIVE_UP_MARGINS)
+    score[both] = windows_of.refine(blocks, halves, start, give_up)[0]
+    return score
+
+
+def specific(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray, score: np.ndarray,
+             same_picture: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Mask of pairs clearing CROP_CUT whose close rival parents are all copies or crops of their parent.
+
+    `same_picture(rows_a, rows_b)` says whether two images are copies (the descriptor's own cut); a rival
+    the parent contains is another crop of it (two crops of one photo overlap).
+    """
+    # Every (pair, rival) of one child: pairs are few per child (PROPOSALS), so this stays small.
+    order = np.argsort(children, kind="stable")
+    starts = np.searchsorted(children[order], children, side="left")
+    ends = np.searchsorted(children[order], children, side="right")
+    candidates = np.flatnonzero(score >= CROP_CUT)
+    counts = ends[candidates] - starts[candidates]
+    pair = np.repeat(candidates, counts)
+    offsets = np.arange(len(pair)) - np.repeat(np.cumsum(counts) - counts, counts)
+    rival = order[np.repeat(starts[candidates], counts) + offsets]
+    close = (parents[rival] != parents[pair]) & (score[rival] >= score[pair] - RIVAL_MARGIN)
+    pair, rival = pair[close], rival[close]
+    related = np.asarray(same_picture(parents[pair], parents[rival]), dtype=bool) if len(pair) else np.ones(0, bool)
+    other = np.flatnonzero(~related)
+    related[other] = containment(vectors, parents[pair[other]], parents[rival[other]]) >= CROP_CUT
+    copies = related
+    keep = np.zeros(len(parents), dtype=bool)
+    keep[candidates] = True
+    keep[pair[~copies]] = False
+    return keep
+
+
+def crop_edges(vectors: np.ndarray, same_picture: Callable[[np.ndarray, np.ndarray], np.ndarray],
+               proposals: int = PROPOSALS, copy_cut: float | None = None) -> CropEdges:
+    """Both stages over every row: the verified (parent, child, score) crop edges."""
+    parents, children, window = propose(vectors, proposals, copy_cut)
+    score = containment(vectors, parents, children, window)
+    keep = specific(vectors, parents, children, score, same_picture)
+    return CropEdges(parents[keep], children[keep], score[keep])
+
+
+__all__ = ["CROP_CUT", "CropEdges", "containment", "crop_edges", "propose", "specific"]
