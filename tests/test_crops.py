@@ -151,7 +151,27 @@ def test_the_crop_search_is_off_by_default_and_its_old_edges_are_not_used(tmp_pa
     images = {"parent": photo(15), "left": crop(photo(15), LEFT), "right": crop(photo(15), RIGHT)}
     on = _run_pipeline(tmp_path / "on", images, crop_search=True)
     assert on["left"] == on["parent"] == on["right"]
-    # The same run directory again with the search off (the registry default): the crops stand alone.
+    # The same run directory again with the search off (--no-large-crops, the default): the crops stand alone.
     off = _run_pipeline(tmp_path / "on", images, crop_search=False)
     assert len(set(off.values())) == 3
     assert not (RunDir(tmp_path / "on").neighbors_dir("perceptual-crops") / "part_0.parquet").exists()
+
+
+def test_cli_large_crops_flag_is_saved_and_kept_by_a_resumed_run(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dedup.cli import app
+
+    images = {"parent": photo(15), "left": crop(photo(15), LEFT), "right": crop(photo(15), RIGHT)}
+    members = [m for key, image in images.items() for m in sample_members(key, _jpeg(image))]
+    shard, out = str(write_tar(tmp_path / "00000.tar", members)), tmp_path / "run"
+    base = ["run", shard, "--out", str(out), "--workers", "0", "--no-report", "--no-progress"]
+    runner = CliRunner()
+    for extra, expected in (([], False), (["--large-crops"], True), ([], True), (["--no-large-crops"], False)):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "run.json").read_text())["large_crops"] is expected
+        clusters = pd.read_parquet(RunDir(out).clusters)
+        assert clusters["cluster_id"].nunique() == (1 if expected else 3), extra
