@@ -64,11 +64,17 @@ MAX_TEXT_FRACTION = 0.75  # bold caption fonts cover up to ~60 % of a line; a pi
 MIN_CLEAN_LINES = 2
 MIN_TEXT_LINES = 3  # text lines that make a one-sided band a caption band
 MAX_BAR_LAYERS = 3  # a frame inside a letterbox inside a frame
+MAX_CAPTION_STRIP = 0.15  # share of the height a news-style caption strip over the bottom may cover
+MIN_FRAME = 3  # lines: the narrowest frame `_covered_frame` completes
 # Letterbox bars filled with a blurred, stretched copy of the picture: lines whose
 # neighbouring pixels differ by under this (grey levels; photos measure 4-20) for at
 # least MIN_BLUR_BAR lines, the same size on both sides, ending in a step.
 BLUR_DETAIL = 1.5
 MIN_BLUR_BAR = 4
+# The step into the picture is this many times the mean step between the bar's own lines
+# (measured: blurred bars 10-50x; smooth picture edges and fill corners 1-4.4x).
+BLUR_EDGE_CONTRAST = 6.0
+BLUR_MIN_STEP = BAR_STEP / 4  # and at least this (grey levels, mean over the line)
 
 # Frequency weighting and coefficient compression (measured on real-dups and
 # synthetic edits, see benchmarks/perceptual_realdups.py).
@@ -248,6 +254,24 @@ def _bar_length(lines: np.ndarray, limit: int) -> tuple[int, np.ndarray, bool]:
     return length, colour, int((~uniform[:length]).sum()) >= MIN_TEXT_LINES
 
 
+def _opening_bars(lines: np.ndarray) -> tuple[bool, bool]:
+    """Does each end of axis 0 open with MIN_CLEAN_LINES uniform lines (`_bar_length`'s first test)?
+
+    Every image takes this test on all four sides, so both ends go through one stack of
+    lines, in integers (twice the median colour is exact): a few array operations a side.
+    """
+    ends = np.concatenate([lines[:MIN_CLEAN_LINES], lines[::-1][:MIN_CLEAN_LINES]]).astype(np.int16)
+    width = ends.shape[1]
+    middle = np.partition(ends[::MIN_CLEAN_LINES], ((width - 1) // 2, width // 2), axis=1)
+    twice_colour = middle[:, (width - 1) // 2] + middle[:, width // 2]  # each end's first line
+    deviation = np.abs(2 * ends - np.repeat(twice_colour, MIN_CLEAN_LINES, axis=0)[:, None, :]).reshape(len(ends), -1)
+    values = deviation.shape[1]
+    uniform = deviation.sum(axis=1) < 2 * BAR_TOLERANCE * values
+    uniform &= np.count_nonzero(deviation > 4 * BAR_TOLERANCE, axis=1) <= 0.1 * values
+    start, end = uniform.reshape(2, MIN_CLEAN_LINES).all(axis=1)
+    return bool(start), bool(end)
+
+
 def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
     """Bars at both ends of axis 0 of lines, kept when they match in colour and size or carry captions.
 
@@ -257,8 +281,11 @@ def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
     limit = int(len(lines) * MAX_BAR_FRACTION)
     if limit == 0:
         return 0, 0
-    start, start_colour, start_text = _bar_length(lines, limit)
-    end, end_colour, end_text = _bar_length(lines[::-1], limit)
+    opens_start, opens_end = _opening_bars(lines)
+    if not (opens_start or opens_end):
+        return 0, 0  # the common case: no bar at either end
+    start, start_colour, start_text = _bar_length(lines, limit) if opens_start else (0, None, False)
+    end, end_colour, end_text = _bar_length(lines[::-1], limit) if opens_end else (0, None, False)
     if start and end:
         same_colour = np.abs(start_colour - end_colour).max() <= 2 * BAR_TOLERANCE
         same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
@@ -282,53 +309,73 @@ def _line_detail(lines: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(total, axis=1)).mean(axis=1) / 3.0
 
 
-def _first_line_detail(lines: np.ndarray) -> float:
-    """`_line_detail` of the first line alone (run on every image's four edges)."""
-    return float(_line_detail(lines[:1])[0]) if lines.shape[1] > 1 else 0.0
+def _blurred_bar_end(lines: np.ndarray, limit: int) -> int:
+    """Leading lines of a blurred bar: smooth on the whole, ending in the first clear step into the picture.
 
-
-def _smooth_run(lines: np.ndarray, limit: int) -> int:
-    """Leading lines without detail that end in a step into the picture (0 when they do not).
-
-    The bar ends at the first clear step between two lines: the pasted picture may
-    open with smooth lines of its own (the fill corners of a rotated copy).
+    The bar ends at the first step that stands out against the steps between the lines
+    before it (a blurred bar barely changes from line to line), not where detail first
+    rises: the blurred stretch gains some detail near the picture, and the pasted picture
+    may open with smooth lines of its own (the fill corners of a rotated copy).
     """
-    if _first_line_detail(lines) >= BLUR_DETAIL:
-        return 0  # the common case, decided from one line
-    run = 0
-    while run <= limit:  # a few lines at a time: most smooth openings are short (a sky)
-        smooth = _line_detail(lines[run : min(run + 16, limit + 1)]) < BLUR_DETAIL
-        run += len(smooth) if smooth.all() else int(np.argmin(smooth))
-        if not smooth.all():
-            break
-    if run < MIN_BLUR_BAR or run >= limit:
-        return 0
-    block = lines[: run + 1, :, 1].astype(np.int16)
+    block = lines[: limit + 1, :, 1].astype(np.int16)
     steps = np.abs(np.diff(block, axis=0)).mean(axis=1)  # steps[i]: line i -> i + 1
-    edges = np.flatnonzero(steps[MIN_BLUR_BAR - 1 :] >= BAR_STEP / 2) + MIN_BLUR_BAR
-    if len(edges):
-        return int(edges[0])
-    return 0
+    mean_before = np.cumsum(steps) / np.arange(1, len(steps) + 1)  # mean_before[i - 1]: steps[:i]
+    candidates = np.arange(MIN_BLUR_BAR - 1, len(steps))
+    stands_out = (steps[candidates] >= BLUR_MIN_STEP) & (steps[candidates] >= BLUR_EDGE_CONTRAST * mean_before[candidates - 1])
+    edges = candidates[stands_out] + 1
+    if not len(edges) or edges[0] >= limit:
+        return 0
+    bar = int(edges[0])
+    if np.median(_line_detail(lines[:bar])) >= 2 * BLUR_DETAIL:
+        return 0  # detailed lines before the step: picture, not a bar
+    return bar
 
 
 def _blurred_bars(lines: np.ndarray) -> tuple[int, int]:
     """Bars made of a blurred, stretched copy of the picture, matched in size at both ends of axis 0."""
     limit = int(len(lines) * MAX_BAR_FRACTION)
-    if limit <= MIN_BLUR_BAR:
+    if limit <= MIN_BLUR_BAR or lines.shape[1] < 2:
         return 0, 0
-    if max(_first_line_detail(lines), _first_line_detail(lines[::-1])) >= BLUR_DETAIL:
+    if _line_detail(lines[[0, -1]]).max() >= BLUR_DETAIL:
         return 0, 0  # bars come in pairs: both edge lines must be smooth (a sky alone is not a bar)
-    start = _smooth_run(lines, limit)
-    end = _smooth_run(lines[::-1], limit) if start else 0
-    if start and end and abs(start - end) <= max(2, 0.1 * max(start, end)):
+    start = _blurred_bar_end(lines, limit)
+    end = _blurred_bar_end(lines[::-1], limit) if start else 0
+    if start and end and abs(start - end) <= max(2, 0.05 * max(start, end)):
         return start, end
     return 0, 0
+
+
+def _covered_frame(rgb: np.ndarray, sides: tuple[int, int]) -> int:
+    """Width of a frame whose bottom a caption strip covers (0 when there is none).
+
+    A translucent strip drawn over the bottom of a framed copy hides the bottom bar and
+    darkens the foot of the side bars, so the top bar stands alone (kept as picture) and the
+    side bars may not pair up either. Above the strip the frame is whole: a plain top bar
+    whose colour and size the side bars (`sides`, else those of the upper part) repeat is
+    that frame, on all four sides.
+    """
+    height = rgb.shape[0]
+    if not _opening_bars(rgb)[0]:
+        return 0
+    top, colour, _ = _bar_length(rgb, int(height * MAX_BAR_FRACTION))
+    if top < MIN_FRAME:
+        return 0  # a line or two of fill at the top of a turned copy on a grown canvas, not a frame
+    upper = rgb[: height - int(height * MAX_CAPTION_STRIP)].transpose(1, 0, 2)
+    left, right = sides if sides[0] and sides[1] else _paired_bars(upper)
+    if not (left and right) or max(abs(left - top), abs(right - top)) > max(2, 0.1 * top):
+        return 0
+    side_colour = np.median(upper[0], axis=0)
+    return top if np.abs(side_colour - colour).max() <= 2 * BAR_TOLERANCE else 0
 
 
 def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) widths of the outermost layer of bars of an (h, w, 3) array."""
     top, bottom = _paired_bars(rgb)
     left, right = _paired_bars(rgb.transpose(1, 0, 2))
+    if not (top or bottom) and bool(left) == bool(right):
+        frame = _covered_frame(rgb, (left, right))
+        if frame:
+            return frame, frame, frame, frame
     if not (top or bottom or left or right):
         top, bottom = _blurred_bars(rgb)
         left, right = _blurred_bars(rgb.transpose(1, 0, 2))
