@@ -175,3 +175,15 @@ def test_cli_large_crops_flag_is_saved_and_kept_by_a_resumed_run(tmp_path):
         assert json.loads((out / "run.json").read_text())["large_crops"] is expected
         clusters = pd.read_parquet(RunDir(out).clusters)
         assert clusters["cluster_id"].nunique() == (1 if expected else 3), extra
+
+
+def test_large_crops_refuse_a_run_too_big_for_the_pairwise_window_search(tmp_path, monkeypatch):
+    from dedup.errors import DedupError
+    from dedup.stages import crops as crop_stage
+
+    images = {"parent": photo(15), "left": crop(photo(15), LEFT)}
+    members = [m for key, image in images.items() for m in sample_members(key, _jpeg(image))]
+    monkeypatch.setattr(crop_stage, "MAX_IMAGES", 1)
+    run = make_run(tmp_path / "run", [write_tar(tmp_path / "00000.tar", members)], large_crops=True)
+    with pytest.raises(DedupError, match="--no-large-crops"):
+        pipeline.run_all(run, with_report=False)

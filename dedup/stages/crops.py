@@ -20,10 +20,14 @@ import numpy as np
 import pandas as pd
 
 from dedup.engine import run_stage
+from dedup.errors import DedupError
 from dedup.records import EDGES, RunDir, embedding_parts, fingerprint, open_embeddings, write_record
 from dedup.run import Run
 
 DESCRIPTOR = "perceptual"
+# The proposal step compares every image with every other's windows (brute force, all vectors in RAM):
+# beyond this many images it would take hours, so the run refuses instead of starting it.
+MAX_IMAGES = 200_000
 CROPS = f"{DESCRIPTOR}-crops"  # the neighbours folder of the crop edges (and their `descriptor` value)
 
 
@@ -44,6 +48,10 @@ def find_crop_edges(run: RunDir, threshold: float) -> pd.DataFrame:
     """The verified crop edges of a run's perceptual vectors as an EDGES frame."""
     from dedup.search.crops import crop_edges
 
+    count = len(open_embeddings(run, DESCRIPTOR))
+    if count > MAX_IMAGES:
+        raise DedupError(f"--large-crops searches every pair of images; this run has {count:,} (at most {MAX_IMAGES:,})",
+                         hint="run again with --no-large-crops (the window search is not indexed yet)")
     ids, vectors = _vectors(run)
     edges = crop_edges(vectors, _same_picture(vectors, threshold), copy_cut=threshold)
     return pd.DataFrame({
