@@ -201,3 +201,41 @@ def test_allow_missing_records_gaps_in_a_brace_range_and_a_rerun_adds_them(tmp_p
     shards = pd.read_parquet(out / "shards.parquet")["url"].tolist()
     assert shards[-1] == str(tmp_path / "00001.tar") and len(shards) == 3  # appended: ids of the others unchanged
     assert not (out / "missing_shards.parquet").exists()
+
+
+WORKER_PROBE = '''
+import json, sys
+from dedup.cli import app  # as the `dedup` console script does: spawn runs this file again in every worker
+if __name__ == "__main__":
+    from dedup.descriptors import builder_options
+    from dedup.descriptors.base import DescriptorBuilder
+    from dedup.stages.embed import EmbedStage
+    from dedup.stages.embed_worker import process_chunk
+    from dedup.stages.read import ShardStream
+    builders = [DescriptorBuilder("perceptual", builder_options("perceptual", {"device": "cpu"}))]
+    stage = EmbedStage(None, [], builders, workers=1)
+    pool = stage._get_pool()
+    processed = pool.apply(process_chunk, (list(ShardStream(sys.argv[1], 0)), stage.builders, 10**8))
+    modules = pool.apply(eval, ("sorted(__import__('sys').modules)",))
+    stage.close()
+    heavy = sorted({m.split(".")[0] for m in modules} & {"pandas", "pyarrow", "torch", "faiss"})
+    print(json.dumps({"heavy": heavy, "rows": [p.row for p in processed]}))
+'''
+
+
+def test_decode_workers_start_without_pandas_pyarrow_or_torch(tmp_path):
+    """pandas + pyarrow cost a spawned worker ~1 s of CPU; a worker needs neither to decode."""
+    import json
+
+    from dedup.records import SAMPLES
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(WORKER_PROBE)
+    tar = shard(tmp_path / "00000.tar", ["a0", "a1"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(probe), str(tar)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert [list(row) for row in result["rows"]] == [SAMPLES.names] * 2  # every column, in the schema's order
+    assert [row["status"] for row in result["rows"]] == ["ok", "ok"]

@@ -178,6 +178,42 @@ def test_exif_orientation_is_applied_and_reported(real_dups):
     assert (decoded.width, decoded.height) == decoded.image.size
 
 
+def _jpeg_with_orientation(orientation: int | None) -> bytes:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    photo(3, size=(300, 200)).save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_every_exif_orientation_decodes_to_pillows_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    data = _jpeg_with_orientation(orientation)
+    expected = Image.open(io.BytesIO(data))
+    expected.draft("RGB", (128, 128))
+    expected = ImageOps.exif_transpose(expected).convert("RGB")
+    decoded = decode.decode_image(data, target_side=128)
+    assert decoded.image.size == expected.size
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(expected))
+    assert (decoded.width, decoded.height) == ((200, 300) if orientation in (5, 6, 7, 8) else (300, 200))
+
+
+def test_upright_images_are_not_copied_by_exif_transpose(monkeypatch):
+    from PIL import ImageOps
+
+    calls = []
+    real = ImageOps.exif_transpose
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda image, **kw: calls.append(1) or real(image, **kw))
+    for orientation in (None, 1):
+        decode.decode_image(_jpeg_with_orientation(orientation), target_side=128)
+    assert calls == []  # exif_transpose copies an upright image's pixels; decode keeps them as they are
+    decode.decode_image(_jpeg_with_orientation(6), target_side=128)
+    assert calls == [1]
+
+
 def test_jpeg_draft_downscales_in_dct_domain(real_dups):
     path = max((real_dups / "images").glob("*.jpg"), key=lambda p: p.stat().st_size)
     full = Image.open(path).size

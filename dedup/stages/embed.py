@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -38,7 +37,7 @@ from dedup.records import (
 )
 from dedup.run import Run
 from dedup.settings import Settings
-from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, process_chunk
+from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, init_worker, process_chunk
 from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts, chunked
 
 CHUNK_SIZE = 32
@@ -166,10 +165,8 @@ class EmbedStage:
     def _get_pool(self):
         if self._pool is None:
             # spawn: the parent may hold torch/OpenMP threads that fork would copy mid-state.
-            # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and only this process
-            # should act on it (by terminating the pool), not workers dying mid-task.
             self._pool = multiprocessing.get_context("spawn").Pool(
-                self.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+                self.workers, initializer=init_worker, initargs=(SAMPLES.names,)
             )
         return self._pool
 
