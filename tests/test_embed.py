@@ -239,3 +239,59 @@ def test_decode_workers_start_without_pandas_pyarrow_or_torch(tmp_path):
     assert result["heavy"] == []
     assert [list(row) for row in result["rows"]] == [SAMPLES.names] * 2  # every column, in the schema's order
     assert [row["status"] for row in result["rows"]] == ["ok", "ok"]
+
+
+def _stage(out: Path, shards: list[Path], prefetch: bool, workers: int = 1):
+    from dedup.descriptors import builder_options
+    from dedup.descriptors.base import DescriptorBuilder
+    from dedup.stages.embed import EmbedStage
+
+    builders = [DescriptorBuilder("perceptual", builder_options("perceptual", {"device": "cpu"}))]
+    return EmbedStage(RunDir(out), [str(s) for s in shards], builders, workers=workers, prefetch=prefetch)
+
+
+def _parts(out: Path, shards: int) -> list[tuple[pd.DataFrame, np.ndarray]]:
+    run = RunDir(out)
+    return [(pd.read_parquet(run.samples_part(i)), np.load(run.embedding_part("perceptual", i))) for i in range(shards)]
+
+
+def test_the_next_shard_is_decoding_while_a_shard_drains_and_outputs_do_not_change(tmp_path):
+    """Workers would idle at every shard's end (last chunks, then the writes) without the prefetch."""
+    shards = [shard(tmp_path / f"{i:05d}.tar", [f"s{i}_{k}" for k in range(70)], seed=100 * i) for i in range(3)]
+    stage = _stage(tmp_path / "prefetch", shards, prefetch=True)
+    try:
+        stage.run_task("0", lambda n: None)
+        assert stage._next is not None and stage._next.shard_index == 1 and stage._next.window  # already submitted
+        stage.run_task("1", lambda n: None)
+        stage.run_task("2", lambda n: None)
+        assert stage._next is None  # no shard after the last
+    finally:
+        stage.close()
+    plain = _stage(tmp_path / "plain", shards, prefetch=False, workers=0)
+    for task in ("0", "1", "2"):
+        plain.run_task(task, lambda n: None)
+    for (rows, vectors), (plain_rows, plain_vectors) in zip(_parts(tmp_path / "prefetch", 3),
+                                                            _parts(tmp_path / "plain", 3), strict=True):
+        assert rows.equals(plain_rows) and len(rows) == 70
+        assert np.array_equal(vectors, plain_vectors)
+
+
+def test_prefetch_skips_a_shard_done_earlier_and_drops_one_that_is_not_asked_for(tmp_path):
+    shards = [shard(tmp_path / f"{i:05d}.tar", [f"s{i}_{k}" for k in range(40)], seed=100 * i) for i in range(3)]
+    out = tmp_path / "out"
+    stage = _stage(out, shards, prefetch=True)
+    try:
+        marker = RunDir(out).marker("embed", "1")
+        marker.parent.mkdir(parents=True)
+        marker.write_text("{}")  # shard 1 finished in an earlier run: the engine will not ask for it
+        stage.run_task("0", lambda n: None)
+        assert stage._next is None
+        marker.unlink()
+        stage.run_task("0", lambda n: None)  # a retry of shard 0: shard 1 is prefetched meanwhile
+        assert stage._next is not None and stage._next.shard_index == 1
+        stage.run_task("2", lambda n: None)  # not the prefetched shard: it is dropped, shard 2 is read afresh
+        assert stage._next is None
+    finally:
+        stage.close()
+    rows = pd.read_parquet(RunDir(out).samples_part(2))
+    assert rows["key"].tolist() == [f"s2_{k}" for k in range(40)] and (rows["status"] == "ok").all()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -472,3 +473,30 @@ def test_pixel_limit_is_pillows_and_small_deep_images_still_decode():
     with pytest.raises(decode.DecodeFailure) as info:
         decode.decode_image(big)
     assert info.value.status == "too_large"
+
+
+def _outcome(path: Path):
+    stream = ShardStream(str(path), 0)
+    samples = [(s.key, s.image_bytes, s.caption, s.failure) for s in stream]
+    return samples, stream.failure
+
+
+def test_member_data_read_from_the_stream_matches_tarfiles_reader_wherever_the_tar_is_cut(tmp_path, monkeypatch):
+    """Member data is read straight from the tar stream; extractfile's reader (the reference) gives the same."""
+    import gzip
+
+    shard = _five_sample_tar(tmp_path)
+    data = shard.read_bytes()
+    gz = tmp_path / "whole.tar.gz"
+    gz.write_bytes(gzip.compress(data, mtime=0))
+    cuts = [_cut(shard, tmp_path, size, f"cut{size}.tar") for size in range(0, len(data) + 1, 173)]
+    calls = []
+    extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, member: calls.append(1) or extractfile(tar, member))
+    fast = [_outcome(path) for path in [shard, gz, *cuts]]
+    assert calls == []  # no member went through extractfile
+    monkeypatch.setattr(tarfile.TarInfo, "issparse", lambda self: True)  # every member through extractfile
+    reference = [_outcome(path) for path in [shard, gz, *cuts]]
+    assert calls and fast == reference
+    assert fast[0][1] is None and len(fast[0][0]) == 5 and fast[1] == fast[0]
+    assert {failure.status for _, failure in fast[2:] if failure} == {SHARD_TRUNCATED, SHARD_UNREADABLE}
