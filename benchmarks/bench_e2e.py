@@ -82,6 +82,7 @@ class Measurement:
     wall_seconds: float
     peak_tree_rss_mb: float  # summed RSS of the process tree, sampled
     peak_process_rss_mb: float | None  # largest single process (GNU time), None without /usr/bin/time
+    cpu_seconds: float | None  # user + system CPU of the process and its children (GNU time)
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     started_at: float  # time.time() just before the process started
@@ -144,21 +145,24 @@ def measure(command: list[str], env: dict[str, str] | None = None, timeout: floa
             stdout, stderr = process.communicate()
             stderr += f"\n[bench_e2e] killed after the {timeout:.0f} s timeout"
     wall = time.perf_counter() - started
+    peak_process_mb, cpu_seconds = _gnu_time(time_file)
     return Measurement(
         command=command, wall_seconds=wall, peak_tree_rss_mb=sampler.peak_bytes / 2**20,
-        peak_process_rss_mb=_gnu_time_max_rss_mb(time_file), load_average_before=load,
+        peak_process_rss_mb=peak_process_mb, cpu_seconds=cpu_seconds, load_average_before=load,
         load_average_after=os.getloadavg(),
         started_at=started_at, returncode=process.returncode, stdout=stdout, stderr_tail=stderr[-3000:],
     )
 
 
-def _gnu_time_max_rss_mb(time_file: Path) -> float | None:
+def _gnu_time(time_file: Path) -> tuple[float | None, float | None]:
+    """(largest single process's peak RSS in MB, CPU seconds of the process and its waited-for children)."""
     if not time_file.exists():
-        return None
+        return None, None
     text = time_file.read_text()
     time_file.unlink()
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return int(found.group(1)) / 1024 if found else None
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    return (int(found.group(1)) / 1024 if found else None), (sum(cpu) if len(cpu) == 2 else None)
 
 
 # ---------------------------------------------------------------- inputs
@@ -255,6 +259,8 @@ def _timing_fields(measured: Measurement, n_images: int) -> dict[str, Any]:
         "wall_images_per_s": round(n_images / measured.wall_seconds, 1),
         "peak_tree_rss_mb": round(measured.peak_tree_rss_mb, 1),
         "peak_process_rss_mb": None if measured.peak_process_rss_mb is None else round(measured.peak_process_rss_mb, 1),
+        "cpu_seconds": None if measured.cpu_seconds is None else round(measured.cpu_seconds, 2),
+        "cpu_ms_per_image": None if measured.cpu_seconds is None else round(1000 * measured.cpu_seconds / n_images, 2),
         "load_average_before": [round(x, 2) for x in measured.load_average_before],
         "load_average_after": [round(x, 2) for x in measured.load_average_after],
         "command": " ".join(measured.command),
@@ -330,8 +336,11 @@ def compare(dedup: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str
         vs_work = dedup["wall_images_per_s"] / peer["images_per_s"]
         vs_wall = dedup["wall_images_per_s"] / peer["wall_images_per_s"]
         target = TARGET_RATIOS.get(peer["tool"])
+        cpu = (None if not (peer.get("cpu_ms_per_image") and dedup.get("cpu_ms_per_image"))
+               else round(peer["cpu_ms_per_image"] / dedup["cpu_ms_per_image"], 2))
         rows.append({
             "peer": peer["tool"], "ratio_vs_peer_work": round(vs_work, 2), "ratio_vs_peer_wall": round(vs_wall, 2),
+            "ratio_cpu_per_image": cpu,  # peer CPU ms per image / dedup's: what the load of other jobs changes least
             "target": target, "target_met": None if target is None else vs_work >= target,
         })
     return rows

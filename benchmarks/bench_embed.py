@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import resource
 import shutil
 import tempfile
 import time
@@ -60,8 +61,12 @@ def _chunks(shards: list[str]):
         yield chunk
 
 
-def bare_decode_rate(shards: list[str], builder: DescriptorBuilder, workers: int, work: Path) -> tuple[float, list[np.ndarray]]:
-    """decode + prepare in `workers` processes, each timed over raw samples it already holds in memory."""
+def bare_decode_rate(shards: list[str], builder: DescriptorBuilder, workers: int,
+                     work: Path) -> tuple[float, float, list[np.ndarray]]:
+    """decode + prepare in `workers` processes, each timed over raw samples it already holds in memory.
+
+    Returns samples/s, CPU ms per sample (all workers) and the prepared arrays.
+    """
     chunks = list(_chunks(shards))
     parts = [work / f"bound_part_{w}.pkl" for w in range(workers)]
     for w, part in enumerate(parts):  # round-robin: every worker gets the same mix of formats and sizes
@@ -75,19 +80,20 @@ def bare_decode_rate(shards: list[str], builder: DescriptorBuilder, workers: int
     outputs = [results.get() for _ in processes]
     for process in processes:
         process.join()
-    seconds = max(elapsed for elapsed, _ in outputs)  # all started together at the barrier
-    prepared = [p for _, output in outputs for p in output]
-    return sum(len(chunk) for chunk in chunks) / seconds, prepared
+    seconds = max(elapsed for elapsed, _, _ in outputs)  # all started together at the barrier
+    prepared = [p for _, _, output in outputs for p in output]
+    samples = sum(len(chunk) for chunk in chunks)
+    return samples / seconds, 1000 * sum(cpu for _, cpu, _ in outputs) / samples, prepared
 
 
 def _bound_worker(part: str, builder: DescriptorBuilder, barrier, results) -> None:
     chunks = pickle.loads(Path(part).read_bytes())
     process_chunk([], (builder,), MAX_PIXELS)  # builds the descriptor before the clock starts
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     processed = [r for chunk in chunks for r in process_chunk(chunk, (builder,), MAX_PIXELS)]
-    elapsed = time.perf_counter() - start
-    results.put((elapsed, [r.prepared[builder.name] for r in processed if builder.name in r.prepared]))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    results.put((elapsed, cpu, [r.prepared[builder.name] for r in processed if builder.name in r.prepared]))
 
 
 def bare_model_rate(builder: DescriptorBuilder, prepared: list[np.ndarray], batch_size: int) -> float:
@@ -100,15 +106,24 @@ def bare_model_rate(builder: DescriptorBuilder, prepared: list[np.ndarray], batc
     return len(stacked) / (time.perf_counter() - start)
 
 
-def pipeline_rate(shards: list[str], out: Path, builder: DescriptorBuilder, workers: int, batch_size: int) -> float:
+def pipeline_rate(shards: list[str], out: Path, builder: DescriptorBuilder, workers: int,
+                  batch_size: int) -> tuple[float, float]:
+    """`dedup embed` samples/s and CPU ms per sample (main process and decode workers together)."""
     from dedup.run import Run
     from dedup.settings import EngineSettings, Settings
 
     settings = Settings.build(shard_specs=shards, descriptors=[builder.name], workers=workers, batch_size=batch_size,
                               device=builder.options.get("device", "auto"), model_options=builder.options,
                               engine=EngineSettings(show_progress=False))
+    cpu = time.process_time() + _children_cpu()
     report = pipeline.embed(Run.start(out, settings))
-    return report.stats["samples"] / report.seconds
+    cpu = time.process_time() + _children_cpu() - cpu  # main process + its decode pool (joined at the stage's end)
+    return report.stats["samples"] / report.seconds, 1000 * cpu / report.stats["samples"]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def random_clip_checkpoint(folder: Path, model: str) -> str:
@@ -151,20 +166,25 @@ def measure_rounds(shards: list[str], builder: DescriptorBuilder, args: argparse
     rounds, model_rate = [], None
     for index in range(args.rounds):
         load_bound = os.getloadavg()[0]
-        decode_rate, prepared = bare_decode_rate(shards, builder, bound_workers, work)
+        decode_rate, decode_cpu, prepared = bare_decode_rate(shards, builder, bound_workers, work)
         if model_rate is None:
             model_rate = bare_model_rate(builder, prepared, args.batch_size)
         load_pipe = os.getloadavg()[0]
-        pipe_rate = pipeline_rate(shards, work / f"run{index}", builder, args.workers, args.batch_size)
-        rounds.append({"decode_per_s": round(decode_rate, 1), "load_before_decode": round(load_bound, 2),
-                       "pipeline_per_s": round(pipe_rate, 1), "load_before_pipeline": round(load_pipe, 2)})
+        pipe_rate, pipe_cpu = pipeline_rate(shards, work / f"run{index}", builder, args.workers, args.batch_size)
+        rounds.append({"decode_per_s": round(decode_rate, 1), "decode_cpu_ms": round(decode_cpu, 3),
+                       "load_before_decode": round(load_bound, 2), "pipeline_per_s": round(pipe_rate, 1),
+                       "pipeline_cpu_ms": round(pipe_cpu, 3), "load_before_pipeline": round(load_pipe, 2)})
         shutil.rmtree(work / f"run{index}", ignore_errors=True)
     best_decode = max(r["decode_per_s"] for r in rounds)
     best_pipe = max(r["pipeline_per_s"] for r in rounds)
     return {"descriptor": builder.name, "shards": len(shards), "workers": "auto" if args.workers is None else args.workers,
             "bound_processes": bound_workers, "model_per_s": round(model_rate, 1), "rounds": rounds,
             "best_decode_per_s": best_decode, "best_pipeline_per_s": best_pipe,
-            "pipeline_over_bound": round(best_pipe / min(best_decode, model_rate), 3)}
+            "pipeline_over_bound": round(best_pipe / min(best_decode, model_rate), 3),
+            # CPU per sample of the bound over the pipeline's: the wall ratio on an otherwise idle machine
+            # when both are CPU-bound (perceptual), and what other jobs' load changes least.
+            "cpu_bound_over_pipeline": round(min(r["decode_cpu_ms"] for r in rounds)
+                                             / min(r["pipeline_cpu_ms"] for r in rounds), 3)}
 
 
 if __name__ == "__main__":
