@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dedup.console import print_embed_summary, print_failed_shards, print_top, terminal_safe
 from dedup.errors import DedupError
 from dedup.run import Run
 from dedup.settings import DEFAULT_MEMORY, EngineSettings, Settings, parse_assignments
@@ -31,6 +30,8 @@ ShardsArg = Annotated[
 
 
 def _fail(error: DedupError) -> None:
+    from dedup.console import terminal_safe
+
     # soft_wrap: messages stay on one line for grep; escape: paths and keys may hold [brackets].
     err_console.print(f"[bold red]error:[/] {escape(terminal_safe(error.message))}", soft_wrap=True)
     if error.hint:
@@ -50,6 +51,7 @@ def _retry_command() -> str:
 
 
 def _exit_if_shards_failed(out: Path) -> None:
+    from dedup.console import print_failed_shards
     from dedup.run import RunDir
 
     if print_failed_shards(RunDir(out), err_console, _retry_command()):
@@ -229,6 +231,7 @@ def embed_command(
     gpu_decode: GpuDecodeOpt = None,
 ) -> None:
     """Read shards and store hashes + descriptors (resumes where it stopped)."""
+    from dedup.console import print_embed_summary
     from dedup.stages.embed import embed
 
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
@@ -286,6 +289,7 @@ def cluster_command(out: OutArg, threshold: ThresholdOpt = None, guard: GuardOpt
 def rank_command(out: OutArg, top: TopOpt = 20, by: Annotated[str | None, typer.Option(
         help="copies, or risk (memorisation risk: copies, caption sameness, domains). Default: the run's (copies).")] = None) -> None:
     """Rank clusters by copies or memorisation risk -> OUT/top_duplicates.parquet."""
+    from dedup.console import print_top
     from dedup.stages.rank import rank
 
     print_top(rank(_open_run(out, optional=True, rank_by=by)), out_console, top)
@@ -346,6 +350,7 @@ def run_command(
     large_crops: LargeCropsOpt = None,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
+    from dedup.console import print_top
     from dedup.pipeline import run_all
 
     if out is None:
@@ -381,6 +386,7 @@ def demo_command(
     top: TopOpt = 10,
 ) -> None:
     """Build LAION-style demo shards from real photos shipped in the package (offline) and run everything."""
+    from dedup.console import print_top
     from dedup.pipeline import run_all
     from dedup.synth import build_demo
 

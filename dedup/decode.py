@@ -71,9 +71,12 @@ def decode_image(
         image.draft("RGB", (target_side, target_side))
     _load(image)
     fmt = image.format
-    if _exif_orientation(image) in _AXIS_SWAPPING_ORIENTATIONS:
+    orientation = _exif_orientation(image)
+    if orientation in _AXIS_SWAPPING_ORIENTATIONS:
         width, height = height, width
-    image = _apply_orientation(image)
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        # Only then: for every other value exif_transpose returns a copy of the pixels (~0.15 ms a photo).
+        image = _apply_orientation(image)
     return DecodedImage(to_rgb(image), width, height, fmt)
 
 
@@ -130,6 +133,7 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
 
 
 _AXIS_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF values that rotate by 90 or 270 degrees
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # EXIF values exif_transpose acts on (1 = upright)
 
 
 def _exif_orientation(image: Image.Image) -> int:

@@ -201,3 +201,97 @@ def test_allow_missing_records_gaps_in_a_brace_range_and_a_rerun_adds_them(tmp_p
     shards = pd.read_parquet(out / "shards.parquet")["url"].tolist()
     assert shards[-1] == str(tmp_path / "00001.tar") and len(shards) == 3  # appended: ids of the others unchanged
     assert not (out / "missing_shards.parquet").exists()
+
+
+WORKER_PROBE = '''
+import json, sys
+from dedup.cli import app  # as the `dedup` console script does: spawn runs this file again in every worker
+if __name__ == "__main__":
+    from dedup.descriptors import builder_options
+    from dedup.descriptors.base import DescriptorBuilder
+    from dedup.stages.embed import EmbedStage
+    from dedup.stages.embed_worker import process_chunk
+    from dedup.stages.read import ShardStream
+    builders = [DescriptorBuilder("perceptual", builder_options("perceptual", {"device": "cpu"}))]
+    stage = EmbedStage(None, [], builders, workers=1)
+    pool = stage._get_pool()
+    processed = pool.apply(process_chunk, (list(ShardStream(sys.argv[1], 0)), stage.builders, 10**8))
+    modules = pool.apply(eval, ("sorted(__import__('sys').modules)",))
+    stage.close()
+    heavy = sorted({m.split(".")[0] for m in modules} & {"pandas", "pyarrow", "torch", "faiss"})
+    print(json.dumps({"heavy": heavy, "rows": [p.row for p in processed]}))
+'''
+
+
+def test_decode_workers_start_without_pandas_pyarrow_or_torch(tmp_path):
+    """pandas + pyarrow cost a spawned worker ~1 s of CPU; a worker needs neither to decode."""
+    import json
+
+    from dedup.records import SAMPLES
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(WORKER_PROBE)
+    tar = shard(tmp_path / "00000.tar", ["a0", "a1"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(probe), str(tar)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert [list(row) for row in result["rows"]] == [SAMPLES.names] * 2  # every column, in the schema's order
+    assert [row["status"] for row in result["rows"]] == ["ok", "ok"]
+
+
+def _stage(out: Path, shards: list[Path], prefetch: bool, workers: int = 1):
+    from dedup.descriptors import builder_options
+    from dedup.descriptors.base import DescriptorBuilder
+    from dedup.stages.embed import EmbedStage
+
+    builders = [DescriptorBuilder("perceptual", builder_options("perceptual", {"device": "cpu"}))]
+    return EmbedStage(RunDir(out), [str(s) for s in shards], builders, workers=workers, prefetch=prefetch)
+
+
+def _parts(out: Path, shards: int) -> list[tuple[pd.DataFrame, np.ndarray]]:
+    run = RunDir(out)
+    return [(pd.read_parquet(run.samples_part(i)), np.load(run.embedding_part("perceptual", i))) for i in range(shards)]
+
+
+def test_the_next_shard_is_decoding_while_a_shard_drains_and_outputs_do_not_change(tmp_path):
+    """Workers would idle at every shard's end (last chunks, then the writes) without the prefetch."""
+    shards = [shard(tmp_path / f"{i:05d}.tar", [f"s{i}_{k}" for k in range(70)], seed=100 * i) for i in range(3)]
+    stage = _stage(tmp_path / "prefetch", shards, prefetch=True)
+    try:
+        stage.run_task("0", lambda n: None)
+        assert stage._next is not None and stage._next.shard_index == 1 and stage._next.window  # already submitted
+        stage.run_task("1", lambda n: None)
+        stage.run_task("2", lambda n: None)
+        assert stage._next is None  # no shard after the last
+    finally:
+        stage.close()
+    plain = _stage(tmp_path / "plain", shards, prefetch=False, workers=0)
+    for task in ("0", "1", "2"):
+        plain.run_task(task, lambda n: None)
+    for (rows, vectors), (plain_rows, plain_vectors) in zip(_parts(tmp_path / "prefetch", 3),
+                                                            _parts(tmp_path / "plain", 3), strict=True):
+        assert rows.equals(plain_rows) and len(rows) == 70
+        assert np.array_equal(vectors, plain_vectors)
+
+
+def test_prefetch_skips_a_shard_done_earlier_and_drops_one_that_is_not_asked_for(tmp_path):
+    shards = [shard(tmp_path / f"{i:05d}.tar", [f"s{i}_{k}" for k in range(40)], seed=100 * i) for i in range(3)]
+    out = tmp_path / "out"
+    stage = _stage(out, shards, prefetch=True)
+    try:
+        marker = RunDir(out).marker("embed", "1")
+        marker.parent.mkdir(parents=True)
+        marker.write_text("{}")  # shard 1 finished in an earlier run: the engine will not ask for it
+        stage.run_task("0", lambda n: None)
+        assert stage._next is None
+        marker.unlink()
+        stage.run_task("0", lambda n: None)  # a retry of shard 0: shard 1 is prefetched meanwhile
+        assert stage._next is not None and stage._next.shard_index == 1
+        stage.run_task("2", lambda n: None)  # not the prefetched shard: it is dropped, shard 2 is read afresh
+        assert stage._next is None
+    finally:
+        stage.close()
+    rows = pd.read_parquet(RunDir(out).samples_part(2))
+    assert rows["key"].tolist() == [f"s2_{k}" for k in range(40)] and (rows["status"] == "ok").all()

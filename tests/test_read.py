@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +177,42 @@ def test_exif_orientation_is_applied_and_reported(real_dups):
     decoded = decode.decode_image(path.read_bytes())
     assert decoded.image.size == (raw.size[1], raw.size[0])
     assert (decoded.width, decoded.height) == decoded.image.size
+
+
+def _jpeg_with_orientation(orientation: int | None) -> bytes:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    photo(3, size=(300, 200)).save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_every_exif_orientation_decodes_to_pillows_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    data = _jpeg_with_orientation(orientation)
+    expected = Image.open(io.BytesIO(data))
+    expected.draft("RGB", (128, 128))
+    expected = ImageOps.exif_transpose(expected).convert("RGB")
+    decoded = decode.decode_image(data, target_side=128)
+    assert decoded.image.size == expected.size
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(expected))
+    assert (decoded.width, decoded.height) == ((200, 300) if orientation in (5, 6, 7, 8) else (300, 200))
+
+
+def test_upright_images_are_not_copied_by_exif_transpose(monkeypatch):
+    from PIL import ImageOps
+
+    calls = []
+    real = ImageOps.exif_transpose
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda image, **kw: calls.append(1) or real(image, **kw))
+    for orientation in (None, 1):
+        decode.decode_image(_jpeg_with_orientation(orientation), target_side=128)
+    assert calls == []  # exif_transpose copies an upright image's pixels; decode keeps them as they are
+    decode.decode_image(_jpeg_with_orientation(6), target_side=128)
+    assert calls == [1]
 
 
 def test_jpeg_draft_downscales_in_dct_domain(real_dups):
@@ -436,3 +473,30 @@ def test_pixel_limit_is_pillows_and_small_deep_images_still_decode():
     with pytest.raises(decode.DecodeFailure) as info:
         decode.decode_image(big)
     assert info.value.status == "too_large"
+
+
+def _outcome(path: Path):
+    stream = ShardStream(str(path), 0)
+    samples = [(s.key, s.image_bytes, s.caption, s.failure) for s in stream]
+    return samples, stream.failure
+
+
+def test_member_data_read_from_the_stream_matches_tarfiles_reader_wherever_the_tar_is_cut(tmp_path, monkeypatch):
+    """Member data is read straight from the tar stream; extractfile's reader (the reference) gives the same."""
+    import gzip
+
+    shard = _five_sample_tar(tmp_path)
+    data = shard.read_bytes()
+    gz = tmp_path / "whole.tar.gz"
+    gz.write_bytes(gzip.compress(data, mtime=0))
+    cuts = [_cut(shard, tmp_path, size, f"cut{size}.tar") for size in range(0, len(data) + 1, 173)]
+    calls = []
+    extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, member: calls.append(1) or extractfile(tar, member))
+    fast = [_outcome(path) for path in [shard, gz, *cuts]]
+    assert calls == []  # no member went through extractfile
+    monkeypatch.setattr(tarfile.TarInfo, "issparse", lambda self: True)  # every member through extractfile
+    reference = [_outcome(path) for path in [shard, gz, *cuts]]
+    assert calls and fast == reference
+    assert fast[0][1] is None and len(fast[0][0]) == 5 and fast[1] == fast[0]
+    assert {failure.status for _, failure in fast[2:] if failure} == {SHARD_TRUNCATED, SHARD_UNREADABLE}

@@ -106,14 +106,16 @@ def key_of(path_like: str | os.PathLike[str]) -> str:
 # --- imagededup ---------------------------------------------------------------------------------------
 
 
-def run_imagededup_phash(images: dict[str, Path], threshold: float | None) -> ToolRun:
+def run_imagededup_phash(images: dict[str, Path], threshold: float | None, workers: int | None = None) -> ToolRun:
     from imagededup.methods import PHash
 
     max_distance = IMAGEDEDUP_PHASH_MAX_DISTANCE if threshold is None else int(threshold)
     image_dir = _single_parent(images)
-    duplicates = PHash(verbose=False).find_duplicates(image_dir=image_dir, max_distance_threshold=max_distance)
+    processes = {} if workers is None else {"num_enc_workers": workers, "num_dist_workers": workers}
+    duplicates = PHash(verbose=False).find_duplicates(image_dir=image_dir, max_distance_threshold=max_distance,
+                                                      **processes)
     pairs = {ordered_pair(key_of(name), key_of(other)) for name, others in duplicates.items() for other in others}
-    return ToolRun(pairs, {"threshold": max_distance, "images_seen": len(duplicates)})
+    return ToolRun(pairs, {"threshold": max_distance, "images_seen": len(duplicates), "workers": workers})
 
 
 def _single_parent(images: dict[str, Path]) -> Path:
@@ -293,6 +295,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="imagededup_phash: max Hamming distance of 64 (default 10); pdq: max Hamming distance of 256 "
         "(default 31); fastdup: cc_threshold cosine similarity (default 0.96); cleanvision: not accepted",
     )
+    parser.add_argument("--workers", type=int, help="imagededup_phash: num_enc_workers and num_dist_workers "
+                        "(default: imagededup's own, the number of cores); the other tools ignore it")
     return parser.parse_args(argv)
 
 
@@ -303,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     with stdout_to_stderr():
         import_seconds = import_tool(args.tool)
         started = time.perf_counter()
-        result = runner(images, args.threshold)
+        result = (runner(images, args.threshold, args.workers) if args.tool == "imagededup_phash"
+                  else runner(images, args.threshold))
         seconds = time.perf_counter() - started
     write_pairs(result.pairs, args.out)
     report = {

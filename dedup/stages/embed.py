@@ -4,16 +4,18 @@ Decode workers (processes) read nothing from disk: the main process streams the
 tar and hands them chunks of raw samples; they decode, hash and `prepare`, and
 the main process batches `prepare` outputs through each descriptor's `embed`
 while the workers decode the next chunks. At most `window` chunks are in
-flight, so memory stays bounded whatever the shard size.
+flight, so memory stays bounded whatever the shard size. Once a shard's tar is
+read to its end, the window is topped up from the next shard (with the local
+engine), so the workers keep decoding while the main process waits for the
+shard's last chunks and writes its parts.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from dedup.records import (
 )
 from dedup.run import Run
 from dedup.settings import Settings
-from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, process_chunk
+from dedup.stages.embed_worker import ProcessedSample, cached_descriptor, init_worker, process_chunk
 from dedup.stages.read import DEFAULT_TIMEOUTS, RawSample, ShardStream, Timeouts, chunked
 
 CHUNK_SIZE = 32
@@ -79,6 +81,30 @@ class _Batcher:
         return vectors, pa.Table.from_pydict(columns, schema=EMBEDDING_METADATA)
 
 
+class _ShardFeed:
+    """One shard's chunks on their way through the pool: the tar is read only as far as the window needs."""
+
+    def __init__(self, shard_index: int, stream: ShardStream) -> None:
+        self.shard_index, self.stream = shard_index, stream
+        self.chunks = chunked(stream, CHUNK_SIZE)
+        self.window: deque = deque()
+        self.read_to_end = False
+
+    def submit_one(self, submit) -> bool:
+        """Read one more chunk and hand it to `submit`; False once the tar is read to its end."""
+        chunk = None if self.read_to_end else next(self.chunks, None)
+        if chunk is None:
+            self.read_to_end = True
+            return False
+        self.window.append(submit(chunk))
+        return True
+
+    def discard(self) -> None:
+        """Not needed after all (another task came next): close the shard; queued chunks are dropped."""
+        self.chunks.close()
+        self.window.clear()
+
+
 class EmbedStage:
     """Picklable stage: builders and paths only; pool and models are built lazily where it runs."""
 
@@ -93,6 +119,7 @@ class EmbedStage:
         batch_size: int = 64,
         max_pixels: int = decode.DEFAULT_MAX_PIXELS,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        prefetch: bool = False,
     ) -> None:
         self.run_dir = run
         self.shards = shards
@@ -101,13 +128,17 @@ class EmbedStage:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.timeouts = timeouts
+        # Start the next shard while this one drains: only where tasks run in shard order in this process.
+        self.prefetch = prefetch
         self._pool = None
         self._main_descriptors: dict[str, Descriptor] | None = None
+        self._next: _ShardFeed | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pool"] = None
         state["_main_descriptors"] = None
+        state["_next"] = None
         return state
 
     def task_ids(self) -> list[str]:
@@ -121,8 +152,9 @@ class EmbedStage:
             _Batcher(name, descriptor, self.batch_size) for name, descriptor in self._descriptors().items()
         ]
         rows: list[dict[str, Any]] = []
-        stream = ShardStream(self.shards[shard_index], shard_index, self.timeouts)
-        for processed in self._processed(stream):
+        feed = self._take_feed(shard_index)
+        stream = feed.stream
+        for processed in self._processed(feed):
             for sample in processed:
                 rows.append(sample.row)
                 for batcher in batchers:
@@ -148,28 +180,52 @@ class EmbedStage:
             self._main_descriptors = {b.name: cached_descriptor(b) for b in self.builders}
         return self._main_descriptors
 
-    def _processed(self, samples: Iterable[RawSample]) -> Iterator[list[ProcessedSample]]:
-        chunks = chunked(samples, CHUNK_SIZE)
+    def _take_feed(self, shard_index: int) -> _ShardFeed:
+        """The shard's feed: the one prefetched while the previous shard drained, or a new one."""
+        feed, self._next = self._next, None
+        if feed is not None and feed.shard_index == shard_index:
+            return feed
+        if feed is not None:
+            feed.discard()
+        return _ShardFeed(shard_index, ShardStream(self.shards[shard_index], shard_index, self.timeouts))
+
+    def _processed(self, feed: _ShardFeed) -> Iterator[list[ProcessedSample]]:
         if self.workers <= 0:
-            for chunk in chunks:
+            for chunk in feed.chunks:
                 yield process_chunk(chunk, self.builders, self.max_pixels)
             return
         pool = self._get_pool()
-        window: deque = deque()
-        for chunk in chunks:
-            window.append(pool.apply_async(process_chunk, (chunk, self.builders, self.max_pixels)))
-            if len(window) >= self.workers * 3:
-                yield window.popleft().get()
-        while window:
-            yield window.popleft().get()
+
+        def submit(chunk: list[RawSample]):
+            return pool.apply_async(process_chunk, (chunk, self.builders, self.max_pixels))
+
+        while True:
+            while self._in_flight(feed) < self.workers * 3 and (
+                feed.submit_one(submit) or self._prefetch_one(feed.shard_index + 1, submit)
+            ):
+                pass
+            if not feed.window:
+                return
+            yield feed.window.popleft().get()
+
+    def _in_flight(self, feed: _ShardFeed) -> int:
+        return len(feed.window) + (len(self._next.window) if self._next is not None else 0)
+
+    def _prefetch_one(self, shard_index: int, submit) -> bool:
+        """One chunk of the next shard into the window; False where there is none to prefetch."""
+        if not self.prefetch or shard_index >= len(self.shards):
+            return False
+        if self._next is None:
+            if self.run_dir.marker(self.name, str(shard_index)).exists():
+                return False  # done in an earlier run: the engine skips it
+            self._next = _ShardFeed(shard_index, ShardStream(self.shards[shard_index], shard_index, self.timeouts))
+        return self._next.shard_index == shard_index and self._next.submit_one(submit)
 
     def _get_pool(self):
         if self._pool is None:
             # spawn: the parent may hold torch/OpenMP threads that fork would copy mid-state.
-            # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and only this process
-            # should act on it (by terminating the pool), not workers dying mid-task.
             self._pool = multiprocessing.get_context("spawn").Pool(
-                self.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+                self.workers, initializer=init_worker, initargs=(SAMPLES.names,)
             )
         return self._pool
 
@@ -183,6 +239,7 @@ class EmbedStage:
 
     def close(self) -> None:
         """Stop the decode pool; the engine calls this after the last task, also when one failed."""
+        self._drop_prefetched()
         if self._pool is not None:
             self._pool.close()
             self._pool.join()
@@ -190,10 +247,17 @@ class EmbedStage:
 
     def abort(self) -> None:
         """Ctrl-C: stop the workers now; queued chunks are dropped (nothing unfinished is marked done)."""
+        self._drop_prefetched()
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+
+
+    def _drop_prefetched(self) -> None:
+        if self._next is not None:
+            self._next.discard()
+            self._next = None
 
 
 def _shard_stats(rows: list[dict[str, Any]], stream: ShardStream) -> dict[str, int]:
@@ -312,7 +376,7 @@ def embed(run: Run) -> StageReport:
         workers = resolve_workers(run.settings)
         run.log(f"decode workers: {workers}")
         stage = EmbedStage(run, shards, builders, workers=workers, batch_size=run.settings.batch_size,
-                           timeouts=timeouts)
+                           timeouts=timeouts, prefetch=run.settings.engine.name == "local")
     report = run_stage(run, stage)
     report.stats["keys.in_several_shards"] = keys_in_several_shards(run)
     require_decoded(report, run)

@@ -1,12 +1,16 @@
 """Decode-worker side of the embed stage: raw samples -> rows + `prepare` outputs.
 
-Kept free of pandas/pyarrow/torch imports so spawned workers start fast; a
-descriptor's own module (e.g. clip -> torch) loads only when a builder needs it.
+Kept free of pandas/pyarrow/torch imports so spawned workers start fast (pandas
+alone is ~1 s of CPU a worker): the samples-row columns come from the parent
+through `init_worker`; a descriptor's own module (e.g. clip -> torch) loads only
+when a builder needs it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +20,6 @@ from dedup import decode
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.ids import make_sample_id
 from dedup.image_quality import quality_signals
-from dedup.records import empty_sample_row
 from dedup.stages.read import RawSample, meta_int, meta_str
 
 
@@ -27,6 +30,27 @@ class ProcessedSample:
 
 
 _worker_descriptors: dict[str, Descriptor] = {}
+_row_columns: tuple[str, ...] | None = None  # the SAMPLES columns, set by init_worker (or read from records)
+
+
+def init_worker(sample_columns: Sequence[str]) -> None:
+    """Decode-pool initializer: the row's columns without importing dedup.records (pyarrow + pandas).
+
+    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and only the
+    parent should act on it (by terminating the pool), not workers dying mid-task.
+    """
+    global _row_columns
+    _row_columns = tuple(sample_columns)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _empty_row() -> dict[str, Any]:
+    global _row_columns
+    if _row_columns is None:  # in-process decoding: the parent has dedup.records loaded anyway
+        from dedup.records import SAMPLES
+
+        _row_columns = tuple(SAMPLES.names)
+    return dict.fromkeys(_row_columns)
 
 
 def cached_descriptor(builder: DescriptorBuilder) -> Descriptor:
@@ -74,7 +98,7 @@ def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: i
 
 def _base_row(raw: RawSample) -> dict[str, Any]:
     meta = raw.meta
-    row = empty_sample_row()
+    row = _empty_row()
     row.update(
         sample_id=make_sample_id(raw.shard_index, raw.position), shard_index=raw.shard_index, shard=raw.shard,
         key=raw.key, url=meta_str(meta, "url"), caption=raw.caption, image_member=raw.image_member,
