@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def run_stage(stage: str, src: Path, out: Path, memory: str) -> dict:
     code = STAGE_CODE[stage].format(src=str(src), out=str(out), memory=memory)
     code += "\nimport resource, json, sys; print('RUSAGE', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    began = time.perf_counter()
+    began, cpu_before = time.perf_counter(), _children_cpu()
+    load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     stop, peak = threading.Event(), [0]
@@ -182,12 +184,22 @@ def run_stage(stage: str, src: Path, out: Path, memory: str) -> dict:
     watcher.start()
     output, _ = proc.communicate()
     stop.set()
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, _children_cpu() - cpu_before
     if proc.returncode:
         raise SystemExit(f"stage {stage} failed:\n{output[-4000:]}")
     maxrss = int([line for line in output.splitlines() if line.startswith("RUSAGE")][-1].split()[1]) * 1024
     notes = [line for line in output.splitlines() if not line.startswith(("RUSAGE", "resizing"))]
-    return {"stage": stage, "seconds": seconds, "peak_rss": maxrss, "peak_anon": peak[0], "notes": notes[-2:]}
+    return {"stage": stage, "seconds": seconds, "cpu_seconds": cpu, "peak_rss": maxrss, "peak_anon": peak[0],
+            "load_avg_1min": [load_before, os.getloadavg()[0]], "notes": notes[-2:]}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (and their children) so far.
+
+    CPU time is far less sensitive than wall time to the other jobs sharing the machine.
+    """
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- measuring
@@ -236,7 +248,8 @@ def run_size(n: int, args) -> dict:
     stages = []
     for stage in STAGES:
         stages.append(run_stage(stage, src, out, args.memory))
-        print(f"  n={n:,} {stage:9s} {stages[-1]['seconds']:8.1f} s  peak RSS {stages[-1]['peak_rss'] / 2**30:5.2f} GiB"
+        print(f"  n={n:,} {stage:9s} {stages[-1]['seconds']:8.1f} s  cpu {stages[-1]['cpu_seconds']:8.1f} s"
+              f"  load {stages[-1]['load_avg_1min'][1]:.1f}  peak RSS {stages[-1]['peak_rss'] / 2**30:5.2f} GiB"
               f"  anon {stages[-1]['peak_anon'] / 2**30:5.2f} GiB  {' | '.join(stages[-1]['notes'])[:160]}", flush=True)
     disk = {"vectors_float16": disk_bytes(src / "img_emb"), "metadata_in": disk_bytes(src / "metadata"),
             "index": disk_bytes(out / "index"), "edges": disk_bytes(out / "neighbors"),
@@ -255,9 +268,10 @@ def print_summary(results: list[dict]) -> None:
         total = sum(s["seconds"] for s in r["stages"])
         print(f"\nn = {r['n']:,}: {r['groups']:,} dup groups (largest {r['largest']:,}), "
               f"embeddings -> manifests {total:.0f} s (generation {r['generate_s']:.0f} s), load avg {r['load_avg']}")
-        print(f"  {'stage':10s} {'wall s':>8s} {'peak RSS GiB':>13s} {'peak anon GiB':>14s}")
+        print(f"  {'stage':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GiB':>13s} {'peak anon GiB':>14s}")
         for s in r["stages"]:
-            print(f"  {s['stage']:10s} {s['seconds']:8.1f} {s['peak_rss'] / 2**30:13.2f} {s['peak_anon'] / 2**30:14.2f}")
+            print(f"  {s['stage']:10s} {s['seconds']:8.1f} {s['cpu_seconds']:8.1f} {s['peak_rss'] / 2**30:13.2f}"
+                  f" {s['peak_anon'] / 2**30:14.2f}")
         d = r["disk"]
         print("  disk GiB: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in d.items())
               + f"; index+edges = {(d['index'] + d['edges']) / d['vectors_float16']:.2f}x the float16 vectors")
@@ -266,11 +280,12 @@ def print_summary(results: list[dict]) -> None:
               f"recall {q['recall']:.4f}, precision {q['precision']:.4f}")
     for a, b in itertools.pairwise(results):
         ratio = math.log(b["n"] / a["n"])
-        growth = {s["stage"]: math.log(max(t["seconds"], 1e-3) / max(s["seconds"], 1e-3)) / ratio
-                  for s, t in zip(a["stages"], b["stages"], strict=True)}
-        total = math.log(sum(t["seconds"] for t in b["stages"]) / sum(s["seconds"] for s in a["stages"])) / ratio
-        print(f"\ngrowth exponent {a['n']:,} -> {b['n']:,}: total {total:.2f}; "
-              + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
+        for measure in ("seconds", "cpu_seconds"):
+            growth = {s["stage"]: math.log(max(t[measure], 1e-3) / max(s[measure], 1e-3)) / ratio
+                      for s, t in zip(a["stages"], b["stages"], strict=True)}
+            total = math.log(sum(t[measure] for t in b["stages"]) / sum(s[measure] for s in a["stages"])) / ratio
+            print(f"\ngrowth exponent ({measure}) {a['n']:,} -> {b['n']:,}: total {total:.2f}; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
 
 
 def main() -> None:

@@ -125,29 +125,33 @@ def _run_from(tmp_path, x, sizes, memory):
     return run
 
 
-def test_on_disk_index_build_and_neighbour_stage_match_brute_force(tmp_path, single_faiss_thread, monkeypatch):
-    from dataclasses import replace
-
+def test_cell_layout_holds_no_vectors_and_its_query_search_is_exact(tmp_path, single_faiss_thread, monkeypatch):
+    """Index = quantizer + rows by cell (no copy of the vectors); query and neighbour search score from the maps."""
     import dedup.stages.index as index_stage
+    from dedup.search.pairs import CellSearcher
     from dedup.stages.neighbors import find_neighbors
 
     x = _grouped(n=4000, copies=10, groups=100, noise=0.05)
     run = _run_from(tmp_path, x, [1500, 1500, 1000], memory=64 << 20)
-    # What choose_index_streaming picks when nothing fits in RAM, at a size a test can build: parts of 1,000 rows.
-    on_disk = replace(spec_for_kind("ivf_flat", 4000, DIM, nlist=30, nprobe=4), on_disk=True)
-    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: on_disk)
-    monkeypatch.setattr(index_stage, "on_disk_part_rows", lambda budget, dim: 1000)
-    spec = build_descriptor_index(run, "precomputed", budget=1 << 30)
-    assert spec.kind == "ivf_flat" and spec.on_disk
-    paths = cell_paths(run.index_dir, "precomputed")
-    assert paths["ivfdata"].stat().st_size >= 4000 * DIM * 4
-    index, _ = load_index(run.index_dir, "precomputed")
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: spec_for_kind(
+        "ivf_flat", 4000, DIM, nlist=30, nprobe=4))
+    spec = build_descriptor_index(run, "precomputed", budget=64 << 20)
+    assert spec.storage == "cells" and spec.nprobe == 4 and 2 <= spec.nlist <= 30
+    files = [p for p in run.index_dir.iterdir() if p.is_file()]
+    assert not cell_paths(run.index_dir, "precomputed")["ivfdata"].exists()
+    assert max(p.stat().st_size for p in files) < x.nbytes / 2  # no file holds the vectors
+    index, loaded = load_index(run.index_dir, "precomputed")
+    assert isinstance(index, CellSearcher) and loaded == spec and index.ntotal == 4000
     flat = faiss.IndexFlatIP(DIM)
     flat.add(x.astype(np.float32))
-    faiss.extract_index_ivf(index).nprobe = spec.nlist
-    _, _, labels = index.range_search(x[:50].astype(np.float32), 0.9)
-    _, _, flat_labels = flat.range_search(x[:50].astype(np.float32), 0.9)
-    assert sorted(labels) == sorted(flat_labels)  # every row kept its label through the merge
+    index.nprobe = spec.nlist  # every cell: the range search must equal the exact one, labels and scores
+    lims, sims, labels = index.range_search(x[:50].astype(np.float32), 0.9)
+    flat_lims, flat_sims, flat_labels = flat.range_search(x[:50].astype(np.float32), 0.9)
+    np.testing.assert_array_equal(lims, flat_lims)
+    for q in range(50):
+        mine, theirs = np.argsort(labels[lims[q]:lims[q + 1]]), np.argsort(flat_labels[lims[q]:lims[q + 1]])
+        np.testing.assert_array_equal(labels[lims[q]:lims[q + 1]][mine], flat_labels[lims[q]:lims[q + 1]][theirs])
+        np.testing.assert_allclose(sims[lims[q]:lims[q + 1]][mine], flat_sims[lims[q]:lims[q + 1]][theirs], atol=1e-5)
     find_neighbors(run, gpu=False)
     edges = load_edges(run, "precomputed", 0.94)
     vectors = open_embeddings(run, "precomputed")
