@@ -235,6 +235,37 @@ def pair_quality(out: Path, plan: Plan, threshold: float) -> dict:
             "precision": correct / found if found else 1.0}
 
 
+def probe_recall(out: Path, plan: Plan) -> dict:
+    """Share of planted pairs (q < r) whose r lives in one of q's first k probed cells, k = 1..nprobe.
+
+    Read from the index stage's stored probes (column 0 = home cell): the
+    recall the join would have with nprobe = k, pair-weighted and averaged
+    over groups (the pair count is dominated by the few largest groups).
+    """
+    probes_path = out / "index" / "precomputed.probes.npy"
+    if not probes_path.exists():
+        return {}
+    probes = np.load(probes_path, mmap_mode="r")
+    label = plan.group_label()
+    order = np.argsort(label, kind="stable")
+    bounds = np.searchsorted(label[order], np.arange(label.max() + 2))
+    ks = range(1, probes.shape[1] + 1)
+    hits, group_recall, total, groups = np.zeros(len(ks)), np.zeros(len(ks)), 0, 0
+    for g in range(label.max() + 1):
+        rows = np.sort(order[bounds[g] : bounds[g + 1]])
+        if len(rows) < 2:
+            continue
+        cells = np.asarray(probes[rows])
+        home, pairs, found = cells[:, 0], len(rows) * (len(rows) - 1) // 2, np.zeros(len(ks))
+        for c0 in range(0, len(rows), 256):
+            upper = np.arange(c0, min(c0 + 256, len(rows)))[:, None] < np.arange(len(rows))[None, :]
+            for i, k in enumerate(ks):
+                found[i] += ((cells[c0 : c0 + 256, :k, None] == home[None, None, :]).any(1) & upper).sum()
+        hits, group_recall, total, groups = hits + found, group_recall + found / pairs, total + pairs, groups + 1
+    return {f"k{k}": {"pair_recall": float(hits[i] / total), "group_recall": float(group_recall[i] / groups)}
+            for i, k in enumerate(ks)}
+
+
 def run_size(n: int, args) -> dict:
     base = Path(args.workdir) / f"n{n}"
     shutil.rmtree(base, ignore_errors=True)
@@ -255,6 +286,7 @@ def run_size(n: int, args) -> dict:
             "index": disk_bytes(out / "index"), "edges": disk_bytes(out / "neighbors"),
             "run_total": disk_bytes(out)}
     quality = pair_quality(out, plan, args.threshold)
+    quality["recall_by_nprobe"] = probe_recall(out, plan)
     result = {"n": n, "generate_s": generated, "stages": stages, "disk": disk, "quality": quality,
               "groups": len(plan.group_sizes), "largest": int(plan.group_sizes.max()),
               "load_avg": os.getloadavg()}
@@ -278,6 +310,9 @@ def print_summary(results: list[dict]) -> None:
         q = r["quality"]
         print(f"  pairs at the cut: {q['edges_at_cut']:,} found, {q['truth_pairs']:,} planted; "
               f"recall {q['recall']:.4f}, precision {q['precision']:.4f}")
+        if q.get("recall_by_nprobe"):
+            print("  planted pairs in the first k probed cells (pair / group-averaged): " + ", ".join(
+                f"{k} {v['pair_recall']:.4f} / {v['group_recall']:.4f}" for k, v in q["recall_by_nprobe"].items()))
     for a, b in itertools.pairwise(results):
         ratio = math.log(b["n"] / a["n"])
         for measure in ("seconds", "cpu_seconds"):
