@@ -266,6 +266,18 @@ def probe_recall(out: Path, plan: Plan) -> dict:
             for i, k in enumerate(ks)}
 
 
+def cell_stats(out: Path) -> dict:
+    """Lists, mean cell and the row-weighted mean cell (sum of squares / n: what the join's cost follows)."""
+    bounds_path = out / "index" / "precomputed.cell_bounds.npy"
+    spec = json.loads((out / "index" / "precomputed.json").read_text())
+    if not bounds_path.exists():
+        return {"factory": spec["factory"]}
+    sizes = np.diff(np.load(bounds_path)).astype(np.float64)
+    return {"factory": spec["factory"], "nlist": int(len(sizes)), "nprobe": spec["nprobe"],
+            "mean_cell": float(sizes.mean()), "row_weighted_cell": float((sizes**2).sum() / sizes.sum()),
+            "largest_cell": int(sizes.max())}
+
+
 def run_size(n: int, args) -> dict:
     base = Path(args.workdir) / f"n{n}"
     shutil.rmtree(base, ignore_errors=True)
@@ -287,9 +299,10 @@ def run_size(n: int, args) -> dict:
             "run_total": disk_bytes(out)}
     quality = pair_quality(out, plan, args.threshold)
     quality["recall_by_nprobe"] = probe_recall(out, plan)
+    cells = cell_stats(out)
     result = {"n": n, "generate_s": generated, "stages": stages, "disk": disk, "quality": quality,
               "groups": len(plan.group_sizes), "largest": int(plan.group_sizes.max()),
-              "load_avg": os.getloadavg()}
+              "cells": cells, "load_avg": os.getloadavg()}
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return result
@@ -307,6 +320,10 @@ def print_summary(results: list[dict]) -> None:
         d = r["disk"]
         print("  disk GiB: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in d.items())
               + f"; index+edges = {(d['index'] + d['edges']) / d['vectors_float16']:.2f}x the float16 vectors")
+        if r.get("cells", {}).get("nlist"):
+            c = r["cells"]
+            print(f"  cells: {c['factory']}, nprobe {c['nprobe']}, mean cell {c['mean_cell']:.0f} rows, row-weighted "
+                  f"{c['row_weighted_cell']:.0f}, largest {c['largest_cell']:,}")
         q = r["quality"]
         print(f"  pairs at the cut: {q['edges_at_cut']:,} found, {q['truth_pairs']:,} planted; "
               f"recall {q['recall']:.4f}, precision {q['precision']:.4f}")
