@@ -252,6 +252,25 @@ def test_a_changed_old_part_rebuilds_the_index_and_searches_everything_again(tmp
     assert 10 in pd.read_parquet(grown.top_duplicates)["copies"].tolist()
 
 
+def test_a_cell_layout_extends_only_with_the_settings_and_growth_it_was_built_for(tmp_path, forced_ivf, monkeypatch):
+    """Another threshold (another nprobe), budget or GPU setting, or more than MAX_GROWTH x the rows: rebuild."""
+    import dedup.stages.increment as increment
+    from dedup.stages.precomputed import ingest_embeddings
+
+    parts = _planted_parts()
+    _write_parts(tmp_path / "emb", parts, [0, 1])
+    run = _precomputed(tmp_path / "emb", tmp_path / "out")
+    _write_parts(tmp_path / "emb", parts, [2, 3])
+    ingest_embeddings(precomputed_run(tmp_path / "emb", tmp_path / "out"), str(tmp_path / "emb"))  # parts 2, 3 in
+    settings = json.loads(generations_path(run.index_dir, PRECOMPUTED).read_text())["settings"]
+    assert set(settings) == {"memory", "gpu", "threshold"}
+    assert increment.growth_rows(run, PRECOMPUTED, settings) == 400
+    for changed in ({"threshold": 0.5}, {"memory": settings["memory"] * 2}, {"gpu": True}):
+        assert increment.growth_rows(run, PRECOMPUTED, {**settings, **changed}) is None, changed
+    monkeypatch.setattr(increment, "MAX_GROWTH", 1.5)  # 680 rows > 1.5 x the 400 the quantizer was trained on
+    assert increment.growth_rows(run, PRECOMPUTED, settings) is None
+
+
 def test_blocks_of_every_generation_find_each_pair_once(tmp_path, forced_ivf, single_faiss_thread):
     """Small row blocks across three generations, the first one's blocks rerun after the extensions."""
     parts = _planted_parts()
