@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def run_stage(stage: str, src: Path, out: Path, memory: str) -> dict:
     code = STAGE_CODE[stage].format(src=str(src), out=str(out), memory=memory)
     code += "\nimport resource, json, sys; print('RUSAGE', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    began = time.perf_counter()
+    began, cpu_before = time.perf_counter(), _children_cpu()
+    load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     stop, peak = threading.Event(), [0]
@@ -182,12 +184,22 @@ def run_stage(stage: str, src: Path, out: Path, memory: str) -> dict:
     watcher.start()
     output, _ = proc.communicate()
     stop.set()
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, _children_cpu() - cpu_before
     if proc.returncode:
         raise SystemExit(f"stage {stage} failed:\n{output[-4000:]}")
     maxrss = int([line for line in output.splitlines() if line.startswith("RUSAGE")][-1].split()[1]) * 1024
     notes = [line for line in output.splitlines() if not line.startswith(("RUSAGE", "resizing"))]
-    return {"stage": stage, "seconds": seconds, "peak_rss": maxrss, "peak_anon": peak[0], "notes": notes[-2:]}
+    return {"stage": stage, "seconds": seconds, "cpu_seconds": cpu, "peak_rss": maxrss, "peak_anon": peak[0],
+            "load_avg_1min": [load_before, os.getloadavg()[0]], "notes": notes[-2:]}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (and their children) so far.
+
+    CPU time is far less sensitive than wall time to the other jobs sharing the machine.
+    """
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- measuring
@@ -223,6 +235,49 @@ def pair_quality(out: Path, plan: Plan, threshold: float) -> dict:
             "precision": correct / found if found else 1.0}
 
 
+def probe_recall(out: Path, plan: Plan) -> dict:
+    """Share of planted pairs (q < r) whose r lives in one of q's first k probed cells, k = 1..nprobe.
+
+    Read from the index stage's stored probes (column 0 = home cell): the
+    recall the join would have with nprobe = k, pair-weighted and averaged
+    over groups (the pair count is dominated by the few largest groups).
+    """
+    probes_path = out / "index" / "precomputed.probes.npy"
+    if not probes_path.exists():
+        return {}
+    probes = np.load(probes_path, mmap_mode="r")
+    label = plan.group_label()
+    order = np.argsort(label, kind="stable")
+    bounds = np.searchsorted(label[order], np.arange(label.max() + 2))
+    ks = range(1, probes.shape[1] + 1)
+    hits, group_recall, total, groups = np.zeros(len(ks)), np.zeros(len(ks)), 0, 0
+    for g in range(label.max() + 1):
+        rows = np.sort(order[bounds[g] : bounds[g + 1]])
+        if len(rows) < 2:
+            continue
+        cells = np.asarray(probes[rows])
+        home, pairs, found = cells[:, 0], len(rows) * (len(rows) - 1) // 2, np.zeros(len(ks))
+        for c0 in range(0, len(rows), 256):
+            upper = np.arange(c0, min(c0 + 256, len(rows)))[:, None] < np.arange(len(rows))[None, :]
+            for i, k in enumerate(ks):
+                found[i] += ((cells[c0 : c0 + 256, :k, None] == home[None, None, :]).any(1) & upper).sum()
+        hits, group_recall, total, groups = hits + found, group_recall + found / pairs, total + pairs, groups + 1
+    return {f"k{k}": {"pair_recall": float(hits[i] / total), "group_recall": float(group_recall[i] / groups)}
+            for i, k in enumerate(ks)}
+
+
+def cell_stats(out: Path) -> dict:
+    """Lists, mean cell and the row-weighted mean cell (sum of squares / n: what the join's cost follows)."""
+    bounds_path = out / "index" / "precomputed.cell_bounds.npy"
+    spec = json.loads((out / "index" / "precomputed.json").read_text())
+    if not bounds_path.exists():
+        return {"factory": spec["factory"]}
+    sizes = np.diff(np.load(bounds_path)).astype(np.float64)
+    return {"factory": spec["factory"], "nlist": int(len(sizes)), "nprobe": spec["nprobe"],
+            "mean_cell": float(sizes.mean()), "row_weighted_cell": float((sizes**2).sum() / sizes.sum()),
+            "largest_cell": int(sizes.max())}
+
+
 def run_size(n: int, args) -> dict:
     base = Path(args.workdir) / f"n{n}"
     shutil.rmtree(base, ignore_errors=True)
@@ -236,15 +291,18 @@ def run_size(n: int, args) -> dict:
     stages = []
     for stage in STAGES:
         stages.append(run_stage(stage, src, out, args.memory))
-        print(f"  n={n:,} {stage:9s} {stages[-1]['seconds']:8.1f} s  peak RSS {stages[-1]['peak_rss'] / 2**30:5.2f} GiB"
+        print(f"  n={n:,} {stage:9s} {stages[-1]['seconds']:8.1f} s  cpu {stages[-1]['cpu_seconds']:8.1f} s"
+              f"  load {stages[-1]['load_avg_1min'][1]:.1f}  peak RSS {stages[-1]['peak_rss'] / 2**30:5.2f} GiB"
               f"  anon {stages[-1]['peak_anon'] / 2**30:5.2f} GiB  {' | '.join(stages[-1]['notes'])[:160]}", flush=True)
     disk = {"vectors_float16": disk_bytes(src / "img_emb"), "metadata_in": disk_bytes(src / "metadata"),
             "index": disk_bytes(out / "index"), "edges": disk_bytes(out / "neighbors"),
             "run_total": disk_bytes(out)}
     quality = pair_quality(out, plan, args.threshold)
+    quality["recall_by_nprobe"] = probe_recall(out, plan)
+    cells = cell_stats(out)
     result = {"n": n, "generate_s": generated, "stages": stages, "disk": disk, "quality": quality,
               "groups": len(plan.group_sizes), "largest": int(plan.group_sizes.max()),
-              "load_avg": os.getloadavg()}
+              "cells": cells, "load_avg": os.getloadavg()}
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return result
@@ -255,22 +313,31 @@ def print_summary(results: list[dict]) -> None:
         total = sum(s["seconds"] for s in r["stages"])
         print(f"\nn = {r['n']:,}: {r['groups']:,} dup groups (largest {r['largest']:,}), "
               f"embeddings -> manifests {total:.0f} s (generation {r['generate_s']:.0f} s), load avg {r['load_avg']}")
-        print(f"  {'stage':10s} {'wall s':>8s} {'peak RSS GiB':>13s} {'peak anon GiB':>14s}")
+        print(f"  {'stage':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GiB':>13s} {'peak anon GiB':>14s}")
         for s in r["stages"]:
-            print(f"  {s['stage']:10s} {s['seconds']:8.1f} {s['peak_rss'] / 2**30:13.2f} {s['peak_anon'] / 2**30:14.2f}")
+            print(f"  {s['stage']:10s} {s['seconds']:8.1f} {s['cpu_seconds']:8.1f} {s['peak_rss'] / 2**30:13.2f}"
+                  f" {s['peak_anon'] / 2**30:14.2f}")
         d = r["disk"]
         print("  disk GiB: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in d.items())
               + f"; index+edges = {(d['index'] + d['edges']) / d['vectors_float16']:.2f}x the float16 vectors")
+        if r.get("cells", {}).get("nlist"):
+            c = r["cells"]
+            print(f"  cells: {c['factory']}, nprobe {c['nprobe']}, mean cell {c['mean_cell']:.0f} rows, row-weighted "
+                  f"{c['row_weighted_cell']:.0f}, largest {c['largest_cell']:,}")
         q = r["quality"]
         print(f"  pairs at the cut: {q['edges_at_cut']:,} found, {q['truth_pairs']:,} planted; "
               f"recall {q['recall']:.4f}, precision {q['precision']:.4f}")
+        if q.get("recall_by_nprobe"):
+            print("  planted pairs in the first k probed cells (pair / group-averaged): " + ", ".join(
+                f"{k} {v['pair_recall']:.4f} / {v['group_recall']:.4f}" for k, v in q["recall_by_nprobe"].items()))
     for a, b in itertools.pairwise(results):
         ratio = math.log(b["n"] / a["n"])
-        growth = {s["stage"]: math.log(max(t["seconds"], 1e-3) / max(s["seconds"], 1e-3)) / ratio
-                  for s, t in zip(a["stages"], b["stages"], strict=True)}
-        total = math.log(sum(t["seconds"] for t in b["stages"]) / sum(s["seconds"] for s in a["stages"])) / ratio
-        print(f"\ngrowth exponent {a['n']:,} -> {b['n']:,}: total {total:.2f}; "
-              + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
+        for measure in ("seconds", "cpu_seconds"):
+            growth = {s["stage"]: math.log(max(t[measure], 1e-3) / max(s[measure], 1e-3)) / ratio
+                      for s, t in zip(a["stages"], b["stages"], strict=True)}
+            total = math.log(sum(t[measure] for t in b["stages"]) / sum(s[measure] for s in a["stages"])) / ratio
+            print(f"\ngrowth exponent ({measure}) {a['n']:,} -> {b['n']:,}: total {total:.2f}; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
 
 
 def main() -> None:

@@ -188,8 +188,12 @@ def test_grown_embedding_parts_extend_the_ivf_index_and_equal_a_run_from_scratch
     assert copies == [33, 18, 10]  # 1 + 20 + 8 + 4, 1 + 12 + 5, 1 + 3 + 6: old-new and new-new pairs all found
 
 
-def test_an_on_disk_ivf_index_grows_by_merging_its_lists_with_the_new_rows(tmp_path, monkeypatch, single_faiss_thread):
-    """What choose_index_streaming picks when no index fits in RAM, at test size: 12 cells, lists in .ivfdata files."""
+def test_an_index_outgrowing_ram_keeps_extending_its_cell_layout(tmp_path, monkeypatch, single_faiss_thread):
+    """The first run's IVF fits in RAM, the grown run's would need on-disk lists: both are the same cell layout.
+
+    So the grown run extends it (quantizer kept, no .ivfdata anywhere), equals a
+    run from scratch, and `query`'s searcher over it holds every row, once.
+    """
     from dataclasses import replace
 
     import faiss
@@ -197,32 +201,36 @@ def test_an_on_disk_ivf_index_grows_by_merging_its_lists_with_the_new_rows(tmp_p
     import dedup.stages.increment as increment
     import dedup.stages.index as index_stage
     from dedup.search.index_choice import spec_for_kind
+    from dedup.search.pairs import CellSearcher
+    from dedup.stages.index import load_index
 
-    def on_disk(n, dim, budget, gpu=False, query_variants=1):
-        return replace(spec_for_kind("ivf_flat", n, dim, nlist=12, nprobe=3), on_disk=True)
+    def ram_then_disk(n, dim, budget, gpu=False, query_variants=1):  # 12 cells, 3 probed; on disk above 400 rows
+        return replace(spec_for_kind("ivf_flat", n, dim, nlist=12, nprobe=3), on_disk=n > 400)
 
     for module in (index_stage, increment):
-        monkeypatch.setattr(module, "choose_index_streaming", on_disk)
-    monkeypatch.setattr(index_stage, "on_disk_part_rows", lambda budget, dim: 150)
+        monkeypatch.setattr(module, "choose_index_streaming", ram_then_disk)
     parts = _planted_parts()
     _write_parts(tmp_path / "emb", parts, [0, 1])
     first = _precomputed(tmp_path / "emb", tmp_path / "grown")
     quantizer = _stamps([first.index_dir / f"{PRECOMPUTED}.quantizer.faiss"])
     _write_parts(tmp_path / "emb", parts, [2, 3])
     grown = _precomputed(tmp_path / "emb", tmp_path / "grown")
-    assert _stamps(quantizer) == quantizer
-    assert sorted(p.name for p in grown.index_dir.glob("*ivfdata")) == [f"{PRECOMPUTED}.g1.ivfdata"]
+    assert _stamps(quantizer) == quantizer, "the quantizer was trained again"
+    assert json.loads(generations_path(grown.index_dir, PRECOMPUTED).read_text())["bounds"] == [0, 400, 680]
+    assert not list(grown.index_dir.glob("*ivfdata"))
     assert_same_results(grown, _precomputed(tmp_path / "emb", tmp_path / "scratch"), PRECOMPUTED)
-    from dedup.stages.index import load_index
-
-    index, spec = load_index(grown.index_dir, PRECOMPUTED)  # the full index, for queries: every row, its own label
-    assert spec.on_disk and index.ntotal == sum(map(len, parts))
-    faiss.extract_index_ivf(index).nprobe = spec.nlist
-    x = np.concatenate(parts)
-    _, _, labels = index.range_search(x[::9], 0.9)
+    searcher, spec = load_index(grown.index_dir, PRECOMPUTED)
+    assert isinstance(searcher, CellSearcher) and spec.storage == "cells" and spec.nlist == 12
+    assert spec.n_vectors == searcher.ntotal == sum(map(len, parts))
+    searcher.nprobe = spec.nlist  # every cell: the range search is exact
+    x = open_embeddings(grown, PRECOMPUTED)[:].astype(np.float32)
+    lims, _, labels = searcher.range_search(x[::9], 0.9)
     flat = faiss.IndexFlatIP(DIM)
     flat.add(x)
-    assert sorted(labels) == sorted(flat.range_search(x[::9], 0.9)[2])
+    flat_lims, _, flat_labels = flat.range_search(x[::9], 0.9)
+    assert np.array_equal(lims, flat_lims) and len(labels) > len(x[::9])
+    for q in range(len(lims) - 1):
+        assert sorted(labels[lims[q] : lims[q + 1]]) == sorted(flat_labels[flat_lims[q] : flat_lims[q + 1]])
 
 
 def test_a_changed_old_part_rebuilds_the_index_and_searches_everything_again(tmp_path, forced_ivf,
@@ -242,6 +250,25 @@ def test_a_changed_old_part_rebuilds_the_index_and_searches_everything_again(tmp
     assert sum(m["stats"]["queries"] for m in markers.values()) == sum(map(len, parts))
     assert_same_results(grown, _precomputed(tmp_path / "emb", tmp_path / "scratch"), PRECOMPUTED)
     assert 10 in pd.read_parquet(grown.top_duplicates)["copies"].tolist()
+
+
+def test_a_cell_layout_extends_only_with_the_settings_and_growth_it_was_built_for(tmp_path, forced_ivf, monkeypatch):
+    """Another threshold (another nprobe), budget or GPU setting, or more than MAX_GROWTH x the rows: rebuild."""
+    import dedup.stages.increment as increment
+    from dedup.stages.precomputed import ingest_embeddings
+
+    parts = _planted_parts()
+    _write_parts(tmp_path / "emb", parts, [0, 1])
+    run = _precomputed(tmp_path / "emb", tmp_path / "out")
+    _write_parts(tmp_path / "emb", parts, [2, 3])
+    ingest_embeddings(precomputed_run(tmp_path / "emb", tmp_path / "out"), str(tmp_path / "emb"))  # parts 2, 3 in
+    settings = json.loads(generations_path(run.index_dir, PRECOMPUTED).read_text())["settings"]
+    assert set(settings) == {"memory", "gpu", "threshold"}
+    assert increment.growth_rows(run, PRECOMPUTED, settings) == 400
+    for changed in ({"threshold": 0.5}, {"memory": settings["memory"] * 2}, {"gpu": True}):
+        assert increment.growth_rows(run, PRECOMPUTED, {**settings, **changed}) is None, changed
+    monkeypatch.setattr(increment, "MAX_GROWTH", 1.5)  # 680 rows > 1.5 x the 400 the quantizer was trained on
+    assert increment.growth_rows(run, PRECOMPUTED, settings) is None
 
 
 def test_blocks_of_every_generation_find_each_pair_once(tmp_path, forced_ivf, single_faiss_thread):

@@ -9,13 +9,21 @@ import pytest
 from dedup.errors import DedupError, IndexInfeasible, StoreError
 from dedup.search.faiss_index import build_index
 from dedup.search.index_choice import (
+    HNSW_QUANTIZER_FROM_NLIST,
     KINDS,
     IndexSpec,
+    cells_nlist,
+    cells_stage_bytes,
     check_fits,
+    choose_cells_index,
     choose_index,
+    choose_nprobe,
     default_nlist,
     estimate_memory_bytes,
+    flat_quantizer_cost,
+    hnsw_quantizer_cost,
     spec_for_kind,
+    train_points,
 )
 from dedup.stages.index import load_index, save_index
 
@@ -202,3 +210,73 @@ def test_every_kind_has_a_memory_estimate():
     for kind in KINDS:
         dim = 64
         assert estimate_memory_bytes(kind, 1_000, dim, nlist=16, pq_m=8) > 0
+
+
+# ---------------------------------------------------------------- cell layout choices (builds from memory maps)
+
+
+
+@pytest.mark.parametrize(("threshold", "nprobe"), [
+    (0.96, 4), (0.94, 4), (0.93, 4), (0.929, 8), (0.90, 8), (0.85, 8), (0.80, 16), (None, 16)])
+def test_nprobe_follows_the_search_threshold(threshold, nprobe):
+    assert choose_nprobe(threshold) == nprobe
+
+
+@pytest.mark.parametrize(("n", "nprobe", "nlist", "hnsw"), [
+    (1_000_000, 16, 4000, False),  # = the autofaiss rule 4 sqrt(n) at nprobe 16
+    (1_000_000, 4, 2000, False),
+    (3_000_000, 4, 3464, False),
+    (10_000_000, 4, 6324, False),
+    (1_000, 4, 1_000 // 39, False),  # enough points per list to train
+    (100_000_000, 4, 65536, True),  # past ~65M the HNSW quantizer is cheaper per query
+    (2_000_000_000, 4, 1 << 18, True),  # clipped at MAX_NLIST
+])
+def test_cells_nlist_table(n, nprobe, nlist, hnsw):
+    assert cells_nlist(n, nprobe) == (nlist, hnsw)
+
+
+def test_cells_nlist_picks_the_cheaper_quantizer():
+    for n in (10**5, 10**6, 10**7, 6 * 10**7, 7 * 10**7, 10**8, 10**9):
+        _, hnsw = cells_nlist(n, 4)
+        assert hnsw == (flat_quantizer_cost(n, 4) > hnsw_quantizer_cost(4))
+
+
+def test_flat_nlist_balances_the_quantizer_scan_and_the_join():
+    n, nprobe = 3_000_000, 4
+    nlist, _ = cells_nlist(n, nprobe)
+
+    def products(lists):
+        return lists + nprobe * n / lists
+
+    assert products(nlist) <= min(products(nlist * 0.7), products(nlist * 1.4))
+
+
+@pytest.mark.parametrize(("n", "nlist", "budget", "points"), [
+    (1_000_000, 2000, 4 * GB, 64 * 2000),  # at most 64 a list
+    (50_000, 2000, 4 * GB, 50_000),  # never more than there are
+    (2_000_000_000, 1 << 18, 64 * GB, int(64 * GB * 0.5) // (768 * 4)),  # half the budget
+    (2_000_000_000, 1 << 18, 4 * GB, 8 << 18),  # never below 8 a list
+])
+def test_training_sample_is_bounded(n, nlist, budget, points):
+    assert train_points(n, nlist, 768, budget) == points
+
+
+def test_cells_choice_for_laion_like_vectors():
+    spec = choose_cells_index(1_000_000, 768, 4 * GB, threshold=0.94)
+    assert (spec.kind, spec.storage, spec.nlist, spec.nprobe, spec.factory) == ("ivf_flat", "cells", 2000, 4, "IVF2000,Flat")
+    assert spec.memory_bytes == cells_stage_bytes(1_000_000, 768, 2000, 4, False, 4 * GB) <= 1 * GB
+    big = choose_cells_index(2_000_000_000, 768, 64 * GB, threshold=0.94)
+    assert big.factory == f"IVF{1 << 18}_HNSW32,Flat" and big.nlist >= HNSW_QUANTIZER_FROM_NLIST
+    assert not choose_cells_index(2_000_000_000, 768, 64 * GB, threshold=0.94, gpu=True).factory.count("HNSW")
+    with pytest.raises(IndexInfeasible, match="training vectors"):
+        choose_cells_index(2_000_000_000, 768, 4 * GB, threshold=0.94)
+
+
+def test_cell_storage_is_only_an_exact_ivf_layout():
+    spec = choose_cells_index(1_000_000, 768, 4 * GB)
+    assert IndexSpec.from_json(spec.to_json()) == spec
+    assert IndexSpec.from_json(spec_for_kind("flat", 10, 8).to_json()).storage == "index"  # older spec files
+    with pytest.raises(ValueError, match="cell storage"):
+        dataclasses.replace(spec, kind="ivf_pq")
+    with pytest.raises(ValueError, match="storage"):
+        dataclasses.replace(spec, storage="disk")

@@ -12,7 +12,7 @@ from conftest import precomputed_run
 
 from dedup.errors import IndexInfeasible
 from dedup.records import VectorParts, load_edges, open_embeddings
-from dedup.search.faiss_index import probe_cells, quantizer_of, train_index
+from dedup.search.faiss_index import probe_cells, quantizer_of, train_cells_quantizer, train_index
 from dedup.search.index_choice import choose_index_streaming, index_stage_bytes, spec_for_kind
 from dedup.search.pairs import CellLists, brute_force_pairs, find_pairs, find_pairs_cells, find_pairs_ivf_join
 from dedup.stages.index import build_descriptor_index, cell_paths, group_rows_by_cell, load_index
@@ -125,29 +125,33 @@ def _run_from(tmp_path, x, sizes, memory):
     return run
 
 
-def test_on_disk_index_build_and_neighbour_stage_match_brute_force(tmp_path, single_faiss_thread, monkeypatch):
-    from dataclasses import replace
-
+def test_cell_layout_holds_no_vectors_and_its_query_search_is_exact(tmp_path, single_faiss_thread, monkeypatch):
+    """Index = quantizer + rows by cell (no copy of the vectors); query and neighbour search score from the maps."""
     import dedup.stages.index as index_stage
+    from dedup.search.pairs import CellSearcher
     from dedup.stages.neighbors import find_neighbors
 
     x = _grouped(n=4000, copies=10, groups=100, noise=0.05)
     run = _run_from(tmp_path, x, [1500, 1500, 1000], memory=64 << 20)
-    # What choose_index_streaming picks when nothing fits in RAM, at a size a test can build: parts of 1,000 rows.
-    on_disk = replace(spec_for_kind("ivf_flat", 4000, DIM, nlist=30, nprobe=4), on_disk=True)
-    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: on_disk)
-    monkeypatch.setattr(index_stage, "on_disk_part_rows", lambda budget, dim: 1000)
-    spec = build_descriptor_index(run, "precomputed", budget=1 << 30)
-    assert spec.kind == "ivf_flat" and spec.on_disk
-    paths = cell_paths(run.index_dir, "precomputed")
-    assert paths["ivfdata"].stat().st_size >= 4000 * DIM * 4
-    index, _ = load_index(run.index_dir, "precomputed")
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: spec_for_kind(
+        "ivf_flat", 4000, DIM, nlist=30, nprobe=4))
+    spec = build_descriptor_index(run, "precomputed", budget=64 << 20)
+    assert spec.storage == "cells" and spec.nprobe == 4 and 2 <= spec.nlist <= 30
+    files = [p for p in run.index_dir.iterdir() if p.is_file()]
+    assert not cell_paths(run.index_dir, "precomputed")["ivfdata"].exists()
+    assert max(p.stat().st_size for p in files) < x.nbytes / 2  # no file holds the vectors
+    index, loaded = load_index(run.index_dir, "precomputed")
+    assert isinstance(index, CellSearcher) and loaded == spec and index.ntotal == 4000
     flat = faiss.IndexFlatIP(DIM)
     flat.add(x.astype(np.float32))
-    faiss.extract_index_ivf(index).nprobe = spec.nlist
-    _, _, labels = index.range_search(x[:50].astype(np.float32), 0.9)
-    _, _, flat_labels = flat.range_search(x[:50].astype(np.float32), 0.9)
-    assert sorted(labels) == sorted(flat_labels)  # every row kept its label through the merge
+    index.nprobe = spec.nlist  # every cell: the range search must equal the exact one, labels and scores
+    lims, sims, labels = index.range_search(x[:50].astype(np.float32), 0.9)
+    flat_lims, flat_sims, flat_labels = flat.range_search(x[:50].astype(np.float32), 0.9)
+    np.testing.assert_array_equal(lims, flat_lims)
+    for q in range(50):
+        mine, theirs = np.argsort(labels[lims[q]:lims[q + 1]]), np.argsort(flat_labels[lims[q]:lims[q + 1]])
+        np.testing.assert_array_equal(labels[lims[q]:lims[q + 1]][mine], flat_labels[lims[q]:lims[q + 1]][theirs])
+        np.testing.assert_allclose(sims[lims[q]:lims[q + 1]][mine], flat_sims[lims[q]:lims[q + 1]][theirs], atol=1e-5)
     find_neighbors(run, gpu=False)
     edges = load_edges(run, "precomputed", 0.94)
     vectors = open_embeddings(run, "precomputed")
@@ -255,6 +259,10 @@ def test_a_large_duplicate_group_is_not_split_over_many_cells(single_faiss_threa
     found = _pair_set(find_pairs_cells(x, np.arange(len(x), dtype=np.int64), 0.96, lists))
     in_group = {(a, b) for a, b in found if a >= 4500}
     assert len(in_group) == 1500 * 1499 // 2
+    # The cell layout's quantizer (bounded sample, nprobe 2) merges the blob the same way.
+    quantizer = train_cells_quantizer(spec, x, points=len(x))
+    cells = probe_cells(quantizer, x, 2, np.empty((len(x), 2), np.int32))
+    assert quantizer.ntotal < 60 and len(np.unique(cells[group, 0])) == 1
 
 
 def test_streaming_choice_counts_the_training_sample():
@@ -266,3 +274,64 @@ def test_streaming_choice_counts_the_training_sample():
     assert choose_index(n, dim, budget).kind == "ivf_flat"
     streamed = choose_index_streaming(n, dim, budget)
     assert streamed.kind == "ivf_pq" and index_stage_bytes(streamed) <= budget
+
+
+def test_gpu_build_goes_through_the_same_block_interface(tmp_path, single_faiss_thread, monkeypatch):
+    """gpu=True: k-means and the probe pass on the 'GPU' (a recording stand-in here), cells, exact join."""
+    import dedup.search.faiss_index as faiss_index
+    import dedup.stages.index as index_stage
+    from dedup.stages.neighbors import find_neighbors
+
+    x = _grouped(n=3000, copies=10, groups=80, noise=0.05)
+    run = _run_from(tmp_path, x, [2000, 1000], memory=1 << 30)
+    calls = {"kmeans_gpu": [], "searched_rows": 0}
+    real_kmeans = faiss_index._kmeans
+
+    class FakeGpuIndex:  # what index_cpu_to_all_gpus returns: the same `search` interface
+        def __init__(self, index):
+            self.index = index
+
+        def search(self, block, k):
+            calls["searched_rows"] += len(block)
+            return self.index.search(block, k)
+
+    monkeypatch.setattr(faiss_index, "_require_gpu", lambda: None)
+    monkeypatch.setattr(faiss_index, "_to_gpu", FakeGpuIndex)
+    monkeypatch.setattr(faiss_index, "_kmeans", lambda sample, k, seed, gpu=False: (
+        calls["kmeans_gpu"].append(gpu), real_kmeans(sample, k, seed))[1])
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: spec_for_kind(
+        "ivf_flat", 3000, DIM, nlist=20, nprobe=3, gpu=True))
+    spec = build_descriptor_index(run, "precomputed", budget=1 << 30, gpu=True)
+    assert spec.use_gpu and spec.storage == "cells" and "HNSW" not in spec.factory
+    assert calls == {"kmeans_gpu": [True], "searched_rows": 3000}  # one probe pass, on the device
+    find_neighbors(run, gpu=True)  # knn_cap 2048 on GPU: the cell layout is joined instead, exactly
+    edges = load_edges(run, "precomputed", 0.94)
+    probes = np.load(cell_paths(run.index_dir, "precomputed")["probes.npy"])
+    lists = CellLists.from_probes(probes, spec.nlist)
+    vectors = open_embeddings(run, "precomputed")
+    same = _pair_set(find_pairs_cells(x, vectors.ids, 0.94, lists))
+    assert set(zip(edges["id_a"], edges["id_b"], strict=True)) == same
+    truth = _pair_set([brute_force_pairs(x.astype(np.float32), vectors.ids, 0.94)])
+    assert same <= truth and len(same) >= 0.98 * len(truth)
+
+
+def test_query_search_on_a_cell_layout_is_exact(tmp_path, single_faiss_thread, monkeypatch):
+    """query.search_external over a CellSearcher: every match re-scored, none missed when all cells are probed."""
+    import dedup.search.index_choice as index_choice
+    import dedup.stages.index as index_stage
+    from dedup.stages.query import search_external
+
+    x = _grouped(n=3000, copies=10, groups=80, noise=0.05)
+    run = _run_from(tmp_path, x, [3000], memory=1 << 30)
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: spec_for_kind(
+        "ivf_flat", 3000, DIM, nlist=12, nprobe=2))
+    build_descriptor_index(run, "precomputed", budget=1 << 30)
+    monkeypatch.setattr(index_choice, "QUERY_MIN_NPROBE", 10**6)  # every cell
+    index, spec = load_index(run.index_dir, "precomputed")
+    assert index.nprobe == spec.nlist
+    stored = x.astype(np.float32)
+    queries = stored[::97] + 0.01
+    q, pos, sim = search_external(index, spec, stored, queries, 0.93)
+    want_q, want_pos = np.nonzero((queries @ stored.T) >= np.float32(0.93))
+    assert len(q) > 31 and set(zip(q, pos, strict=True)) == set(zip(want_q, want_pos, strict=True))
+    np.testing.assert_allclose(sim, (queries @ stored.T)[q, pos], rtol=1e-5)

@@ -115,6 +115,13 @@ def _assign(quantizer, block: np.ndarray) -> np.ndarray:
 
 def apply_search_params(index, spec: IndexSpec) -> None:
     """Set nprobe / efSearch from the spec (they are not stored in .faiss files)."""
+    from dedup.search.index_choice import QUERY_MIN_NPROBE
+    from dedup.search.pairs import CellSearcher
+
+    if isinstance(index, CellSearcher):
+        # Queries (a handful of vectors) probe more cells than the self-join: see QUERY_MIN_NPROBE.
+        index.nprobe = min(max(spec.nprobe, QUERY_MIN_NPROBE), index.lists.nlist)
+        return
     if spec.nprobe:
         if spec.use_gpu:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", spec.nprobe)
@@ -140,6 +147,11 @@ def faiss_backend() -> str:
 
 
 def _to_gpu(index):
+    _require_gpu()
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def _require_gpu() -> None:
     if not hasattr(faiss, "StandardGpuResources"):
         raise DedupError(
             "a GPU index needs faiss-gpu, but the installed faiss is the CPU build (faiss-cpu)",
@@ -150,7 +162,6 @@ def _to_gpu(index):
             "the index spec asks for a GPU but faiss sees none",
             hint=f"run on a machine with a CUDA GPU and {GPU_INSTALL_HINT}, or choose the index with gpu=False",
         )
-    return faiss.index_cpu_to_all_gpus(index)
 
 
 # ---------------------------------------------------------------- block build (memory-mapped inputs)
@@ -190,10 +201,58 @@ def train_index(spec: IndexSpec, vectors, train_sample: int | None = None, seed:
     return index
 
 
-def _kmeans(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
-    kmeans = faiss.Kmeans(sample.shape[1], k, niter=10, spherical=True, seed=seed, verbose=False)
+KMEANS_ITERATIONS = 10
+
+
+def _kmeans(sample: np.ndarray, k: int, seed: int, gpu: bool = False) -> np.ndarray:
+    if gpu:
+        _require_gpu()
+    kmeans = faiss.Kmeans(sample.shape[1], k, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False,
+                          gpu=bool(gpu))
     kmeans.train(sample)
     return kmeans.centroids
+
+
+# efSearch of an HNSW coarse quantizer: at least this, and twice the probes it must return.
+QUANTIZER_EF_SEARCH = 16
+
+
+def train_cells_quantizer(spec: IndexSpec, vectors, points: int, seed: int = 0, gpu: bool = False,
+                          merge_cosine: float | None = CENTROID_MERGE_COSINE):
+    """The coarse quantizer of a cell layout: spherical k-means on `points` sampled rows, close centroids merged.
+
+    Returns a CPU index over the centroids (flat, or HNSW when the spec's
+    factory names it); k-means runs on the GPU with `gpu`. The number of
+    centroids may be below `spec.nlist` after the merge.
+    """
+    _check_vectors(spec, vectors)
+    sample = _train_rows(spec, vectors, points, seed)
+    centroids = _kmeans(sample, spec.nlist, seed, gpu=gpu)
+    del sample
+    if merge_cosine is not None:
+        centroids = merge_close_centroids(centroids, merge_cosine)
+    return centroid_index(centroids, hnsw="_HNSW" in spec.factory, nprobe=spec.nprobe)
+
+
+def centroid_index(centroids: np.ndarray, hnsw: bool, nprobe: int):
+    """Inner-product index over unit centroids: flat, or an HNSW graph (quantizer of very many lists)."""
+    from dedup.search.index_choice import QUANTIZER_HNSW_M
+
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    if hnsw:
+        index = faiss.IndexHNSWFlat(centroids.shape[1], QUANTIZER_HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(QUANTIZER_EF_SEARCH, 2 * nprobe)
+    else:
+        index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    return index
+
+
+def searching_quantizer(quantizer, gpu: bool):
+    """The quantizer to probe with: itself, or (gpu) a copy on every GPU; same `search` interface."""
+    if not gpu:
+        return quantizer
+    return _to_gpu(quantizer)
 
 
 def merge_close_centroids(centroids: np.ndarray, cosine: float) -> np.ndarray:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from dedup.errors import IndexInfeasible
 
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+STORAGES = ("index", "cells")
 
 # Exact all-vs-all budget in flops. 3e12 is ~1 min at the ~50 GFLOP/s a 2-core
 # AVX2 machine sustains (measured); at d=512 it allows n <= 54k. Beyond, IVF is
@@ -81,10 +82,18 @@ class IndexSpec:
     # IVF lists in faiss' OnDiskInvertedLists (<name>.ivfdata, memory-mapped) because
     # they exceed the memory budget; memory_bytes is then the build's working set.
     on_disk: bool = False
+    # "index": the vectors live in the faiss index. "cells": only the quantizer and the
+    # rows grouped by cell are stored; every score is computed from the embeddings'
+    # memory maps (no second copy of the vectors; see `choose_cells_index`).
+    storage: str = "index"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}; use one of {KINDS}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"unknown index storage {self.storage!r}; use one of {STORAGES}")
+        if self.storage == "cells" and self.kind != "ivf_flat":
+            raise ValueError(f"cell storage is an exact IVF layout (kind 'ivf_flat'), not {self.kind!r}")
         if self.metric != "ip":
             raise ValueError(f"index kind {self.kind!r} uses metric 'ip', not {self.metric!r}")
 
@@ -328,3 +337,131 @@ def default_train_size(spec: IndexSpec) -> int:
     if spec.kind == "ivf_pq":
         needed = max(needed, MIN_TRAIN_POINTS_PER_LIST * (1 << PQ_NBITS))
     return min(spec.n_vectors, needed)
+
+
+# ---------------------------------------------------------------- cell layout (builds from memory maps)
+
+# Probes per query by search threshold. Copies above a high cut almost always
+# share their home cell: measured on the LAION-like benchmark vectors (768-d,
+# 200k, planted groups at cosine 0.97-0.995, nlist = sqrt(nprobe * n)):
+# see BENCHMARKS.md, "LAION scale", recall vs nprobe. Rows: (lowest threshold, nprobe).
+NPROBE_BY_THRESHOLD = ((0.93, 4), (0.85, 8))
+# HNSW quantizer cost per query in flat-centroid equivalents: 20,000 queries against
+# 32,768 random 768-d centroids took 12.2 CPU s at efSearch 16 against 16.9 s for a
+# flat scan (this machine), i.e. ~24,000 centroid products. Random points are HNSW's
+# worst case; clustered centroids cost less.
+HNSW_QUERY_COST = 24_000
+# Mean rows per cell with an HNSW quantizer: the join then costs nprobe * 2,048
+# products a query whatever n is, so the whole search grows as n log n.
+HNSW_CELL_ROWS = 2048
+# Training points per list: faiss warns below 39; more than 64 buys nothing for
+# finding copies (the join is exact inside the probed cells) and k-means costs
+# points * lists * dim, i.e. grows with lists^2.
+MAX_TRAIN_POINTS_PER_LIST = 64
+MIN_TRAIN_POINTS_FLOOR = 8  # a budget-limited sample never falls below this per list
+TRAIN_BUDGET_FRACTION = 0.5  # of --memory, for the float32 training sample
+# Queries probe at least this many cells (interactive `query`, a handful of vectors:
+# a re-encoded or cropped image lies further from its copies than two copies of one file).
+QUERY_MIN_NPROBE = 16
+
+
+def choose_nprobe(threshold: float | None) -> int:
+    """Cells probed per query for a search at `threshold` (None: the general default)."""
+    if threshold is None:
+        return DEFAULT_NPROBE
+    for lowest, nprobe in NPROBE_BY_THRESHOLD:
+        if threshold >= lowest:
+            return nprobe
+    return DEFAULT_NPROBE
+
+
+def flat_quantizer_cost(n_vectors: int, nprobe: int) -> float:
+    """Products per query at the balanced flat layout: nlist centroids + nprobe cells of n/nlist rows."""
+    return 2.0 * math.sqrt(nprobe * n_vectors)
+
+
+def hnsw_quantizer_cost(nprobe: int) -> float:
+    return HNSW_QUERY_COST + nprobe * HNSW_CELL_ROWS
+
+
+def cells_nlist(n_vectors: int, nprobe: int) -> tuple[int, bool]:
+    """(nlist, HNSW quantizer?) minimising the products per query of the cell join.
+
+    Flat quantizer: the query scans all nlist centroids, then nprobe cells of
+    n / nlist rows; the sum is least at nlist = sqrt(nprobe * n) (= 4 sqrt(n) at
+    nprobe 16, the autofaiss rule), and the search grows as n^1.5. HNSW
+    quantizer: about constant per query, so cells stay at HNSW_CELL_ROWS and
+    the search grows as n log n; it wins once the flat cost exceeds it
+    (~65M vectors at nprobe 4).
+    """
+    n = int(n_vectors)
+    if flat_quantizer_cost(n, nprobe) <= hnsw_quantizer_cost(nprobe):
+        nlist, hnsw = int(math.sqrt(nprobe * n)), False
+    else:
+        nlist, hnsw = max(HNSW_QUANTIZER_FROM_NLIST, n // HNSW_CELL_ROWS), True
+    nlist = max(1, min(nlist, MAX_NLIST, n // MIN_TRAIN_POINTS_PER_LIST))
+    return nlist, hnsw and nlist >= HNSW_QUANTIZER_FROM_NLIST
+
+
+def train_points(n_vectors: int, nlist: int, dim: int, memory_budget_bytes: int) -> int:
+    """k-means sample size: MIN..MAX_TRAIN_POINTS_PER_LIST points a list, within half the budget."""
+    wanted = min(int(n_vectors), MAX_TRAIN_POINTS_PER_LIST * nlist)
+    wanted = max(wanted, min(int(n_vectors), MIN_TRAIN_POINTS_PER_LIST * nlist))
+    affordable = int(memory_budget_bytes * TRAIN_BUDGET_FRACTION) // (dim * 4)
+    return max(min(wanted, affordable), min(int(n_vectors), MIN_TRAIN_POINTS_FLOOR * nlist))
+
+
+def probe_block_rows(dim: int, nprobe: int, memory_budget_bytes: int) -> int:
+    """Rows per quantizer pass block: float32 rows + probes within a sixteenth of the budget."""
+    per_row = dim * 4 + nprobe * (4 + 8 + 4)  # float32 row, faiss' int64 labels and float32 distances
+    return int(max(1024, min(ADD_CHUNK, memory_budget_bytes // 16 // per_row)))
+
+
+def cells_stage_bytes(n_vectors: int, dim: int, nlist: int, nprobe: int, hnsw: bool,
+                      memory_budget_bytes: int) -> int:
+    """The cell build's own buffers: quantizer, k-means sample (+ its assignment), one probe block, cell counts.
+
+    Probes and rows grouped by cell go to memory maps (file pages, not the
+    stage's memory); the vectors are read from theirs.
+    """
+    quantizer = nlist * dim * 4 + (nlist * 2 * QUANTIZER_HNSW_M * 4 if hnsw else 0)
+    sample = train_points(n_vectors, nlist, dim, memory_budget_bytes)
+    kmeans = sample * (dim * 4 + 8 + 4) + nlist * dim * 4  # points, labels and distances, new centroids
+    block = probe_block_rows(dim, nprobe, memory_budget_bytes) * (dim * 4 + nprobe * 16)
+    return int(quantizer + kmeans + block + (nlist + 1) * 8 * 3)
+
+
+def choose_cells_index(
+    n_vectors: int, dim: int, memory_budget_bytes: int, threshold: float | None = None, gpu: bool = False,
+) -> IndexSpec:
+    """The exact IVF layout for a build from memory maps: quantizer + rows by cell, no vectors in the index.
+
+    nprobe follows the search threshold, nlist and the quantizer the cost model
+    of `cells_nlist`; memory_bytes is the stage's own working set. On a GPU the
+    flat quantizer stays (faiss cannot clone an HNSW quantizer to the GPU).
+    """
+    if n_vectors < 1 or dim < 1:
+        raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
+    nprobe = choose_nprobe(threshold)
+    nlist, hnsw = cells_nlist(n_vectors, nprobe)
+    hnsw = hnsw and not gpu
+    working = cells_stage_bytes(n_vectors, dim, nlist, nprobe, hnsw, memory_budget_bytes)
+    if working > memory_budget_bytes:
+        raise IndexInfeasible(
+            f"the cell index for {n_vectors:,} vectors needs {_gib(working)} to build (quantizer of "
+            f"{nlist:,} lists, {train_points(n_vectors, nlist, dim, memory_budget_bytes):,} training vectors), "
+            f"more than {_gib(memory_budget_bytes)}",
+            hint=f"raise --memory to at least {_gib(working)}",
+        )
+    prefix = f"IVF{nlist}_HNSW{QUANTIZER_HNSW_M}" if hnsw else f"IVF{nlist}"
+    return IndexSpec(kind="ivf_flat", factory=f"{prefix},Flat", dim=dim, n_vectors=int(n_vectors), nlist=nlist,
+                     nprobe=min(nprobe, nlist), metric="ip", use_gpu=gpu, memory_bytes=working, storage="cells")
+
+
+def respec_cells_nlist(spec: IndexSpec, nlist: int, memory_budget_bytes: int) -> IndexSpec:
+    """A cell spec after merging close centroids: fewer lists, the same quantizer kind."""
+    hnsw = "_HNSW" in spec.factory
+    prefix = f"IVF{nlist}_HNSW{QUANTIZER_HNSW_M}" if hnsw else f"IVF{nlist}"
+    working = cells_stage_bytes(spec.n_vectors, spec.dim, nlist, spec.nprobe, hnsw, memory_budget_bytes)
+    return IndexSpec(**{**asdict(spec), "nlist": nlist, "nprobe": min(spec.nprobe, nlist),
+                        "factory": f"{prefix},Flat", "memory_bytes": max(working, spec.memory_bytes)})

@@ -14,7 +14,7 @@ Two engines, matching the index kinds an incremental run extends:
 
 * exact (flat indexes): dense products of the query block against the
   earlier rows in tiles, max over the query variants.
-* cells (CPU IVF kinds, `CellLists`): a new row meets the earlier rows whose
+* cells (the cell layout every IVF choice builds, `CellLists`): a new row meets the earlier rows whose
   home cell its variants probe, the same probes a from-scratch search uses
   from the query side. (A from-scratch run finds an old-new pair from the old
   row's probes; both are the IVF's recall, and with every cell probed both are exact.)

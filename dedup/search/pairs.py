@@ -591,3 +591,52 @@ def _join_cell_block(vectors, lists: CellLists, queries, variant, local, cell: i
         q, r = q_rows[useful][q_idx], members[m_idx]
         forward = r > q
         yield q[forward], r[forward], sims[q_idx[forward], m_idx[forward]]
+
+
+class CellSearcher:
+    """Range search over the cell layout, scores exact: probed cells' members scored from the vectors.
+
+    What `query` and `compare` search when the index stage stored cells
+    (`IndexSpec.storage == "cells"`): the quantizer picks each query's
+    `nprobe` cells, the members' rows are read from `vectors` (float16 memory
+    maps) and scored in float32, as an IVF-Flat range search with the same
+    nprobe would, without a second copy of the vectors in an index.
+    `range_search` has faiss' signature and semantics (similarity > radius).
+    """
+
+    def __init__(self, quantizer, lists: CellLists, vectors, nprobe: int) -> None:
+        if len(lists.rows) != len(vectors):
+            raise ValueError(f"cell lists hold {len(lists.rows)} rows, vectors {len(vectors)}: rebuild the index")
+        self.quantizer, self.lists, self.vectors = quantizer, lists, vectors
+        self.nprobe = max(1, min(int(nprobe), lists.nlist))
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.vectors)
+
+    def range_search(self, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        queries = _rows(queries)
+        _, cells = self.quantizer.search(queries, self.nprobe)
+        order = np.argsort(cells.ravel(), kind="stable")
+        sorted_cells = cells.ravel()[order]
+        found = []
+        for start, stop in _runs(sorted_cells):
+            cell = int(sorted_cells[start])
+            members = np.asarray(self.lists.rows[self.lists.bounds[cell] : self.lists.bounds[cell + 1]])
+            if cell < 0 or not len(members):
+                continue
+            q = order[start:stop] // cells.shape[1]
+            sims = _similarity_matrix(queries[q], _rows(self.vectors[members]))
+            q_idx, m_idx = np.nonzero(sims > np.float32(radius))
+            found.append((q[q_idx], members[m_idx], sims[q_idx, m_idx]))
+        q_rows, labels, sims = _concat(found)
+        by_query = np.argsort(q_rows, kind="stable")
+        lims = np.searchsorted(q_rows[by_query], np.arange(len(queries) + 1)).astype(np.int64)
+        return lims, sims[by_query], labels[by_query]
+
+
+def _runs(sorted_values: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of equal values in a sorted array."""
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]]) if len(sorted_values) else []
+    ends = np.r_[starts[1:], len(sorted_values)] if len(sorted_values) else []
+    yield from zip((int(s) for s in starts), (int(e) for e in ends), strict=True)

@@ -16,7 +16,7 @@ from dedup.errors import StoreError
 from dedup.records import RunDir, atomic_output, fingerprint, open_embeddings, write_array
 from dedup.run import Run
 from dedup.search.faiss_index import _to_gpu, apply_search_params, faiss_gpu_count
-from dedup.search.index_choice import IndexSpec, choose_index_streaming, on_disk_part_rows
+from dedup.search.index_choice import DEFAULT_NPROBE, IndexSpec, choose_index_streaming, default_nlist
 
 
 class IndexStage:
@@ -27,9 +27,10 @@ class IndexStage:
     fingerprint names the index files) searches again.
     """
 
-    def __init__(self, run: RunDir, descriptor: str, memory_budget_bytes: int, gpu: bool) -> None:
+    def __init__(self, run: RunDir, descriptor: str, memory_budget_bytes: int, gpu: bool,
+                 threshold: float | None = None) -> None:
         self.run_dir, self.descriptor = run, descriptor
-        self.memory_budget_bytes, self.gpu = memory_budget_bytes, gpu
+        self.memory_budget_bytes, self.gpu, self.threshold = memory_budget_bytes, gpu, threshold
         self.name = f"index-{descriptor}"
 
     def task_ids(self) -> list[str]:
@@ -37,7 +38,7 @@ class IndexStage:
 
     def fingerprint(self) -> str:
         parts = (self.run_dir.embedding_dir(self.descriptor) / "img_emb").glob("*.npy")
-        return fingerprint(parts, {"memory": self.memory_budget_bytes, "gpu": self.gpu})
+        return fingerprint(parts, {"memory": self.memory_budget_bytes, "gpu": self.gpu, "threshold": self.threshold})
 
     def reset(self) -> None:
         for path in [*index_paths(self.run_dir.index_dir, self.descriptor),
@@ -45,7 +46,8 @@ class IndexStage:
             path.unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        spec = build_descriptor_index(self.run_dir, self.descriptor, self.memory_budget_bytes, self.gpu)
+        spec = build_descriptor_index(self.run_dir, self.descriptor, self.memory_budget_bytes, self.gpu,
+                                      threshold=self.threshold)
         progress(spec.n_vectors)
         return {"vectors": spec.n_vectors}
 
@@ -58,21 +60,24 @@ def build_indexes(run: Run, gpu: bool | None = None) -> dict[str, IndexSpec]:
     gpu = faiss_gpu_available() if gpu is None else gpu
     specs = {}
     for name in run.settings.descriptors:
-        run_stage(run, IndexStage(run, name, run.settings.memory_budget_bytes, gpu), unit="vectors")
+        threshold = run.settings.search_thresholds.get(name)  # sets nprobe (index_choice.choose_nprobe)
+        run_stage(run, IndexStage(run, name, run.settings.memory_budget_bytes, gpu, threshold), unit="vectors")
         specs[name] = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
     return specs
 
 
-def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = False) -> IndexSpec:
+def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = False,
+                           threshold: float | None = None) -> IndexSpec:
     """Index one descriptor from its memory-mapped parts (never all vectors in RAM, never as float32).
 
-    CPU float IVF kinds: k-means on a sample, then ONE quantizer pass that
-    stores every row's `nprobe` nearest cells (`<name>.probes.npy`, column 0 =
-    home cell) and the rows grouped by cell (`<name>.cell_rows.npy`,
-    `<name>.cell_bounds.npy`); the neighbour stage joins from those and the
-    quantizer (`<name>.quantizer.faiss`) alone, never reading the full index.
-    The full index (for queries) is filled from the stored home cells, with
-    faiss' on-disk inverted lists (`<name>.ivfdata`) when it exceeds `budget`.
+    Exact search affordable: a flat index. Otherwise the cell layout (CPU and
+    GPU alike): spherical k-means on a bounded sample, then ONE quantizer pass
+    that stores every row's `nprobe` nearest cells (`<name>.probes.npy`, column
+    0 = home cell) and the rows grouped by cell (`<name>.cell_rows.npy`,
+    `<name>.cell_bounds.npy`). No vector is copied into an index: the neighbour
+    join and `query` score candidates from the embeddings' memory maps, so the
+    index is the quantizer (`<name>.faiss`, also `<name>.quantizer.faiss`) and
+    those three arrays. `threshold` (the search threshold) sets nprobe.
     """
     from dedup.search.faiss_index import build_index
 
@@ -80,11 +85,26 @@ def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = Fals
     transform = query_transform_for(name)
     variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
     spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
-    if spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu:
-        index, spec = _build_ivf_streaming(run, name, spec, vectors, on_disk_part_rows(budget, vectors.dim))
-    else:
-        index = build_index(spec, vectors)
-    save_index(index, spec, run.index_dir, name, with_cells=spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu)
+    if spec.kind in ("ivf_flat", "ivf_pq"):
+        spec = _cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold)
+        quantizer, spec = _build_cells(run, name, spec, vectors, budget)
+        save_index(quantizer, spec, run.index_dir, name, with_cells=True)
+        return spec
+    save_index(build_index(spec, vectors), spec, run.index_dir, name)
+    return spec
+
+
+def _cells_spec(chosen: IndexSpec, n: int, dim: int, budget: int, gpu: bool, threshold: float | None) -> IndexSpec:
+    """The cell layout replacing an IVF choice; a spec given with storage "index" keeps its nlist and nprobe."""
+    from dedup.search.index_choice import choose_cells_index
+
+    spec = choose_cells_index(n, dim, budget, threshold=threshold, gpu=gpu)
+    if chosen.storage == "cells":
+        return chosen
+    if chosen.nlist != default_nlist(n) or chosen.nprobe != DEFAULT_NPROBE:
+        # A spec forced with other lists (tests, expert use): honour them, exactly, without index storage.
+        prefix = chosen.factory.split(",")[0]
+        return replace(spec, nlist=chosen.nlist, nprobe=chosen.nprobe, factory=f"{prefix},Flat")
     return spec
 
 
@@ -94,26 +114,26 @@ def cell_paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:
             ("quantizer.faiss", "probes.npy", "cell_rows.npy", "cell_bounds.npy", "ivfdata")}
 
 
-def _build_ivf_streaming(run: RunDir, name: str, spec: IndexSpec, vectors, part_rows: int):
-    from dedup.search.faiss_index import probe_cells, quantizer_of, spec_of_trained, train_index
+def _build_cells(run: RunDir, name: str, spec: IndexSpec, vectors, budget: int):
+    """k-means, one probe pass into a memory map, rows grouped by home cell. Returns (quantizer, final spec)."""
+    from dedup.search.faiss_index import probe_cells, searching_quantizer, train_cells_quantizer
+    from dedup.search.index_choice import probe_block_rows, respec_cells_nlist, train_points
 
     paths = cell_paths(run.index_dir, name)
     run.index_dir.mkdir(parents=True, exist_ok=True)
-    index = train_index(spec, vectors)
-    spec = spec_of_trained(spec, index)
-    quantizer = quantizer_of(index)
+    paths["ivfdata"].unlink(missing_ok=True)  # lists of an earlier full-index build
+    points = train_points(len(vectors), spec.nlist, vectors.dim, budget)
+    quantizer = train_cells_quantizer(spec, vectors, points, gpu=spec.use_gpu)
+    spec = respec_cells_nlist(spec, int(quantizer.ntotal), budget)
     faiss.write_index(quantizer, str(paths["quantizer.faiss"]))
     probes = np.lib.format.open_memmap(paths["probes.npy"], mode="w+", dtype=np.int32,
                                        shape=(len(vectors), max(1, spec.nprobe)))
-    probe_cells(quantizer, vectors, probes.shape[1], probes, block_rows=_block_rows(spec, vectors))
+    probe_cells(searching_quantizer(quantizer, spec.use_gpu), vectors, probes.shape[1], probes,
+                block_rows=probe_block_rows(vectors.dim, spec.nprobe, budget))
     probes.flush()
-    home = probes[:, 0]  # a strided view of the memory map, read block by block below
-    bounds = group_rows_by_cell(home, spec.nlist, paths["cell_rows.npy"])
+    bounds = group_rows_by_cell(probes[:, 0], spec.nlist, paths["cell_rows.npy"])
     write_array(bounds, paths["cell_bounds.npy"])
-    if spec.on_disk:
-        return _fill_on_disk(index, vectors, home, paths["ivfdata"], run.index_dir / f".{name}.parts", part_rows), spec
-    _fill(index, vectors, home)
-    return index, spec
+    return quantizer, spec
 
 
 def group_rows_by_cell(home, nlist: int, path: Path, block_rows: int = 1 << 20) -> np.ndarray:
@@ -143,41 +163,6 @@ def group_rows_by_cell(home, nlist: int, path: Path, block_rows: int = 1 << 20) 
     return bounds
 
 
-def _block_rows(spec: IndexSpec, vectors) -> int:
-    from dedup.search.index_choice import ADD_CHUNK
-
-    return max(1024, min(ADD_CHUNK, len(vectors)))
-
-
-def _fill(index, vectors, home: np.ndarray) -> None:
-    from dedup.search.faiss_index import fill_ivf
-
-    fill_ivf(index, vectors, home)
-
-
-def _fill_on_disk(trained, vectors, home: np.ndarray, ivfdata: Path, scratch: Path, rows: int):
-    """faiss contrib's on-disk recipe: one small index per block of rows, merged into one .ivfdata file."""
-    import shutil
-
-    from faiss.contrib.ondisk import merge_ondisk
-
-    from dedup.search.faiss_index import fill_ivf
-
-    scratch.mkdir(parents=True, exist_ok=True)
-    names = []
-    for k, start in enumerate(range(0, len(vectors), rows)):
-        part = faiss.clone_index(trained)
-        # ids continue across parts: row i keeps label i, as in an in-memory build.
-        fill_ivf(part, vectors[start : start + rows], np.asarray(home[start : start + rows]), first_id=start)
-        names.append(str(scratch / f"part_{k}.faiss"))
-        faiss.write_index(part, names[-1])
-        del part
-    ivfdata.unlink(missing_ok=True)
-    merge_ondisk(trained, names, str(ivfdata))
-    shutil.rmtree(scratch, ignore_errors=True)
-    return trained
-
-
 def faiss_gpu_available() -> bool:
     """faiss-gpu installed and a GPU visible (then `dedup run` indexes and searches on it)."""
     return faiss_gpu_count() > 0
@@ -203,15 +188,23 @@ def save_index(index, spec: IndexSpec, directory: str | os.PathLike, name: str,
         for part in ("probes.npy", "cell_rows.npy", "cell_bounds.npy", "quantizer.faiss"):
             cell_paths(directory, name)[part].unlink(missing_ok=True)
     with atomic_output(index_path) as tmp_index:
-        faiss.write_index(faiss.index_gpu_to_cpu(index) if spec.use_gpu else index, str(tmp_index))
+        on_gpu = spec.use_gpu and spec.storage == "index"  # a cell layout's quantizer is kept on the CPU
+        faiss.write_index(faiss.index_gpu_to_cpu(index) if on_gpu else index, str(tmp_index))
     # The spec goes last: its presence marks a complete pair.
     with atomic_output(spec_path) as tmp_spec:
-        tmp_spec.write_text(replace(spec, n_vectors=int(index.ntotal)).to_json())
+        stored = spec.n_vectors if spec.storage == "cells" else int(index.ntotal)  # a quantizer holds centroids
+        tmp_spec.write_text(replace(spec, n_vectors=stored).to_json())
     return index_path, spec_path
 
 
-def load_index(directory: str | os.PathLike, name: str, *, gpu: bool | None = None) -> tuple[object, IndexSpec]:
-    """Read an index written by `save_index`; `gpu` overrides the spec's use_gpu."""
+def load_index(directory: str | os.PathLike, name: str, *, gpu: bool | None = None,
+               vectors=None) -> tuple[object, IndexSpec]:
+    """Read an index written by `save_index`; `gpu` overrides the spec's use_gpu.
+
+    A cell layout loads as a `CellSearcher` (faiss' `range_search`, scores exact
+    from `vectors`: by default the memory maps of the run whose index folder
+    `directory` is).
+    """
     index_path, spec_path = index_paths(directory, name)
     if not spec_path.exists() or not index_path.exists():
         raise StoreError(
@@ -219,6 +212,8 @@ def load_index(directory: str | os.PathLike, name: str, *, gpu: bool | None = No
             hint="run the index stage first",
         )
     spec = IndexSpec.from_json(spec_path.read_text())
+    if spec.storage == "cells":
+        return _load_cells(Path(directory), name, spec, vectors), spec
     if gpu is not None:
         spec = replace(spec, use_gpu=gpu)
     index = faiss.read_index(str(index_path))
@@ -226,3 +221,19 @@ def load_index(directory: str | os.PathLike, name: str, *, gpu: bool | None = No
         index = _to_gpu(index)
     apply_search_params(index, spec)
     return index, spec
+
+
+def _load_cells(directory: Path, name: str, spec: IndexSpec, vectors):
+    from dedup.search.pairs import CellLists, CellSearcher
+
+    paths = cell_paths(directory, name)
+    missing = [p.name for p in (paths["cell_rows.npy"], paths["cell_bounds.npy"]) if not p.exists()]
+    if missing:
+        raise StoreError(f"index '{name}' in {directory} lacks {', '.join(missing)}", hint="run the index stage again")
+    if vectors is None:
+        vectors = open_embeddings(RunDir(directory.parent), name)
+    lists = CellLists(np.load(paths["cell_rows.npy"], mmap_mode="r"), np.load(paths["cell_bounds.npy"]),
+                      np.zeros((0, 0), np.int32))  # the stored probes are the self-join's, not a query's
+    searcher = CellSearcher(faiss.read_index(str(index_paths(directory, name)[0])), lists, vectors, spec.nprobe)
+    apply_search_params(searcher, spec)
+    return searcher

@@ -70,8 +70,11 @@ class NeighborsStage:
 
         spec = self._spec()
         stored = cell_paths(self.run_dir.index_dir, self.descriptor)
-        return (spec is not None and spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu
-                and self.knn_cap is None and stored["probes.npy"].exists())
+        if spec is None or not stored["probes.npy"].exists():
+            return False
+        # A cell layout (GPU builds too) has no other index to search.
+        return spec.storage == "cells" or (spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu
+                                           and self.knn_cap is None)
 
     def _load(self):
         if self._loaded is None:
