@@ -151,7 +151,7 @@ STAGE_CODE = {
                "from dedup.stages.precomputed import ingest_embeddings as f; "
                "run = Run.start({out!r}, Settings.build(shard_specs=[{src!r}], descriptors=['precomputed'], "
                "memory={memory!r}, engine=EngineSettings(show_progress=False))); f(run, {src!r})"),
-    "index": _OPEN + "from dedup.stages.index import build_indexes as f; print(f(run, gpu=False))",
+    "index": _OPEN + "from dedup.stages.increment import build_indexes as f; print(f(run, gpu=False))",
     "neighbors": _OPEN + "from dedup.stages.neighbors import find_neighbors as f; f(run, gpu=False)",
     "cluster": _OPEN + "from dedup.stages.cluster import cluster as f; print(f(run))",
     "rank": _OPEN + "from dedup.stages.rank import rank as f; f(run)",

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from dedup.search.pairs import _rows, _variants  # one definition of a query block's float32 rows and variants
+
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 # One (queries x targets) float32 product: 8M entries = 32 MB (as pairs.CELL_PRODUCT_ENTRIES).
@@ -86,21 +88,6 @@ def _check(vectors, ids, rows: slice, earlier: int, lists, quantizer, query_tran
         raise ValueError(f"need 0 <= earlier ({earlier}) <= rows ({rows.start}:{rows.stop}) <= {len(vectors)}")
     if lists is not None and query_transform is not None and quantizer is None:
         raise ValueError("query variants need the quantizer to choose their cells")
-
-
-def _rows(block) -> np.ndarray:
-    return np.ascontiguousarray(block, dtype=np.float32)
-
-
-def _variants(block, query_transform) -> np.ndarray:
-    """(t, b, d) float32 query variants of a block of rows."""
-    rows = _rows(block)
-    if query_transform is None:
-        return rows[None]
-    variants = np.asarray(query_transform(rows))
-    if variants.ndim != 3 or variants.shape[1:] != rows.shape:
-        raise ValueError(f"query_transform must map {rows.shape} to (t, *{rows.shape}), got {variants.shape}")
-    return _rows(variants.reshape(-1, rows.shape[1])).reshape(variants.shape)
 
 
 def _exact_block(vectors, queries: np.ndarray, row0: int, earlier: int, threshold: float):

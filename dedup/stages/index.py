@@ -11,10 +11,8 @@ import faiss
 import numpy as np
 
 from dedup.descriptors import query_transform_for
-from dedup.engine import run_stage
 from dedup.errors import StoreError
 from dedup.records import RunDir, atomic_output, fingerprint, open_embeddings, write_array
-from dedup.run import Run
 from dedup.search.faiss_index import _to_gpu, apply_search_params, faiss_gpu_count
 from dedup.search.index_choice import DEFAULT_NPROBE, IndexSpec, choose_index_streaming, default_nlist
 
@@ -53,17 +51,6 @@ class IndexStage:
 
     def close(self) -> None:
         pass
-
-
-def build_indexes(run: Run, gpu: bool | None = None) -> dict[str, IndexSpec]:
-    """Index every descriptor of the run behind the engine; returns the specs chosen."""
-    gpu = faiss_gpu_available() if gpu is None else gpu
-    specs = {}
-    for name in run.settings.descriptors:
-        threshold = run.settings.search_thresholds.get(name)  # sets nprobe (index_choice.choose_nprobe)
-        run_stage(run, IndexStage(run, name, run.settings.memory_budget_bytes, gpu, threshold), unit="vectors")
-        specs[name] = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
-    return specs
 
 
 def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = False,
