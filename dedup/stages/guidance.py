@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import html
 import itertools
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,61 +33,238 @@ CURVE_POINTS = 24
 BANDS = 6
 PAIRS_PER_BAND = 3
 
+# Memory is O(EDGE_BATCH_ROWS) for the edges, whatever their number: parts are read in batches of this
+# many rows, and above it the pairs are de-duplicated through hash partitions of about this many rows
+# spilled to the run's scratch folder. The removal curve adds O(samples) union-find state.
+EDGE_BATCH_ROWS = 1 << 20
+# Pairs kept per band to pick the shown ones from: up to this many in a band, the shown pairs are exactly
+# the evenly spread ones of all its pairs; above it the first and last are still exact (the band's lowest
+# and highest pair) and the middle ones come from a uniform sample of this many (a pair near that rank).
+BAND_SAMPLE_ROWS = 1 << 16
 
-def stored_edges(run: RunDir, descriptor: str) -> pd.DataFrame:
-    """Every stored pair once: id_a, id_b, similarity (empty when the descriptor has no edges)."""
-    parts = sorted(run.neighbors_dir(descriptor).glob("part_*.parquet"))
-    if not parts:
-        return pd.DataFrame({"id_a": pd.Series(dtype="int64"), "id_b": pd.Series(dtype="int64"),
-                             "similarity": pd.Series(dtype="float32")})
-    edges = pd.concat([pq.read_table(p, columns=["id_a", "id_b", "similarity"]).to_pandas() for p in parts])
-    return edges.sort_values("similarity", ascending=False).drop_duplicates(["id_a", "id_b"], ignore_index=True)
-
-
-def _exact_pairs(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
-    from dedup.records import load_samples
-
-    samples = load_samples(run, ["sample_id", "sha256"]).dropna(subset=["sha256"])
-    first = samples.groupby("sha256")["sample_id"].transform("min")
-    joined = samples[samples["sample_id"] != first]
-    return first[joined.index].to_numpy(np.int64), joined["sample_id"].to_numpy(np.int64)
+# One stored pair: sample ids (or node indices once mapped) and the similarity as stored (float32).
+EDGE = np.dtype([("a", "<i8"), ("b", "<i8"), ("s", "<f4")])
+EdgePasses = Callable[[], Iterable[np.ndarray]]  # a fresh pass over the pairs, EDGE records a batch at a time
 
 
-def removal_curve(edges: pd.DataFrame, exact: tuple[np.ndarray, np.ndarray], cuts: np.ndarray) -> np.ndarray:
+def edge_part_paths(run: RunDir, descriptor: str) -> list[Path]:
+    return sorted(run.neighbors_dir(descriptor).glob("part_*.parquet"))
+
+
+def _read_batches(paths: list[Path], batch_rows: int) -> Iterator[np.ndarray]:
+    for path in paths:
+        handle = pq.ParquetFile(path)
+        for batch in handle.iter_batches(batch_size=batch_rows, columns=["id_a", "id_b", "similarity"]):
+            records = np.empty(batch.num_rows, dtype=EDGE)
+            for field, column in zip(EDGE.names, batch.columns, strict=True):
+                records[field] = column.to_numpy(zero_copy_only=False)
+            yield records
+
+
+def _distinct(records: np.ndarray) -> np.ndarray:
+    """Each (a, b) once, with its highest similarity (a pair can be stored from both ends, in two parts)."""
+    records = records[np.lexsort((-records["s"], records["b"], records["a"]))]
+    first = np.ones(len(records), dtype=bool)
+    first[1:] = (records["a"][1:] != records["a"][:-1]) | (records["b"][1:] != records["b"][:-1])
+    return records[first]
+
+
+def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A splitmix64 hash of each pair: spill partitions, and the priorities of the band samples."""
+    x = a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ b.astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class _Spill:
+    """EDGE records appended to `count` raw files under `folder`, read back one file at a time."""
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.paths = [folder / f"{i}.edges" for i in range(count)]
+        for path in self.paths:
+            path.touch()
+
+    def add(self, which: np.ndarray, records: np.ndarray) -> None:
+        order = np.argsort(which, kind="stable")
+        which, records = which[order], records[order]
+        bounds = np.searchsorted(which, np.arange(len(self.paths) + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            with open(self.paths[i], "ab") as handle:  # open per write: thousands of partitions, few handles
+                records[bounds[i] : bounds[i + 1]].tofile(handle)
+
+    def read(self, i: int, chunk_rows: int) -> Iterator[np.ndarray]:
+        rows = self.paths[i].stat().st_size // EDGE.itemsize
+        for start in range(0, rows, chunk_rows):
+            yield np.fromfile(self.paths[i], dtype=EDGE, count=min(chunk_rows, rows - start),
+                              offset=start * EDGE.itemsize)
+
+
+@contextmanager
+def distinct_edges(run: RunDir, descriptor: str, batch_rows: int | None = None) -> Iterator[EdgePasses]:
+    """Passes over the descriptor's stored pairs, each pair once, never more than about `batch_rows` held.
+
+    Up to `batch_rows` pairs in all they are read once and held; above, one read spills them to hash
+    partitions (a pair and its repeats land in the same one), each de-duplicated as it is read back.
+    """
+    batch_rows = batch_rows or EDGE_BATCH_ROWS
+    paths = edge_part_paths(run, descriptor)
+    total = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    if total <= batch_rows:
+        held = _distinct(np.concatenate([np.empty(0, dtype=EDGE), *_read_batches(paths, batch_rows)]))
+        yield lambda: iter([held])
+        return
+    folder = run.scratch_dir("report")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edges-", dir=folder) as tmp:
+        spill = _Spill(Path(tmp), -(-total // batch_rows))
+        for records in _read_batches(paths, batch_rows):
+            spill.add(_mix(records["a"], records["b"]) % np.uint64(len(spill.paths)), records)
+        # A partition holds about batch_rows pairs (hash-spread); read whole so that repeats meet.
+        yield lambda: (_distinct(np.concatenate([np.empty(0, dtype=EDGE), *spill.read(i, 4 * batch_rows)]))
+                       for i in range(len(spill.paths)))
+
+
+def lowest_similarity(passes: EdgePasses) -> float | None:
+    """The lowest stored similarity (None when there is no pair)."""
+    lows = [float(records["s"].min()) for records in passes() if len(records)]
+    return min(lows) if lows else None
+
+
+def run_nodes(run: RunDir) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """(every sample id, sorted; identical-bytes pairs (first sample id, other sample id)), read part by part.
+
+    Identical bytes of any status count (a failed decode of an ok sample's bytes is still a copy); the
+    grouping is the cluster stage's out-of-core one (64-bit prefixes sorted, runs verified on the full sha256).
+    """
+    import pyarrow.compute as pc
+
+    from dedup.stages.cluster import _heads, iter_sample_tables, prefix_keys
+
+    ids, keys, known = [], [], []
+    for table in iter_sample_tables(run, ["sha256"]):
+        sha = table["sha256"].combine_chunks()
+        ids.append(table["sample_id"].to_numpy())
+        known.append(pc.is_valid(sha).to_numpy(zero_copy_only=False))
+        keys.append(prefix_keys(sha))
+    ids, keys, known = (np.concatenate(x) for x in (ids, keys, known))
+    head = _heads(run, keys, known)
+    joined = np.flatnonzero(head != np.arange(len(head)))
+    return ids.astype(np.int64), (ids[head[joined]].astype(np.int64), ids[joined].astype(np.int64))
+
+
+def removal_curve(ids: np.ndarray, exact: tuple[np.ndarray, np.ndarray], passes: EdgePasses, cuts: np.ndarray,
+                  scratch: Path, chunk_rows: int | None = None) -> np.ndarray:
     """Samples removed (one kept per connected group) at each cut, edges >= cut plus identical bytes.
 
-    One pass from the highest cut down (Kruskal's order): each step joins only the edges between
-    it and the previous cut, on the groups found so far, so the cost is O(edges + cuts * nodes).
+    `ids`: every node's sample id, sorted (a superset of the pairs' ends: a lone node changes no count).
+    One read spills each edge, as node indices, to the band between its two nearest cuts; then the
+    bands are joined from the highest cut down (Kruskal's order) on one union-find over the nodes,
+    counting the groups after each: O(nodes) memory, O(chunk) edges at a time.
     """
-    from dedup.search.union_find import connected_components
+    from dedup.search.union_find import _union_part
 
-    ids = np.unique(np.concatenate([edges["id_a"].to_numpy(np.int64), edges["id_b"].to_numpy(np.int64), *exact]))
-    a = np.searchsorted(ids, edges["id_a"].to_numpy(np.int64))
-    b = np.searchsorted(ids, edges["id_b"].to_numpy(np.int64))
-    similarity = edges["similarity"].to_numpy(np.float32)
-    labels = connected_components(len(ids), np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1]))
-    removed = np.zeros(len(cuts), dtype=np.int64)
-    done = np.zeros(len(similarity), dtype=bool)
-    for position in np.argsort(-np.asarray(cuts, dtype=np.float64), kind="stable"):
-        step = ~done & (similarity >= np.float32(cuts[position]))
-        labels = connected_components(len(ids), labels[a[step]], labels[b[step]])[labels]
-        done |= step
-        removed[position] = len(ids) - len(np.unique(labels))
-    return removed
+    chunk_rows = chunk_rows or EDGE_BATCH_ROWS
+    values = np.unique(np.asarray(cuts, dtype=np.float32))  # compared in float32, as the stored similarities
+    parent = np.arange(len(ids), dtype=np.int64)
+    _union_part(parent, np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1]))
+    removed = np.zeros(len(values), dtype=np.int64)
+    with tempfile.TemporaryDirectory(prefix="curve-", dir=scratch) as tmp:
+        spill = _Spill(Path(tmp), len(values))  # band k: values[k] <= similarity < values[k + 1]
+        for records in passes():
+            band = np.searchsorted(values, records["s"], side="right") - 1
+            kept = (band >= 0) & ~np.isnan(records["s"])
+            nodes = records[kept].copy()
+            nodes["a"], nodes["b"] = np.searchsorted(ids, nodes["a"]), np.searchsorted(ids, nodes["b"])
+            spill.add(band[kept], nodes)
+        for k in range(len(values) - 1, -1, -1):
+            for chunk in spill.read(k, chunk_rows):
+                _union_part(parent, chunk["a"], chunk["b"])
+            removed[k] = len(ids) - int((parent == np.arange(len(ids))).sum())
+    return removed[np.searchsorted(values, np.asarray(cuts, dtype=np.float32))]
 
 
-def band_pairs(edges: pd.DataFrame, low: float, bands: int = BANDS, per_band: int = PAIRS_PER_BAND) -> list[tuple[float, float, pd.DataFrame]]:
-    """(band low, band high, up to `per_band` pairs spread evenly over the band) from `low` to 1."""
+@dataclass
+class _Band:
+    """One similarity band's pairs as they stream by: count, lowest and highest, a bounded uniform sample."""
+
+    left: float
+    right: float
+    count: int = 0
+    ends: np.ndarray | None = None  # the lowest and the highest pair seen, (similarity, a, b) order
+    sample: np.ndarray | None = None  # the BAND_SAMPLE_ROWS pairs of smallest hash so far
+    priority: np.ndarray | None = None
+
+    def add(self, records: np.ndarray, sample_rows: int) -> None:
+        self.count += len(records)
+        both = _sorted(np.concatenate([*([self.ends] if self.ends is not None else []), records]))
+        self.ends = both[[0, -1]]
+        rows = np.concatenate([*([self.sample] if self.sample is not None else []), records])
+        priority = np.concatenate([*([self.priority] if self.priority is not None else []), _mix(records["a"], records["b"])])
+        # The pairs of smallest hash: a uniform sample that does not depend on the read order.
+        keep = np.lexsort((rows["b"], rows["a"], priority))[:sample_rows]
+        self.sample, self.priority = rows[keep], priority[keep]
+
+    def shown(self, per_band: int) -> pd.DataFrame:
+        if not self.count:
+            return pd.DataFrame({"id_a": np.zeros(0, np.int64), "id_b": np.zeros(0, np.int64),
+                                 "similarity": np.zeros(0, np.float32)})
+        sample = _sorted(self.sample)
+        if self.count <= per_band:
+            chosen = sample
+        elif len(sample) == self.count:  # every pair at hand: exactly the evenly spread ranks
+            chosen = sample[np.unique(np.linspace(0, self.count - 1, per_band).round().astype(int))]
+        else:  # the ends exactly, the middle ones at the same quantiles of the uniform sample
+            chosen = sample[np.unique(np.linspace(0, len(sample) - 1, per_band).round().astype(int))]
+            chosen[0], chosen[-1] = self.ends[0], self.ends[1]
+        return pd.DataFrame({"id_a": chosen["a"], "id_b": chosen["b"], "similarity": chosen["s"]})
+
+
+def _sorted(records: np.ndarray) -> np.ndarray:
+    return records[np.lexsort((records["b"], records["a"], records["s"]))]
+
+
+def band_pairs(passes: EdgePasses, low: float, bands: int = BANDS, per_band: int = PAIRS_PER_BAND,
+               sample_rows: int | None = None) -> list[tuple[float, float, pd.DataFrame]]:
+    """(band low, band high, up to `per_band` pairs spread evenly over the band) from `low` to 1, in one pass.
+
+    Exact (the evenly spread pairs of each band in (similarity, id_a, id_b) order) while a band holds at
+    most `sample_rows` pairs; above, see BAND_SAMPLE_ROWS.
+    """
+    sample_rows = sample_rows or BAND_SAMPLE_ROWS
     limits = np.linspace(low, 1.0, bands + 1)
-    result = []
-    for left, right in itertools.pairwise(limits):
-        last = right >= 1.0
-        inside = edges[(edges["similarity"] >= left) & ((edges["similarity"] <= right) if last else (edges["similarity"] < right))]
-        inside = inside.sort_values(["similarity", "id_a", "id_b"], ignore_index=True)
-        if len(inside) > per_band:
-            inside = inside.iloc[np.unique(np.linspace(0, len(inside) - 1, per_band).round().astype(int))]
-        result.append((float(left), float(right), inside))
-    return result
+    states = [_Band(float(left), float(right)) for left, right in itertools.pairwise(limits)]
+    for records in passes():
+        similarity = records["s"]
+        for (left, right), state in zip(itertools.pairwise(limits), states, strict=True):
+            # As the whole-table version compared: float32 similarities against float64 limits.
+            inside = (similarity >= left) & ((similarity <= right) if right >= 1.0 else (similarity < right))
+            if inside.any():
+                state.add(records[inside], sample_rows)
+    return [(state.left, state.right, state.shown(per_band)) for state in states]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    low: float
+    cuts: np.ndarray
+    removed: np.ndarray
+    bands: list[tuple[float, float, pd.DataFrame]]
+
+
+def descriptor_guidance(run: RunDir, descriptor: str, config: dict[str, Any]) -> Guidance | None:
+    """The curve and the band pairs of one descriptor, edges streamed (None when it has no stored pair)."""
+    with distinct_edges(run, descriptor) as passes:
+        lowest = lowest_similarity(passes)
+        if lowest is None:
+            return None
+        low = float((config.get("search_thresholds") or {}).get(descriptor, lowest))
+        cuts = np.linspace(low, 1.0, CURVE_POINTS)
+        ids, exact = run_nodes(run)
+        scratch = run.scratch_dir("report")
+        scratch.mkdir(parents=True, exist_ok=True)
+        removed = removal_curve(ids, exact, passes, cuts, scratch)
+        return Guidance(low, cuts, removed, band_pairs(passes, low))
 
 
 # ---------------------------------------------------------------- HTML
@@ -117,14 +299,12 @@ def _pair_html(pair: Any, thumb, keys: dict[int, str]) -> str:
 def _descriptor_block(run: RunDir, descriptor: str, config: dict[str, Any]) -> str:
     from dedup.stages.report import _ThumbnailHtml, read_thumbnails, sample_rows
 
-    edges = stored_edges(run, descriptor)
-    if edges.empty:
+    guidance = descriptor_guidance(run, descriptor, config)
+    if guidance is None:
         return f"<h3>{html.escape(descriptor)}</h3><p class='muted'>no neighbour pairs stored</p>"
-    low = float((config.get("search_thresholds") or {}).get(descriptor, edges["similarity"].min()))
     threshold = (config.get("thresholds") or {}).get(descriptor)
-    cuts = np.linspace(low, 1.0, CURVE_POINTS)
-    curve = _curve_svg(descriptor, cuts, removal_curve(edges, _exact_pairs(run), cuts), threshold)
-    bands = band_pairs(edges, low)
+    curve = _curve_svg(descriptor, guidance.cuts, guidance.removed, threshold)
+    bands = guidance.bands
     ids = sorted({int(i) for _, _, pairs in bands for i in (*pairs["id_a"], *pairs["id_b"])})
     thumb = _ThumbnailHtml(read_thumbnails(run.root, ids))
     keys = dict(zip(*sample_rows(run, ids, ["key"])[["sample_id", "key"]].to_numpy().T, strict=False))

@@ -42,7 +42,7 @@ from dedup.console import terminal_safe
 from dedup.decode import OK, DecodeFailure, decode_image
 from dedup.errors import StoreError
 from dedup.records import RunDir, fingerprint, make_sample_id, read_shards, split_sample_id, write_table, write_text
-from dedup.stages.guidance import threshold_guidance_section
+from dedup.stages.guidance import distinct_edges, lowest_similarity, threshold_guidance_section
 from dedup.stages.overrides import overrides_section
 from dedup.stages.rank import url_domain
 from dedup.stages.read import MAX_IMAGE_BYTES, is_remote, read_shard, split_member_name
@@ -703,19 +703,21 @@ def _shard_plot(counts: np.ndarray) -> str:
 
 
 def similarity_histogram(run: RunDir, descriptor: str, low: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(bin edges, counts) of the stored neighbour similarities, each pair counted once."""
-    parts = sorted(run.neighbors_dir(descriptor).glob("part_*.parquet"))
-    if not parts:
-        return np.array([]), np.array([])
-    pairs = pd.concat([pq.read_table(p, columns=["id_a", "id_b", "similarity"]).to_pandas() for p in parts])
-    # A pair can be found from both of its ends and in several parts.
-    similarity = pairs.drop_duplicates(["id_a", "id_b"])["similarity"].to_numpy(np.float64)
-    if similarity.size == 0:
-        return np.array([]), np.array([])
-    start = low if low is not None else float(similarity.min())
-    start = min(start, float(similarity.min()))
-    edges = np.linspace(start, 1.0, SIMILARITY_BINS + 1) if start < 1.0 else np.array([start - 0.01, 1.0])
-    counts, edges = np.histogram(np.clip(similarity, edges[0], edges[-1]), bins=edges)
+    """(bin edges, counts) of the stored neighbour similarities, each pair counted once.
+
+    Streamed (`guidance.distinct_edges`): one pass finds the lowest similarity, a second adds each batch
+    to the fixed bins, so memory is O(batch + bins) however many pairs are stored.
+    """
+    with distinct_edges(run, descriptor) as passes:
+        lowest = lowest_similarity(passes)
+        if lowest is None:
+            return np.array([]), np.array([])
+        start = min(low if low is not None else lowest, lowest)
+        edges = np.linspace(start, 1.0, SIMILARITY_BINS + 1) if start < 1.0 else np.array([start - 0.01, 1.0])
+        counts = np.zeros(len(edges) - 1, dtype=np.int64)
+        for records in passes():
+            similarity = records["s"].astype(np.float64)
+            counts += np.histogram(np.clip(similarity, edges[0], edges[-1]), bins=edges)[0]
     return edges, counts
 
 

@@ -1,0 +1,84 @@
+"""Whole-table reference implementations, kept only as oracles for the tests.
+
+Each is the code a streamed or out-of-core version in dedup/ replaced, kept verbatim (or nearly) so a
+test can compare the two on random inputs small enough to hold in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from dedup.records import RunDir
+
+SIMILARITY_BINS = 40  # dedup.stages.report.SIMILARITY_BINS when the histogram was whole-table
+
+
+# ---------------------------------------------------------------- report histogram, guidance (whole edge table)
+
+
+def similarity_histogram(run: RunDir, descriptor: str, low: float | None) -> tuple[np.ndarray, np.ndarray]:
+    parts = sorted(run.neighbors_dir(descriptor).glob("part_*.parquet"))
+    if not parts:
+        return np.array([]), np.array([])
+    pairs = pd.concat([pq.read_table(p, columns=["id_a", "id_b", "similarity"]).to_pandas() for p in parts])
+    similarity = pairs.drop_duplicates(["id_a", "id_b"])["similarity"].to_numpy(np.float64)
+    if similarity.size == 0:
+        return np.array([]), np.array([])
+    start = low if low is not None else float(similarity.min())
+    start = min(start, float(similarity.min()))
+    edges = np.linspace(start, 1.0, SIMILARITY_BINS + 1) if start < 1.0 else np.array([start - 0.01, 1.0])
+    counts, edges = np.histogram(np.clip(similarity, edges[0], edges[-1]), bins=edges)
+    return edges, counts
+
+
+def stored_edges(run: RunDir, descriptor: str) -> pd.DataFrame:
+    parts = sorted(run.neighbors_dir(descriptor).glob("part_*.parquet"))
+    if not parts:
+        return pd.DataFrame({"id_a": pd.Series(dtype="int64"), "id_b": pd.Series(dtype="int64"),
+                             "similarity": pd.Series(dtype="float32")})
+    edges = pd.concat([pq.read_table(p, columns=["id_a", "id_b", "similarity"]).to_pandas() for p in parts])
+    return edges.sort_values("similarity", ascending=False).drop_duplicates(["id_a", "id_b"], ignore_index=True)
+
+
+def exact_pairs(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
+    from dedup.records import load_samples
+
+    samples = load_samples(run, ["sample_id", "sha256"]).dropna(subset=["sha256"])
+    first = samples.groupby("sha256")["sample_id"].transform("min")
+    joined = samples[samples["sample_id"] != first]
+    return first[joined.index].to_numpy(np.int64), joined["sample_id"].to_numpy(np.int64)
+
+
+def removal_curve(edges: pd.DataFrame, exact: tuple[np.ndarray, np.ndarray], cuts: np.ndarray) -> np.ndarray:
+    from dedup.search.union_find import connected_components
+
+    ids = np.unique(np.concatenate([edges["id_a"].to_numpy(np.int64), edges["id_b"].to_numpy(np.int64), *exact]))
+    a = np.searchsorted(ids, edges["id_a"].to_numpy(np.int64))
+    b = np.searchsorted(ids, edges["id_b"].to_numpy(np.int64))
+    similarity = edges["similarity"].to_numpy(np.float32)
+    labels = connected_components(len(ids), np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1]))
+    removed = np.zeros(len(cuts), dtype=np.int64)
+    done = np.zeros(len(similarity), dtype=bool)
+    for position in np.argsort(-np.asarray(cuts, dtype=np.float64), kind="stable"):
+        step = ~done & (similarity >= np.float32(cuts[position]))
+        labels = connected_components(len(ids), labels[a[step]], labels[b[step]])[labels]
+        done |= step
+        removed[position] = len(ids) - len(np.unique(labels))
+    return removed
+
+
+def band_pairs(edges: pd.DataFrame, low: float, bands: int = 6, per_band: int = 3) -> list[tuple[float, float, pd.DataFrame]]:
+    limits = np.linspace(low, 1.0, bands + 1)
+    result = []
+    for left, right in itertools.pairwise(limits):
+        last = right >= 1.0
+        inside = edges[(edges["similarity"] >= left) & ((edges["similarity"] <= right) if last else (edges["similarity"] < right))]
+        inside = inside.sort_values(["similarity", "id_a", "id_b"], ignore_index=True)
+        if len(inside) > per_band:
+            inside = inside.iloc[np.unique(np.linspace(0, len(inside) - 1, per_band).round().astype(int))]
+        result.append((float(left), float(right), inside))
+    return result
