@@ -94,3 +94,81 @@ def test_ranking_reads_only_clusters_with_copies_and_ranks_as_over_the_whole_tab
     for by in ("copies", "risk"):
         pd.testing.assert_frame_equal(rank_clusters(copies, by), rank_clusters(whole, by))
     pd.testing.assert_frame_equal(pd.read_parquet(run.top_duplicates), rank_clusters(whole, "copies"))
+
+
+# ---------------------------------------------------------------- bounded memory: buckets, merged summaries
+
+
+def _random_clusters(path, seed: int = 4, n_clusters: int = 300):
+    """A clusters.parquet with many ties: equal sizes, equal captions (equal risk), singletons between, shuffled rows."""
+    import numpy as np
+
+    from dedup.records import CLUSTERS, write_record
+
+    rng = np.random.default_rng(seed)
+    rows, next_id = [], 0
+    for c in range(n_clusters):
+        size = int(rng.choice([1, 1, 2, 2, 2, 3, 5]))
+        cluster_id = (int(rng.integers(0, 4)) << 32) + next_id
+        captions = rng.choice(["a cat", "A cat!", "a dog", None], size)
+        for i in range(size):
+            rows.append({"sample_id": cluster_id + i, "shard_index": int((cluster_id >> 32) + i % 2), "shard": "s.tar",
+                         "key": f"k{c}-{i}", "url": None if i == 3 else f"https://site{int(rng.integers(0, 3))}.org/{c}/{i}",
+                         "caption": captions[i], "status": "ok", "cluster_id": cluster_id, "cluster_size": size,
+                         "is_representative": i == 0, "similarity_to_representative": 1.0, "matched_by": "self"})
+        next_id += size
+    frame = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    write_record(frame, path, CLUSTERS)
+    return frame
+
+
+class _FrameSpy:
+    """Records the largest member table `cluster_summaries` is given."""
+
+    def __init__(self, monkeypatch) -> None:
+        from dedup.stages import rank as rank_module
+
+        self.largest, original = 0, rank_module.cluster_summaries
+
+        def spy(frame):
+            self.largest = max(self.largest, len(frame))
+            return original(frame)
+
+        monkeypatch.setattr(rank_module, "cluster_summaries", spy)
+
+
+@pytest.mark.parametrize(("bucket_rows", "max_buckets"), [(40, 512), (40, 3), (10_000, 512)])
+@pytest.mark.parametrize("by", ["copies", "risk"])
+def test_bounded_ranking_equals_the_whole_table_one(tmp_path, monkeypatch, bucket_rows, max_buckets, by):
+    import oracles
+
+    from dedup.records import RunDir
+    from dedup.stages import rank as rank_module
+
+    run = RunDir(tmp_path / "run")
+    frame = _random_clusters(run.clusters)
+    members = int((frame["cluster_size"] >= 2).sum())
+    expected = oracles.ranking_of(run.clusters, by)
+    assert expected[by].duplicated().any()  # ties, broken by copies then cluster id
+    monkeypatch.setattr(rank_module, "BUCKET_ROWS", bucket_rows)
+    monkeypatch.setattr(rank_module, "MAX_BUCKETS", max_buckets)
+    spy = _FrameSpy(monkeypatch)
+    assert rank_module.write_ranking(run, by) == len(expected)
+    pd.testing.assert_frame_equal(pd.read_parquet(run.top_duplicates), expected)
+    if bucket_rows < members and max_buckets > 3:
+        assert spy.largest <= 3 * bucket_rows < members  # no table of every member with copies
+    assert not any(run.scratch_dir("rank").rglob("*.parquet"))  # buckets and summaries removed
+
+
+def test_bounded_ranking_writes_the_contract_schema(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from dedup.records import TOP_DUPLICATES, RunDir
+    from dedup.stages import rank as rank_module
+
+    run = RunDir(tmp_path / "run")
+    _random_clusters(run.clusters)
+    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 40)
+    rank_module.write_ranking(run, "risk")
+    assert pq.read_schema(run.top_duplicates).remove_metadata().equals(TOP_DUPLICATES.remove_metadata())
+    assert pq.ParquetFile(run.top_duplicates).metadata.num_row_groups > 1  # written in merged chunks

@@ -8,24 +8,39 @@ Memorisation risk (see docs_risk.md for the reasons):
 (lowercase, punctuation removed, whitespace collapsed) equals the
 representative's; `verbatim_copies` counts those members (Webster et al.'s
 "verbatim" copies: same image, same caption).
+
+Memory is bounded by BUCKET_ROWS member rows, not by the clusters with copies: above that many,
+one scan of clusters.parquet (a row group at a time) spills the members into buckets by a hash of
+their cluster id (a cluster is never split), each bucket is summarised alone, and the summaries,
+each sorted, are merged in order into top_duplicates.parquet chunk by chunk.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dedup.engine import run_stage
 from dedup.errors import DedupError, StoreError
-from dedup.records import TOP_DUPLICATES, RunDir, fingerprint, write_record
+from dedup.records import TOP_DUPLICATES, RunDir, atomic_output, conform, fingerprint, write_record
 from dedup.run import Run
 
 TOP_COLUMNS = TOP_DUPLICATES.names  # the contract lives in dedup/records.py
 
 RANK_ORDERS = ("copies", "risk")
+# Member rows of clusters with copies held at once (a read batch, one bucket on average).
+BUCKET_ROWS = 1 << 21
+MAX_BUCKETS = 512  # open bucket writers; past BUCKET_ROWS * MAX_BUCKETS members buckets grow instead
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _SPACES = re.compile(r"\s+")
 
@@ -66,9 +81,16 @@ def url_domain(url: object) -> str | None:
 
 def rank_clusters(clusters: pd.DataFrame, by: str = "copies") -> pd.DataFrame:
     """One row per cluster of >= 2 members: copies, caption/domain/shard spread, memorisation risk."""
+    summary = _ordered(cluster_summaries(clusters), by)
+    summary.insert(0, "rank", range(1, len(summary) + 1))
+    return summary[TOP_COLUMNS].reset_index(drop=True)
+
+
+def cluster_summaries(clusters: pd.DataFrame) -> pd.DataFrame:
+    """`rank_clusters` without the order: one row per cluster of >= 2 members, from all of its members."""
     dups = clusters[clusters["cluster_size"] >= 2].copy()
     if dups.empty:
-        return TOP_DUPLICATES.empty_table().to_pandas()
+        return TOP_DUPLICATES.empty_table().to_pandas().drop(columns="rank")
     dups["domain"] = dups["url"].map(url_domain)
     grouped = dups.groupby("cluster_id")
     summary = pd.DataFrame(
@@ -85,9 +107,11 @@ def rank_clusters(clusters: pd.DataFrame, by: str = "copies") -> pd.DataFrame:
     summary["representative_caption"] = reps["caption"]
     summary = summary.join(_caption_columns(dups))
     summary["risk"] = [risk_score(*v) for v in zip(summary["copies"], summary["caption_sameness"], summary["url_domains"], strict=False)]
-    summary = summary.reset_index().sort_values([by, "copies", "cluster_id"], ascending=[False, False, True])
-    summary.insert(0, "rank", range(1, len(summary) + 1))
-    return summary[TOP_COLUMNS].reset_index(drop=True)
+    return summary.reset_index()
+
+
+def _ordered(summary: pd.DataFrame, by: str) -> pd.DataFrame:
+    return summary.sort_values([by, "copies", "cluster_id"], ascending=[False, False, True])
 
 
 # What `rank_clusters` reads of a member.
@@ -100,6 +124,104 @@ def read_copies(path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     return pq.read_table(path, columns=RANK_COLUMNS, filters=[("cluster_size", ">=", 2)]).to_pandas()
+
+
+def write_ranking(run: RunDir, by: str) -> int:
+    """clusters.parquet -> top_duplicates.parquet in at most about BUCKET_ROWS member rows; returns the clusters ranked."""
+    members = _members_with_copies(run.clusters)
+    if members <= BUCKET_ROWS:  # they fit: one table, as always
+        ranking = rank_clusters(read_copies(run.clusters), by)
+        write_record(ranking, run.top_duplicates, TOP_DUPLICATES)
+        return len(ranking)
+    folder = run.scratch_dir("rank")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="buckets-", dir=folder) as tmp:
+        buckets = _split(run.clusters, Path(tmp), min(MAX_BUCKETS, -(-members // BUCKET_ROWS)))
+        summaries = [_summarise(path, by) for path in buckets]
+        with atomic_output(run.top_duplicates) as out, pq.ParquetWriter(out, TOP_DUPLICATES) as writer:
+            ranked = 0
+            for chunk in _merged(summaries, by, max(1, BUCKET_ROWS // len(summaries))):
+                chunk.insert(0, "rank", np.arange(ranked + 1, ranked + len(chunk) + 1))
+                writer.write_table(conform(chunk, TOP_DUPLICATES))
+                ranked += len(chunk)
+    return ranked
+
+
+def _members_with_copies(path: Path) -> int:
+    handle = pq.ParquetFile(path)
+    return sum(int(pc.sum(pc.greater_equal(batch.column(0), 2)).as_py() or 0)
+               for batch in handle.iter_batches(batch_size=BUCKET_ROWS, columns=["cluster_size"]))
+
+
+def _bucket_of(cluster_id: np.ndarray, count: int) -> np.ndarray:
+    # A multiplicative hash: representatives' ids are shard << 32 | position, so the low bits alone cluster.
+    return ((cluster_id.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) % np.uint64(count)
+
+
+def _split(clusters: Path, folder: Path, count: int) -> list[Path]:
+    """The members of clusters with copies (RANK_COLUMNS), a batch at a time, into `count` bucket files."""
+    paths = [folder / f"bucket_{i}.parquet" for i in range(count)]
+    handle = pq.ParquetFile(clusters)
+    schema = handle.schema_arrow
+    schema = pa.schema([schema.field(name) for name in RANK_COLUMNS])
+    writers = [pq.ParquetWriter(path, schema) for path in paths]
+    try:
+        for batch in handle.iter_batches(batch_size=BUCKET_ROWS, columns=RANK_COLUMNS):
+            table = pa.Table.from_batches([batch]).filter(pc.greater_equal(batch.column("cluster_size"), 2))
+            bucket = _bucket_of(table["cluster_id"].to_numpy(), count)
+            order = np.argsort(bucket, kind="stable")
+            table, bounds = table.take(pa.array(order)), np.searchsorted(bucket[order], np.arange(count + 1))
+            for i in np.flatnonzero(np.diff(bounds)):
+                writers[i].write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]))
+    finally:
+        for writer in writers:
+            writer.close()
+    return paths
+
+
+def _summarise(bucket: Path, by: str) -> Path:
+    """A bucket's cluster summaries in ranking order, written beside it (the bucket is removed)."""
+    summary = _ordered(cluster_summaries(pd.read_parquet(bucket)), by)
+    bucket.unlink()
+    path = bucket.with_suffix(".summary.parquet")
+    summary.reset_index(drop=True).to_parquet(path, index=False)
+    return path
+
+
+def _merged(summaries: list[Path], by: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Sorted summaries merged in ranking order, a chunk of at most about len(summaries) * chunk_rows rows at a time.
+
+    Every summary's rows up to the smallest of the last keys read are final (no later row of any summary
+    sorts before it), so they are emitted; then each summary with no row left in hand reads its next chunk.
+    """
+    readers = [pq.ParquetFile(path).iter_batches(batch_size=chunk_rows) for path in summaries]
+    hand = [_next(reader) for reader in readers]
+    while any(frame is not None for frame in hand):
+        live = [frame for frame in hand if frame is not None]
+        bound = min(_key(frame, by, len(frame) - 1) for frame in live if len(frame))
+        ready = [frame[_at_most(frame, by, bound)] for frame in live]
+        yield _ordered(pd.concat(ready, ignore_index=True), by).reset_index(drop=True)
+        hand = [None if frame is None else frame[~_at_most(frame, by, bound)] for frame in hand]
+        hand = [_next(readers[i]) if frame is not None and not len(frame) else frame for i, frame in enumerate(hand)]
+
+
+def _next(reader) -> pd.DataFrame | None:
+    """The reader's next non-empty chunk, None when it is done."""
+    for batch in reader:
+        if batch.num_rows:
+            return batch.to_pandas()
+    return None
+
+
+def _key(frame: pd.DataFrame, by: str, row: int) -> tuple:
+    """The ranking order as an ascending tuple: larger `by`, then more copies, then the smaller cluster id first."""
+    return (-frame[by].iat[row], -frame["copies"].iat[row], frame["cluster_id"].iat[row])
+
+
+def _at_most(frame: pd.DataFrame, by: str, bound: tuple) -> np.ndarray:
+    """Rows whose key is <= bound (lexicographic)."""
+    first, second, third = -frame[by].to_numpy(), -frame["copies"].to_numpy(), frame["cluster_id"].to_numpy()
+    return (first < bound[0]) | ((first == bound[0]) & ((second < bound[1]) | ((second == bound[1]) & (third <= bound[2]))))
 
 
 def check_order(by: str) -> str:
@@ -129,9 +251,7 @@ class RankStage:
         if not self.run_dir.clusters.exists():
             raise StoreError(f"{self.run_dir.root} has no clusters.parquet",
                              hint=f"run 'dedup cluster {self.run_dir.root}' first")
-        ranking = rank_clusters(read_copies(self.run_dir.clusters), self.by)
-        write_record(ranking, self.run_dir.top_duplicates, TOP_DUPLICATES)
-        return {"clusters_ranked": len(ranking)}
+        return {"clusters_ranked": write_ranking(self.run_dir, self.by)}
 
     def close(self) -> None:
         pass
