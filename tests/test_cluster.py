@@ -315,6 +315,43 @@ def test_edge_reduction_tasks_give_the_streamed_answer(tmp_path):
     assert staged == stats and stats["guard_passes"] >= 2
 
 
+def test_lost_cluster_scratch_is_recomputed_not_a_traceback(tmp_path):
+    """The scratch folder removed (disk cleanup, crash) after the nodes and edge markers, before the cluster task."""
+    import shutil
+
+    from dedup.stages import cluster as stage
+    from dedup.stages.cluster import run_cluster_stages
+
+    run = hand_built_run(tmp_path, np.random.default_rng(10))
+    context = cluster_context(run.root, "local")
+    stats = run_cluster_stages(context)
+    expected = pd.read_parquet(run.clusters)
+    markers = run.root / "_markers"
+    # 1. all of the scratch and the last sub-stage's output gone.
+    shutil.rmtree(run.root / stage.SCRATCH)
+    (markers / "cluster" / "0.done").unlink()
+    run.clusters.unlink()
+    assert run_cluster_stages(context) == stats
+    pd.testing.assert_frame_equal(pd.read_parquet(run.clusters), expected)
+    assert (run.root / stage.SCRATCH / "nodes_head.npy").exists() and len(list((run.root / stage.SCRATCH).glob("edges_*.npy"))) == 6
+    # 2. two edge summaries and one node array lost, clusters.parquet deleted under its marker.
+    before = {p.name: p.stat().st_mtime_ns for p in (run.root / stage.SCRATCH).glob("edges_*.npy")}
+    for name in ("edges_1.npy", "edges_4.npy", "nodes_known.npy"):
+        (run.root / stage.SCRATCH / name).unlink()
+    run.clusters.unlink()
+    assert run_cluster_stages(context) == stats
+    pd.testing.assert_frame_equal(pd.read_parquet(run.clusters), expected)
+    after = {p.name: p.stat().st_mtime_ns for p in (run.root / stage.SCRATCH).glob("edges_*.npy")}
+    assert sorted(after) == sorted(before)
+    assert sorted(n for n in after if after[n] != before.get(n)) == ["edges_1.npy", "edges_4.npy"]  # only the lost redone
+    # 3. the scratch gone after a finished run: nothing needs it, nothing reruns.
+    shutil.rmtree(run.root / stage.SCRATCH)
+    done = (markers / "cluster" / "0.done").stat().st_mtime_ns
+    assert stage.forget_lost_outputs(context) == []
+    run_cluster_stages(context)
+    assert (markers / "cluster" / "0.done").stat().st_mtime_ns == done
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'dedup[ray]')")
 def test_edge_reduction_on_ray_equals_the_local_engine(tmp_path):

@@ -620,8 +620,32 @@ class ClusterStage(_ClusterInputs):
         return stats
 
 
+def forget_lost_outputs(run: Run) -> list[str]:
+    """Remove the markers of cluster sub-stage tasks whose outputs are gone, so that those tasks run again.
+
+    The scratch folder is the one thing a later sub-stage reads that an earlier one wrote: a disk
+    cleanup or a crash can remove it after their markers were written. While clusters.parquet stands
+    under a done cluster task nothing needs it; otherwise every task whose files are missing is redone
+    (nodes and edge summaries are recomputed from unchanged inputs, so the result is the same).
+    Returns the forgotten markers' stage/task names.
+    """
+    final = ClusterStage(run)
+    if run.clusters.exists() and run.marker(final.name, "0").exists():
+        return []
+    nodes, edges = ClusterNodesStage(run), ClusterEdgesStage(run)
+    lost = [(final.name, "0")]
+    if not all((_scratch(run) / f"nodes_{name}.npy").exists() for name in NODE_ARRAYS):
+        lost.append((nodes.name, "0"))
+    lost += [(edges.name, task) for task in edges.task_ids() if not edges.summary_path(task).exists()]
+    forgotten = [f"{stage}/{task}" for stage, task in lost if run.marker(stage, task).exists()]
+    for stage, task in lost:
+        run.marker(stage, task).unlink(missing_ok=True)
+    return forgotten
+
+
 def run_cluster_stages(run: Run) -> dict[str, int]:
     """Nodes, edge reduction (one task per part) and the cluster task, each behind the run's engine."""
+    forget_lost_outputs(run)
     run_stage(run, ClusterNodesStage(run))
     run_stage(run, ClusterEdgesStage(run), unit="edges")
     report = run_stage(run, ClusterStage(run))
