@@ -93,6 +93,9 @@ class _Spill:
             with open(self.paths[i], "ab") as handle:  # open per write: thousands of partitions, few handles
                 records[bounds[i] : bounds[i + 1]].tofile(handle)
 
+    def replace(self, i: int, records: np.ndarray) -> None:
+        records.tofile(self.paths[i])
+
     def read(self, i: int, chunk_rows: int) -> Iterator[np.ndarray]:
         rows = self.paths[i].stat().st_size // EDGE.itemsize
         for start in range(0, rows, chunk_rows):
@@ -105,7 +108,8 @@ def distinct_edges(run: RunDir, descriptor: str, batch_rows: int | None = None) 
     """Passes over the descriptor's stored pairs, each pair once, never more than about `batch_rows` held.
 
     Up to `batch_rows` pairs in all they are read once and held; above, one read spills them to hash
-    partitions (a pair and its repeats land in the same one), each de-duplicated as it is read back.
+    partitions (a pair and its repeats land in the same one), each then de-duplicated in place, and
+    every pass reads the partitions back in chunks.
     """
     batch_rows = batch_rows or EDGE_BATCH_ROWS
     paths = edge_part_paths(run, descriptor)
@@ -120,9 +124,9 @@ def distinct_edges(run: RunDir, descriptor: str, batch_rows: int | None = None) 
         spill = _Spill(Path(tmp), -(-total // batch_rows))
         for records in _read_batches(paths, batch_rows):
             spill.add(_mix(records["a"], records["b"]) % np.uint64(len(spill.paths)), records)
-        # A partition holds about batch_rows pairs (hash-spread); read whole so that repeats meet.
-        yield lambda: (_distinct(np.concatenate([np.empty(0, dtype=EDGE), *spill.read(i, 4 * batch_rows)]))
-                       for i in range(len(spill.paths)))
+        for i in range(len(spill.paths)):  # about batch_rows pairs each (hash-spread): read whole, repeats meet
+            spill.replace(i, _distinct(np.concatenate([np.empty(0, dtype=EDGE), *spill.read(i, 4 * batch_rows)])))
+        yield lambda: (chunk for i in range(len(spill.paths)) for chunk in spill.read(i, batch_rows))
 
 
 def lowest_similarity(passes: EdgePasses) -> float | None:

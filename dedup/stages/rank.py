@@ -39,7 +39,7 @@ TOP_COLUMNS = TOP_DUPLICATES.names  # the contract lives in dedup/records.py
 
 RANK_ORDERS = ("copies", "risk")
 # Member rows of clusters with copies held at once (a read batch, one bucket on average).
-BUCKET_ROWS = 1 << 21
+BUCKET_ROWS = 1 << 19
 MAX_BUCKETS = 512  # open bucket writers; past BUCKET_ROWS * MAX_BUCKETS members buckets grow instead
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _SPACES = re.compile(r"\s+")
