@@ -120,3 +120,42 @@ def ranking_of(clusters_path, by: str = "copies") -> pd.DataFrame:
     from dedup.stages.rank import RANK_COLUMNS
 
     return rank_clusters(pq.read_table(clusters_path, columns=RANK_COLUMNS, filters=[("cluster_size", ">=", 2)]).to_pandas(), by)
+
+
+# ---------------------------------------------------------------- cluster (every edge and every sha256 in memory)
+
+
+def exact_heads(sha: np.ndarray) -> np.ndarray:
+    """Node -> first node with the same bytes (itself when its bytes are unique or unknown); in memory, for small inputs."""
+    head = np.arange(len(sha), dtype=np.int64)
+    known = np.flatnonzero(pd.notna(sha))  # elementwise: sha is an object array
+    if not len(known):
+        return head
+    codes, _ = pd.factorize(sha[known])
+    first_of_code = np.full(codes.max() + 1, len(sha), dtype=np.int64)
+    np.minimum.at(first_of_code, codes, known)
+    head[known] = first_of_code[codes]
+    return head
+
+
+def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin, contains=None):
+    """Chaining guard over identical-bytes groups contracted to one node each, then expanded (all edges in memory):
+    the in-memory twin of dedup.stages.cluster.guarded_clusters_streamed."""
+    from dedup.search.union_find import cluster_with_guard
+    from dedup.stages.cluster import SUPPORT_SLACK, _expanded, _onto_heads
+
+    a, b = _onto_heads(head, a, b)
+    result = cluster_with_guard(len(head), a, b, margin, guard_threshold=0.0,
+                                support_threshold=-SUPPORT_SLACK, contains=contains)
+    return _expanded(head, result)
+
+
+def drop_separated_edges(run: RunDir, node_ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (node indices into node_ids) without the ones a reviewer separated, the overrides read for the call."""
+    from dedup.stages.overrides import load_overrides, separated_edges
+
+    overrides = load_overrides(run)
+    if overrides.empty:
+        return a, b
+    keep = ~separated_edges(overrides, node_ids[a], node_ids[b])
+    return a[keep], b[keep]

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from oracles import drop_separated_edges, exact_heads, guarded_clusters
 
 from dedup.records import METADATA_SCHEMA, SAMPLES_SCHEMA, RunDir, make_sample_id, write_array, write_table
-from dedup.stages.cluster import cluster_run, guarded_clusters
+from dedup.stages.cluster import cluster_run
 from dedup.stages.manifests import KeepPolicy, write_manifests
 
 
@@ -157,13 +158,12 @@ def write_edge_parts(run: RunDir, name: str, vectors: np.ndarray, edges: np.ndar
 def in_memory_clusters(run: RunDir, descriptors, thresholds, guards) -> pd.DataFrame:
     """The oracle: every sample in one frame, every edge in one array, heads by pandas factorize (main's design)."""
     from dedup.records import iter_edge_parts, load_samples
-    from dedup.stages.cluster import _exact_heads, _explain, _Nodes, _views
-    from dedup.stages.overrides import drop_separated_edges
+    from dedup.stages.cluster import _explain, _Nodes, _views
 
     samples = load_samples(run).sort_values("sample_id", ignore_index=True)
     ids, ok = samples["sample_id"].to_numpy(), (samples["status"] == "ok").to_numpy()
     sha = np.where(samples["sha256"].isna() | ~ok, None, samples["sha256"].to_numpy(dtype=object))
-    head = _exact_heads(sha)
+    head = exact_heads(sha)
     parts = [(np.searchsorted(ids, x), np.searchsorted(ids, y)) for d in descriptors
              for x, y in iter_edge_parts(run, d, thresholds[d])]
     a = np.concatenate([np.empty(0, np.int64)] + [p[0] for p in parts])

@@ -35,7 +35,7 @@ from dedup.engine import run_stage
 from dedup.errors import DedupError, StoreError
 from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings, write_array
 from dedup.run import Run
-from dedup.search.union_find import cluster_with_guard, cluster_with_guard_streamed, merge_summaries, reduce_part
+from dedup.search.union_find import cluster_with_guard_streamed, merge_summaries, reduce_part
 from dedup.stages.crops import CROPS, contains_scorer, crop_edge_nodes
 from dedup.stages.overrides import load_overrides, separated_edges
 
@@ -72,19 +72,6 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
     return views
 
 
-def _exact_heads(sha: np.ndarray) -> np.ndarray:
-    """Node -> first node with the same bytes (itself when its bytes are unique or unknown); in memory, for small inputs."""
-    head = np.arange(len(sha), dtype=np.int64)
-    known = np.flatnonzero(pd.notna(sha))  # elementwise: sha is an object array
-    if not len(known):
-        return head
-    codes, _ = pd.factorize(sha[known])
-    first_of_code = np.full(codes.max() + 1, len(sha), dtype=np.int64)
-    np.minimum.at(first_of_code, codes, known)
-    head[known] = first_of_code[codes]
-    return head
-
-
 @dataclass(frozen=True)
 class GuardedClusters:
     labels: np.ndarray  # int64 node index of each node's representative
@@ -95,23 +82,14 @@ class GuardedClusters:
         return np.bincount(self.labels, minlength=len(self.labels))[self.labels]
 
 
-def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin, contains=None) -> GuardedClusters:
-    """Chaining guard over identical-bytes groups contracted to one node each, then expanded.
-
-    Each group travels as its head: edges are moved onto heads, the guard sees one
-    node per group, and every member takes its head's label afterwards. So identical
-    bytes end in one cluster whatever the guard does (however many passes it needs).
-    """
-    n_nodes = len(head)
-    a, b = _onto_heads(head, a, b)
-    result = cluster_with_guard(n_nodes, a, b, margin, guard_threshold=0.0,
-                                support_threshold=-SUPPORT_SLACK, contains=contains)
-    return _expanded(head, result)
-
-
 def guarded_clusters_streamed(head: np.ndarray, edge_parts, margin, contains=None, parent=None,
                               first_graph=None) -> GuardedClusters:
-    """`guarded_clusters` over edges read part by part (`edge_parts()` -> iterable of (a, b)): the same result.
+    """The chaining guard over identical-bytes groups contracted to one node each, then expanded, the edges
+    read part by part (`edge_parts()` -> iterable of (a, b)); tests/oracles.py `guarded_clusters` is the in-memory twin.
+
+    Each group travels as its head: edges are moved onto heads, the guard sees one node per group, and
+    every member takes its head's label afterwards. So identical bytes end in one cluster whatever the
+    guard does (however many passes it needs).
 
     `contains` is the one place a containment check (large crops) enters the guard;
     `parent` and `first_graph` as in `cluster_with_guard_streamed` (first_graph over head-mapped edges).
@@ -345,7 +323,7 @@ class _EdgeSource:
         a, b = a[both], b[both]
         if self.overrides.empty:
             return a, b
-        # Review overrides, as `drop_separated_edges` applies them, with the table read once.
+        # Review overrides (the reviewer's separated pairs), with the table read once.
         keep = ~separated_edges(self.overrides, self.nodes.ids[a], self.nodes.ids[b])
         return a[keep], b[keep]
 

@@ -81,15 +81,6 @@ def separated_edges(overrides: pd.DataFrame, id_a: np.ndarray, id_b: np.ndarray)
     return mask
 
 
-def drop_separated_edges(run: RunDir, node_ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cluster stage's hook: edges (node indices into node_ids) without the ones a reviewer separated."""
-    overrides = load_overrides(run)
-    if overrides.empty:
-        return a, b
-    keep = ~separated_edges(overrides, node_ids[a], node_ids[b])
-    return a[keep], b[keep]
-
-
 def pinned_samples(run: RunDir) -> set[int]:
     """Sample ids a reviewer pinned as the copy to keep."""
     overrides = load_overrides(run)
