@@ -172,3 +172,66 @@ def test_bounded_ranking_writes_the_contract_schema(tmp_path, monkeypatch):
     rank_module.write_ranking(run, "risk")
     assert pq.read_schema(run.top_duplicates).remove_metadata().equals(TOP_DUPLICATES.remove_metadata())
     assert pq.ParquetFile(run.top_duplicates).metadata.num_row_groups > 1  # written in merged chunks
+
+
+def _rank_context(root):
+    from dedup.run import Run
+    from dedup.settings import EngineSettings, Settings
+
+    return Run(root, Settings(engine=EngineSettings(show_progress=False), rank_by="risk"))
+
+
+def test_rank_sub_stages_equal_the_whole_table_ranking_and_redo_what_is_lost(tmp_path, monkeypatch):
+    import oracles
+
+    from dedup.engine import run_stage
+    from dedup.stages import rank as rank_module
+
+    run = _rank_context(tmp_path / "run")
+    _random_clusters(run.clusters)
+    expected = oracles.ranking_of(run.clusters, "risk")
+    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 40)
+    pd.testing.assert_frame_equal(rank(run), expected)
+    markers = run.root / "_markers"
+    assert len(list((markers / "rank_buckets").glob("*.done"))) == rank_module.bucket_count(
+        int((pd.read_parquet(run.clusters)["cluster_size"] >= 2).sum())) > 2
+    assert not run.scratch_dir("rank").exists()  # removed once merged
+    # 1. the ranking deleted under its marker: every step redone, the same answer.
+    run.top_duplicates.unlink()
+    pd.testing.assert_frame_equal(rank(run), expected)
+    # 2. a crash after the split and the bucket tasks, then a lost summary: only that bucket is redone.
+    stages = [rank_module.RankSplitStage(run, "risk"), rank_module.RankBucketsStage(run, "risk")]
+    run.top_duplicates.unlink()
+    for marker in markers.glob("rank*/*.done"):
+        marker.unlink()
+    for stage in stages:
+        run_stage(run, stage)
+    summaries = {p.name: p.stat().st_mtime_ns for p in run.scratch_dir("rank").glob("summary_*.parquet")}
+    run.scratch_dir("rank").joinpath("summary_1.parquet").unlink()
+    assert rank_module.forget_lost_outputs(run, "risk") == ["rank_buckets/1"]
+    for stage in stages:
+        run_stage(run, stage)
+    changed = [p.name for p in run.scratch_dir("rank").glob("summary_*.parquet") if p.stat().st_mtime_ns != summaries.get(p.name)]
+    assert changed == ["summary_1.parquet"]
+    # 3. a lost bucket file: the split and every summary are redone.
+    run.scratch_dir("rank").joinpath("bucket_0.parquet").unlink()
+    assert "rank_split/0" in rank_module.forget_lost_outputs(run, "risk")
+    pd.testing.assert_frame_equal(rank(run), expected)
+    # 4. done, scratch gone: nothing reruns.
+    stamp = (markers / "rank" / "0.done").stat().st_mtime_ns
+    rank(run)
+    assert (markers / "rank" / "0.done").stat().st_mtime_ns == stamp
+
+
+def test_ranking_of_clusters_without_copies_is_the_empty_contract_table(tmp_path):
+    import oracles
+
+    from dedup.records import CLUSTERS, write_record
+
+    run = _rank_context(tmp_path / "run")
+    frame = pd.DataFrame(_members(100, ["a"], ["https://a.com/1"]))  # one singleton
+    frame = frame.assign(shard="s.tar", status="ok", similarity_to_representative=1.0, matched_by="self")
+    write_record(frame, run.clusters, CLUSTERS)
+    ranking = rank(run)
+    assert ranking.empty and list(ranking.columns) == list(oracles.ranking_of(run.clusters).columns)
+    pd.testing.assert_frame_equal(ranking, oracles.ranking_of(run.clusters))

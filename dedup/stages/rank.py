@@ -17,8 +17,10 @@ each sorted, are merged in order into top_duplicates.parquet chunk by chunk.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 
 from dedup.engine import run_stage
 from dedup.errors import DedupError, StoreError
-from dedup.records import TOP_DUPLICATES, RunDir, atomic_output, conform, fingerprint, write_record
+from dedup.records import TOP_DUPLICATES, RunDir, atomic_output, conform, fingerprint, write_json, write_table
 from dedup.run import Run
 
 TOP_COLUMNS = TOP_DUPLICATES.names  # the contract lives in dedup/records.py
@@ -127,23 +129,35 @@ def read_copies(path) -> pd.DataFrame:
 
 
 def write_ranking(run: RunDir, by: str) -> int:
-    """clusters.parquet -> top_duplicates.parquet in at most about BUCKET_ROWS member rows; returns the clusters ranked."""
-    members = _members_with_copies(run.clusters)
-    if members <= BUCKET_ROWS:  # they fit: one table, as always
-        ranking = rank_clusters(read_copies(run.clusters), by)
-        write_record(ranking, run.top_duplicates, TOP_DUPLICATES)
-        return len(ranking)
+    """clusters.parquet -> top_duplicates.parquet in this process (the three rank sub-stages' steps in a row,
+    in a temporary folder); returns the clusters ranked."""
     folder = run.scratch_dir("rank")
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="buckets-", dir=folder) as tmp:
-        buckets = _split(run.clusters, Path(tmp), min(MAX_BUCKETS, -(-members // BUCKET_ROWS)))
-        summaries = [_summarise(path, by) for path in buckets]
-        with atomic_output(run.top_duplicates) as out, pq.ParquetWriter(out, TOP_DUPLICATES) as writer:
-            ranked = 0
-            for chunk in _merged(summaries, by, max(1, BUCKET_ROWS // len(summaries))):
-                chunk.insert(0, "rank", np.arange(ranked + 1, ranked + len(chunk) + 1))
-                writer.write_table(conform(chunk, TOP_DUPLICATES))
-                ranked += len(chunk)
+    with tempfile.TemporaryDirectory(prefix="ranking-", dir=folder) as tmp:
+        buckets = split_members(run.clusters, Path(tmp))
+        summaries = [summarise_bucket(path, path.with_suffix(".summary.parquet"), by) for path in buckets]
+        return write_merged(run.top_duplicates, summaries, by)
+
+
+def bucket_count(members: int) -> int:
+    return max(1, min(MAX_BUCKETS, -(-members // BUCKET_ROWS)))
+
+
+def split_members(clusters: Path, folder: Path) -> list[Path]:
+    """The members of clusters with copies into bucket files by cluster (as many as BUCKET_ROWS asks for)."""
+    return _split(clusters, folder, bucket_count(_members_with_copies(clusters)))
+
+
+def write_merged(path: Path, summaries: list[Path], by: str) -> int:
+    """The sorted bucket summaries merged into the ranking at `path` (atomic), chunk by chunk; returns its rows."""
+    ranked = 0
+    with atomic_output(path) as out, pq.ParquetWriter(out, TOP_DUPLICATES) as writer:
+        for chunk in _merged(summaries, by, max(1, BUCKET_ROWS // max(1, len(summaries)))):
+            chunk.insert(0, "rank", np.arange(ranked + 1, ranked + len(chunk) + 1))
+            writer.write_table(conform(chunk, TOP_DUPLICATES))
+            ranked += len(chunk)
+        if not ranked:
+            writer.write_table(TOP_DUPLICATES.empty_table())
     return ranked
 
 
@@ -179,12 +193,10 @@ def _split(clusters: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _summarise(bucket: Path, by: str) -> Path:
-    """A bucket's cluster summaries in ranking order, written beside it (the bucket is removed)."""
+def summarise_bucket(bucket: Path, path: Path, by: str) -> Path:
+    """A bucket's cluster summaries in ranking order -> `path` (atomic)."""
     summary = _ordered(cluster_summaries(pd.read_parquet(bucket)), by)
-    bucket.unlink()
-    path = bucket.with_suffix(".summary.parquet")
-    summary.reset_index(drop=True).to_parquet(path, index=False)
+    write_table(summary.reset_index(drop=True), path)
     return path
 
 
@@ -230,34 +242,136 @@ def check_order(by: str) -> str:
     return by
 
 
-class RankStage:
-    """One task: clusters.parquet -> top_duplicates.parquet."""
+# ---------------------------------------------------------------- the stages behind the engine
+#
+# Three stages share one fingerprint (clusters.parquet, the order), so any change runs all three:
+# rank_split (one task: the members of clusters with copies, scanned a row group at a time, into bucket
+# files by cluster id under OUT/_scratch/rank/), rank_buckets (one task per bucket: its summaries, sorted;
+# on the cluster with --engine ray) and rank (one task: the summaries merged into top_duplicates.parquet;
+# the scratch is removed after).
 
-    name = "rank"
+BUCKETS_FILE = "buckets.json"
+
+
+class _RankInputs:
+    """What the three rank stages share: the run, the order, one fingerprint, the scratch folder."""
 
     def __init__(self, run: RunDir, by: str = "copies") -> None:
         self.run_dir, self.by = run, check_order(by)
 
-    def task_ids(self) -> list[str]:
-        return ["0"]
-
     def fingerprint(self) -> str:
         return fingerprint([self.run_dir.clusters], {"by": self.by})
 
-    def reset(self) -> None:
-        self.run_dir.top_duplicates.unlink(missing_ok=True)
+    def scratch(self, name: str) -> Path:
+        return self.run_dir.scratch_dir("rank") / name
 
-    def run_task(self, task_id: str, progress) -> dict[str, int]:
-        if not self.run_dir.clusters.exists():
-            raise StoreError(f"{self.run_dir.root} has no clusters.parquet",
-                             hint=f"run 'dedup cluster {self.run_dir.root}' first")
-        return {"clusters_ranked": write_ranking(self.run_dir, self.by)}
+    def buckets(self) -> int:
+        """How many buckets rank_split wrote (0 before it ran or after rank removed the scratch)."""
+        path = self.scratch(BUCKETS_FILE)
+        return int(json.loads(path.read_text())["buckets"]) if path.exists() else 0
+
+    def bucket_path(self, i: int) -> Path:
+        return self.scratch(f"bucket_{i}.parquet")
+
+    def summary_path(self, i: int) -> Path:
+        return self.scratch(f"summary_{i}.parquet")
 
     def close(self) -> None:
         pass
 
 
+class RankSplitStage(_RankInputs):
+    name = "rank_split"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def reset(self) -> None:
+        shutil.rmtree(self.run_dir.scratch_dir("rank"), ignore_errors=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        require_clusters(self.run_dir)
+        self.reset()  # a split is whole: no bucket of an earlier one may stay
+        folder = self.run_dir.scratch_dir("rank")
+        folder.mkdir(parents=True, exist_ok=True)
+        buckets = split_members(self.run_dir.clusters, folder)
+        write_json({"buckets": len(buckets)}, self.scratch(BUCKETS_FILE))  # last: the split is complete
+        return {"buckets": len(buckets)}
+
+
+class RankBucketsStage(_RankInputs):
+    name = "rank_buckets"
+
+    def task_ids(self) -> list[str]:
+        return [str(i) for i in range(self.buckets())]
+
+    def reset(self) -> None:
+        for path in self.run_dir.scratch_dir("rank").glob("summary_*.parquet"):
+            path.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        summarise_bucket(self.bucket_path(int(task_id)), self.summary_path(int(task_id)), self.by)
+        return {}
+
+
+class RankStage(_RankInputs):
+    """The last step, one task: the bucket summaries merged into top_duplicates.parquet."""
+
+    name = "rank"
+
+    def task_ids(self) -> list[str]:
+        return ["0"]
+
+    def reset(self) -> None:
+        self.run_dir.top_duplicates.unlink(missing_ok=True)
+
+    def run_task(self, task_id: str, progress) -> dict[str, int]:
+        summaries = [self.summary_path(i) for i in range(self.buckets())]
+        lost = [path.name for path in summaries if not path.exists()]
+        if not summaries or lost:
+            raise StoreError(f"the rank scratch in {self.scratch('')} is incomplete ({len(lost)} summaries missing)",
+                             hint="rerun the same command: the rank steps redo what is missing")
+        ranked = write_merged(self.run_dir.top_duplicates, summaries, self.by)
+        shutil.rmtree(self.run_dir.scratch_dir("rank"), ignore_errors=True)
+        progress(ranked)
+        return {"clusters_ranked": ranked}
+
+
+def require_clusters(run: RunDir) -> None:
+    if not run.clusters.exists():
+        raise StoreError(f"{run.root} has no clusters.parquet", hint=f"run 'dedup cluster {run.root}' first")
+
+
+def forget_lost_outputs(run: RunDir, by: str) -> list[str]:
+    """Remove the markers of rank sub-stage tasks whose outputs are gone (top_duplicates.parquet deleted,
+    the scratch cleaned up or lost in a crash), so that those tasks run again; returns their names."""
+    final, split, buckets = RankStage(run, by), RankSplitStage(run, by), RankBucketsStage(run, by)
+    if run.top_duplicates.exists() and run.marker(final.name, "0").exists():
+        return []  # done: nothing needs the scratch (removed after the merge)
+    lost = [(final.name, "0")]
+    count = final.buckets()
+    if not count or not all(final.bucket_path(i).exists() for i in range(count)):
+        # The split is redone, and every summary with it (bucket numbers follow the new split).
+        lost += [(split.name, "0"), *((buckets.name, p.stem) for p in (run.root / "_markers" / buckets.name).glob("*.done"))]
+    else:
+        lost += [(buckets.name, str(i)) for i in range(count) if not final.summary_path(i).exists()]
+    forgotten = [f"{stage}/{task}" for stage, task in lost if run.marker(stage, task).exists()]
+    for stage, task in lost:
+        run.marker(stage, task).unlink(missing_ok=True)
+    return forgotten
+
+
+def run_rank_stages(run: RunDir, by: str) -> dict[str, int]:
+    """Split, bucket summaries (one task per bucket) and the merge, each behind the run's engine."""
+    require_clusters(run)
+    forget_lost_outputs(run, by)
+    run_stage(run, RankSplitStage(run, by))
+    run_stage(run, RankBucketsStage(run, by), unit="buckets")
+    report = run_stage(run, RankStage(run, by), unit="clusters")
+    return {k: int(v) for k, v in report.stats.items()}
+
+
 def rank(run: Run) -> pd.DataFrame:
     """Rank behind the engine; returns the ranking (read back when the stage was already done)."""
-    run_stage(run, RankStage(run, run.settings.rank_by))
+    run_rank_stages(run, run.settings.rank_by)
     return pd.read_parquet(run.top_duplicates)
