@@ -159,3 +159,11 @@ def drop_separated_edges(run: RunDir, node_ids: np.ndarray, a: np.ndarray, b: np
         return a, b
     keep = ~separated_edges(overrides, node_ids[a], node_ids[b])
     return a[keep], b[keep]
+
+
+# ---------------------------------------------------------------- report gallery by risk (every cluster's score in memory)
+
+
+def riskiest(path, top: int) -> list[int]:
+    scores = pd.read_parquet(path, columns=["cluster_id", "risk", "rank"])
+    return scores.sort_values(["risk", "rank"], ascending=[False, True]).head(top)["cluster_id"].tolist()

@@ -515,3 +515,19 @@ def test_manifests_and_report_on_ray_equal_the_local_engine(demo_session_run, tm
     shards = len(pd.read_parquet(remote.shards_table))
     for stage in ("manifests-prepare", "manifests-shards"):
         assert len(list((remote.root / "_markers" / stage).glob("*.done"))) == shards
+
+
+@pytest.mark.parametrize("top", [0, 1, 5, 40, 500])
+def test_riskiest_clusters_are_chosen_streaming_as_from_the_whole_table(tmp_path, monkeypatch, top):
+    import oracles
+
+    rng = np.random.default_rng(2)
+    n = 300
+    ranking = pd.DataFrame({"rank": np.arange(1, n + 1), "cluster_id": rng.permutation(n) * 7,
+                            "risk": rng.choice([0.5, 1.0, 1.5, 2.0], n)})  # many ties, broken by rank
+    path = tmp_path / "top_duplicates.parquet"
+    write_table(ranking, path)
+    expected = oracles.riskiest(path, top)
+    monkeypatch.setattr(report, "SCAN_BATCH_ROWS", 16)
+    monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: pytest.fail("the ranking was read whole"))
+    assert report._riskiest(path, top) == expected

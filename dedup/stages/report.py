@@ -316,11 +316,18 @@ def gallery_rows(path: Path, top: int, order: str) -> pd.DataFrame:
 
     if check_order(order) == "copies" or "risk" not in pq.read_schema(path).names:
         return _first_rows(path, top).sort_values("rank").reset_index(drop=True)
-    # Only two columns of every cluster are read to choose; then the chosen rows in full.
-    scores = pd.read_parquet(path, columns=["cluster_id", "risk", "rank"])
-    chosen = scores.sort_values(["risk", "rank"], ascending=[False, True]).head(top)["cluster_id"].tolist()
+    chosen = _riskiest(path, top)
     rows = pd.read_parquet(path, filters=[("cluster_id", "in", chosen)]) if chosen else _first_rows(path, 0)
     return rows.set_index("cluster_id").loc[chosen].reset_index()[rows.columns] if chosen else rows
+
+
+def _riskiest(path: Path, top: int) -> list[int]:
+    """Cluster ids of the `top` riskiest clusters (ties: the better rank), streamed: O(top + batch) rows held."""
+    best = pd.DataFrame({"cluster_id": [], "risk": [], "rank": []})
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=SCAN_BATCH_ROWS, columns=["cluster_id", "risk", "rank"]):
+        best = pd.concat([best, batch.to_pandas()], ignore_index=True) if len(best) else batch.to_pandas()
+        best = best.sort_values(["risk", "rank"], ascending=[False, True]).head(top)
+    return [int(i) for i in best["cluster_id"]]
 
 
 def _first_rows(path: Path, count: int) -> pd.DataFrame:
