@@ -531,3 +531,27 @@ def test_riskiest_clusters_are_chosen_streaming_as_from_the_whole_table(tmp_path
     monkeypatch.setattr(report, "SCAN_BATCH_ROWS", 16)
     monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: pytest.fail("the ranking was read whole"))
     assert report._riskiest(path, top) == expected
+
+
+def test_lost_report_scratch_is_redone_not_a_page_without_thumbnails(fixture_run, tmp_path):
+    copy = RunDir(shutil.copytree(fixture_run.root, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+    expected = report.report_stage(copy, top=8).read_text()
+    assert expected == report.build_report_html(copy.root, top=8)
+    page, markers = copy.report_dir / "index.html", copy.root / "_markers" / "report-thumbnails"
+    # 1. the scratch cleaned up and the page deleted: the plan and every thumbnail task are redone.
+    shutil.rmtree(copy.scratch_dir("report"))
+    page.unlink()
+    assert report.report_stage(copy, top=8).read_text() == expected
+    # 2. one shard's thumbnails lost (a crash before the page): only that task is redone.
+    stamps = {p.stem: p.stat().st_mtime_ns for p in markers.glob("*.done")}
+    lost = sorted(stamps)[0]
+    copy.scratch_dir("report").joinpath(f"thumbs_{lost}.parquet").unlink()
+    page.unlink()
+    assert report.report_stage(copy, top=8).read_text() == expected
+    assert [t for t in sorted(stamps) if (markers / f"{t}.done").stat().st_mtime_ns != stamps[t]] == [lost]
+    # 3. done: the scratch is not needed, nothing reruns.
+    shutil.rmtree(copy.scratch_dir("report"))
+    done = page.stat().st_mtime_ns
+    assert report.forget_lost_outputs(copy, top=8, order="copies") == []
+    report.report_stage(copy, top=8)
+    assert page.stat().st_mtime_ns == done

@@ -1013,8 +1013,26 @@ class ReportStage(_ReportStep):
         lost = set(shown["sample_id"].astype(int)) - set(thumbs)
         if lost:
             raise StoreError(f"{len(lost)} shown samples have no thumbnail in {self.scratch('')}",
-                             hint="rerun the same command: the report steps start over when their scratch is incomplete")
+                             hint="rerun the same command: the report steps redo what is missing")
         return thumbs
+
+
+def forget_lost_outputs(run: RunDir, **steps) -> list[str]:
+    """Remove the markers of report steps whose files are gone (the page deleted, the scratch cleaned up or
+    lost in a crash), so that those tasks run again; returns their names. A lost plan redoes every thumbnail
+    (the shards follow the plan); a lost thumbnail file redoes its shard's task."""
+    final, plan, thumbs = ReportStage(run, **steps), PlanStep(run, **steps), ThumbnailStep(run, **steps)
+    if (run.report_dir / "index.html").exists() and run.marker(final.name, "0").exists():
+        return []  # done: nothing needs the scratch
+    lost = [(final.name, "0")]
+    if not plan.scratch("shown.parquet").exists():
+        lost += [(plan.name, "0"), *((thumbs.name, p.stem) for p in (run.root / "_markers" / thumbs.name).glob("*.done"))]
+    else:
+        lost += [(thumbs.name, task) for task in thumbs.task_ids() if not thumbs.scratch(f"thumbs_{task}.parquet").exists()]
+    forgotten = [f"{stage}/{task}" for stage, task in lost if run.marker(stage, task).exists()]
+    for stage, task in lost:
+        run.marker(stage, task).unlink(missing_ok=True)
+    return forgotten
 
 
 def report_stage(run: RunDir, top: int = 50, order: str = "copies") -> Path:
@@ -1023,6 +1041,7 @@ def report_stage(run: RunDir, top: int = 50, order: str = "copies") -> Path:
     from dedup.stages.rank import check_order
 
     steps = {"top": top, "order": check_order(order)}
+    forget_lost_outputs(run, **steps)
     run_stage(run, PlanStep(run, **steps))
     run_stage(run, ThumbnailStep(run, **steps), unit="thumbnails")
     run_stage(run, ReportStage(run, **steps))
