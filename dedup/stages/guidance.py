@@ -10,6 +10,12 @@ weights), so the report lets the user pick a cut by looking:
   removes; the run's own cut is marked;
 - sample pairs from each similarity band (PAIRS_PER_BAND per band, spread evenly over the
   band), side by side, so the user sees what a pair at 0.93 looks like against one at 0.97.
+
+Edges are streamed, never held (`distinct_edges`: batches of EDGE_BATCH_ROWS, repeats removed
+through hash partitions spilled to OUT/_scratch/report). The curve is exact (its union-find holds
+O(samples), as the cluster stage's nodes); the band pairs are exact up to BAND_SAMPLE_ROWS pairs a
+band, and beyond it the lowest and highest pair stay exact while the middle ones come from a
+uniform sample of that many pairs (a pair near the same rank, not the very one).
 """
 
 from __future__ import annotations

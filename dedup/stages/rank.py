@@ -135,7 +135,9 @@ def write_ranking(run: RunDir, by: str) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ranking-", dir=folder) as tmp:
         buckets = split_members(run.clusters, Path(tmp))
-        summaries = [summarise_bucket(path, path.with_suffix(".summary.parquet"), by) for path in buckets]
+        summaries = [path.with_suffix(".summary.parquet") for path in buckets]
+        for bucket, summary in zip(buckets, summaries, strict=True):
+            summarise_bucket(bucket, summary, by)
         return write_merged(run.top_duplicates, summaries, by)
 
 
@@ -193,11 +195,11 @@ def _split(clusters: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def summarise_bucket(bucket: Path, path: Path, by: str) -> Path:
-    """A bucket's cluster summaries in ranking order -> `path` (atomic)."""
+def summarise_bucket(bucket: Path, path: Path, by: str) -> int:
+    """A bucket's cluster summaries in ranking order -> `path` (atomic); returns its clusters."""
     summary = _ordered(cluster_summaries(pd.read_parquet(bucket)), by)
     write_table(summary.reset_index(drop=True), path)
-    return path
+    return len(summary)
 
 
 def _merged(summaries: list[Path], by: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -310,8 +312,9 @@ class RankBucketsStage(_RankInputs):
             path.unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, int]:
-        summarise_bucket(self.bucket_path(int(task_id)), self.summary_path(int(task_id)), self.by)
-        return {}
+        clusters = summarise_bucket(self.bucket_path(int(task_id)), self.summary_path(int(task_id)), self.by)
+        progress(1)
+        return {"clusters": clusters}
 
 
 class RankStage(_RankInputs):
