@@ -137,7 +137,7 @@ class _FrameSpy:
         monkeypatch.setattr(rank_module, "cluster_summaries", spy)
 
 
-@pytest.mark.parametrize(("bucket_rows", "max_buckets"), [(40, 512), (40, 3), (10_000, 512)])
+@pytest.mark.parametrize(("bucket_rows", "max_buckets"), [(120, 512), (120, 3), (10_000, 512)])
 @pytest.mark.parametrize("by", ["copies", "risk"])
 def test_bounded_ranking_equals_the_whole_table_one(tmp_path, monkeypatch, bucket_rows, max_buckets, by):
     import oracles
@@ -168,7 +168,7 @@ def test_bounded_ranking_writes_the_contract_schema(tmp_path, monkeypatch):
 
     run = RunDir(tmp_path / "run")
     _random_clusters(run.clusters)
-    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 40)
+    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 120)
     rank_module.write_ranking(run, "risk")
     assert pq.read_schema(run.top_duplicates).remove_metadata().equals(TOP_DUPLICATES.remove_metadata())
     assert pq.ParquetFile(run.top_duplicates).metadata.num_row_groups > 1  # written in merged chunks
@@ -190,7 +190,7 @@ def test_rank_sub_stages_equal_the_whole_table_ranking_and_redo_what_is_lost(tmp
     run = _rank_context(tmp_path / "run")
     _random_clusters(run.clusters)
     expected = oracles.ranking_of(run.clusters, "risk")
-    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 40)
+    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 120)
     pd.testing.assert_frame_equal(rank(run), expected)
     markers = run.root / "_markers"
     assert len(list((markers / "rank_buckets").glob("*.done"))) == rank_module.bucket_count(
