@@ -186,7 +186,7 @@ def index_stages(run: Run, name: str, gpu: bool, rows_per_task: int | None = Non
     """The index's three engine stages in order: train (or extend), probe row blocks, group rows by cell."""
     threshold = run.settings.search_thresholds.get(name)  # sets nprobe (index_choice.choose_nprobe)
     train = GrowingIndexStage(run, name, run.settings.memory_budget_bytes, gpu, threshold,
-                              nprobe=getattr(run.settings, "nprobe", None), rows_per_task=rows_per_task)
+                              nprobe=run.settings.nprobe, rows_per_task=rows_per_task)
     return [train, ProbeStage(run, name), GroupStage(run, name)]
 
 
