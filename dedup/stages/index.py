@@ -204,22 +204,17 @@ def _train_cells(run: RunDir, name: str, spec: IndexSpec, vectors, budget: int, 
 
 
 class _PendingStep:
-    """What the probe and group steps share: the pending build (read lazily, never pickled)."""
+    """What the probe and group steps share: the pending build, read from disk on every call (never stale)."""
 
     def __init__(self, run: RunDir, descriptor: str) -> None:
         self.run_dir, self.descriptor = run, descriptor
-        self._pending = self._quantizer = None
+        self._quantizer = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_pending": None, "_quantizer": None}
+        return {**self.__dict__, "_quantizer": None}  # a live (GPU) quantizer is built inside each worker
 
     def pending(self) -> dict[str, Any] | None:
-        if self._pending is None:
-            self._pending = read_pending(self.run_dir, self.descriptor)
-        return self._pending
-
-    def spec(self) -> IndexSpec:
-        return IndexSpec(**self.pending()["spec"])
+        return read_pending(self.run_dir, self.descriptor)
 
     def fingerprint(self) -> str:
         # A new k-means (another pending build) makes every probe block and the grouping stale.
@@ -257,25 +252,27 @@ class ProbeStage(_PendingStep):
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         from dedup.search.faiss_index import probe_cells
 
-        spec, rows = self.spec(), self.pending()["task_rows"]
+        pending = self.pending()
+        spec, rows = IndexSpec(**pending["spec"]), pending["task_rows"]
         start = int(task_id) * rows
         stop = min(start + rows, spec.n_vectors)
         path = probe_block_path(self.run_dir, self.descriptor, int(task_id))
         tmp = path.with_name(f".{path.name}.tmp")
         probes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(stop - start, max(1, spec.nprobe)))
-        probe_cells(self._searching_quantizer(), RowRange(open_embeddings(self.run_dir, self.descriptor), start, stop),
-                    probes.shape[1], probes, block_rows=self.pending()["block_rows"], progress=progress)
+        rows_here = RowRange(open_embeddings(self.run_dir, self.descriptor), start, stop)
+        probe_cells(self._searching_quantizer(spec.use_gpu), rows_here, probes.shape[1], probes,
+                    block_rows=pending["block_rows"], progress=progress)
         probes.flush()
         del probes
         tmp.replace(path)
         return {"vectors": stop - start}
 
-    def _searching_quantizer(self):
+    def _searching_quantizer(self, gpu: bool):
         from dedup.search.faiss_index import searching_quantizer
 
-        if self._quantizer is None:
+        if self._quantizer is None:  # once per worker: a GPU copy costs a transfer of every centroid
             quantizer = faiss.read_index(str(cell_paths(self.run_dir.index_dir, self.descriptor)["quantizer.faiss"]))
-            self._quantizer = searching_quantizer(quantizer, self.spec().use_gpu)
+            self._quantizer = searching_quantizer(quantizer, gpu)
         return self._quantizer
 
 
@@ -300,25 +297,27 @@ class GroupStage(_PendingStep):
         pass  # every output is written whole (temp file + rename) by the task itself
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        spec, paths = self.spec(), cell_paths(self.run_dir.index_dir, self.descriptor)
-        self._assemble_probes(spec, paths["probes.npy"])
+        pending, paths = self.pending(), cell_paths(self.run_dir.index_dir, self.descriptor)
+        spec = IndexSpec(**pending["spec"])
+        self._assemble_probes(pending, spec, paths["probes.npy"])
         write_cell_lists(paths, np.load(paths["probes.npy"], mmap_mode="r"), spec.nlist)
         save_index(faiss.read_index(str(paths["quantizer.faiss"])), spec, self.run_dir.index_dir, self.descriptor,
                    with_cells=True)
-        self._record_generations(spec)
+        self._record_generations(pending["generations"], spec)
         (index_scratch(self.run_dir, self.descriptor) / PENDING).unlink(missing_ok=True)
         progress(spec.n_vectors)
         return {"vectors": spec.n_vectors}
 
-    def _assemble_probes(self, spec: IndexSpec, path: Path) -> None:
+    def _assemble_probes(self, pending: dict[str, Any], spec: IndexSpec, path: Path) -> None:
         """The probe blocks, in row order, into one memory-mapped `<name>.probes.npy` (bytes of a single pass)."""
-        pending = self.pending()
-        blocks = [probe_block_path(self.run_dir, self.descriptor, int(t)) for t in ProbeStage(self.run_dir, self.descriptor).task_ids()]
+        probe = ProbeStage(self.run_dir, self.descriptor)
+        blocks = [probe_block_path(self.run_dir, self.descriptor, int(t)) for t in probe.task_ids()]
         if not all(block.exists() for block in blocks):
             if path.exists() and np.load(path, mmap_mode="r").shape[0] == spec.n_vectors:
                 return  # assembled by an earlier try that was stopped after removing the blocks
+            # Only a hand-deleted scratch file gets here: a block is renamed into place before its marker.
             raise StoreError(f"index '{self.descriptor}': probe blocks missing in {blocks[0].parent}",
-                             hint="rerun the same command: the probe step redoes the missing blocks")
+                             hint=f"remove {self.run_dir.root / '_markers' / probe.name} and rerun the same command")
         tmp = path.with_name(f".{path.name}.tmp")
         probes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(spec.n_vectors, max(1, spec.nprobe)))
         for task, block in enumerate(blocks):
@@ -332,8 +331,7 @@ class GroupStage(_PendingStep):
         for block in blocks:
             block.unlink()
 
-    def _record_generations(self, spec: IndexSpec) -> None:
-        generations = self.pending()["generations"]
+    def _record_generations(self, generations: dict[str, Any] | None, spec: IndexSpec) -> None:
         if generations is not None:
             from dedup.stages.increment import write_generations
 
