@@ -101,6 +101,15 @@ def test_inverse_probe_lists_equal_a_brute_force_oracle(tmp_path, block_rows):
     assert got.dtype == np.int64 and np.load(tmp_path / "rows.npy").dtype == np.int64
 
 
+@pytest.mark.parametrize("nlist", [5, 1 << 16, (1 << 16) + 1, 1 << 18])
+def test_the_radix_order_is_a_stable_argsort(nlist):
+    from dedup.stages.index import _stable_order
+
+    cells = np.random.default_rng(nlist).integers(0, nlist, size=50_000).astype(np.int64)
+    cells[:5] = nlist - 1  # the largest cell, whose high bits the second pass sorts
+    np.testing.assert_array_equal(_stable_order(cells, nlist), np.argsort(cells, kind="stable"))
+
+
 def test_the_group_step_writes_both_csr_lists_of_the_stored_probes(tmp_path, forced_ivf):
     run = _run(tmp_path, "out", _random_parts())
     spec = build_indexes(run, gpu=False)[PRECOMPUTED]

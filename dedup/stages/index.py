@@ -375,6 +375,17 @@ def _block_entries(cells, start: int, stop: int) -> tuple[np.ndarray, np.ndarray
     return block[keep], rows[keep.ravel()]
 
 
+def _stable_order(cells: np.ndarray, nlist: int) -> np.ndarray:
+    """`np.argsort(cells, kind="stable")` as numpy's radix sort of 16-bit keys (~5x a 64-bit merge sort).
+
+    More than 2^16 lists: two stable passes, low 16 bits then high (LSD radix).
+    """
+    if nlist <= 1 << 16:
+        return np.argsort(cells.astype(np.uint16), kind="stable")
+    order = np.argsort((cells & 0xFFFF).astype(np.uint16), kind="stable")
+    return order[np.argsort((cells[order] >> 16).astype(np.uint16), kind="stable")]
+
+
 def group_rows_by_cell(cells, nlist: int, path: Path, block_rows: int = 1 << 20) -> np.ndarray:
     """Counting sort of rows by cell into a memory-mapped .npy (rows ascending within a cell).
 
@@ -393,12 +404,12 @@ def group_rows_by_cell(cells, nlist: int, path: Path, block_rows: int = 1 << 20)
     filled = bounds[:-1].copy()
     for start in range(0, len(cells), block_rows):
         found, of_row = _block_entries(cells, start, min(start + block_rows, len(cells)))
-        order = np.argsort(found, kind="stable")  # entries are row-major: rows stay ascending within a cell
+        order = _stable_order(found, nlist)  # entries are row-major: rows stay ascending within a cell
         sorted_cells = found[order]
-        first = np.searchsorted(sorted_cells, sorted_cells, side="left")
-        slots = filled[sorted_cells] + (np.arange(len(order)) - first)
-        rows[slots] = of_row[order]
-        np.add.at(filled, sorted_cells, 1)
+        in_block = np.bincount(found, minlength=nlist)
+        first = np.cumsum(in_block) - in_block  # where each cell's entries start in `order`
+        rows[filled[sorted_cells] + np.arange(len(order)) - first[sorted_cells]] = of_row[order]
+        filled += in_block
     rows.flush()
     del rows
     tmp.replace(path)
