@@ -125,20 +125,36 @@ def test_the_group_step_writes_both_csr_lists_of_the_stored_probes(tmp_path, for
     assert not list(index_scratch(run, PRECOMPUTED).glob("*")), "probe blocks or the pending build left behind"
 
 
-def test_a_grown_cell_layout_rebuilds_its_inverse_probe_lists(tmp_path, forced_ivf):
-    parts = _random_parts((3000, 2500, 1200))
-    _write_parts(tmp_path / "emb", parts[:2])
-    run = _run(tmp_path, "out", parts)
-    first = build_indexes(run, gpu=False)[PRECOMPUTED]
-    _write_parts(tmp_path / "emb", parts, which=[2])  # the old parts untouched: the run grew
-    ingest_embeddings(run, str(tmp_path / "emb"))
-    grown = build_indexes(run, gpu=False)[PRECOMPUTED]
-    record = json.loads(generations_path(run.index_dir, PRECOMPUTED).read_text())
-    assert record["bounds"] == [0, 5500, 6700] and grown.nlist == first.nlist  # extended, not rebuilt
-    paths = cell_paths(run.index_dir, PRECOMPUTED)
-    rows, bounds = _oracle(np.load(paths["probes.npy"]), grown.nlist)
-    np.testing.assert_array_equal(np.load(paths["probe_rows.npy"]), rows)
-    np.testing.assert_array_equal(np.load(paths["probe_bounds.npy"]), bounds)
+def _grow(tmp_path, name: str, rows_per_task: int | None) -> RunDir:
+    parts = _random_parts((3000, 2500, 2200))
+    source = tmp_path / f"emb-{name}"
+    _write_parts(source, parts[:2])
+    run = precomputed_run(source, tmp_path / name, memory=SMALL_MEMORY)
+    ingest_embeddings(run, str(source))
+    build_indexes(run, gpu=False, rows_per_task=rows_per_task)
+    _write_parts(source, parts, which=[2])  # the old parts untouched: the run grew
+    ingest_embeddings(run, str(source))
+    build_indexes(run, gpu=False, rows_per_task=rows_per_task)
+    return run
+
+
+def test_a_grown_cell_layout_probes_only_the_new_rows_in_tasks_and_rebuilds_both_lists(tmp_path, forced_ivf):
+    split, whole = _grow(tmp_path, "split", 1024), _grow(tmp_path, "whole", 10**9)
+    record = json.loads(generations_path(split.index_dir, PRECOMPUTED).read_text())
+    assert record["bounds"] == [0, 5500, 7700]  # extended, not rebuilt
+    probe_markers = [json.loads(split.marker(f"index-{PRECOMPUTED}-probe", t).read_text())
+                     for t in _markers(split, f"index-{PRECOMPUTED}-probe")]
+    assert [m["stats"]["vectors"] for m in probe_markers] == [1024, 1024, 152]  # the 2,200 new rows only
+    assert _index_bytes(split) == _index_bytes(whole)
+    paths = cell_paths(split.index_dir, PRECOMPUTED)
+    spec = json.loads((split.index_dir / f"{PRECOMPUTED}.json").read_text())
+    assert spec["n_vectors"] == 7700
+    probes = np.load(paths["probes.npy"])
+    for rows_file, bounds_file, columns in (("probe_rows.npy", "probe_bounds.npy", probes),
+                                            ("cell_rows.npy", "cell_bounds.npy", probes[:, :1])):
+        rows, bounds = _oracle(columns, spec["nlist"])
+        np.testing.assert_array_equal(np.load(paths[rows_file]), rows)
+        np.testing.assert_array_equal(np.load(paths[bounds_file]), bounds)
 
 
 # ---------------------------------------------------------------- probe blocks as engine tasks

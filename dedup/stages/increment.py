@@ -9,8 +9,9 @@ those of the build -- `GrowingIndexStage` extends the index: a flat index
 adds the new vectors; a cell layout (`IndexSpec.storage == "cells"`, what
 every IVF choice builds: quantizer + rows grouped by cell, no vectors in the
 index) keeps its quantizer (no k-means), appends the new rows' probed cells
-to `<name>.probes.npy` (one quantizer pass over the new rows only) and
-regroups all rows by home cell. `<name>.generations.json` records which rows
+to `<name>.probes.npy` (one quantizer pass over the new rows only, as the
+index's probe step: engine tasks of row blocks) and regroups all rows by home
+cell and by every probed cell (the index's group step). `<name>.generations.json` records which rows
 each build indexed (`bounds`: generation g is rows bounds[g]:bounds[g+1]) and
 a `lineage` that is new with every full build; the neighbour stage keys its
 markers on it, so it keeps the tasks of earlier generations and searches only
@@ -49,11 +50,10 @@ from dedup.stages.index import (
     ProbeStage,
     RowRange,
     _cells_spec,
-    cell_paths,
     faiss_gpu_available,
     index_paths,
     save_index,
-    write_cell_lists,
+    write_pending,
 )
 
 MAX_GROWTH = 4
@@ -175,9 +175,16 @@ class GrowingIndexStage(IndexStage):
             progress(spec.n_vectors)
             return {"vectors": spec.n_vectors, "added": spec.n_vectors}
         record = read_generations(self.run_dir, self.descriptor)
-        spec = extend_index(self.run_dir, self.descriptor, old, self.memory_budget_bytes)
-        write_generations(self.run_dir, self.descriptor, record.lineage, [*record.bounds, spec.n_vectors],
-                          self._settings())
+        spec = IndexSpec.from_json(index_paths(self.run_dir.index_dir, self.descriptor)[1].read_text())
+        if spec.storage == "cells":  # the probe step probes the new rows, the group step regroups and records
+            total = len(open_embeddings(self.run_dir, self.descriptor))
+            generations = {"lineage": record.lineage, "bounds": [*record.bounds, total], "settings": self._settings()}
+            spec = pend_cells_extension(self.run_dir, self.descriptor, spec, old, total, self.memory_budget_bytes,
+                                        self.rows_per_task, generations)
+        else:
+            spec = extend_index(self.run_dir, self.descriptor, old, self.memory_budget_bytes)
+            write_generations(self.run_dir, self.descriptor, record.lineage, [*record.bounds, spec.n_vectors],
+                              self._settings())
         progress(spec.n_vectors - old)
         return {"vectors": spec.n_vectors, "added": spec.n_vectors - old}
 
@@ -209,14 +216,9 @@ def build_indexes(run: Run, gpu: bool | None = None, rows_per_task: int | None =
 
 
 def extend_index(run: RunDir, name: str, old: int, budget: int) -> IndexSpec:
-    """Add rows old: of the descriptor's parts to its stored index (a cell layout keeps its quantizer)."""
+    """Add rows old: of the descriptor's parts to its stored flat index (cell layouts: `pend_cells_extension`)."""
     vectors = open_embeddings(run, name)
     spec = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
-    if spec.storage == "cells":
-        quantizer = _extend_cells(run, name, spec, vectors, old, budget)
-        grown = _grown_cells_spec(spec, len(vectors), budget)
-        save_index(quantizer, grown, run.index_dir, name, with_cells=True)
-        return grown
     index = faiss.read_index(str(index_paths(run.index_dir, name)[0]))
     new = RowRange(vectors, old, len(vectors))
     for start in range(0, len(new), BLOCK_ROWS):
@@ -235,28 +237,20 @@ def _grown_cells_spec(spec: IndexSpec, total: int, budget: int) -> IndexSpec:
     return replace(spec, n_vectors=total, memory_bytes=max(working, spec.memory_bytes))
 
 
-def _extend_cells(run: RunDir, name: str, spec: IndexSpec, vectors, old: int, budget: int):
-    """Probes of the new rows appended to the stored ones, rows regrouped by cell (home and inverse lists).
+def pend_cells_extension(run: RunDir, name: str, spec: IndexSpec, old: int, total: int, budget: int,
+                         rows_per_task: int | None, generations: dict[str, Any]) -> IndexSpec:
+    """Hand rows old:total of a grown cell layout to the probe and group steps; the quantizer is kept.
 
-    Returns the quantizer.
-
-    The old rows' probes are copied, never recomputed, so a run killed here
-    redoes the same extension from the same stored rows.
+    The probe step probes only the new rows (tasks of whole blocks counted from
+    `old`, as one pass over them would); the group step copies the stored rows'
+    probes (never recomputed), appends the new ones, regroups every row by home
+    cell and by every probed cell, saves the grown spec and records the
+    generation. The stored index stays whole until then: a run killed on the
+    way extends the same stored rows again.
     """
-    from dedup.search.faiss_index import probe_cells
     from dedup.search.index_choice import probe_block_rows
 
-    paths = cell_paths(run.index_dir, name)
-    quantizer = faiss.read_index(str(paths["quantizer.faiss"]))
-    stored = np.load(paths["probes.npy"], mmap_mode="r")
-    tmp = paths["probes.npy"].with_name(f".{paths['probes.npy'].name}.tmp")
-    probes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(vectors), stored.shape[1]))
-    for start in range(0, old, BLOCK_ROWS):
-        probes[start : min(start + BLOCK_ROWS, old)] = stored[start : min(start + BLOCK_ROWS, old)]
-    probe_cells(quantizer, RowRange(vectors, old, len(vectors)), stored.shape[1], probes[old:],
-                block_rows=probe_block_rows(spec.dim, spec.nprobe, budget))
-    probes.flush()
-    del probes, stored
-    tmp.replace(paths["probes.npy"])
-    write_cell_lists(paths, np.load(paths["probes.npy"], mmap_mode="r"), spec.nlist)  # home and inverse lists
-    return quantizer
+    grown = _grown_cells_spec(spec, total, budget)
+    write_pending(run, name, grown, probe_block_rows(spec.dim, spec.nprobe, budget), rows_per_task, generations,
+                  first_row=old)
+    return grown

@@ -182,9 +182,6 @@ def cell_paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:
 def _train_cells(run: RunDir, name: str, spec: IndexSpec, vectors, budget: int, rows_per_task: int | None,
                  generations: dict[str, Any] | None) -> IndexSpec:
     """k-means -> `<name>.quantizer.faiss`; the final spec and the probe tasks' sizes -> pending.json."""
-    import secrets
-
-    from dedup.records import write_json
     from dedup.search.faiss_index import train_cells_quantizer
     from dedup.search.index_choice import probe_block_rows, respec_cells_nlist, train_points
 
@@ -195,12 +192,27 @@ def _train_cells(run: RunDir, name: str, spec: IndexSpec, vectors, budget: int, 
     spec = respec_cells_nlist(spec, int(quantizer.ntotal), budget)
     with atomic_output(paths["quantizer.faiss"]) as tmp:
         faiss.write_index(quantizer, str(tmp))
-    block = probe_block_rows(vectors.dim, spec.nprobe, budget)
-    # Tasks are whole probe blocks, so every block starts where a single pass's would: identical probes.
-    task_rows = block * max(1, -(-(rows_per_task or block * PROBE_TASK_BLOCKS) // block))
-    write_json({"spec": json.loads(spec.to_json()), "build": secrets.token_hex(8), "block_rows": block,
-                "task_rows": task_rows, "generations": generations}, index_scratch(run, name) / PENDING)
+    write_pending(run, name, spec, probe_block_rows(vectors.dim, spec.nprobe, budget), rows_per_task, generations)
     return spec
+
+
+def write_pending(run: RunDir, name: str, spec: IndexSpec, block_rows: int, rows_per_task: int | None,
+                  generations: dict[str, Any] | None, first_row: int = 0) -> None:
+    """Hand a cell build to the probe and group steps: rows first_row: are probed (0: all; > 0: an extension).
+
+    Probe tasks are whole probe blocks counted from `first_row`, so every block
+    starts where a single pass's would: the probes are the bytes of one pass.
+    """
+    import secrets
+
+    from dedup.records import write_json
+
+    for path in index_scratch(run, name).glob("probes_*.npy"):  # blocks of an earlier pending build
+        path.unlink()
+    task_rows = block_rows * max(1, -(-(rows_per_task or block_rows * PROBE_TASK_BLOCKS) // block_rows))
+    write_json({"spec": json.loads(spec.to_json()), "build": secrets.token_hex(8), "block_rows": block_rows,
+                "task_rows": task_rows, "first_row": first_row, "generations": generations},
+               index_scratch(run, name) / PENDING)
 
 
 class _PendingStep:
@@ -228,11 +240,12 @@ class _PendingStep:
 class ProbeStage(_PendingStep):
     """Step 2 of 3 (`index-<name>-probe`): the quantizer pass, one engine task per block of rows.
 
-    Task i writes the `nprobe` nearest cells of rows [i*T, (i+1)*T) to its own
+    Task i writes the `nprobe` nearest cells of rows [f + i*T, f + (i+1)*T) to its own
     file, `OUT/_scratch/index-<name>/probes_{i}.npy` (temp file + rename): no two
     tasks write one file, so nodes sharing a network filesystem never overwrite
     each other's pages, and a finished block is whole. The quantizer (on the GPU
-    with `use_gpu`) is read inside the worker, once per worker.
+    with `use_gpu`) is read inside the worker, once per worker. f (`first_row`)
+    is 0 for a full build and the rows already indexed for an extension.
     """
 
     def __init__(self, run: RunDir, descriptor: str) -> None:
@@ -243,7 +256,8 @@ class ProbeStage(_PendingStep):
         pending = self.pending()
         if pending is None:
             return []
-        return [str(i) for i in range(-(-pending["spec"]["n_vectors"] // pending["task_rows"]))]
+        rows = pending["spec"]["n_vectors"] - pending["first_row"]
+        return [str(i) for i in range(-(-rows // pending["task_rows"]))]
 
     def reset(self) -> None:
         for path in index_scratch(self.run_dir, self.descriptor).glob("probes_*.npy"):
@@ -254,7 +268,7 @@ class ProbeStage(_PendingStep):
 
         pending = self.pending()
         spec, rows = IndexSpec(**pending["spec"]), pending["task_rows"]
-        start = int(task_id) * rows
+        start = pending["first_row"] + int(task_id) * rows
         stop = min(start + rows, spec.n_vectors)
         path = probe_block_path(self.run_dir, self.descriptor, int(task_id))
         tmp = path.with_name(f".{path.name}.tmp")
@@ -320,11 +334,11 @@ class GroupStage(_PendingStep):
                              hint=f"remove {self.run_dir.root / '_markers' / probe.name} and rerun the same command")
         tmp = path.with_name(f".{path.name}.tmp")
         probes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(spec.n_vectors, max(1, spec.nprobe)))
+        first_row, step = pending["first_row"], pending["block_rows"]
+        if first_row:  # an extension: the stored rows' probes are copied, never recomputed
+            _copy_rows(np.load(path, mmap_mode="r")[:first_row], probes, 0, step)
         for task, block in enumerate(blocks):
-            start, rows = task * pending["task_rows"], np.load(block, mmap_mode="r")
-            for first in range(0, len(rows), pending["block_rows"]):
-                chunk = rows[first : first + pending["block_rows"]]
-                probes[start + first : start + first + len(chunk)] = chunk
+            _copy_rows(np.load(block, mmap_mode="r"), probes, first_row + task * pending["task_rows"], step)
         probes.flush()
         del probes
         tmp.replace(path)
@@ -335,8 +349,15 @@ class GroupStage(_PendingStep):
         if generations is not None:
             from dedup.stages.increment import write_generations
 
-            write_generations(self.run_dir, self.descriptor, generations["lineage"], [0, spec.n_vectors],
-                              generations["settings"])
+            bounds = generations.get("bounds", [0, spec.n_vectors])  # an extension names its generations
+            write_generations(self.run_dir, self.descriptor, generations["lineage"], bounds, generations["settings"])
+
+
+def _copy_rows(source, target, start: int, step: int) -> None:
+    """source -> target[start:start + len(source)] in blocks of `step` rows (memory maps stay file pages)."""
+    for first in range(0, len(source), step):
+        chunk = source[first : first + step]
+        target[start + first : start + first + len(chunk)] = chunk
 
 
 class RowRange:
