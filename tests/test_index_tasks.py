@@ -402,3 +402,18 @@ def test_nprobe_16_finds_more_planted_pairs_than_the_default_4(tmp_path, forced_
         found[spec.nprobe] = sum((i, len(x) - PLANTED + i) in rows for i in range(PLANTED))
     assert set(found) == {4, 16}
     assert found[16] > found[4] + 0.005 * PLANTED and found[16] >= 0.99 * PLANTED, found
+
+
+def test_nprobe_above_the_cell_count_stops_on_the_driver_before_any_ray_task(tmp_path, forced_ivf):
+    from typer.testing import CliRunner
+
+    from dedup.cli import app
+
+    run = _run(tmp_path, "out", _random_parts())
+    run.settings = replace(run.settings, engine=replace(run.settings.engine, name="ray"))
+    run.save()
+    result = CliRunner().invoke(app, ["index", str(run.root), "--nprobe", "100000"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error: --nprobe 100000 is outside 1..141") and lines[1].startswith("hint: pass --nprobe")
+    assert not (run.root / "_markers" / f"index-{PRECOMPUTED}-train").exists()  # nothing was shipped to Ray

@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 
 from dedup.descriptors import query_transform_for
-from dedup.engine import run_stage
+from dedup.engine import run_stage, unfinished_tasks
 from dedup.errors import IndexInfeasible
 from dedup.records import RunDir, embedding_parts, fingerprint, open_embeddings, write_json
 from dedup.run import Run
@@ -50,6 +50,7 @@ from dedup.stages.index import (
     ProbeStage,
     RowRange,
     _cells_spec,
+    choose_descriptor_spec,
     faiss_gpu_available,
     index_paths,
     save_index,
@@ -205,7 +206,12 @@ def build_indexes(run: Run, gpu: bool | None = None, rows_per_task: int | None =
     gpu = faiss_gpu_available() if gpu is None else gpu
     specs = {}
     for name in run.settings.descriptors:
-        for stage in index_stages(run, name, gpu, rows_per_task):
+        stages = index_stages(run, name, gpu, rows_per_task)
+        if run.settings.nprobe is not None and unfinished_tasks(run, stages[0]):
+            # A bad --nprobe is the user's: say so here, as two lines, not as a failed task of a Ray worker.
+            choose_descriptor_spec(run, name, run.settings.memory_budget_bytes, gpu, stages[0].threshold,
+                                   run.settings.nprobe)
+        for stage in stages:
             if stage.task_ids():  # flat builds and extensions leave the probe and group steps nothing
                 run_stage(run, stage, unit="vectors")
         specs[name] = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())

@@ -116,13 +116,26 @@ def train_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = Fals
 
     clear_index(run, name)
     vectors = open_embeddings(run, name)
+    spec = choose_descriptor_spec(run, name, budget, gpu, threshold, nprobe, vectors)
+    if spec.storage == "cells":
+        return _train_cells(run, name, spec, vectors, budget, rows_per_task, generations)
+    save_index(build_index(spec, vectors), spec, run.index_dir, name)
+    return spec
+
+
+def choose_descriptor_spec(run: RunDir, name: str, budget: int, gpu: bool = False, threshold: float | None = None,
+                           nprobe: int | None = None, vectors=None) -> IndexSpec:
+    """The index a build would make (before training): pure in the row count and dim, read from the memory maps.
+
+    Raises IndexInfeasible for a budget nothing fits or an `nprobe` outside 1..nlist,
+    so the driver can say so before a task is shipped to a worker.
+    """
+    vectors = open_embeddings(run, name) if vectors is None else vectors
     transform = query_transform_for(name)
     variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
     spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
     if spec.kind in ("ivf_flat", "ivf_pq"):
-        spec = _cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold, nprobe, name)
-        return _train_cells(run, name, spec, vectors, budget, rows_per_task, generations)
-    save_index(build_index(spec, vectors), spec, run.index_dir, name)
+        return _cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold, nprobe, name)
     return spec
 
 
