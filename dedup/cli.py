@@ -127,7 +127,7 @@ AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing", help="Record l
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
 ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
 ReadTimeoutOpt = Annotated[float, typer.Option("--read-timeout", help="Seconds to wait for the next bytes of a remote shard.")]
-NprobeOpt = Annotated[int | None, typer.Option("--nprobe", help="IVF (cell) index only: cells probed per row, 1..nlist (default: from the threshold, 4 at a cut >= 0.93). More finds more pairs, slower. Kept by a resumed run unless given.")]
+NprobeOpt = Annotated[int | None, typer.Option("--nprobe", help="IVF (cell) index only: cells probed per row, 1..nlist (default: from the threshold, 4 at a search threshold >= 0.93). More finds more pairs, slower. Kept by a resumed run unless given.")]
 GpuOpt = Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
 
 

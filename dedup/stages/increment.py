@@ -11,8 +11,8 @@ every IVF choice builds: quantizer + rows grouped by cell, no vectors in the
 index) keeps its quantizer (no k-means), appends the new rows' probed cells
 to `<name>.probes.npy` (one quantizer pass over the new rows only, as the
 index's probe step: engine tasks of row blocks) and regroups all rows by home
-cell and by every probed cell (the index's group step). `<name>.generations.json` records which rows
-each build indexed (`bounds`: generation g is rows bounds[g]:bounds[g+1]) and
+cell and by every probed cell (the index's group step).
+`<name>.generations.json` records which rows each build indexed (`bounds`: generation g is rows bounds[g]:bounds[g+1]) and
 a `lineage` that is new with every full build; the neighbour stage keys its
 markers on it, so it keeps the tasks of earlier generations and searches only
 the new rows, against all rows (`dedup.search.new_pairs`).
@@ -155,9 +155,10 @@ class GrowingIndexStage(IndexStage):
     """The index's train step, which extends a grown run's index (see module doc) and rebuilds it otherwise.
 
     The engine calls `reset()` when the parts changed: the index is kept where
-    it can be extended, so `run_task` extends it (probes of the new rows, in
-    this task); otherwise a full build trains here and leaves the probe and
-    group steps to `ProbeStage` and `GroupStage`, which records the generation.
+    it can be extended, so `run_task` extends it (a flat index here; a cell
+    layout hands the new rows to `ProbeStage` and `GroupStage`); otherwise a
+    full build trains here and leaves its probe and group steps to the same two
+    stages. The group step records a cell layout's generation.
     """
 
     def reset(self) -> None:
@@ -212,7 +213,7 @@ def build_indexes(run: Run, gpu: bool | None = None, rows_per_task: int | None =
             choose_descriptor_spec(run, name, run.settings.memory_budget_bytes, gpu, stages[0].threshold,
                                    run.settings.nprobe)
         for stage in stages:
-            if stage.task_ids():  # flat builds and extensions leave the probe and group steps nothing
+            if stage.task_ids():  # a flat index (built or extended) leaves the probe and group steps nothing
                 run_stage(run, stage, unit="vectors")
         specs[name] = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
     return specs
