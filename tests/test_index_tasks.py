@@ -125,7 +125,7 @@ def test_the_group_step_writes_both_csr_lists_of_the_stored_probes(tmp_path, for
     assert not list(index_scratch(run, PRECOMPUTED).glob("*")), "probe blocks or the pending build left behind"
 
 
-def _grow(tmp_path, name: str, rows_per_task: int | None) -> RunDir:
+def _grow(tmp_path, name: str, rows_per_task: int | None, before_growth=lambda run: None) -> RunDir:
     parts = _random_parts((3000, 2500, 2200))
     source = tmp_path / f"emb-{name}"
     _write_parts(source, parts[:2])
@@ -134,6 +134,7 @@ def _grow(tmp_path, name: str, rows_per_task: int | None) -> RunDir:
     build_indexes(run, gpu=False, rows_per_task=rows_per_task)
     _write_parts(source, parts, which=[2])  # the old parts untouched: the run grew
     ingest_embeddings(run, str(source))
+    before_growth(run)
     build_indexes(run, gpu=False, rows_per_task=rows_per_task)
     return run
 
@@ -155,6 +156,31 @@ def test_a_grown_cell_layout_probes_only_the_new_rows_in_tasks_and_rebuilds_both
         rows, bounds = _oracle(columns, spec["nlist"])
         np.testing.assert_array_equal(np.load(paths[rows_file]), rows)
         np.testing.assert_array_equal(np.load(paths[bounds_file]), bounds)
+
+
+def test_an_extension_killed_in_its_probe_step_resumes_there_and_equals_an_unbroken_one(tmp_path, forced_ivf,
+                                                                                        monkeypatch):
+    real = ProbeStage.run_task
+
+    def killed_once(run):
+        def stopped_at_1(self, task_id, progress):
+            if task_id == "1":
+                raise KeyboardInterrupt
+            return real(self, task_id, progress)
+
+        monkeypatch.setattr(ProbeStage, "run_task", stopped_at_1)
+        with pytest.raises(KeyboardInterrupt):
+            build_indexes(run, gpu=False, rows_per_task=1024)
+        assert json.loads((run.index_dir / f"{PRECOMPUTED}.json").read_text())["n_vectors"] == 5500  # still whole
+        first_block["marker"] = run.marker(f"index-{PRECOMPUTED}-probe", "0")
+        first_block["stamp"] = first_block["marker"].stat().st_mtime_ns
+        monkeypatch.setattr(ProbeStage, "run_task", real)
+
+    first_block: dict = {}
+    resumed, whole = _grow(tmp_path, "resumed", 1024, killed_once), _grow(tmp_path, "whole", 1024)
+    assert first_block["marker"].stat().st_mtime_ns == first_block["stamp"]  # block 0 was not probed again
+    assert json.loads(generations_path(resumed.index_dir, PRECOMPUTED).read_text())["bounds"] == [0, 5500, 7700]
+    assert _index_bytes(resumed) == _index_bytes(whole)
 
 
 # ---------------------------------------------------------------- probe blocks as engine tasks
