@@ -127,6 +127,7 @@ AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing", help="Record l
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of a failing shard within the run (exponential backoff from 1 s).")]
 ConnectTimeoutOpt = Annotated[float, typer.Option("--connect-timeout", help="Seconds to connect to a remote shard.")]
 ReadTimeoutOpt = Annotated[float, typer.Option("--read-timeout", help="Seconds to wait for the next bytes of a remote shard.")]
+NprobeOpt = Annotated[int | None, typer.Option("--nprobe", help="IVF (cell) index only: cells probed per row, 1..nlist (default: from the threshold, 4 at a search threshold >= 0.93). More finds more pairs, slower. Kept by a resumed run unless given.")]
 GpuOpt = Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Use faiss-gpu (default: when installed and a GPU is visible).")]
 
 
@@ -153,7 +154,7 @@ def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: flo
 def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
                engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None,
                model_extra: dict | None = None, timeouts: tuple[float, float] = (30.0, 60.0),
-               allow_missing: bool = False, large_crops: bool | None = None) -> Run:
+               allow_missing: bool = False, large_crops: bool | None = None, nprobe: int | None = None) -> Run:
     """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
     thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
     requested = Settings.build(
@@ -161,10 +162,10 @@ def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, devi
         batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
         model_options={"model": model, "pretrained": pretrained, **(model_extra or {})},
         connect_timeout_s=timeouts[0], read_timeout_s=timeouts[1], allow_missing=allow_missing,
-        large_crops=bool(large_crops),
+        large_crops=bool(large_crops), nprobe=nprobe,
     )
     given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory),
-                                      ("large_crops", large_crops is not None)) if value}
+                                      ("large_crops", large_crops is not None), ("nprobe", nprobe is not None)) if value}
     _hold_lock(out)
     run = Run.start(out, requested, err_console, given=frozenset(given))
     if thresholds or guards:  # a resumed run keeps its cuts unless new ones are given
@@ -245,12 +246,12 @@ def embed_command(
 
 @app.command("index")
 @_guarded
-def index_command(out: OutArg, memory: MemoryOpt = None, gpu: GpuOpt = None) -> None:
+def index_command(out: OutArg, memory: MemoryOpt = None, gpu: GpuOpt = None, nprobe: NprobeOpt = None) -> None:
     """Build a FAISS index per descriptor (type chosen from size, dim and --memory)."""
     from dedup.settings import parse_size
     from dedup.stages.increment import build_indexes
 
-    run = _open_run(out, memory_budget_bytes=parse_size(memory) if memory else None)
+    run = _open_run(out, memory_budget_bytes=parse_size(memory) if memory else None, nprobe=nprobe)
     for name, spec in build_indexes(run, gpu=gpu).items():
         err_console.print(f"index {name}: {spec.kind} ({spec.factory}), {spec.n_vectors:,} vectors", markup=False)
 
@@ -348,6 +349,7 @@ def run_command(
     allow_missing: AllowMissingOpt = False,
     gpu_decode: GpuDecodeOpt = None,
     large_crops: LargeCropsOpt = None,
+    nprobe: NprobeOpt = None,
 ) -> None:
     """Every stage, shards in -> clusters, ranking, manifests, report out. Resumes where it stopped."""
     from dedup.console import print_top
@@ -363,7 +365,7 @@ def run_command(
 
         engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
         run = _start_run(out, [embeddings], [PRECOMPUTED], model, pretrained, device, batch_size, workers,
-                         engine_settings, threshold, guard, memory, keep)
+                         engine_settings, threshold, guard, memory, keep, nprobe=nprobe)
         print_top(run_from_embeddings(run, with_report=report), out_console, top)
         return
     if not shards:
@@ -373,7 +375,8 @@ def run_command(
                      threshold, guard, memory, keep,
                      model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize,
                                   "gpu_decode": gpu_decode},
-                     timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing, large_crops=large_crops)
+                     timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing, large_crops=large_crops,
+                     nprobe=nprobe)
     print_top(run_all(run, with_report=report), out_console, top)
     _exit_if_shards_failed(out)
 

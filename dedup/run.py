@@ -154,7 +154,8 @@ class Run(RunDir):
 
     @classmethod
     def start(cls, root: str | Path, requested: Settings, console: Any = None,
-              given: frozenset[str] = frozenset({"descriptors", "keep", "memory_budget_bytes", "large_crops"})) -> Run:
+              given: frozenset[str] = frozenset({"descriptors", "keep", "memory_budget_bytes", "large_crops",
+                                                 "nprobe"})) -> Run:
         """A new run with `requested`, or the existing one at `root` resumed with them (checked)."""
         from dedup.settings import SettingsError
 

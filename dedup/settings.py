@@ -82,6 +82,8 @@ class Settings:
     allow_missing: bool = False
     # The large-crop tier of the perceptual descriptor (dedup/stages/crops.py): opt-in, see BENCHMARKS.md issue 12.
     large_crops: bool = False
+    # Cells probed per row by an IVF (cell) index; None: from the search threshold (index_choice.choose_nprobe).
+    nprobe: int | None = None
     engine: EngineSettings = field(default_factory=EngineSettings)
     version: int = SETTINGS_VERSION
 
@@ -94,7 +96,7 @@ class Settings:
               workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
               engine: EngineSettings | None = None, cuda_available: bool | None = None,
               connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0, allow_missing: bool = False,
-              large_crops: bool = False) -> Settings:
+              large_crops: bool = False, nprobe: int | None = None) -> Settings:
         """Validated settings for a new run; descriptors default from the registry (GPU or not).
 
         `model_options` are the CLI's model values (model, pretrained, ...): each descriptor keeps
@@ -108,7 +110,7 @@ class Settings:
             memory_budget_bytes=parse_size(memory) if isinstance(memory, str) else int(memory),
             batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
             connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, allow_missing=allow_missing,
-            large_crops=large_crops,
+            large_crops=large_crops, nprobe=nprobe,
         )
         # The device is a run setting of its own (settings.device); everything else a descriptor takes is kept.
         settings.descriptor_options = {n: {k: v for k, v in builder_options(n, model_options or {}).items() if k != "device"}
@@ -162,6 +164,8 @@ class Settings:
                "e.g. --connect-timeout 30 --read-timeout 60")
         _check(bool(DEVICE_PATTERN.match(self.device)), f"unknown device {self.device!r}",
                "use --device auto, cpu, cuda or cuda:N")
+        _check(self.nprobe is None or self.nprobe >= 1, f"--nprobe must be at least 1, not {self.nprobe}",
+               "--nprobe N probes N cells per row (at most the index's cell count); leave it out for the default")
         self.engine = self.engine.validated()
         return self
 
@@ -170,7 +174,7 @@ class Settings:
     def resumed_with(self, requested: Settings, given: set[str]) -> Settings:
         """These (saved) settings, changed by what a new invocation asked for; contradictions are errors.
 
-        `given` names the options the user set this time ("descriptors", "keep", "memory_budget_bytes"):
+        `given` names the options the user set this time ("descriptors", "keep", "memory_budget_bytes", "nprobe"):
         only those replace saved values. Batch size, workers, device and engine are how this
         invocation runs, not what it computes, and always come from it.
         """
@@ -184,7 +188,8 @@ class Settings:
                 raise SettingsError(
                     f"this run's {name} vectors were made with {_shaping(saved)}, not {_shaping(asked)}",
                     hint="resume with the same --model/--pretrained, or use a new --out directory")
-        changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes", "large_crops") if k in given}
+        changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes", "large_crops", "nprobe")
+                   if k in given}
         # How this invocation computes (device, GPU decoding) is its own choice; what it computes is the run's.
         changes["descriptor_options"] = {
             name: {**_shaping(self.descriptor_options.get(name, {})), **_runtime(requested.descriptor_options.get(name, {}))}

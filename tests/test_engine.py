@@ -193,7 +193,7 @@ def test_every_stage_runs_behind_the_engine_and_reruns_only_when_its_inputs_chan
     run = make_run(tmp_path / "run", shards)
     pipeline.run_all(run)
     markers = run.root / "_markers"
-    for stage in ("embed", "index-perceptual", "neighbors-perceptual", "cluster", "rank", "manifests", "report"):
+    for stage in ("embed", "index-perceptual-train", "neighbors-perceptual", "cluster", "rank", "manifests", "report"):
         assert list((markers / stage).glob("*.done")), f"{stage} left no completion marker"
     stamp = (markers / "cluster" / "0.done").stat().st_mtime_ns
     pipeline.cluster(Run.open(run.root))  # same inputs and cuts: skipped

@@ -139,7 +139,8 @@ def test_cell_layout_holds_no_vectors_and_its_query_search_is_exact(tmp_path, si
     assert spec.storage == "cells" and spec.nprobe == 4 and 2 <= spec.nlist <= 30
     files = [p for p in run.index_dir.iterdir() if p.is_file()]
     assert not cell_paths(run.index_dir, "precomputed")["ivfdata"].exists()
-    assert max(p.stat().st_size for p in files) < x.nbytes / 2  # no file holds the vectors
+    # No file holds the vectors: the largest, the inverse probe lists, is nprobe int64 a row (32 B < 64 B a row).
+    assert max(p.stat().st_size for p in files) < x.nbytes * 0.6
     index, loaded = load_index(run.index_dir, "precomputed")
     assert isinstance(index, CellSearcher) and loaded == spec and index.ntotal == 4000
     flat = faiss.IndexFlatIP(DIM)

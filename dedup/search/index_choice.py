@@ -431,20 +431,34 @@ def cells_stage_bytes(n_vectors: int, dim: int, nlist: int, nprobe: int, hnsw: b
     return int(quantizer + kmeans + block + (nlist + 1) * 8 * 3)
 
 
+def check_nprobe(nprobe: int, nlist: int, n_vectors: int, name: str = "") -> None:
+    """A per-run `--nprobe` must name between 1 and nlist cells (the lists of this index)."""
+    if not 1 <= nprobe <= nlist:
+        of = f" of '{name}'" if name else ""
+        raise IndexInfeasible(
+            f"--nprobe {nprobe} is outside 1..{nlist}: the cell index{of} over {n_vectors:,} vectors has {nlist:,} cells",
+            hint=f"pass --nprobe between 1 and {nlist}, or leave it out (the default follows the threshold)",
+        )
+
+
 def choose_cells_index(
     n_vectors: int, dim: int, memory_budget_bytes: int, threshold: float | None = None, gpu: bool = False,
+    nprobe: int | None = None, name: str = "",
 ) -> IndexSpec:
     """The exact IVF layout for a build from memory maps: quantizer + rows by cell, no vectors in the index.
 
-    nprobe follows the search threshold, nlist and the quantizer the cost model
+    nprobe follows the search threshold (`choose_nprobe`) unless given
+    (`--nprobe`, checked against nlist), nlist and the quantizer the cost model
     of `cells_nlist`; memory_bytes is the stage's own working set. On a GPU the
     flat quantizer stays (faiss cannot clone an HNSW quantizer to the GPU).
     """
     if n_vectors < 1 or dim < 1:
         raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
-    nprobe = choose_nprobe(threshold)
+    given, nprobe = nprobe is not None, choose_nprobe(threshold) if nprobe is None else int(nprobe)
     nlist, hnsw = cells_nlist(n_vectors, nprobe)
     hnsw = hnsw and not gpu
+    if given:
+        check_nprobe(nprobe, nlist, n_vectors, name)
     working = cells_stage_bytes(n_vectors, dim, nlist, nprobe, hnsw, memory_budget_bytes)
     if working > memory_budget_bytes:
         raise IndexInfeasible(

@@ -9,16 +9,17 @@ those of the build -- `GrowingIndexStage` extends the index: a flat index
 adds the new vectors; a cell layout (`IndexSpec.storage == "cells"`, what
 every IVF choice builds: quantizer + rows grouped by cell, no vectors in the
 index) keeps its quantizer (no k-means), appends the new rows' probed cells
-to `<name>.probes.npy` (one quantizer pass over the new rows only) and
-regroups all rows by home cell. `<name>.generations.json` records which rows
-each build indexed (`bounds`: generation g is rows bounds[g]:bounds[g+1]) and
+to `<name>.probes.npy` (one quantizer pass over the new rows only, as the
+index's probe step: engine tasks of row blocks) and regroups all rows by home
+cell and by every probed cell (the index's group step).
+`<name>.generations.json` records which rows each build indexed (`bounds`: generation g is rows bounds[g]:bounds[g+1]) and
 a `lineage` that is new with every full build; the neighbour stage keys its
 markers on it, so it keeps the tasks of earlier generations and searches only
 the new rows, against all rows (`dedup.search.new_pairs`).
 
 Full rebuild (and a full search) instead, whenever:
 * an old part changed, vanished, or a new part sorts before an old one;
-* the budget, GPU or threshold setting changed, or the index is on a GPU;
+* the budget, GPU, threshold or `--nprobe` setting changed, or the index is on a GPU;
 * the new total makes another layout: flat -> cells when exact search stops
   being affordable, another quantizer kind (flat -> HNSW) or nprobe, or a
   cell build that no longer fits the budget (the rebuild then says so);
@@ -38,20 +39,22 @@ import faiss
 import numpy as np
 
 from dedup.descriptors import query_transform_for
-from dedup.engine import run_stage
+from dedup.engine import run_stage, unfinished_tasks
 from dedup.errors import IndexInfeasible
-from dedup.records import RunDir, embedding_parts, fingerprint, open_embeddings, write_array, write_json
+from dedup.records import RunDir, embedding_parts, fingerprint, open_embeddings, write_json
 from dedup.run import Run
 from dedup.search.index_choice import IndexSpec, choose_index_streaming, estimate_memory_bytes
 from dedup.stages.index import (
+    GroupStage,
     IndexStage,
+    ProbeStage,
+    RowRange,
     _cells_spec,
-    build_descriptor_index,
-    cell_paths,
+    choose_descriptor_spec,
     faiss_gpu_available,
-    group_rows_by_cell,
     index_paths,
     save_index,
+    write_pending,
 )
 
 MAX_GROWTH = 4
@@ -137,7 +140,7 @@ def _same_layout(run: RunDir, name: str, spec: IndexSpec, total: int, settings: 
     if chosen.kind == "flat":
         return False
     try:  # every IVF choice (in RAM or on disk, flat or PQ codes) builds the cell layout
-        fresh = _cells_spec(chosen, total, first.shape[1], budget, gpu, settings["threshold"])
+        fresh = _cells_spec(chosen, total, first.shape[1], budget, gpu, settings["threshold"], settings.get("nprobe"))
     except IndexInfeasible:
         return False  # the rebuild reports it
     return ("_HNSW" in fresh.factory) == ("_HNSW" in spec.factory) and min(fresh.nprobe, spec.nlist) == spec.nprobe
@@ -149,14 +152,14 @@ def _variants(name: str, rows: np.ndarray) -> int:
 
 
 class GrowingIndexStage(IndexStage):
-    """The index stage that extends a grown run's index (see module doc) and rebuilds it otherwise.
+    """The index's train step, which extends a grown run's index (see module doc) and rebuilds it otherwise.
 
     The engine calls `reset()` when the parts changed: the index is kept where
-    it can be extended, so `run_task` extends it; otherwise both rebuild.
+    it can be extended, so `run_task` extends it (a flat index here; a cell
+    layout hands the new rows to `ProbeStage` and `GroupStage`); otherwise a
+    full build trains here and leaves its probe and group steps to the same two
+    stages. The group step records a cell layout's generation.
     """
-
-    def _settings(self) -> dict[str, Any]:
-        return {"memory": self.memory_budget_bytes, "gpu": self.gpu, "threshold": self.threshold}
 
     def reset(self) -> None:
         if growth_rows(self.run_dir, self.descriptor, self._settings()) is None:
@@ -166,26 +169,52 @@ class GrowingIndexStage(IndexStage):
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         old = growth_rows(self.run_dir, self.descriptor, self._settings())
         if old is None:
-            spec = build_descriptor_index(self.run_dir, self.descriptor, self.memory_budget_bytes, self.gpu,
-                                          threshold=self.threshold)
-            write_generations(self.run_dir, self.descriptor, secrets.token_hex(8), [0, spec.n_vectors], self._settings())
+            generations_path(self.run_dir.index_dir, self.descriptor).unlink(missing_ok=True)
+            record = {"lineage": secrets.token_hex(8), "settings": self._settings()}
+            spec = self._train(generations=record)
+            if spec.storage != "cells":  # complete now; a cell build's group step writes the record
+                write_generations(self.run_dir, self.descriptor, record["lineage"], [0, spec.n_vectors], record["settings"])
             progress(spec.n_vectors)
             return {"vectors": spec.n_vectors, "added": spec.n_vectors}
         record = read_generations(self.run_dir, self.descriptor)
-        spec = extend_index(self.run_dir, self.descriptor, old, self.memory_budget_bytes)
-        write_generations(self.run_dir, self.descriptor, record.lineage, [*record.bounds, spec.n_vectors],
-                          self._settings())
+        spec = IndexSpec.from_json(index_paths(self.run_dir.index_dir, self.descriptor)[1].read_text())
+        if spec.storage == "cells":  # the probe step probes the new rows, the group step regroups and records
+            total = len(open_embeddings(self.run_dir, self.descriptor))
+            generations = {"lineage": record.lineage, "bounds": [*record.bounds, total], "settings": self._settings()}
+            spec = pend_cells_extension(self.run_dir, self.descriptor, spec, old, total, self.memory_budget_bytes,
+                                        self.rows_per_task, generations)
+        else:
+            spec = extend_index(self.run_dir, self.descriptor, old, self.memory_budget_bytes)
+            write_generations(self.run_dir, self.descriptor, record.lineage, [*record.bounds, spec.n_vectors],
+                              self._settings())
         progress(spec.n_vectors - old)
         return {"vectors": spec.n_vectors, "added": spec.n_vectors - old}
 
 
-def build_indexes(run: Run, gpu: bool | None = None) -> dict[str, IndexSpec]:
-    """Index every descriptor of the run behind the engine, extending grown indexes; returns the specs."""
+def index_stages(run: Run, name: str, gpu: bool, rows_per_task: int | None = None) -> list:
+    """The index's three engine stages in order: train (or extend), probe row blocks, group rows by cell."""
+    threshold = run.settings.search_thresholds.get(name)  # sets nprobe (index_choice.choose_nprobe)
+    train = GrowingIndexStage(run, name, run.settings.memory_budget_bytes, gpu, threshold,
+                              nprobe=run.settings.nprobe, rows_per_task=rows_per_task)
+    return [train, ProbeStage(run, name), GroupStage(run, name)]
+
+
+def build_indexes(run: Run, gpu: bool | None = None, rows_per_task: int | None = None) -> dict[str, IndexSpec]:
+    """Index every descriptor of the run behind the engine, extending grown indexes; returns the specs.
+
+    `rows_per_task`: rows per probe task (default: `PROBE_TASK_BLOCKS` probe blocks).
+    """
     gpu = faiss_gpu_available() if gpu is None else gpu
     specs = {}
     for name in run.settings.descriptors:
-        threshold = run.settings.search_thresholds.get(name)  # sets nprobe (index_choice.choose_nprobe)
-        run_stage(run, GrowingIndexStage(run, name, run.settings.memory_budget_bytes, gpu, threshold), unit="vectors")
+        stages = index_stages(run, name, gpu, rows_per_task)
+        if run.settings.nprobe is not None and unfinished_tasks(run, stages[0]):
+            # A bad --nprobe is the user's: say so here, as two lines, not as a failed task of a Ray worker.
+            choose_descriptor_spec(run, name, run.settings.memory_budget_bytes, gpu, stages[0].threshold,
+                                   run.settings.nprobe)
+        for stage in stages:
+            if stage.task_ids():  # a flat index (built or extended) leaves the probe and group steps nothing
+                run_stage(run, stage, unit="vectors")
         specs[name] = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
     return specs
 
@@ -193,31 +222,12 @@ def build_indexes(run: Run, gpu: bool | None = None) -> dict[str, IndexSpec]:
 # ---------------------------------------------------------------- extension
 
 
-class _RowRange:
-    """Rows start:stop of a VectorParts as an array-like (len and slices), for the block readers."""
-
-    def __init__(self, vectors, start: int, stop: int) -> None:
-        self.vectors, self.start, self.stop = vectors, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, item: slice) -> np.ndarray:
-        first, last, _ = item.indices(len(self))
-        return self.vectors[self.start + first : self.start + last]
-
-
 def extend_index(run: RunDir, name: str, old: int, budget: int) -> IndexSpec:
-    """Add rows old: of the descriptor's parts to its stored index (a cell layout keeps its quantizer)."""
+    """Add rows old: of the descriptor's parts to its stored flat index (cell layouts: `pend_cells_extension`)."""
     vectors = open_embeddings(run, name)
     spec = IndexSpec.from_json(index_paths(run.index_dir, name)[1].read_text())
-    if spec.storage == "cells":
-        quantizer = _extend_cells(run, name, spec, vectors, old, budget)
-        grown = _grown_cells_spec(spec, len(vectors), budget)
-        save_index(quantizer, grown, run.index_dir, name, with_cells=True)
-        return grown
     index = faiss.read_index(str(index_paths(run.index_dir, name)[0]))
-    new = _RowRange(vectors, old, len(vectors))
+    new = RowRange(vectors, old, len(vectors))
     for start in range(0, len(new), BLOCK_ROWS):
         index.add(np.ascontiguousarray(new[start : start + BLOCK_ROWS], dtype=np.float32))
     grown = replace(spec, n_vectors=len(vectors),
@@ -234,27 +244,20 @@ def _grown_cells_spec(spec: IndexSpec, total: int, budget: int) -> IndexSpec:
     return replace(spec, n_vectors=total, memory_bytes=max(working, spec.memory_bytes))
 
 
-def _extend_cells(run: RunDir, name: str, spec: IndexSpec, vectors, old: int, budget: int):
-    """Probes of the new rows appended to the stored ones, rows regrouped by cell; returns the quantizer.
+def pend_cells_extension(run: RunDir, name: str, spec: IndexSpec, old: int, total: int, budget: int,
+                         rows_per_task: int | None, generations: dict[str, Any]) -> IndexSpec:
+    """Hand rows old:total of a grown cell layout to the probe and group steps; the quantizer is kept.
 
-    The old rows' probes are copied, never recomputed, so a run killed here
-    redoes the same extension from the same stored rows.
+    The probe step probes only the new rows (tasks of whole blocks counted from
+    `old`, as one pass over them would); the group step copies the stored rows'
+    probes (never recomputed), appends the new ones, regroups every row by home
+    cell and by every probed cell, saves the grown spec and records the
+    generation. The stored index stays whole until then: a run killed on the
+    way extends the same stored rows again.
     """
-    from dedup.search.faiss_index import probe_cells
     from dedup.search.index_choice import probe_block_rows
 
-    paths = cell_paths(run.index_dir, name)
-    quantizer = faiss.read_index(str(paths["quantizer.faiss"]))
-    stored = np.load(paths["probes.npy"], mmap_mode="r")
-    tmp = paths["probes.npy"].with_name(f".{paths['probes.npy'].name}.tmp")
-    probes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(vectors), stored.shape[1]))
-    for start in range(0, old, BLOCK_ROWS):
-        probes[start : min(start + BLOCK_ROWS, old)] = stored[start : min(start + BLOCK_ROWS, old)]
-    probe_cells(quantizer, _RowRange(vectors, old, len(vectors)), stored.shape[1], probes[old:],
-                block_rows=probe_block_rows(spec.dim, spec.nprobe, budget))
-    probes.flush()
-    del probes, stored
-    tmp.replace(paths["probes.npy"])
-    home = np.load(paths["probes.npy"], mmap_mode="r")[:, 0]  # a strided view of the map, read in blocks
-    write_array(group_rows_by_cell(home, spec.nlist, paths["cell_rows.npy"]), paths["cell_bounds.npy"])
-    return quantizer
+    grown = _grown_cells_spec(spec, total, budget)
+    write_pending(run, name, grown, probe_block_rows(spec.dim, spec.nprobe, budget), rows_per_task, generations,
+                  first_row=old)
+    return grown
