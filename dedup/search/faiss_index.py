@@ -285,15 +285,21 @@ def quantizer_of(index):
 
 
 def probe_cells(quantizer, vectors, nprobe: int, out: np.ndarray, block_rows: int = ADD_CHUNK,
-                progress=None) -> np.ndarray:
+                progress=None, prune=None) -> np.ndarray:
     """The `nprobe` nearest cells of every row into `out` ((n, nprobe) int32, e.g. a memory map).
 
     Column 0 is the row's home cell (the cell an IVF add puts it in), so one
     quantizer pass serves both the index fill and the neighbour join.
+    `prune` = (centroids, threshold): probes that cannot hold a pair at that
+    threshold are stored as -1 (`dedup.search.pairs.prune_probes`).
     """
+    from dedup.search.pairs import prune_probes
+
     for start in range(0, len(vectors), block_rows):
         block = _rows(vectors[start : start + block_rows])
-        _, cells = quantizer.search(block, nprobe)
+        similarities, cells = quantizer.search(block, nprobe)
+        if prune is not None:
+            cells = prune_probes(similarities, cells, *prune)
         out[start : start + len(block)] = cells
         if progress is not None:
             progress(len(block))

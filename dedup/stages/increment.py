@@ -51,7 +51,9 @@ from dedup.stages.index import (
     faiss_gpu_available,
     group_rows_by_cell,
     index_paths,
+    probe_pruning,
     save_index,
+    write_probe_lists,
 )
 
 MAX_GROWTH = 4
@@ -251,10 +253,11 @@ def _extend_cells(run: RunDir, name: str, spec: IndexSpec, vectors, old: int, bu
     for start in range(0, old, BLOCK_ROWS):
         probes[start : min(start + BLOCK_ROWS, old)] = stored[start : min(start + BLOCK_ROWS, old)]
     probe_cells(quantizer, _RowRange(vectors, old, len(vectors)), stored.shape[1], probes[old:],
-                block_rows=probe_block_rows(spec.dim, spec.nprobe, budget))
+                block_rows=probe_block_rows(spec.dim, spec.nprobe, budget), prune=probe_pruning(quantizer, spec))
     probes.flush()
     del probes, stored
     tmp.replace(paths["probes.npy"])
     home = np.load(paths["probes.npy"], mmap_mode="r")[:, 0]  # a strided view of the map, read in blocks
     write_array(group_rows_by_cell(home, spec.nlist, paths["cell_rows.npy"]), paths["cell_bounds.npy"])
+    write_probe_lists(np.load(paths["probes.npy"], mmap_mode="r"), spec.nlist, paths)
     return quantizer

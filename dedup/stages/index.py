@@ -73,7 +73,7 @@ def build_descriptor_index(run: RunDir, name: str, budget: int, gpu: bool = Fals
     variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
     spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
     if spec.kind in ("ivf_flat", "ivf_pq"):
-        spec = _cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold)
+        spec = replace(_cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold), probe_threshold=threshold)
         quantizer, spec = _build_cells(run, name, spec, vectors, budget)
         save_index(quantizer, spec, run.index_dir, name, with_cells=True)
         return spec
@@ -98,7 +98,8 @@ def _cells_spec(chosen: IndexSpec, n: int, dim: int, budget: int, gpu: bool, thr
 def cell_paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:
     directory = Path(directory)
     return {part: directory / f"{name}.{part}" for part in
-            ("quantizer.faiss", "probes.npy", "cell_rows.npy", "cell_bounds.npy", "ivfdata")}
+            ("quantizer.faiss", "probes.npy", "cell_rows.npy", "cell_bounds.npy", "probe_rows.npy",
+             "probe_bounds.npy", "ivfdata")}
 
 
 def _build_cells(run: RunDir, name: str, spec: IndexSpec, vectors, budget: int):
@@ -116,11 +117,29 @@ def _build_cells(run: RunDir, name: str, spec: IndexSpec, vectors, budget: int):
     probes = np.lib.format.open_memmap(paths["probes.npy"], mode="w+", dtype=np.int32,
                                        shape=(len(vectors), max(1, spec.nprobe)))
     probe_cells(searching_quantizer(quantizer, spec.use_gpu), vectors, probes.shape[1], probes,
-                block_rows=probe_block_rows(vectors.dim, spec.nprobe, budget))
+                block_rows=probe_block_rows(vectors.dim, spec.nprobe, budget), prune=probe_pruning(quantizer, spec))
     probes.flush()
     bounds = group_rows_by_cell(probes[:, 0], spec.nlist, paths["cell_rows.npy"])
     write_array(bounds, paths["cell_bounds.npy"])
+    write_probe_lists(probes, spec.nlist, paths)
     return quantizer, spec
+
+
+def write_probe_lists(probes, nlist: int, paths: dict[str, Path]) -> None:
+    """Rows by probed cell (the cell-major join's queries): probe_rows.npy + probe_bounds.npy."""
+    from dedup.search.pairs import ProbeLists
+
+    lists = ProbeLists.from_probes(np.asarray(probes), nlist)
+    small = len(probes) < np.iinfo(np.int32).max  # half the disk below 2^31 rows
+    write_array(lists.rows.astype(np.int32) if small else lists.rows, paths["probe_rows.npy"])
+    write_array(lists.bounds, paths["probe_bounds.npy"])
+
+
+def probe_pruning(quantizer, spec: IndexSpec):
+    """(centroids, threshold) for `probe_cells`, or None: the bound needs an exact (flat) quantizer."""
+    if spec.probe_threshold is None or "_HNSW" in spec.factory:
+        return None
+    return quantizer.reconstruct_n(0, quantizer.ntotal), spec.probe_threshold
 
 
 def group_rows_by_cell(home, nlist: int, path: Path, block_rows: int = 1 << 20) -> np.ndarray:
