@@ -272,7 +272,8 @@ def test_a_large_duplicate_group_is_not_split_over_many_cells(single_faiss_threa
     # The cell layout's quantizer (bounded sample, nprobe 2) merges the blob the same way.
     quantizer = train_cells_quantizer(spec, x, points=len(x))
     cells = probe_cells(quantizer, x, 2, np.empty((len(x), 2), np.int32))
-    assert quantizer.ntotal < 60 and len(np.unique(cells[group, 0])) == 1
+    unmerged = train_cells_quantizer(spec, x, points=len(x), merge_cosine=None)
+    assert quantizer.ntotal < unmerged.ntotal and len(np.unique(cells[group, 0])) == 1
 
 
 def test_streaming_choice_counts_the_training_sample():
@@ -456,3 +457,30 @@ def test_neighbour_stage_joins_cell_major_with_the_row_block_join_edges(tmp_path
     assert len(cell_major) >= 0.98 * len(truth[0])
     with pytest.raises(StoreError, match="rebuild"):  # a search below the pruning threshold would miss pairs
         neighbors.NeighborsStage(run, "precomputed", 0.9).run_task("0", lambda n: None)
+
+
+def test_crowded_cells_are_split_and_a_duplicate_blob_stays_whole(single_faiss_thread):
+    """Diffuse rows crowd a few cells (everyone probes them): those are split; a blob of copies is merged back."""
+    from dedup.search.faiss_index import split_crowded_cells
+
+    rng = np.random.default_rng(11)
+
+    def unit(v):
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+    topics = unit(rng.standard_normal((30, DIM)))
+    clustered = unit(np.repeat(topics, 100, axis=0) + 0.3 * rng.standard_normal((3000, DIM)))
+    diffuse = unit(rng.standard_normal((3000, DIM)))  # close to no centroid
+    blob = unit(unit(rng.standard_normal(DIM)) + 0.05 * rng.standard_normal((600, DIM)))
+    x = np.concatenate([clustered, diffuse, blob])
+    spec = spec_for_kind("ivf_flat", len(x), DIM, nlist=40, nprobe=4)
+    quantizer = train_cells_quantizer(spec, x.astype(np.float16), points=len(x))
+    plain = faiss.Kmeans(DIM, 40, niter=10, spherical=True, seed=0)
+    plain.train(x)
+    counts = np.bincount(plain.index.search(x, 1)[1][:, 0], minlength=40)
+    assert counts.max() > 3 * counts.mean()  # the plain k-means has crowded cells
+    split = split_crowded_cells(x, plain.centroids, seed=0)
+    assert len(split) > 40
+    home = quantizer.search(x, 1)[1][:, 0]
+    after = np.bincount(home[:6000], minlength=quantizer.ntotal)
+    assert after.max() <= 3 * len(x) / quantizer.ntotal * 2 and len(np.unique(home[6000:])) == 1

@@ -742,6 +742,15 @@ def _cell_pairs(vectors, members: np.ndarray, queries: np.ndarray, threshold: fl
             yield _forward_hits(_rows(vectors[q_rows]), targets[first:], q_rows, m_rows[first:], threshold)
 
 
+def _hits(sims: np.ndarray, threshold: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero(sims >= threshold), scanning only the rows that have a hit when few do (crowded cells)."""
+    rows = np.flatnonzero(sims.max(axis=1) >= threshold) if sims.size else np.empty(0, np.int64)
+    if len(rows) > len(sims) // 2:
+        return np.nonzero(sims >= threshold)
+    q_idx, m_idx = np.nonzero(sims[rows] >= threshold)
+    return rows[q_idx], m_idx
+
+
 def _query_chunk_rows(queries: int, members: int) -> int:
     wanted = max(QUERY_CHUNK_MIN_ROWS, -(-queries // QUERY_CHUNKS_PER_CELL))
     return max(1, min(wanted, CELL_PRODUCT_ENTRIES // max(1, members)))
@@ -749,7 +758,7 @@ def _query_chunk_rows(queries: int, members: int) -> int:
 
 def _forward_hits(queries, targets, q_rows, m_rows, threshold: float):
     sims = _similarity_matrix(queries, targets)
-    q_idx, m_idx = np.nonzero(sims >= _as_float32(threshold))
+    q_idx, m_idx = _hits(sims, _as_float32(threshold))
     q, r = q_rows[q_idx], m_rows[m_idx]
     forward = r > q
     return q[forward], r[forward], sims[q_idx[forward], m_idx[forward]]

@@ -276,7 +276,8 @@ class _EdgeWriter:
             "descriptor": pa.repeat(pa.scalar(self.descriptor, pa.string()), len(id_a)),
         })
         suffix = f".{self.files}" if self.files else ""
-        write_record(table, self.folder / f"part_{self.task_id}{suffix}.parquet", EDGES)
+        # Keys are unique per row: dictionary-encoding them only costs time.
+        write_record(table, self.folder / f"part_{self.task_id}{suffix}.parquet", EDGES, ["descriptor"])
         self.edges += len(id_a)
         self.files += 1
         self.pending, self.buffered = [], 0
