@@ -14,7 +14,17 @@ from dedup.errors import IndexInfeasible
 from dedup.records import VectorParts, load_edges, open_embeddings
 from dedup.search.faiss_index import probe_cells, quantizer_of, train_cells_quantizer, train_index
 from dedup.search.index_choice import choose_index_streaming, index_stage_bytes, spec_for_kind
-from dedup.search.pairs import CellLists, brute_force_pairs, find_pairs, find_pairs_cells, find_pairs_ivf_join
+from dedup.search.pairs import (
+    CellLists,
+    ProbeLists,
+    brute_force_pairs,
+    cell_work,
+    find_pairs,
+    find_pairs_by_cell,
+    find_pairs_cells,
+    find_pairs_ivf_join,
+    split_cells,
+)
 from dedup.stages.index import build_descriptor_index, cell_paths, group_rows_by_cell, load_index
 from dedup.stages.precomputed import ingest_embeddings
 
@@ -263,7 +273,8 @@ def test_a_large_duplicate_group_is_not_split_over_many_cells(single_faiss_threa
     # The cell layout's quantizer (bounded sample, nprobe 2) merges the blob the same way.
     quantizer = train_cells_quantizer(spec, x, points=len(x))
     cells = probe_cells(quantizer, x, 2, np.empty((len(x), 2), np.int32))
-    assert quantizer.ntotal < 60 and len(np.unique(cells[group, 0])) == 1
+    unmerged = train_cells_quantizer(spec, x, points=len(x), merge_cosine=None)
+    assert quantizer.ntotal < unmerged.ntotal and len(np.unique(cells[group, 0])) == 1
 
 
 def test_streaming_choice_counts_the_training_sample():
@@ -336,3 +347,141 @@ def test_query_search_on_a_cell_layout_is_exact(tmp_path, single_faiss_thread, m
     want_q, want_pos = np.nonzero((queries @ stored.T) >= np.float32(0.93))
     assert len(q) > 31 and set(zip(q, pos, strict=True)) == set(zip(want_q, want_pos, strict=True))
     np.testing.assert_allclose(sim, (queries @ stored.T)[q, pos], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- cell-major join
+
+
+def test_probe_lists_invert_the_probes_once_per_cell():
+    probes = np.array([[2, 0, 2], [1, -1, -1], [0, 2, 1], [2, 2, 2]], dtype=np.int32)
+    lists = ProbeLists.from_probes(probes, nlist=4)
+    got = {c: list(lists.rows[lists.bounds[c]:lists.bounds[c + 1]]) for c in range(4)}
+    assert got == {0: [0, 2], 1: [1, 2], 2: [0, 2, 3], 3: []}
+
+
+def test_split_cells_is_a_partition_of_about_equal_work():
+    work = np.array([5, 1, 1, 1, 40, 1, 1, 1, 1, 1, 8, 0, 0], dtype=np.float64)
+    ranges = split_cells(work, 4)
+    assert [c for r in ranges for c in r] == list(range(len(work)))
+    assert 2 <= len(ranges) <= 4 and all(len(r) for r in ranges)
+    assert split_cells(np.zeros(0), 3) == [range(0, 0)] and split_cells(work, 1) == [range(0, 13)]
+
+
+@pytest.mark.parametrize("member_rows, chunks", [(1 << 15, 8), (7, 3)])
+def test_cell_major_join_equals_the_row_block_join(tmp_path, single_faiss_thread, monkeypatch, member_rows, chunks):
+    """Every cell once, in any partition of the cells, gives exactly the row-block join's pairs."""
+    import dedup.search.pairs as pairs_module
+
+    monkeypatch.setattr(pairs_module, "CELL_MEMBER_ROWS", member_rows)  # large cells read in slices
+    monkeypatch.setattr(pairs_module, "QUERY_CHUNK_MIN_ROWS", chunks)
+    x = _grouped(copies=25, groups=60, noise=0.08)
+    _, lists = _ivf(x, nlist=24, nprobe=3)
+    vectors = _parts(tmp_path, x, [1000, 1200, 800])
+    probe_lists = ProbeLists.from_probes(lists.probes, lists.nlist)
+    rows_major = _pair_set(find_pairs_cells(vectors, vectors.ids, 0.9, lists, block_size=500))
+    found, sims = set(), {}
+    for cells in split_cells(cell_work(lists, probe_lists), 5):
+        for block in find_pairs_by_cell(vectors, vectors.ids, 0.9, lists, probe_lists, cells, max_pairs=40):
+            assert np.all(block[0] < block[1]) and np.all(block[2] >= np.float32(0.9))
+            pairs = list(zip(block[0].tolist(), block[1].tolist(), strict=True))
+            assert not found & set(pairs)  # never the same pair twice
+            found |= set(pairs)
+            sims.update(zip(pairs, block[2].tolist(), strict=True))
+    assert len(rows_major) > 1000 and found == rows_major
+    a, b = next(iter(found))
+    rows = np.searchsorted(vectors.ids, [a, b])
+    exact = np.float32(x[rows[0]].astype(np.float32) @ x[rows[1]].astype(np.float32))
+    assert sims[(a, b)] == pytest.approx(exact, abs=1e-6)
+
+
+def test_cell_major_join_keeps_rows_below_the_limit(tmp_path, single_faiss_thread):
+    x = _grouped(copies=20, groups=40, noise=0.05)
+    _, lists = _ivf(x, nlist=16, nprobe=4)
+    probe_lists = ProbeLists.from_probes(lists.probes, lists.nlist)
+    ids = np.arange(len(x), dtype=np.int64)
+    limited = _pair_set(find_pairs_by_cell(x, ids, 0.92, lists, probe_lists, range(16), row_limit=1700))
+    every = _pair_set(find_pairs_by_cell(x, ids, 0.92, lists, probe_lists, range(16)))
+    assert limited == {p for p in every if p[1] < 1700} and len(limited) < len(every)
+
+
+@pytest.mark.parametrize("data", ["grouped", "isotropic"])
+def test_pruned_probes_lose_no_pair_of_the_unpruned_probes(single_faiss_thread, data):
+    """The triangle bound drops probes, never a pair: the join over pruned probes equals the unpruned join."""
+    from dedup.search.pairs import prune_probes
+
+    rng = np.random.default_rng(7)
+    if data == "grouped":
+        x = _grouped(n=4000, copies=12, groups=150, noise=0.06).astype(np.float32)
+    else:  # copies straddle cell borders: no cell structure to lean on
+        base = rng.standard_normal((1500, DIM))
+        x = np.concatenate([base, base[:500] + 0.06 * rng.standard_normal((500, DIM))])
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    index, _ = _ivf(x.astype(np.float16), nlist=40, nprobe=6)
+    quantizer = quantizer_of(index)
+    similarities, cells = quantizer.search(x, 6)
+    centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+    ids = np.arange(len(x), dtype=np.int64)
+    for threshold in (0.9, 0.97):
+        pruned = prune_probes(similarities, cells, centroids, threshold)
+        assert (pruned[:, 1:] == -1).mean() > (0.02 if data == "grouped" else 0.0)  # not vacuous
+        assert np.array_equal(pruned[:, 0], cells[:, 0])
+        kept = _pair_set(find_pairs_cells(x, ids, threshold, CellLists.from_probes(pruned, 40)))
+        every = _pair_set(find_pairs_cells(x, ids, threshold, CellLists.from_probes(cells, 40)))
+        assert len(every) > 100 and kept == every
+
+
+def test_neighbour_stage_joins_cell_major_with_the_row_block_join_edges(tmp_path, single_faiss_thread, monkeypatch):
+    import dedup.stages.index as index_stage
+    from dedup.errors import StoreError
+    from dedup.stages import neighbors
+
+    x = _grouped(n=4000, copies=10, groups=100, noise=0.05)
+    run = _run_from(tmp_path, x, [1500, 1500, 1000], memory=64 << 20)
+    monkeypatch.setattr(index_stage, "choose_index_streaming", lambda *a, **k: spec_for_kind(
+        "ivf_flat", 4000, DIM, nlist=30, nprobe=4))
+    spec = build_descriptor_index(run, "precomputed", budget=64 << 20, threshold=0.94)
+    assert spec.probe_threshold == 0.94
+    assert (np.load(cell_paths(run.index_dir, "precomputed")["probes.npy"]) == -1).any()  # some probes pruned
+    stage = neighbors.NeighborsStage(run, "precomputed", 0.94, rows_per_task=1000)
+    assert stage._cell_major() and len(stage.task_ids()) == 4
+    for task in stage.task_ids():
+        stage.run_task(task, lambda n: None)
+    cell_major = load_edges(run, "precomputed", 0.94)
+    monkeypatch.setattr(neighbors.NeighborsStage, "_cell_major", lambda self: False)
+    neighbors.clear_stage(run, "neighbors-precomputed", run.neighbors_dir("precomputed"))
+    neighbors.find_neighbors(run, gpu=False)
+    row_blocks = load_edges(run, "precomputed", 0.94)
+    truth = brute_force_pairs(x.astype(np.float32), open_embeddings(run, "precomputed").ids, 0.94)
+    key = ["id_a", "id_b"]
+    pd.testing.assert_frame_equal(cell_major.sort_values(key, ignore_index=True),
+                                  row_blocks.sort_values(key, ignore_index=True), atol=1e-6)
+    assert len(cell_major) >= 0.98 * len(truth[0])
+    with pytest.raises(StoreError, match="rebuild"):  # a search below the pruning threshold would miss pairs
+        neighbors.NeighborsStage(run, "precomputed", 0.9).run_task("0", lambda n: None)
+
+
+def test_crowded_cells_are_split_and_a_duplicate_blob_stays_whole(single_faiss_thread):
+    """Diffuse rows crowd a few cells (everyone probes them): those are split; a blob of copies is merged back."""
+    from dedup.search.faiss_index import split_crowded_cells
+
+    rng = np.random.default_rng(11)
+
+    def unit(v):
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+    topics = unit(rng.standard_normal((30, DIM)))
+    clustered = unit(np.repeat(topics, 100, axis=0) + 0.3 * rng.standard_normal((3000, DIM)))
+    diffuse = unit(rng.standard_normal((3000, DIM)))  # close to no centroid
+    blob = unit(unit(rng.standard_normal(DIM)) + 0.05 * rng.standard_normal((600, DIM)))
+    x = np.concatenate([clustered, diffuse, blob])
+    spec = spec_for_kind("ivf_flat", len(x), DIM, nlist=40, nprobe=4)
+    quantizer = train_cells_quantizer(spec, x.astype(np.float16), points=len(x))
+    plain = faiss.Kmeans(DIM, 40, niter=10, spherical=True, seed=0)
+    plain.train(x)
+    counts = np.bincount(plain.index.search(x, 1)[1][:, 0], minlength=40)
+    assert counts.max() > 3 * counts.mean()  # the plain k-means has crowded cells
+    split = split_crowded_cells(x, plain.centroids, seed=0)
+    assert len(split) > 40
+    home = quantizer.search(x, 1)[1][:, 0]
+    after = np.bincount(home[:6000], minlength=quantizer.ntotal)
+    assert after.max() <= 3 * len(x) / quantizer.ntotal * 2 and len(np.unique(home[6000:])) == 1

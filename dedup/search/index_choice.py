@@ -86,6 +86,9 @@ class IndexSpec:
     # rows grouped by cell are stored; every score is computed from the embeddings'
     # memory maps (no second copy of the vectors; see `choose_cells_index`).
     storage: str = "index"
+    # Cells: the stored probes omit cells that cannot hold a pair at this similarity
+    # (`dedup.search.pairs.prune_probes`); a search below it needs a rebuilt index.
+    probe_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -135,7 +135,8 @@ def choose_descriptor_spec(run: RunDir, name: str, budget: int, gpu: bool = Fals
     variants = len(transform(np.asarray(vectors[:1], np.float32))) if transform is not None else 1
     spec = choose_index_streaming(len(vectors), vectors.dim, budget, gpu=gpu, query_variants=variants)
     if spec.kind in ("ivf_flat", "ivf_pq"):
-        return _cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold, nprobe, name)
+        cells = _cells_spec(spec, len(vectors), vectors.dim, budget, gpu, threshold, nprobe, name)
+        return replace(cells, probe_threshold=threshold)
     return spec
 
 
@@ -233,10 +234,10 @@ class _PendingStep:
 
     def __init__(self, run: RunDir, descriptor: str) -> None:
         self.run_dir, self.descriptor = run, descriptor
-        self._quantizer = None
+        self._quantizer = self._centroids = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_quantizer": None}  # a live (GPU) quantizer is built inside each worker
+        return {**self.__dict__, "_quantizer": None, "_centroids": None}  # built inside each worker
 
     def pending(self) -> dict[str, Any] | None:
         return read_pending(self.run_dir, self.descriptor)
@@ -247,7 +248,7 @@ class _PendingStep:
         return fingerprint([], {"build": pending and pending["build"]})
 
     def close(self) -> None:
-        self._quantizer = None
+        self._quantizer = self._centroids = None
 
 
 class ProbeStage(_PendingStep):
@@ -288,7 +289,7 @@ class ProbeStage(_PendingStep):
         probes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(stop - start, max(1, spec.nprobe)))
         rows_here = RowRange(open_embeddings(self.run_dir, self.descriptor), start, stop)
         probe_cells(self._searching_quantizer(spec.use_gpu), rows_here, probes.shape[1], probes,
-                    block_rows=pending["block_rows"], progress=progress)
+                    block_rows=pending["block_rows"], progress=progress, prune=self._pruning(spec))
         probes.flush()
         del probes
         tmp.replace(path)
@@ -298,9 +299,20 @@ class ProbeStage(_PendingStep):
         from dedup.search.faiss_index import searching_quantizer
 
         if self._quantizer is None:  # once per worker: a GPU copy costs a transfer of every centroid
-            quantizer = faiss.read_index(str(cell_paths(self.run_dir.index_dir, self.descriptor)["quantizer.faiss"]))
-            self._quantizer = searching_quantizer(quantizer, gpu)
+            self._quantizer = searching_quantizer(self._cpu_quantizer(), gpu)
         return self._quantizer
+
+    def _cpu_quantizer(self):
+        return faiss.read_index(str(cell_paths(self.run_dir.index_dir, self.descriptor)["quantizer.faiss"]))
+
+    def _pruning(self, spec: IndexSpec):
+        """(centroids, threshold) for `probe_cells`, or None: the bound needs an exact (flat) quantizer."""
+        if spec.probe_threshold is None or "_HNSW" in spec.factory:
+            return None
+        if self._centroids is None:
+            quantizer = self._cpu_quantizer()
+            self._centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+        return self._centroids, spec.probe_threshold
 
 
 class GroupStage(_PendingStep):

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from dedup.descriptors import query_transform_for
 from dedup.engine import StageReport, run_stage
+from dedup.errors import StoreError
 from dedup.records import EDGES, RunDir, embedding_parts, fingerprint, open_embeddings, write_record
 from dedup.run import Run
 from dedup.settings import Settings
@@ -54,10 +55,10 @@ class NeighborsStage:
         self.run_dir, self.descriptor, self.threshold, self.knn_cap = run, descriptor, threshold, knn_cap
         self.rows_per_task = rows_per_task
         self.name = f"neighbors-{descriptor}"
-        self._loaded = self._bounds = None
+        self._loaded = self._bounds = self._ranges = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_loaded": None, "_bounds": None}
+        return {**self.__dict__, "_loaded": None, "_bounds": None, "_ranges": None}
 
     def _spec(self):
         from dedup.search.index_choice import IndexSpec
@@ -75,6 +76,42 @@ class NeighborsStage:
         # A cell layout (GPU builds too) has no other index to search.
         return spec.storage == "cells" or (spec.kind in ("ivf_flat", "ivf_pq") and not spec.use_gpu
                                            and self.knn_cap is None)
+
+    def _cell_major(self) -> bool:
+        """Generation 0 joined cell by cell: untransformed queries over a cell layout with probe lists."""
+        from dedup.stages.index import cell_paths
+
+        stored = cell_paths(self.run_dir.index_dir, self.descriptor)
+        return (self._uses_cells() and query_transform_for(self.descriptor) is None
+                and stored["probe_rows.npy"].exists() and stored["probe_bounds.npy"].exists())
+
+    def _check_pruned_for(self) -> None:
+        spec = self._spec()
+        pruned_at = getattr(spec, "probe_threshold", None)
+        if pruned_at is not None and self.threshold < pruned_at:
+            raise StoreError(
+                f"the {self.descriptor} index keeps only the cells a pair at >= {pruned_at} can be in, "
+                f"not {self.threshold}",
+                hint="rebuild it at this threshold: rerun `dedup run` with the same --threshold",
+            )
+
+    def _probe_lists(self):
+        from dedup.search.pairs import ProbeLists
+        from dedup.stages.index import cell_paths
+
+        paths = cell_paths(self.run_dir.index_dir, self.descriptor)
+        return ProbeLists(np.load(paths["probe_rows.npy"], mmap_mode="r"), np.load(paths["probe_bounds.npy"]))
+
+    def _cell_ranges(self) -> list[range]:
+        """Generation 0's tasks: contiguous cell ranges of about equal work, as many as row blocks."""
+        from dedup.search.pairs import cell_work, split_cells
+
+        if self._ranges is None:
+            lists, _ = self._searcher()
+            bounds, _ = self._generations()
+            tasks = max(1, -(-(bounds[1] - bounds[0]) // self.rows_per_task))
+            self._ranges = split_cells(cell_work(lists, self._probe_lists()), tasks)
+        return self._ranges
 
     def _load(self):
         if self._loaded is None:
@@ -120,6 +157,8 @@ class NeighborsStage:
         ids = []
         for g, (lo, hi) in enumerate(pairwise(bounds)):
             blocks = -(-(hi - lo) // self.rows_per_task)
+            if g == 0 and self._cell_major():
+                blocks = len(self._cell_ranges())
             blocks = max(1, blocks) if g == 0 else blocks  # an empty run still has its one (empty) task
             ids += [str(j) if g == 0 else f"g{g}-{j}" for j in range(blocks)]
         return ids
@@ -152,13 +191,27 @@ class NeighborsStage:
                                   quantizer=quantizer, query_transform=query_transform_for(self.descriptor),
                                   block_size=self.rows_per_task, max_pairs=EDGES_PER_FILE, progress=progress)
 
+    def _cell_pairs(self, task_id: str, end: int, progress):
+        from dedup.search.pairs import find_pairs_by_cell
+
+        (lists, _), vectors, _ = self._load()
+        return find_pairs_by_cell(vectors, vectors.ids, self.threshold, lists, self._probe_lists(),
+                                  self._cell_ranges()[int(task_id)], row_limit=end, max_pairs=EDGES_PER_FILE,
+                                  progress=progress)
+
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        self._check_pruned_for()
         _, vectors, keys = self._load()
         bounds, _ = self._generations()
         generation, rows = self._task_rows(task_id, bounds)
         end = bounds[generation + 1]
         writer = _EdgeWriter(self.run_dir.neighbors_dir(self.descriptor), task_id, self.descriptor, keys, vectors.ids)
-        for id_a, id_b, sims in self._pairs(rows, progress):
+        cell_major = generation == 0 and self._cell_major()
+        pairs = self._cell_pairs(task_id, end, progress) if cell_major else self._pairs(rows, progress)
+        if cell_major:  # the task's rows are its cells' members
+            (lists, _), cells = self._searcher(), self._cell_ranges()[int(task_id)]
+            rows = slice(int(lists.bounds[cells.start]), int(lists.bounds[cells.stop]))
+        for id_a, id_b, sims in pairs:
             if end < len(vectors):  # a later generation pairs its rows with these: keep each pair once
                 keep = id_b < vectors.ids[end]
                 id_a, id_b, sims = id_a[keep], id_b[keep], sims[keep]
@@ -172,7 +225,8 @@ class NeighborsStage:
     def fingerprint(self) -> str:
         from dedup.stages.index import index_paths
 
-        settings = {"threshold": self.threshold, "knn_cap": self.knn_cap, "rows": self.rows_per_task}
+        settings = {"threshold": self.threshold, "knn_cap": self.knn_cap, "rows": self.rows_per_task,
+                    "join": "cell-major" if self._cell_major() else "row-blocks"}
         _, lineage = self._generations()
         if lineage is not None:  # an extended index: earlier generations' tasks stay valid
             return fingerprint([], {**settings, "lineage": lineage})
@@ -219,10 +273,11 @@ class _EdgeWriter:
             "key_a": self.keys.take(pa.array(rows_a)).combine_chunks(),
             "key_b": self.keys.take(pa.array(rows_b)).combine_chunks(),
             "similarity": pa.array(sim.astype(np.float32)),
-            "descriptor": pa.array(np.full(len(id_a), self.descriptor, dtype=object), pa.string()),
+            "descriptor": pa.repeat(pa.scalar(self.descriptor, pa.string()), len(id_a)),
         })
         suffix = f".{self.files}" if self.files else ""
-        write_record(table, self.folder / f"part_{self.task_id}{suffix}.parquet", EDGES)
+        # Keys are unique per row: dictionary-encoding them only costs time.
+        write_record(table, self.folder / f"part_{self.task_id}{suffix}.parquet", EDGES, ["descriptor"])
         self.edges += len(id_a)
         self.files += 1
         self.pending, self.buffered = [], 0
