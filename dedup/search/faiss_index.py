@@ -255,9 +255,11 @@ def split_crowded_cells(sample: np.ndarray, centroids: np.ndarray, seed: int, gp
     mean = max(1.0, len(sample) / len(centroids))
     crowded = np.flatnonzero(counts > CROWDED_CELL_FACTOR * mean)
     kept = [centroids[np.setdiff1d(np.arange(len(centroids)), crowded)]]
+    by_cell = np.argsort(home, kind="stable")  # one sort, not one mask over the sample per crowded cell
+    starts = np.r_[0, np.cumsum(counts)]
     for cell in crowded:
         parts = int(min(np.ceil(counts[cell] / mean), counts[cell] // MIN_TRAIN_POINTS_PER_LIST))
-        members = sample[home == cell]
+        members = sample[np.sort(by_cell[starts[cell] : starts[cell + 1]])]
         kept.append(_kmeans(members, parts, seed + 1, gpu=gpu) if parts >= 2 else centroids[cell : cell + 1])
     return np.concatenate(kept)
 
