@@ -268,12 +268,14 @@ def neighbors_command(
     ray_cpus_per_actor: RayCpusOpt = 1.0,
     progress: ProgressOpt = True,
 ) -> None:
-    """All-vs-all range search -> OUT/neighbors/<descriptor>/part_*.parquet."""
+    """All-vs-all range search -> OUT/neighbors/<descriptor>/part_*.parquet (and the crop search of --large-crops runs)."""
+    from dedup.stages.crops import find_crops
     from dedup.stages.neighbors import find_neighbors
 
     run = _with_engine(_open_run(out, threshold),
                        _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, 0.0, progress))
     find_neighbors(run, gpu=gpu)
+    find_crops(run)  # its edges are neighbour edges too: `dedup cluster` after this must see the run's own
 
 
 @app.command("cluster")

@@ -4,6 +4,7 @@ and the cluster stage joining crops to their photo through `contains`. Real phot
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,23 @@ def test_large_crops_refuse_a_run_too_big_for_the_pairwise_window_search(tmp_pat
     run = make_run(tmp_path / "run", [write_tar(tmp_path / "00000.tar", members)], large_crops=True)
     with pytest.raises(DedupError, match="--no-large-crops"):
         pipeline.run_all(run, with_report=False)
+
+
+def test_cli_neighbors_reruns_the_crop_search_of_a_large_crops_run(tmp_path):
+    """`dedup neighbors` then `dedup cluster` on a --large-crops run gives the pipeline's crop clusters."""
+    from typer.testing import CliRunner
+
+    from dedup.cli import app
+
+    images = {"parent": photo(15), "left": crop(photo(15), LEFT), "right": crop(photo(15), RIGHT)}
+    on = _run_pipeline(tmp_path / "r", images, crop_search=True)
+    run = RunDir(tmp_path / "r" / "run")
+    crop_part = run.neighbors_dir("perceptual-crops") / "part_0.parquet"
+    shutil.rmtree(run.root / "_markers" / "crops")  # as if the crop search had never run
+    crop_part.unlink()
+    runner = CliRunner()
+    assert runner.invoke(app, ["neighbors", str(run.root), "--no-progress"]).exit_code == 0
+    assert crop_part.exists()
+    assert runner.invoke(app, ["cluster", str(run.root)]).exit_code == 0
+    again = pd.read_parquet(run.clusters)
+    assert dict(zip(again["key"], again["cluster_id"], strict=True)) == on and len(set(on.values())) == 1
