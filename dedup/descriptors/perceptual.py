@@ -409,7 +409,9 @@ MIN_FILL_LEG = 4  # shorter legs (rotations under ~1.5 degrees here) hurt little
 MAX_FILL_ANGLE = 12.0  # degrees: larger angles are not "small rotations"
 FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
 FIT_LINES = 48  # lines sampled along a long leg for the hypotenuse fit
+MIN_FIT_LINES = 8  # a short leg crossed by fewer lines is fitted from the lines crossing the long leg
 FILL_LINE_SHARE = 0.98  # a bar line of the fill colour (JPEG specks aside)
+BORROWED_FILL_SHARE = 0.75  # share of a borrowed triangle that must be fill when two fitted corners agree
 FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
 
 
@@ -433,10 +435,22 @@ def _corner_triangle(corner: np.ndarray, colour: np.ndarray) -> tuple[float, flo
         return None  # a bar along a whole side, or no triangle
     if min(along_x, along_y) > max(along_x, along_y) * math.tan(math.radians(MAX_FILL_ANGLE + 3)):
         return None  # a blob of the fill colour (a white background), not a thin wedge
-    if along_x < along_y:  # fit across the long leg: many lines, short runs
-        legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
-        return None if legs is None else (legs[1], legs[0])
-    return _fitted_legs(corner, colour, along_x)
+    long_leg_along_y = along_x < along_y
+    legs = _oriented_fit(corner, colour, along_x, along_y, transposed=long_leg_along_y)
+    if legs is None and min(along_x, along_y) < MIN_FIT_LINES:
+        # A thin wedge (a few degrees on a small image): too few lines cross its short leg,
+        # so fit the many short runs of the lines crossing its long leg instead.
+        legs = _oriented_fit(corner, colour, along_x, along_y, transposed=not long_leg_along_y)
+    return legs
+
+
+def _oriented_fit(corner: np.ndarray, colour: np.ndarray, along_x: int, along_y: int,
+                  transposed: bool) -> tuple[float, float] | None:
+    """`_fitted_legs` with the corner's top row (`transposed=False`) or left column along its first axis."""
+    if not transposed:
+        return _fitted_legs(corner, colour, along_x)
+    legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
+    return None if legs is None else (legs[1], legs[0])
 
 
 def _fitted_legs(corner: np.ndarray, colour: np.ndarray, long_leg: int) -> tuple[float, float] | None:
@@ -490,10 +504,28 @@ def _smooth_fill(luma: Image.Image, inside: np.ndarray) -> np.ndarray:
 
 def _same_corners(rgb: np.ndarray) -> bool:
     """Do the four corner pixels share one colour (the cheap first test for fill corners)?"""
+    return _fill_corner_ids(rgb) == ALL_CORNERS
+
+
+ALL_CORNERS = (0, 1, 2, 3)  # TL, TR, BL, BR
+# Two corners along one side, and the two along the opposite side: a translucent strip drawn over
+# one side of a turned copy (a news caption over the bottom) tints that side's fill corners alike.
+_CORNER_PAIRS = (((0, 1), (2, 3)), ((2, 3), (0, 1)), ((0, 2), (1, 3)), ((1, 3), (0, 2)))
+
+
+def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
+    """The corners to fit fill triangles in: all four when their pixels share a colour, or two corners
+    along one side sharing white or black when the two opposite share some other colour; () otherwise."""
     if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
-        return False
+        return ()
     colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
-    return bool(np.abs(colours - colours[0]).max() <= FILL_TOLERANCE)
+    if np.abs(colours - colours[0]).max() <= FILL_TOLERANCE:
+        return ALL_CORNERS
+    for (a, b), (c, d) in _CORNER_PAIRS:
+        pair_alike = np.abs(colours[a] - colours[b]).max() <= FILL_TOLERANCE
+        if pair_alike and np.abs(colours[c] - colours[d]).max() <= FILL_TOLERANCE and _blank(colours[a]):
+            return a, b
+    return ()
 
 
 def _corner_views(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -508,20 +540,23 @@ def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
     corner borrows the legs of the opposite one (a rotation about the centre makes them
     equal) and must be fill-coloured over the whole borrowed triangle. At least two
     fitted corners must tell the same small angle: a photo's own dark corners do not.
+    Under a strip along one side only the two corners of the other side are fitted.
     """
     corners = _corner_views(rgb)
-    if not _same_corners(rgb):
+    candidates = _fill_corner_ids(rgb)
+    if not candidates:
         return None
-    colours = np.stack([c[0, 0] for c in corners]).astype(np.int16)
+    colours = np.stack([corners[index][0, 0] for index in candidates]).astype(np.int16)
     colour = np.median(colours, axis=0).astype(np.int16)
-    fitted = [_corner_triangle(corner, colour) for corner in corners]
+    fitted = [_corner_triangle(corner, colour) if index in candidates else None for index, corner in enumerate(corners)]
     angles = {index: _signed_angle(index, legs) for index, legs in enumerate(fitted) if legs is not None}
     if not angles:
         return None
     consensus = float(np.median(list(angles.values())))
     # A corner whose picture runs dark (or bright) into the fill misreads its legs: it borrows instead.
     agreeing = {index: angle for index, angle in angles.items() if abs(angle - consensus) <= FILL_ANGLE_AGREEMENT}
-    if len(agreeing) < max(1, len(angles) - 1) or abs(consensus) > MAX_FILL_ANGLE:
+    needed = len(candidates) if len(candidates) < len(ALL_CORNERS) else max(1, len(angles) - 1)
+    if len(agreeing) < needed or abs(consensus) > MAX_FILL_ANGLE:
         return None
     fitted = [legs if index in agreeing else None for index, legs in enumerate(fitted)]
     angles = list(agreeing.values())
@@ -529,7 +564,10 @@ def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
     if any(leg is None for leg in legs):
         legs = _grown_canvas_legs(legs, rgb.shape[1], rgb.shape[0])
     borrowed = [index for index, leg in enumerate(fitted) if leg is None]
-    if any(not _is_filled(corners[index], legs[index], colour) for index in borrowed):
+    # Two fitted corners agreeing on one angle are strong evidence: a borrowed corner may then be partly
+    # covered (a watermark or caption text over it), or tinted by a strip.
+    share = BORROWED_FILL_SHARE if len(agreeing) >= 2 else 0.9
+    if any(not _is_filled(corners[index], legs[index], colour, share) for index in borrowed):
         return None
     return FillCorners(float(np.mean(angles)), tuple(legs))
 
@@ -561,7 +599,10 @@ def _is_filled(corner: np.ndarray, legs: tuple[float, float], colour: np.ndarray
     height, width = min(int(along_y), corner.shape[0]), min(int(along_x), corner.shape[1])
     rows, cols = np.mgrid[:height, :width]
     inside = cols / along_x + rows / along_y < 0.9  # off the smeared hypotenuse
-    near = np.abs(corner[:height, :width].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    pixels = corner[:height, :width].astype(np.int16)
+    near = np.abs(pixels - colour).max(axis=2) <= FILL_TOLERANCE
+    # or the corner's own colour: the fill under a translucent strip is tinted
+    near |= np.abs(pixels - pixels[0, 0]).max(axis=2) <= FILL_TOLERANCE
     return bool(inside.any() and near[inside].mean() >= share)
 
 
@@ -631,7 +672,7 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
     """
     rgb = np.asarray(thumbnail)
     full = (0, 0, rgb.shape[1], rgb.shape[0])
-    if _same_corners(rgb):
+    if _fill_corner_ids(rgb):
         fill = fill_rotation(rgb)
         if fill is not None:
             return _unrotated_luma(thumbnail, fill)
@@ -643,7 +684,7 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
         if inner_box == full:
             continue
         inner_box = _inset(inner_box, full)  # the line where bar and picture meet is smeared
-        if _same_corners(rgb[inner_box[1]:inner_box[3], inner_box[0]:inner_box[2]]):
+        if _fill_corner_ids(rgb[inner_box[1]:inner_box[3], inner_box[0]:inner_box[2]]):
             inner = thumbnail.crop(inner_box)
             fill = fill_rotation(np.asarray(inner))
             if fill is not None:
