@@ -70,3 +70,34 @@ def test_strip_corner_pairs_leave_plain_photos_alone(photos):
     # without straight fill edges that agree on one angle nothing is turned.
     for photo in photos:
         assert fill_rotation(np.asarray(_thumbnail(_stored(photo)))) is None
+
+
+def _letterboxed(photo: Image.Image, colour) -> Image.Image:
+    bar = photo.height // 4
+    canvas = Image.new("RGB", (photo.width, photo.height + 2 * bar), colour)
+    canvas.paste(photo, (0, bar))
+    return canvas
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0)], ids=["white", "black"])
+def test_letterbox_whose_bottom_bar_a_caption_strip_covers_is_trimmed(photos, colour):
+    # Strip and the visible rest of the bottom bar together match the top bar: both bars go (the old
+    # code kept the lone top bar as picture and the strip's grey as a band of another colour).
+    from dedup.descriptors.perceptual import content_box
+
+    rng = random.Random(3)
+    trimmed = []
+    for photo in photos:
+        copy = _stored(caption_strip(_letterboxed(photo, colour), rng))
+        top, bottom = content_box(np.asarray(copy))[1::2]
+        bar = copy.height - photo.height * copy.width // photo.width  # both bars, in the decoded copy
+        trimmed.append(abs(top - bar / 2) <= 3 and abs(copy.height - bottom - bar / 2) <= 3)
+    assert np.mean(trimmed) >= 0.9, trimmed
+
+
+def test_turned_and_letterboxed_copy_under_a_caption_strip_matches_its_original(photos):
+    rng = random.Random(5)
+    copies = [_stored(caption_strip(_letterboxed(_turned(photo, 3, (255, 255, 255), True), (255, 255, 255)), rng))
+              for photo in photos]
+    sims = dihedral_similarity(describe(photos), describe(copies)).diagonal()
+    assert (sims >= DEFAULT_THRESHOLD).mean() >= 0.85, sims.round(2)

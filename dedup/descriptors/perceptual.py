@@ -291,7 +291,29 @@ def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
         same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
         if same_colour and same_size:
             return start, end
+        covered_end = _bar_under_strip(lines[::-1], end, start, start_colour, limit) if end_text and not start_text else 0
+        if covered_end:
+            return start, covered_end
+        covered_start = _bar_under_strip(lines, start, end, end_colour, limit) if start_text and not end_text else 0
+        if covered_start:
+            return covered_start, end
     return (start if start_text and _blank(start_colour) else 0), (end if end_text and _blank(end_colour) else 0)
+
+
+def _bar_under_strip(lines: np.ndarray, strip: int, other: int, colour: np.ndarray, limit: int) -> int:
+    """Lines of a bar whose outer part a caption strip (`strip` lines with text) covers, 0 when there is none.
+
+    A translucent strip drawn over a letterboxed copy tints the outer lines of one bar; past the
+    strip the bar goes on in its own colour. Strip and visible bar together then match the bar at
+    the other end (`other` lines of `colour`) in size.
+    """
+    for smear in range(BAR_STEP_LOOKAHEAD):  # the line where strip and bar meet is blended
+        start = strip + smear
+        rest, rest_colour, _ = _bar_length(lines[start:], max(0, limit - start))
+        if rest and np.abs(rest_colour - colour).max() <= 2 * BAR_TOLERANCE:
+            total = start + rest
+            return total if abs(total - other) <= max(2, 0.3 * max(total, other)) else 0
+    return 0
 
 
 def _blank(colour: np.ndarray) -> bool:
@@ -680,7 +702,7 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
     else:
         margins = full
     box = content_box(rgb)
-    for inner_box in (margins, box):
+    for inner_box in (box, margins):
         if inner_box == full:
             continue
         inner_box = _inset(inner_box, full)  # the line where bar and picture meet is smeared
