@@ -101,3 +101,22 @@ def test_turned_and_letterboxed_copy_under_a_caption_strip_matches_its_original(
               for photo in photos]
     sims = dihedral_similarity(describe(photos), describe(copies)).diagonal()
     assert (sims >= DEFAULT_THRESHOLD).mean() >= 0.85, sims.round(2)
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0)], ids=["white", "black"])
+def test_pillarbox_bars_under_a_caption_strip_are_trimmed(photos, colour):
+    # The strip's caption starts inside the left bar, so the bar's columns are not uniform over their
+    # whole height; above the strip they are (old code: bars kept on most copies).
+    from dedup.descriptors.perceptual import content_box
+
+    rng = random.Random(4)
+    trimmed = []
+    for photo in photos:
+        bar = photo.width // 4
+        canvas = Image.new("RGB", (photo.width + 2 * bar, photo.height), colour)
+        canvas.paste(photo, (bar, 0))
+        copy = _stored(caption_strip(canvas, rng))
+        left, _, right, _ = content_box(np.asarray(copy))
+        side = (copy.width - photo.width * copy.height / photo.height) / 2
+        trimmed.append(abs(left - side) <= 3 and abs(copy.width - right - side) <= 3)
+    assert np.mean(trimmed) >= 0.9, trimmed

@@ -394,6 +394,9 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) widths of the outermost layer of bars of an (h, w, 3) array."""
     top, bottom = _paired_bars(rgb)
     left, right = _paired_bars(rgb.transpose(1, 0, 2))
+    if not (left or right):
+        # A caption strip over the foot of pillarbox bars writes into them: pair them above it.
+        left, right = _paired_bars(rgb[: rgb.shape[0] - int(rgb.shape[0] * MAX_CAPTION_STRIP)].transpose(1, 0, 2))
     if not (top or bottom) and bool(left) == bool(right):
         frame = _covered_frame(rgb, (left, right))
         if frame:
