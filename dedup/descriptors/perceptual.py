@@ -414,10 +414,14 @@ def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """
     height, width = rgb.shape[:2]
     left, top, right, bottom = 0, 0, width, height
-    for _ in range(MAX_BAR_LAYERS):
-        peel_left, peel_top, peel_right, peel_bottom = _peel(rgb[top:bottom, left:right])
-        if not (peel_left or peel_top or peel_right or peel_bottom):
+    for layer in range(MAX_BAR_LAYERS):
+        peel = _peel(rgb[top:bottom, left:right])
+        if not any(peel) and layer and min(bottom - top, right - left) > 2:
+            # The line where the outer bar met this layer is blended (resize, JPEG): look one line in.
+            peel = tuple(side + 1 if side else 0 for side in _peel(rgb[top + 1 : bottom - 1, left + 1 : right - 1]))
+        if not any(peel):
             break
+        peel_left, peel_top, peel_right, peel_bottom = peel
         left, top, right, bottom = left + peel_left, top + peel_top, right - peel_right, bottom - peel_bottom
     return left, top, right, bottom
 
