@@ -396,7 +396,11 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
     left, right = _paired_bars(rgb.transpose(1, 0, 2))
     if not (left or right):
         # A caption strip over the foot of pillarbox bars writes into them: pair them above it.
-        left, right = _paired_bars(rgb[: rgb.shape[0] - int(rgb.shape[0] * MAX_CAPTION_STRIP)].transpose(1, 0, 2))
+        upper = rgb[: rgb.shape[0] - int(rgb.shape[0] * MAX_CAPTION_STRIP)]
+        middle = len(upper) // 2
+        sides_alike = _alike(upper, (0, 0), (middle, 0)) and _alike(upper, (0, -1), (middle, -1))
+        if sides_alike and _alike(upper, (0, 0), (0, -1)):  # 4 pixels first: bars of one colour on both sides
+            left, right = _paired_bars(upper.transpose(1, 0, 2))
     if not (top or bottom) and bool(left) == bool(right):
         frame = _covered_frame(rgb, (left, right))
         if frame:
@@ -405,6 +409,12 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
         top, bottom = _blurred_bars(rgb)
         left, right = _blurred_bars(rgb.transpose(1, 0, 2))
     return left, top, right, bottom
+
+
+def _alike(rgb: np.ndarray, first: tuple[int, int], *others: tuple[int, int]) -> bool:
+    """Is the pixel at `first` within a bar's tolerance of some pixel at `others`? (bars share one colour)"""
+    reference = rgb[first].astype(np.int16)
+    return any(np.abs(rgb[other].astype(np.int16) - reference).max() <= 2 * BAR_TOLERANCE for other in others)
 
 
 def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
@@ -416,9 +426,10 @@ def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
     left, top, right, bottom = 0, 0, width, height
     for layer in range(MAX_BAR_LAYERS):
         peel = _peel(rgb[top:bottom, left:right])
-        if not any(peel) and layer and min(bottom - top, right - left) > 2:
+        inner = rgb[top + 1 : bottom - 1, left + 1 : right - 1]
+        if not any(peel) and layer and min(inner.shape[:2]) > 0 and _alike(inner, (0, 0), (0, -1), (-1, 0)):
             # The line where the outer bar met this layer is blended (resize, JPEG): look one line in.
-            peel = tuple(side + 1 if side else 0 for side in _peel(rgb[top + 1 : bottom - 1, left + 1 : right - 1]))
+            peel = tuple(side + 1 if side else 0 for side in _peel(inner))
         if not any(peel):
             break
         peel_left, peel_top, peel_right, peel_bottom = peel
@@ -540,6 +551,7 @@ ALL_CORNERS = (0, 1, 2, 3)  # TL, TR, BL, BR
 # Two corners along one side, and the two along the opposite side: a translucent strip drawn over
 # one side of a turned copy (a news caption over the bottom) tints that side's fill corners alike.
 _CORNER_PAIRS = (((0, 1), (2, 3)), ((2, 3), (0, 1)), ((0, 2), (1, 3)), ((1, 3), (0, 2)))
+_SIDE_OF_PAIR = {(0, 1): 0, (2, 3): 1, (0, 2): 2, (1, 3): 3}  # top, bottom, left, right
 
 
 def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
@@ -548,11 +560,15 @@ def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
     if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
         return ()
     colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
-    if np.abs(colours - colours[0]).max() <= FILL_TOLERANCE:
+    # Corner pairs along the top, bottom, left and right sides: are their two pixels alike?
+    alike = (np.abs(colours[[0, 2, 0, 1]] - colours[[1, 3, 2, 3]]).max(axis=1) <= FILL_TOLERANCE).tolist()
+    if not any(alike):
+        return ()  # the common case
+    if alike[0] and alike[2] and np.abs(colours[3] - colours[0]).max() <= FILL_TOLERANCE:
         return ALL_CORNERS
     for (a, b), (c, d) in _CORNER_PAIRS:
-        pair_alike = np.abs(colours[a] - colours[b]).max() <= FILL_TOLERANCE
-        if pair_alike and np.abs(colours[c] - colours[d]).max() <= FILL_TOLERANCE and _blank(colours[a]):
+        side, opposite = _SIDE_OF_PAIR[(a, b)], _SIDE_OF_PAIR[(c, d)]
+        if alike[side] and alike[opposite] and _blank(colours[a]):
             return a, b
     return ()
 
