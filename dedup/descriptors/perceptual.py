@@ -451,6 +451,7 @@ FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
 FIT_LINES = 48  # lines sampled along a long leg for the hypotenuse fit
 MIN_FIT_LINES = 8  # a short leg crossed by fewer lines is fitted from the lines crossing the long leg
 FILL_LINE_SHARE = 0.98  # a bar line of the fill colour (JPEG specks aside)
+FILL_CHECK_PIXELS = 4096  # pixels of a borrowed triangle checked for fill (on a grid)
 BORROWED_FILL_SHARE = 0.75  # share of a borrowed triangle that must be fill when two fitted corners agree
 FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
 
@@ -551,7 +552,6 @@ ALL_CORNERS = (0, 1, 2, 3)  # TL, TR, BL, BR
 # Two corners along one side, and the two along the opposite side: a translucent strip drawn over
 # one side of a turned copy (a news caption over the bottom) tints that side's fill corners alike.
 _CORNER_PAIRS = (((0, 1), (2, 3)), ((2, 3), (0, 1)), ((0, 2), (1, 3)), ((1, 3), (0, 2)))
-_SIDE_OF_PAIR = {(0, 1): 0, (2, 3): 1, (0, 2): 2, (1, 3): 3}  # top, bottom, left, right
 
 
 def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
@@ -559,16 +559,15 @@ def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
     along one side sharing white or black when the two opposite share some other colour; () otherwise."""
     if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
         return ()
-    colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
-    # Corner pairs along the top, bottom, left and right sides: are their two pixels alike?
-    alike = (np.abs(colours[[0, 2, 0, 1]] - colours[[1, 3, 2, 3]]).max(axis=1) <= FILL_TOLERANCE).tolist()
-    if not any(alike):
-        return ()  # the common case
-    if alike[0] and alike[2] and np.abs(colours[3] - colours[0]).max() <= FILL_TOLERANCE:
+    colours = [tuple(int(value) for value in rgb[y, x]) for y, x in ((0, 0), (0, -1), (-1, 0), (-1, -1))]
+
+    def alike(a: int, b: int) -> bool:  # 12 numbers: plain Python beats numpy's per-call cost
+        return max(abs(p - q) for p, q in zip(colours[a], colours[b], strict=True)) <= FILL_TOLERANCE
+
+    if alike(0, 1) and alike(0, 2) and alike(0, 3):
         return ALL_CORNERS
     for (a, b), (c, d) in _CORNER_PAIRS:
-        side, opposite = _SIDE_OF_PAIR[(a, b)], _SIDE_OF_PAIR[(c, d)]
-        if alike[side] and alike[opposite] and _blank(colours[a]):
+        if alike(a, b) and alike(c, d) and _blank(np.array(colours[a])):
             return a, b
     return ()
 
@@ -642,9 +641,10 @@ def _is_filled(corner: np.ndarray, legs: tuple[float, float], colour: np.ndarray
     if min(along_x, along_y) < 1:
         return False
     height, width = min(int(along_y), corner.shape[0]), min(int(along_x), corner.shape[1])
-    rows, cols = np.mgrid[:height, :width]
+    step = max(1, int(math.sqrt(height * width / FILL_CHECK_PIXELS)))  # a share needs no more pixels
+    rows, cols = np.mgrid[:height:step, :width:step]
     inside = cols / along_x + rows / along_y < 0.9  # off the smeared hypotenuse
-    pixels = corner[:height, :width].astype(np.int16)
+    pixels = corner[:height:step, :width:step].astype(np.int16)
     near = np.abs(pixels - colour).max(axis=2) <= FILL_TOLERANCE
     # or the corner's own colour: the fill under a translucent strip is tinted
     near |= np.abs(pixels - pixels[0, 0]).max(axis=2) <= FILL_TOLERANCE
