@@ -413,8 +413,11 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
 
 def _alike(rgb: np.ndarray, first: tuple[int, int], *others: tuple[int, int]) -> bool:
     """Is the pixel at `first` within a bar's tolerance of some pixel at `others`? (bars share one colour)"""
-    reference = rgb[first].astype(np.int16)
-    return any(np.abs(rgb[other].astype(np.int16) - reference).max() <= 2 * BAR_TOLERANCE for other in others)
+    reference = rgb[first].tolist()  # plain ints: a few numbers, compared without numpy's per-call cost
+    for other in others:
+        if max(abs(p - q) for p, q in zip(rgb[other].tolist(), reference, strict=True)) <= 2 * BAR_TOLERANCE:
+            return True
+    return False
 
 
 def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
@@ -559,10 +562,11 @@ def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
     along one side sharing white or black when the two opposite share some other colour; () otherwise."""
     if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
         return ()
-    colours = [tuple(int(value) for value in rgb[y, x]) for y, x in ((0, 0), (0, -1), (-1, 0), (-1, -1))]
+    colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16).tolist()
 
     def alike(a: int, b: int) -> bool:  # 12 numbers: plain Python beats numpy's per-call cost
-        return max(abs(p - q) for p, q in zip(colours[a], colours[b], strict=True)) <= FILL_TOLERANCE
+        (r, g, b_), (r2, g2, b2) = colours[a], colours[b]
+        return max(abs(r - r2), abs(g - g2), abs(b_ - b2)) <= FILL_TOLERANCE
 
     if alike(0, 1) and alike(0, 2) and alike(0, 3):
         return ALL_CORNERS
