@@ -291,7 +291,29 @@ def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
         same_size = abs(start - end) <= max(2, 0.3 * max(start, end))
         if same_colour and same_size:
             return start, end
+        covered_end = _bar_under_strip(lines[::-1], end, start, start_colour, limit) if end_text and not start_text else 0
+        if covered_end:
+            return start, covered_end
+        covered_start = _bar_under_strip(lines, start, end, end_colour, limit) if start_text and not end_text else 0
+        if covered_start:
+            return covered_start, end
     return (start if start_text and _blank(start_colour) else 0), (end if end_text and _blank(end_colour) else 0)
+
+
+def _bar_under_strip(lines: np.ndarray, strip: int, other: int, colour: np.ndarray, limit: int) -> int:
+    """Lines of a bar whose outer part a caption strip (`strip` lines with text) covers, 0 when there is none.
+
+    A translucent strip drawn over a letterboxed copy tints the outer lines of one bar; past the
+    strip the bar goes on in its own colour. Strip and visible bar together then match the bar at
+    the other end (`other` lines of `colour`) in size.
+    """
+    for smear in range(BAR_STEP_LOOKAHEAD):  # the line where strip and bar meet is blended
+        start = strip + smear
+        rest, rest_colour, _ = _bar_length(lines[start:], max(0, limit - start))
+        if rest and np.abs(rest_colour - colour).max() <= 2 * BAR_TOLERANCE:
+            total = start + rest
+            return total if abs(total - other) <= max(2, 0.3 * max(total, other)) else 0
+    return 0
 
 
 def _blank(colour: np.ndarray) -> bool:
@@ -372,6 +394,13 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) widths of the outermost layer of bars of an (h, w, 3) array."""
     top, bottom = _paired_bars(rgb)
     left, right = _paired_bars(rgb.transpose(1, 0, 2))
+    if not (left or right):
+        # A caption strip over the foot of pillarbox bars writes into them: pair them above it.
+        upper = rgb[: rgb.shape[0] - int(rgb.shape[0] * MAX_CAPTION_STRIP)]
+        middle = len(upper) // 2
+        sides_alike = _alike(upper, (0, 0), (middle, 0)) and _alike(upper, (0, -1), (middle, -1))
+        if sides_alike and _alike(upper, (0, 0), (0, -1)):  # 4 pixels first: bars of one colour on both sides
+            left, right = _paired_bars(upper.transpose(1, 0, 2))
     if not (top or bottom) and bool(left) == bool(right):
         frame = _covered_frame(rgb, (left, right))
         if frame:
@@ -382,6 +411,15 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
+def _alike(rgb: np.ndarray, first: tuple[int, int], *others: tuple[int, int]) -> bool:
+    """Is the pixel at `first` within a bar's tolerance of some pixel at `others`? (bars share one colour)"""
+    reference = rgb[first].tolist()  # plain ints: a few numbers, compared without numpy's per-call cost
+    for other in others:
+        if max(abs(p - q) for p, q in zip(rgb[other].tolist(), reference, strict=True)) <= 2 * BAR_TOLERANCE:
+            return True
+    return False
+
+
 def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the picture inside letterbox/pillarbox/padding bars of an (h, w, 3) array.
 
@@ -389,10 +427,15 @@ def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """
     height, width = rgb.shape[:2]
     left, top, right, bottom = 0, 0, width, height
-    for _ in range(MAX_BAR_LAYERS):
-        peel_left, peel_top, peel_right, peel_bottom = _peel(rgb[top:bottom, left:right])
-        if not (peel_left or peel_top or peel_right or peel_bottom):
+    for layer in range(MAX_BAR_LAYERS):
+        peel = _peel(rgb[top:bottom, left:right])
+        inner = rgb[top + 1 : bottom - 1, left + 1 : right - 1]
+        if not any(peel) and layer and min(inner.shape[:2]) > 0 and _alike(inner, (0, 0), (0, -1), (-1, 0)):
+            # The line where the outer bar met this layer is blended (resize, JPEG): look one line in.
+            peel = tuple(side + 1 if side else 0 for side in _peel(inner))
+        if not any(peel):
             break
+        peel_left, peel_top, peel_right, peel_bottom = peel
         left, top, right, bottom = left + peel_left, top + peel_top, right - peel_right, bottom - peel_bottom
     return left, top, right, bottom
 
@@ -409,7 +452,10 @@ MIN_FILL_LEG = 4  # shorter legs (rotations under ~1.5 degrees here) hurt little
 MAX_FILL_ANGLE = 12.0  # degrees: larger angles are not "small rotations"
 FILL_ANGLE_AGREEMENT = 1.5  # degrees: the four corners must tell the same angle
 FIT_LINES = 48  # lines sampled along a long leg for the hypotenuse fit
+MIN_FIT_LINES = 8  # a short leg crossed by fewer lines is fitted from the lines crossing the long leg
 FILL_LINE_SHARE = 0.98  # a bar line of the fill colour (JPEG specks aside)
+FILL_CHECK_PIXELS = 4096  # pixels of a borrowed triangle checked for fill (on a grid)
+BORROWED_FILL_SHARE = 0.75  # share of a borrowed triangle that must be fill when two fitted corners agree
 FILL_STRAIGHTNESS = 0.04  # the hypotenuse must be straight: RMS misfit of the runs, share of the long leg
 
 
@@ -433,10 +479,22 @@ def _corner_triangle(corner: np.ndarray, colour: np.ndarray) -> tuple[float, flo
         return None  # a bar along a whole side, or no triangle
     if min(along_x, along_y) > max(along_x, along_y) * math.tan(math.radians(MAX_FILL_ANGLE + 3)):
         return None  # a blob of the fill colour (a white background), not a thin wedge
-    if along_x < along_y:  # fit across the long leg: many lines, short runs
-        legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
-        return None if legs is None else (legs[1], legs[0])
-    return _fitted_legs(corner, colour, along_x)
+    long_leg_along_y = along_x < along_y
+    legs = _oriented_fit(corner, colour, along_x, along_y, transposed=long_leg_along_y)
+    if legs is None and min(along_x, along_y) < MIN_FIT_LINES:
+        # A thin wedge (a few degrees on a small image): too few lines cross its short leg,
+        # so fit the many short runs of the lines crossing its long leg instead.
+        legs = _oriented_fit(corner, colour, along_x, along_y, transposed=not long_leg_along_y)
+    return legs
+
+
+def _oriented_fit(corner: np.ndarray, colour: np.ndarray, along_x: int, along_y: int,
+                  transposed: bool) -> tuple[float, float] | None:
+    """`_fitted_legs` with the corner's top row (`transposed=False`) or left column along its first axis."""
+    if not transposed:
+        return _fitted_legs(corner, colour, along_x)
+    legs = _fitted_legs(corner.transpose(1, 0, 2), colour, along_y)
+    return None if legs is None else (legs[1], legs[0])
 
 
 def _fitted_legs(corner: np.ndarray, colour: np.ndarray, long_leg: int) -> tuple[float, float] | None:
@@ -490,10 +548,32 @@ def _smooth_fill(luma: Image.Image, inside: np.ndarray) -> np.ndarray:
 
 def _same_corners(rgb: np.ndarray) -> bool:
     """Do the four corner pixels share one colour (the cheap first test for fill corners)?"""
+    return _fill_corner_ids(rgb) == ALL_CORNERS
+
+
+ALL_CORNERS = (0, 1, 2, 3)  # TL, TR, BL, BR
+# Two corners along one side, and the two along the opposite side: a translucent strip drawn over
+# one side of a turned copy (a news caption over the bottom) tints that side's fill corners alike.
+_CORNER_PAIRS = (((0, 1), (2, 3)), ((2, 3), (0, 1)), ((0, 2), (1, 3)), ((1, 3), (0, 2)))
+
+
+def _fill_corner_ids(rgb: np.ndarray) -> tuple[int, ...]:
+    """The corners to fit fill triangles in: all four when their pixels share a colour, or two corners
+    along one side sharing white or black when the two opposite share some other colour; () otherwise."""
     if rgb.shape[0] < 2 * MIN_FILL_LEG or rgb.shape[1] < 2 * MIN_FILL_LEG:
-        return False
-    colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
-    return bool(np.abs(colours - colours[0]).max() <= FILL_TOLERANCE)
+        return ()
+    colours = rgb[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16).tolist()
+
+    def alike(a: int, b: int) -> bool:  # 12 numbers: plain Python beats numpy's per-call cost
+        (r, g, b_), (r2, g2, b2) = colours[a], colours[b]
+        return max(abs(r - r2), abs(g - g2), abs(b_ - b2)) <= FILL_TOLERANCE
+
+    if alike(0, 1) and alike(0, 2) and alike(0, 3):
+        return ALL_CORNERS
+    for (a, b), (c, d) in _CORNER_PAIRS:
+        if alike(a, b) and alike(c, d) and _blank(np.array(colours[a])):
+            return a, b
+    return ()
 
 
 def _corner_views(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -508,20 +588,23 @@ def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
     corner borrows the legs of the opposite one (a rotation about the centre makes them
     equal) and must be fill-coloured over the whole borrowed triangle. At least two
     fitted corners must tell the same small angle: a photo's own dark corners do not.
+    Under a strip along one side only the two corners of the other side are fitted.
     """
     corners = _corner_views(rgb)
-    if not _same_corners(rgb):
+    candidates = _fill_corner_ids(rgb)
+    if not candidates:
         return None
-    colours = np.stack([c[0, 0] for c in corners]).astype(np.int16)
+    colours = np.stack([corners[index][0, 0] for index in candidates]).astype(np.int16)
     colour = np.median(colours, axis=0).astype(np.int16)
-    fitted = [_corner_triangle(corner, colour) for corner in corners]
+    fitted = [_corner_triangle(corner, colour) if index in candidates else None for index, corner in enumerate(corners)]
     angles = {index: _signed_angle(index, legs) for index, legs in enumerate(fitted) if legs is not None}
     if not angles:
         return None
     consensus = float(np.median(list(angles.values())))
     # A corner whose picture runs dark (or bright) into the fill misreads its legs: it borrows instead.
     agreeing = {index: angle for index, angle in angles.items() if abs(angle - consensus) <= FILL_ANGLE_AGREEMENT}
-    if len(agreeing) < max(1, len(angles) - 1) or abs(consensus) > MAX_FILL_ANGLE:
+    needed = len(candidates) if len(candidates) < len(ALL_CORNERS) else max(1, len(angles) - 1)
+    if len(agreeing) < needed or abs(consensus) > MAX_FILL_ANGLE:
         return None
     fitted = [legs if index in agreeing else None for index, legs in enumerate(fitted)]
     angles = list(agreeing.values())
@@ -529,7 +612,10 @@ def fill_rotation(rgb: np.ndarray) -> FillCorners | None:
     if any(leg is None for leg in legs):
         legs = _grown_canvas_legs(legs, rgb.shape[1], rgb.shape[0])
     borrowed = [index for index, leg in enumerate(fitted) if leg is None]
-    if any(not _is_filled(corners[index], legs[index], colour) for index in borrowed):
+    # Two fitted corners agreeing on one angle are strong evidence: a borrowed corner may then be partly
+    # covered (a watermark or caption text over it), or tinted by a strip.
+    share = BORROWED_FILL_SHARE if len(agreeing) >= 2 else 0.9
+    if any(not _is_filled(corners[index], legs[index], colour, share) for index in borrowed):
         return None
     return FillCorners(float(np.mean(angles)), tuple(legs))
 
@@ -559,9 +645,13 @@ def _is_filled(corner: np.ndarray, legs: tuple[float, float], colour: np.ndarray
     if min(along_x, along_y) < 1:
         return False
     height, width = min(int(along_y), corner.shape[0]), min(int(along_x), corner.shape[1])
-    rows, cols = np.mgrid[:height, :width]
+    step = max(1, int(math.sqrt(height * width / FILL_CHECK_PIXELS)))  # a share needs no more pixels
+    rows, cols = np.mgrid[:height:step, :width:step]
     inside = cols / along_x + rows / along_y < 0.9  # off the smeared hypotenuse
-    near = np.abs(corner[:height, :width].astype(np.int16) - colour).max(axis=2) <= FILL_TOLERANCE
+    pixels = corner[:height:step, :width:step].astype(np.int16)
+    near = np.abs(pixels - colour).max(axis=2) <= FILL_TOLERANCE
+    # or the corner's own colour: the fill under a translucent strip is tinted
+    near |= np.abs(pixels - pixels[0, 0]).max(axis=2) <= FILL_TOLERANCE
     return bool(inside.any() and near[inside].mean() >= share)
 
 
@@ -631,7 +721,7 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
     """
     rgb = np.asarray(thumbnail)
     full = (0, 0, rgb.shape[1], rgb.shape[0])
-    if _same_corners(rgb):
+    if _fill_corner_ids(rgb):
         fill = fill_rotation(rgb)
         if fill is not None:
             return _unrotated_luma(thumbnail, fill)
@@ -639,11 +729,11 @@ def _picture(thumbnail: Image.Image) -> tuple[Image.Image, tuple[int, int, int, 
     else:
         margins = full
     box = content_box(rgb)
-    for inner_box in (margins, box):
+    for inner_box in (box, margins):
         if inner_box == full:
             continue
         inner_box = _inset(inner_box, full)  # the line where bar and picture meet is smeared
-        if _same_corners(rgb[inner_box[1]:inner_box[3], inner_box[0]:inner_box[2]]):
+        if _fill_corner_ids(rgb[inner_box[1]:inner_box[3], inner_box[0]:inner_box[2]]):
             inner = thumbnail.crop(inner_box)
             fill = fill_rotation(np.asarray(inner))
             if fill is not None:
