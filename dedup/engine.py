@@ -134,6 +134,19 @@ def pending_tasks(run: RunDir, stage: Stage, task_ids: list[str]) -> tuple[list[
     return pending, _fingerprint(stage)
 
 
+def done_task_ids(run: RunDir, stage: str) -> list[str]:
+    """Tasks of `stage` with a completion marker, current or stale."""
+    return [path.stem for path in (run.root / "_markers" / stage).glob("*.done")]
+
+
+def forget_tasks(run: RunDir, tasks: list[tuple[str, str]]) -> list[str]:
+    """Remove the markers of (stage, task) pairs, so the engine runs them again; returns "stage/task" of those that existed."""
+    forgotten = [f"{stage}/{task}" for stage, task in tasks if run.marker(stage, task).exists()]
+    for stage, task in tasks:
+        run.marker(stage, task).unlink(missing_ok=True)
+    return forgotten
+
+
 def collect_stats(run: RunDir, stage: str, task_ids: list[str]) -> Counter:
     """Sum the numeric stats of every finished task (this run's and earlier ones)."""
     total: Counter = Counter()

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup.engine import run_stage
+from dedup.engine import forget_tasks, run_stage
 from dedup.errors import DedupError, StoreError
 from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings, write_array
 from dedup.run import Run
@@ -615,10 +615,7 @@ def forget_lost_outputs(run: Run) -> list[str]:
     if not all((_scratch(run) / f"nodes_{name}.npy").exists() for name in NODE_ARRAYS):
         lost.append((nodes.name, "0"))
     lost += [(edges.name, task) for task in edges.task_ids() if not edges.summary_path(task).exists()]
-    forgotten = [f"{stage}/{task}" for stage, task in lost if run.marker(stage, task).exists()]
-    for stage, task in lost:
-        run.marker(stage, task).unlink(missing_ok=True)
-    return forgotten
+    return forget_tasks(run, lost)
 
 
 def run_cluster_stages(run: Run) -> dict[str, int]:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup.engine import run_stage
+from dedup.engine import done_task_ids, forget_tasks, run_stage
 from dedup.errors import DedupError, StoreError
 from dedup.records import TOP_DUPLICATES, RunDir, atomic_output, conform, fingerprint, write_json, write_table
 from dedup.run import Run
@@ -355,13 +355,10 @@ def forget_lost_outputs(run: RunDir, by: str) -> list[str]:
     count = final.buckets()
     if not count or not all(final.bucket_path(i).exists() for i in range(count)):
         # The split is redone, and every summary with it (bucket numbers follow the new split).
-        lost += [(split.name, "0"), *((buckets.name, p.stem) for p in (run.root / "_markers" / buckets.name).glob("*.done"))]
+        lost += [(split.name, "0"), *((buckets.name, task) for task in done_task_ids(run, buckets.name))]
     else:
         lost += [(buckets.name, str(i)) for i in range(count) if not final.summary_path(i).exists()]
-    forgotten = [f"{stage}/{task}" for stage, task in lost if run.marker(stage, task).exists()]
-    for stage, task in lost:
-        run.marker(stage, task).unlink(missing_ok=True)
-    return forgotten
+    return forget_tasks(run, lost)
 
 
 def run_rank_stages(run: RunDir, by: str) -> dict[str, int]:

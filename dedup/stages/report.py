@@ -1021,18 +1021,17 @@ def forget_lost_outputs(run: RunDir, **steps) -> list[str]:
     """Remove the markers of report steps whose files are gone (the page deleted, the scratch cleaned up or
     lost in a crash), so that those tasks run again; returns their names. A lost plan redoes every thumbnail
     (the shards follow the plan); a lost thumbnail file redoes its shard's task."""
+    from dedup.engine import done_task_ids, forget_tasks
+
     final, plan, thumbs = ReportStage(run, **steps), PlanStep(run, **steps), ThumbnailStep(run, **steps)
     if (run.report_dir / "index.html").exists() and run.marker(final.name, "0").exists():
         return []  # done: nothing needs the scratch
     lost = [(final.name, "0")]
     if not plan.scratch("shown.parquet").exists():
-        lost += [(plan.name, "0"), *((thumbs.name, p.stem) for p in (run.root / "_markers" / thumbs.name).glob("*.done"))]
+        lost += [(plan.name, "0"), *((thumbs.name, task) for task in done_task_ids(run, thumbs.name))]
     else:
         lost += [(thumbs.name, task) for task in thumbs.task_ids() if not thumbs.scratch(f"thumbs_{task}.parquet").exists()]
-    forgotten = [f"{stage}/{task}" for stage, task in lost if run.marker(stage, task).exists()]
-    for stage, task in lost:
-        run.marker(stage, task).unlink(missing_ok=True)
-    return forgotten
+    return forget_tasks(run, lost)
 
 
 def report_stage(run: RunDir, top: int = 50, order: str = "copies") -> Path:
