@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from dedup.search.pairs import _rows, _variants  # one definition of a query block's float32 rows and variants
+# One definition of a query block's float32 rows, variants and probes, and of runs of equal cells.
+from dedup.search.pairs import _block_probes, _rows, _runs, _variants
 
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -105,13 +106,12 @@ def _exact_block(vectors, queries: np.ndarray, row0: int, earlier: int, threshol
 
 def _cells_block(vectors, lists, quantizer, queries: np.ndarray, block: slice, earlier: int, threshold: float):
     """Per probed cell: the block's query variants probing it against the cell's earlier members."""
-    probes = _probes(lists, quantizer, queries, block)
+    probes = _block_probes(lists, quantizer, queries, block)
     _, b, nprobe = probes.shape
     cells = probes.reshape(-1)
     order = np.argsort(cells, kind="stable")
     sorted_cells = cells[order]
-    starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
-    for start, stop in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+    for start, stop in _runs(sorted_cells):
         cell = int(sorted_cells[start])
         if cell < 0:  # faiss pads with -1 when nprobe > nlist
             continue
@@ -121,16 +121,6 @@ def _cells_block(vectors, lists, quantizer, queries: np.ndarray, block: slice, e
             entries = order[start:stop]
             yield from _join_cell(vectors, queries, entries // (b * nprobe), (entries // nprobe) % b,
                                   members, block.start, threshold)
-
-
-def _probes(lists, quantizer, queries: np.ndarray, block: slice) -> np.ndarray:
-    """(t, b, nprobe) cells: the stored probes for the identity, the quantizer's for the other variants."""
-    stored = np.asarray(lists.probes[block])
-    probes = np.empty((len(queries), *stored.shape), dtype=np.int64)
-    probes[0] = stored
-    for t in range(1, len(queries)):
-        probes[t] = quantizer.search(queries[t], stored.shape[1])[1]
-    return probes
 
 
 def _join_cell(vectors, queries: np.ndarray, variant: np.ndarray, local: np.ndarray, members: np.ndarray,

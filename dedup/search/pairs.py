@@ -538,10 +538,8 @@ def _join_block(vectors, ids, lists: CellLists, queries, probes, row0: int, thre
     cells = probes.reshape(-1)
     order = np.argsort(cells, kind="stable")
     sorted_cells = cells[order]
-    starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
-    ends = np.r_[starts[1:], len(order)]
     found, pending = [], 0
-    for start, end in zip(starts, ends, strict=True):
+    for start, end in _runs(sorted_cells):
         cell = int(sorted_cells[start])
         entries = order[start:end]
         if cell < 0:  # faiss pads with -1 when nprobe > nlist
@@ -587,11 +585,8 @@ def _join_cell_block(vectors, lists: CellLists, queries, variant, local, cell: i
     for start, stop in zip(cuts, np.r_[cuts[1:], len(local)], strict=True):
         q_rows = local[start:stop] + row0
         useful = q_rows < members[-1]
-        sims = _similarity_matrix(queries[variant[start:stop][useful], local[start:stop][useful]], targets)
-        q_idx, m_idx = np.nonzero(sims >= _as_float32(threshold))
-        q, r = q_rows[useful][q_idx], members[m_idx]
-        forward = r > q
-        yield q[forward], r[forward], sims[q_idx[forward], m_idx[forward]]
+        yield _forward_hits(queries[variant[start:stop][useful], local[start:stop][useful]], targets,
+                            q_rows[useful], members, threshold)
 
 
 # ---------------------------------------------------------------- probes that cannot hold a pair
