@@ -87,37 +87,9 @@ def band_pairs(edges: pd.DataFrame, low: float, bands: int = 6, per_band: int = 
 # ---------------------------------------------------------------- rank (every member of a cluster with copies in one frame)
 
 
-def rank_clusters(clusters: pd.DataFrame, by: str = "copies") -> pd.DataFrame:
-    from dedup.records import TOP_DUPLICATES
-    from dedup.stages.rank import _caption_columns, risk_score, url_domain
-
-    dups = clusters[clusters["cluster_size"] >= 2].copy()
-    if dups.empty:
-        return TOP_DUPLICATES.empty_table().to_pandas()
-    dups["domain"] = dups["url"].map(url_domain)
-    grouped = dups.groupby("cluster_id")
-    summary = pd.DataFrame(
-        {
-            "copies": grouped.size(),
-            "distinct_captions": grouped["caption"].nunique(dropna=True),
-            "url_domains": grouped["domain"].nunique(dropna=True),
-            "shards_spanned": grouped["shard_index"].nunique(),
-        }
-    )
-    reps = dups[dups["is_representative"]].set_index("cluster_id")
-    summary["representative_key"] = reps["key"]
-    summary["representative_url"] = reps["url"]
-    summary["representative_caption"] = reps["caption"]
-    summary = summary.join(_caption_columns(dups))
-    summary["risk"] = [risk_score(*v) for v in zip(summary["copies"], summary["caption_sameness"], summary["url_domains"], strict=False)]
-    summary = summary.reset_index().sort_values([by, "copies", "cluster_id"], ascending=[False, False, True])
-    summary.insert(0, "rank", range(1, len(summary) + 1))
-    return summary[TOP_DUPLICATES.names].reset_index(drop=True)
-
-
 def ranking_of(clusters_path, by: str = "copies") -> pd.DataFrame:
-    """What the rank stage wrote when it read every member of a cluster with copies at once."""
-    from dedup.stages.rank import RANK_COLUMNS
+    """What the rank stage wrote when it read every member of a cluster with copies at once (one frame)."""
+    from dedup.stages.rank import RANK_COLUMNS, rank_clusters
 
     return rank_clusters(pq.read_table(clusters_path, columns=RANK_COLUMNS, filters=[("cluster_size", ">=", 2)]).to_pandas(), by)
 
