@@ -201,7 +201,7 @@ class NeighborsStage:
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         self._check_pruned_for()
-        _, vectors, keys = self._load()
+        searcher, vectors, keys = self._load()
         bounds, _ = self._generations()
         generation, rows = self._task_rows(task_id, bounds)
         end = bounds[generation + 1]
@@ -209,7 +209,7 @@ class NeighborsStage:
         cell_major = generation == 0 and self._cell_major()
         pairs = self._cell_pairs(task_id, end, progress) if cell_major else self._pairs(rows, progress)
         if cell_major:  # the task's rows are its cells' members
-            (lists, _), cells = self._searcher(), self._cell_ranges()[int(task_id)]
+            (lists, _), cells = searcher, self._cell_ranges()[int(task_id)]  # loaded once, not re-read
             rows = slice(int(lists.bounds[cells.start]), int(lists.bounds[cells.stop]))
         for id_a, id_b, sims in pairs:
             if end < len(vectors):  # a later generation pairs its rows with these: keep each pair once
