@@ -314,11 +314,14 @@ class VectorParts:
     array reads only those rows and returns them in the stored dtype (float16
     for dedup's own runs), so no caller ever holds every vector, let alone as
     float32. Picklable: engine workers reopen the maps where they run.
+    `ids`: the sample ids in row order, or the path of an .npy holding them (memory-mapped where
+    opened, so a worker never pickles or holds every id: see `open_embeddings`).
     """
 
-    def __init__(self, paths: list[Path], ids: np.ndarray) -> None:
+    def __init__(self, paths: list[Path], ids: np.ndarray | Path) -> None:
         self.paths = [Path(p) for p in paths]
-        self.ids = np.asarray(ids, dtype=np.int64)
+        self.ids_path = Path(ids) if isinstance(ids, (str, Path)) else None
+        self._ids = None if self.ids_path is not None else np.asarray(ids, dtype=np.int64)
         self._maps = None
         lengths = [len(m) for m in self._parts()]
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
@@ -328,7 +331,13 @@ class VectorParts:
         self.dtype, self.dim = first.dtype, int(first.shape[1])
 
     def __getstate__(self):
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_ids": None if self.ids_path is not None else self._ids}
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.load(self.ids_path, mmap_mode="r")
+        return self._ids
 
     def _parts(self) -> list[np.ndarray]:
         if self._maps is None:
@@ -393,6 +402,11 @@ class VectorParts:
             yield slice(start, stop), np.ascontiguousarray(self._range(start, stop), dtype=np.float32)
 
 
+# Above this many vectors a descriptor's sample ids are one .npy under OUT/_cache/ids, memory-mapped by every
+# task that opens the vectors (2e9 ids are 16 GB: no worker may hold them, nor re-read every metadata part).
+IDS_IN_MEMORY = 1 << 24
+
+
 def open_embeddings(run: RunDir, descriptor: str) -> VectorParts:
     """A descriptor's vectors as memory maps (see `VectorParts`); ids in sample_id order."""
     parts = embedding_parts(run, descriptor)
@@ -401,15 +415,46 @@ def open_embeddings(run: RunDir, descriptor: str) -> VectorParts:
             f"{run.root} holds no '{descriptor}' embeddings",
             hint=f"run 'dedup embed SHARDS --out {run.root} --descriptor {descriptor}'",
         )
-    ids = [_part_ids(run, descriptor, part) for part in parts]
-    flat = np.concatenate(ids).astype(np.int64)
-    if len(flat) > 1 and not (np.diff(flat) > 0).all():
+    paths = [run.embedding_part(descriptor, p) for p in parts]
+    metadata = [run.metadata_part(descriptor, p) for p in parts]
+    if sum(pq.ParquetFile(m).metadata.num_rows for m in metadata) > IDS_IN_MEMORY:
+        return VectorParts(paths, _cached_ids(run, descriptor, metadata))
+    flat = np.concatenate([_part_ids(m) for m in metadata]).astype(np.int64)
+    _check_ascending(flat, descriptor)
+    return VectorParts(paths, flat)
+
+
+def _part_ids(metadata: Path) -> np.ndarray:
+    return pq.read_table(metadata, columns=["sample_id"])["sample_id"].to_numpy()
+
+
+def _check_ascending(ids: np.ndarray, descriptor: str, previous: int | None = None) -> None:
+    ascending = (np.diff(ids) > 0).all() and (previous is None or not len(ids) or ids[0] > previous)
+    if len(ids) and not ascending:
         raise StoreError(f"'{descriptor}' embedding ids are not in sample_id order", hint="rerun the embed stage")
-    return VectorParts([run.embedding_part(descriptor, p) for p in parts], flat)
 
 
-def _part_ids(run: RunDir, descriptor: str, part: int) -> np.ndarray:
-    return pq.read_table(run.metadata_part(descriptor, part), columns=["sample_id"])["sample_id"].to_numpy()
+def _cached_ids(run: RunDir, descriptor: str, metadata: list[Path]) -> Path:
+    """OUT/_cache/ids/<descriptor>-<fingerprint of the metadata parts>.npy, written part by part once."""
+    folder = run.root / "_cache" / "ids"
+    path = folder / f"{descriptor}-{fingerprint(metadata, {'descriptor': descriptor})[:16]}.npy"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = [pq.ParquetFile(m).metadata.num_rows for m in metadata]
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # concurrent tasks each write their own, one rename wins
+    ids, start, last = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(sum(counts),)), 0, None
+    for part, count in zip(metadata, counts, strict=True):
+        values = _part_ids(part).astype(np.int64)
+        _check_ascending(values, descriptor, last)
+        ids[start : start + count], start, last = values, start + count, (values[-1] if count else last)
+    ids.flush()
+    del ids
+    os.replace(tmp, path)
+    for stale in folder.glob(f"{descriptor}-*.npy"):  # the ids of metadata since rewritten
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return path
 
 
 def load_embeddings(run: RunDir, descriptor: str) -> tuple[np.ndarray, np.ndarray]:

@@ -114,12 +114,13 @@ def guarded_clusters(head: np.ndarray, a: np.ndarray, b: np.ndarray, margin, con
     """Chaining guard over identical-bytes groups contracted to one node each, then expanded (all edges in memory):
     the in-memory twin of dedup.stages.cluster.guarded_clusters_streamed."""
     from dedup.search.union_find import cluster_with_guard
-    from dedup.stages.cluster import SUPPORT_SLACK, _expanded, _onto_heads
+    from dedup.stages.cluster import SUPPORT_SLACK, GuardedClusters, _onto_heads
 
     a, b = _onto_heads(head, a, b)
     result = cluster_with_guard(len(head), a, b, margin, guard_threshold=0.0,
                                 support_threshold=-SUPPORT_SLACK, contains=contains)
-    return _expanded(head, result)
+    is_head = head == np.arange(len(head))  # every group member takes its head's label, in memory
+    return GuardedClusters(result.labels[head], result.is_representative & is_head, int(result.passes))
 
 
 def drop_separated_edges(run: RunDir, node_ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

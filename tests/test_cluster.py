@@ -180,10 +180,13 @@ def in_memory_clusters(run: RunDir, descriptors, thresholds, guards) -> pd.DataF
                           matched_by=matched_by.astype(str))
 
 
-def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_parts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("memory_bytes", [None, 100_000])
+def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_parts(memory_bytes, tmp_path, monkeypatch):
+    """Also with a budget too small for the O(nodes) arrays: memory maps, guard steps 64 nodes at a time."""
     import dedup.stages.cluster as stage
     from dedup.stages.overrides import _row, add_override
 
+    monkeypatch.setattr(stage, "MIN_BLOCK_NODES", 64)
     rng = np.random.default_rng(5)
     run = RunDir(tmp_path)
     n = 1_500
@@ -206,7 +209,11 @@ def test_stage_equals_the_in_memory_oracle_with_bytes_failures_overrides_and_par
     reads = []
     part = stage._EdgeSource.part
     monkeypatch.setattr(stage._EdgeSource, "part", lambda self, *where: reads.append(where) or part(self, *where))
-    clusters, stats = cluster_run(run, *args)
+    made = []
+    allocator = stage._memmap_allocator
+    monkeypatch.setattr(stage, "_memmap_allocator", lambda folder: made.append(folder) or allocator(folder))
+    clusters, stats = cluster_run(run, *args, memory_bytes=memory_bytes)
+    assert len(made) == (memory_bytes is not None)  # the small budget put the state on disk
     expected = in_memory_clusters(run, *args)
     assert stats["guard_passes"] >= 3 and stats["clusters_with_copies"] > 10
     assert len(reads) == 2 * 9  # the first pass, then the second writes what can still cluster for the later ones
@@ -255,7 +262,6 @@ def test_stage_working_set_does_not_grow_with_the_edges(tmp_path, monkeypatch):
 
     import dedup.stages.cluster as stage
 
-    monkeypatch.setattr(stage, "PARENT_IN_MEMORY_NODES", 100)  # the parent array in the run's scratch memory map
     rng = np.random.default_rng(2)
     run = RunDir(tmp_path)
     n, per_part, n_parts = 4_000, 12_500, 48
@@ -266,15 +272,16 @@ def test_stage_working_set_does_not_grow_with_the_edges(tmp_path, monkeypatch):
     edges = rng.integers(0, n, (per_part * n_parts, 2))
     edges = edges[edges[:, 0] != edges[:, 1]]
     write_edge_parts(run, "clip", vectors, edges, n_parts=n_parts)
+    budget = 200_000  # below n x NODE_STATE_BYTES: the O(nodes) arrays are memory maps in the run's scratch
     stage.write_clusters(run, ["clip"], {"clip": -1.0}, {"clip": 0.5})  # warm: imports are not the stage's memory
     tracemalloc.start()
-    stats = stage.write_clusters(run, ["clip"], {"clip": -1.0}, {"clip": 0.5})
+    stats = stage.write_clusters(run, ["clip"], {"clip": -1.0}, {"clip": 0.5}, memory_bytes=budget)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     total_edge_bytes = len(edges) * 2 * 8
     assert stats["edges"] == len(edges) and stats["guard_passes"] == 2 and stats["clusters_with_copies"] == 2
     assert peak < total_edge_bytes / 4, f"peak {peak / 2**20:.1f} MiB for {total_edge_bytes / 2**20:.1f} MiB of edges"
-    assert not (tmp_path / stage.SCRATCH / "parent.npy").exists()
+    assert not list((tmp_path / stage.SCRATCH).glob("state-*"))  # the memory maps went with the task
 
 
 def hand_built_run(tmp_path, rng, n: int = 600, n_parts: int = 6) -> RunDir:
@@ -313,6 +320,21 @@ def test_edge_reduction_tasks_give_the_streamed_answer(tmp_path):
     assert len(list((run.root / "_markers" / "cluster_edges").glob("*.done"))) == 6
     pd.testing.assert_frame_equal(pd.read_parquet(run.clusters), expected)
     assert staged == stats and stats["guard_passes"] >= 2
+
+
+def test_cluster_stages_under_a_tiny_budget_give_the_in_memory_answer(tmp_path, monkeypatch):
+    """--memory below the nodes' state: the cluster task's arrays are memory maps and its steps small blocks."""
+    import dedup.stages.cluster as stage
+
+    monkeypatch.setattr(stage, "MIN_BLOCK_NODES", 50)
+    run = hand_built_run(tmp_path, np.random.default_rng(9))
+    stats = stage.write_clusters(run, ["clip"], {"clip": 0.6}, {"clip": 0.65})
+    expected = pd.read_parquet(run.clusters)
+    run.clusters.unlink()
+    context = cluster_context(run.root, "local")
+    context.settings.memory_budget_bytes = 60_000
+    assert stage.run_cluster_stages(context) == stats
+    pd.testing.assert_frame_equal(pd.read_parquet(run.clusters), expected)
 
 
 def test_lost_cluster_scratch_is_recomputed_not_a_traceback(tmp_path):

@@ -485,3 +485,41 @@ def test_crowded_cells_are_split_and_a_duplicate_blob_stays_whole(single_faiss_t
     home = quantizer.search(x, 1)[1][:, 0]
     after = np.bincount(home[:6000], minlength=quantizer.ntotal)
     assert after.max() <= 3 * len(x) / quantizer.ntotal * 2 and len(np.unique(home[6000:])) == 1
+
+
+def test_many_ids_are_one_memory_map_shared_by_every_task(tmp_path, monkeypatch):
+    """Above IDS_IN_MEMORY the ids are a cached .npy memory map: equal to the parts' ids, not pickled with
+    the vectors (a Ray task would otherwise carry every id), rewritten only when the metadata changes."""
+    import dedup.records as records
+
+    x = _grouped(n=600, groups=30)
+    run = _run_from(tmp_path, x, [250, 350], memory=1 << 30)
+    expected = np.array(open_embeddings(run, "precomputed").ids)
+    monkeypatch.setattr(records, "IDS_IN_MEMORY", 100)
+    vectors = open_embeddings(run, "precomputed")
+    assert isinstance(vectors.ids, np.memmap) and np.array_equal(vectors.ids, expected)
+    assert len(pickle.dumps(vectors)) < expected.nbytes / 4
+    assert np.array_equal(pickle.loads(pickle.dumps(vectors)).ids, expected)
+    cached = list((run.root / "_cache" / "ids").glob("precomputed-*.npy"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    open_embeddings(run, "precomputed")
+    assert cached[0].stat().st_mtime_ns == stamp  # built once, then reused
+
+
+def test_ids_out_of_order_across_parts_are_refused_when_cached(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import dedup.records as records
+    from dedup.errors import StoreError
+
+    run = _run_from(tmp_path, _grouped(n=600, groups=30), [250, 350], memory=1 << 30)
+    meta = run.metadata_part("precomputed", 1)
+    table = pq.read_table(meta)
+    ids = table["sample_id"].to_numpy().copy()
+    ids[0] = 0  # below the ids of part 0: the parts no longer concatenate in sample_id order
+    pq.write_table(table.set_column(table.schema.get_field_index("sample_id"), "sample_id", pa.array(ids)), meta)
+    monkeypatch.setattr(records, "IDS_IN_MEMORY", 100)
+    with pytest.raises(StoreError, match="not in sample_id order"):
+        open_embeddings(run, "precomputed")

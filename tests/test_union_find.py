@@ -236,8 +236,19 @@ def assert_same_clusters(streamed, in_memory) -> None:
     assert streamed.passes == in_memory.passes
 
 
+def memmap_allocator(folder, asked: list[str]):
+    """An `Allocator` keeping every array as a memory map under `folder`, recording what it was asked for."""
+
+    def alloc(name, n, dtype):
+        asked.append(name)
+        return np.lib.format.open_memmap(folder / f"{name}_{len(asked)}.npy", mode="w+", dtype=dtype, shape=(n,))
+
+    return alloc
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_streamed_guard_equals_the_in_memory_guard_on_random_graphs(seed, tmp_path):
+@pytest.mark.parametrize("block_nodes", [1 << 22, 97])
+def test_streamed_guard_equals_the_in_memory_guard_on_random_graphs(seed, block_nodes, tmp_path):
     from dedup.search.union_find import cluster_with_guard_streamed
 
     rng = np.random.default_rng(seed)
@@ -252,8 +263,28 @@ def test_streamed_guard_equals_the_in_memory_guard_on_random_graphs(seed, tmp_pa
     in_memory = cluster_with_guard(n, a, b, similarity, **kwargs)
     assert in_memory.passes >= 2 and 1 < len(np.unique(in_memory.labels)) < n  # the guard had work to do
     parent = np.lib.format.open_memmap(tmp_path / "parent.npy", mode="w+", dtype=np.int64, shape=(n,))
-    streamed = cluster_with_guard_streamed(n, split_into_parts(a, b, 7, seed), similarity, parent=parent, **kwargs)
+    asked = []
+    streamed = cluster_with_guard_streamed(n, split_into_parts(a, b, 7, seed), similarity, parent=parent,
+                                           alloc=memmap_allocator(tmp_path, asked), block_nodes=block_nodes, **kwargs)
     assert_same_clusters(streamed, in_memory)
+    # Every O(nodes) array lives where the allocator put it (memory maps here), each allocated once.
+    assert isinstance(streamed.labels, np.memmap) and isinstance(streamed.similarity_to_representative, np.memmap)
+    assert len(asked) == len(set(asked)) and {"labels", "degree", "rep_node", "anchor", "detached"} <= set(asked)
+
+
+def test_blocked_guard_keeps_the_tie_rules_across_blocks():
+    """Ties on degree and on anchor similarity split over blocks resolve as in memory (smallest node)."""
+    from dedup.search.union_find import cluster_with_guard_streamed
+
+    # A star whose two hubs (0 and 5) have equal degree, and members with equal similarities.
+    a = np.array([0, 0, 0, 5, 5, 5, 0, 2, 7])
+    b = np.array([1, 2, 3, 6, 7, 8, 5, 6, 9])
+    sims = lambda r, m: np.where((r + m) % 3 == 0, 0.5, 0.9).astype(np.float32)  # noqa: E731
+    kwargs = dict(guard_threshold=0.6, support_threshold=0.4, max_passes=4)
+    in_memory = cluster_with_guard(10, a, b, sims, **kwargs)
+    for block_nodes in (1, 2, 3, 4, 10):
+        streamed = cluster_with_guard_streamed(10, lambda: [(a, b)], sims, block_nodes=block_nodes, **kwargs)
+        assert_same_clusters(streamed, in_memory)
 
 
 def matrix_like_contains(n: int, seed: int):
@@ -309,3 +340,28 @@ def test_part_summaries_merge_into_the_components_and_degrees_of_all_edges(seed)
     components, degree = merge_summaries(n, iter(summaries))
     assert np.array_equal(components, connected_components(n, a, b))
     assert np.array_equal(degree, np.bincount(a, minlength=n) + np.bincount(b, minlength=n))
+
+
+def test_streamed_guard_on_memory_maps_holds_no_array_of_every_node(tmp_path):
+    """400k nodes, a few thousand edges, the state as memory maps: the traced peak stays below even one bool
+    per node (the old guard held labels, degrees and representatives as n-sized anonymous arrays)."""
+    import tracemalloc
+
+    from dedup.search.union_find import cluster_with_guard_streamed
+
+    rng = np.random.default_rng(6)
+    n = 400_000
+    a, b = rng.integers(0, n, 3_000), rng.integers(0, n, 3_000)
+    a = np.concatenate([a, a[:500]])
+    b = np.concatenate([b, rng.integers(0, n, 500)])  # hubs: some members fail the guard, so passes repeat
+    similarity = matrix_like_contains(n, 1)
+    kwargs = dict(guard_threshold=0.3, support_threshold=0.1, max_passes=4)
+    expected = cluster_with_guard(n, a, b, similarity, **kwargs)
+    tracemalloc.start()
+    streamed = cluster_with_guard_streamed(n, split_into_parts(a, b, 4), similarity,
+                                           alloc=memmap_allocator(tmp_path, []), block_nodes=2_000, **kwargs)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert_same_clusters(streamed, expected)
+    assert expected.passes >= 2
+    assert peak < n, f"traced peak {peak} bytes for {n} nodes"

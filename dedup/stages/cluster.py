@@ -35,7 +35,16 @@ from dedup.engine import forget_tasks, run_stage
 from dedup.errors import DedupError, StoreError
 from dedup.records import CLUSTERS, RunDir, atomic_output, conform, fingerprint, open_embeddings, write_array
 from dedup.run import Run
-from dedup.search.union_find import cluster_with_guard_streamed, merge_summaries, reduce_part
+from dedup.search.union_find import (
+    BLOCK_NODES,
+    Allocator,
+    blocks,
+    cluster_sizes,
+    cluster_with_guard_streamed,
+    in_memory,
+    merge_summaries,
+    reduce_part,
+)
 from dedup.stages.crops import CROPS, contains_scorer, crop_edge_nodes
 from dedup.stages.overrides import load_overrides, separated_edges
 
@@ -53,7 +62,7 @@ class _DescriptorView:
     """A descriptor's vectors addressed by node index (-1 = node has no vector)."""
 
     name: str
-    row_of_node: np.ndarray
+    row_of_node: _RowLookup
     similarity: object  # dedup.search.pairs.PairSimilarity over rows
     guard: float
 
@@ -65,11 +74,23 @@ def _views(run: RunDir, node_ids: np.ndarray, descriptors: list[str], guards: di
     views = []
     for name in descriptors:
         vectors = open_embeddings(run, name)  # memory maps: the guard reads only the rows it compares
-        ids = vectors.ids
-        row_of_node = np.full(len(node_ids), -1, dtype=np.int64)
-        row_of_node[np.searchsorted(node_ids, ids)] = np.arange(len(ids))
-        views.append(_DescriptorView(name, row_of_node, pair_similarity(vectors, query_transform_for(name)), guards[name]))
+        rows = _RowLookup(node_ids, vectors.ids)
+        views.append(_DescriptorView(name, rows, pair_similarity(vectors, query_transform_for(name)), guards[name]))
     return views
+
+
+class _RowLookup:
+    """node -> its row in a descriptor's vectors (-1: none), by binary search: no table of every node."""
+
+    def __init__(self, node_ids: np.ndarray, vector_ids: np.ndarray) -> None:
+        self.node_ids, self.vector_ids = node_ids, vector_ids
+
+    def __getitem__(self, nodes: np.ndarray) -> np.ndarray:
+        ids = np.asarray(self.node_ids[nodes])
+        if not len(self.vector_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(self.vector_ids, ids), len(self.vector_ids) - 1)
+        return np.where(np.asarray(self.vector_ids[rows]) == ids, rows, -1).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -82,8 +103,16 @@ class GuardedClusters:
         return np.bincount(self.labels, minlength=len(self.labels))[self.labels]
 
 
+@dataclass(frozen=True)
+class NodeState:
+    """Where the cluster task's O(nodes) arrays live (`alloc`) and how many nodes its steps touch at once."""
+
+    alloc: Allocator = in_memory
+    block_nodes: int = BLOCK_NODES
+
+
 def guarded_clusters_streamed(head: np.ndarray, edge_parts, margin, contains=None, parent=None,
-                              first_graph=None) -> GuardedClusters:
+                              first_graph=None, state: NodeState = NodeState()) -> GuardedClusters:
     """The chaining guard over identical-bytes groups contracted to one node each, then expanded, the edges
     read part by part (`edge_parts()` -> iterable of (a, b)); tests/oracles.py `guarded_clusters` is the in-memory twin.
 
@@ -92,7 +121,8 @@ def guarded_clusters_streamed(head: np.ndarray, edge_parts, margin, contains=Non
     guard does (however many passes it needs).
 
     `contains` is the one place a containment check (large crops) enters the guard;
-    `parent` and `first_graph` as in `cluster_with_guard_streamed` (first_graph over head-mapped edges).
+    `parent` and `first_graph` as in `cluster_with_guard_streamed` (first_graph over head-mapped edges);
+    `state` says where the O(nodes) arrays live.
     """
     def on_heads():
         return (_onto_heads(head, a, b) for a, b in edge_parts())
@@ -100,8 +130,9 @@ def guarded_clusters_streamed(head: np.ndarray, edge_parts, margin, contains=Non
     result = cluster_with_guard_streamed(len(head), on_heads, margin, guard_threshold=0.0,
                                          support_threshold=-SUPPORT_SLACK, contains=contains,
                                          parent=parent, first_graph=first_graph,
-                                         restrict=getattr(edge_parts, "restrict", None))
-    return _expanded(head, result)
+                                         restrict=getattr(edge_parts, "restrict", None),
+                                         alloc=state.alloc, block_nodes=state.block_nodes)
+    return _expanded(head, result, state)
 
 
 def _onto_heads(head: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,9 +142,15 @@ def _onto_heads(head: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndar
     return a[apart], b[apart]
 
 
-def _expanded(head: np.ndarray, result) -> GuardedClusters:
-    is_head = head == np.arange(len(head))
-    return GuardedClusters(result.labels[head], result.is_representative & is_head, int(result.passes))
+def _expanded(head: np.ndarray, result, state: NodeState) -> GuardedClusters:
+    """Every group member takes its head's label; only heads can represent (block by block)."""
+    labels = state.alloc("final_labels", len(head), np.int64)
+    is_rep = state.alloc("final_is_rep", len(head), bool)
+    for block in blocks(len(head), state.block_nodes):
+        heads = np.asarray(head[block])
+        labels[block] = result.labels[heads]
+        is_rep[block] = result.is_representative[block] & (heads == np.arange(block.start, block.stop))
+    return GuardedClusters(labels, is_rep, int(result.passes))
 
 
 def _best_match(views: list[_DescriptorView], nodes: _Nodes, reps: np.ndarray, members: np.ndarray):
@@ -169,8 +206,13 @@ def edge_sources(run: RunDir, descriptors: list[str]) -> list[tuple[str, Path]]:
 
 SAMPLE_COLUMNS = ["sample_id", "shard_index", "shard", "key", "url", "caption", "status"]
 BATCH_ROWS = 65_536  # rows of a samples part read at once (one row group of clusters.parquet)
-# Above this many nodes the union-find parent array lives in a memory map under the run's scratch folder.
-PARENT_IN_MEMORY_NODES = 1 << 25
+# Bytes per node of the cluster task's O(nodes) arrays (union-find parent, labels, degrees, each pass's
+# representatives and anchors, the final labels and sizes): while they fit half of --memory they are
+# anonymous memory, above it memory maps in the run's scratch folder (file pages: the page cache's).
+NODE_STATE_BYTES = 96
+# Bytes of temporaries per node of one block (sorts of labels, degrees, similarities): sets the block size.
+BLOCK_BYTES_PER_NODE = 128
+MIN_BLOCK_NODES = 4096
 SCRATCH = "_scratch/cluster"
 
 
@@ -371,28 +413,36 @@ class _Result:
     clusters: GuardedClusters
     views: list[_DescriptorView]
     edges: int
+    sizes: np.ndarray  # members per label node
+    state: NodeState
 
     def stats(self) -> dict[str, int]:
-        labels = self.clusters.labels
-        sizes = np.bincount(labels, minlength=len(labels))
+        labels, sizes = self.clusters.labels, self.sizes
+        counts = {"copies": 0, "samples_in_clusters": 0, "clusters_with_copies": 0}
+        for block in blocks(len(labels), self.state.block_nodes):
+            index = np.arange(block.start, block.stop)
+            counts["copies"] += int((np.asarray(self.nodes.head[block]) != index).sum())
+            counts["samples_in_clusters"] += int((sizes[np.asarray(labels[block])] > 1).sum())
+            counts["clusters_with_copies"] += int((np.asarray(sizes[block]) > 1).sum())
         return {
             "samples": len(labels),
-            "edges": int(self.edges + (self.nodes.head != self.nodes.index).sum()),
-            "clusters_with_copies": int((sizes > 1).sum()),
-            "samples_in_clusters": int((sizes[labels] > 1).sum()),
+            "edges": int(self.edges + counts["copies"]),
+            "clusters_with_copies": counts["clusters_with_copies"],
+            "samples_in_clusters": counts["samples_in_clusters"],
             "guard_passes": int(self.clusters.passes),
         }
 
     def blocks(self, run: RunDir) -> Iterator[pa.Table]:
         """clusters.parquet rows, one samples batch at a time, in sample_id order."""
-        labels, is_rep = self.clusters.labels, self.clusters.is_representative
-        sizes = np.bincount(labels, minlength=len(labels))
+        labels, is_rep, sizes = self.clusters.labels, self.clusters.is_representative, self.sizes
         start = 0
         for table in iter_sample_tables(run, SAMPLE_COLUMNS):
             block = slice(start, start + len(table))
-            similarity, matched_by = _explain(self.views, _Block(self.nodes, block), labels[block], is_rep[block])
-            columns = {"cluster_id": self.nodes.ids[labels[block]], "cluster_size": sizes[labels[block]].astype(np.int64),
-                       "is_representative": is_rep[block], "similarity_to_representative": similarity,
+            block_labels, block_rep = np.asarray(labels[block]), np.asarray(is_rep[block])
+            similarity, matched_by = _explain(self.views, _Block(self.nodes, block), block_labels, block_rep)
+            columns = {"cluster_id": np.asarray(self.nodes.ids[block_labels]),
+                       "cluster_size": np.asarray(sizes[block_labels]).astype(np.int64),
+                       "is_representative": block_rep, "similarity_to_representative": similarity,
                        "matched_by": pa.array(matched_by.astype(str))}
             for name, values in columns.items():
                 table = table.append_column(name, pa.array(values) if not isinstance(values, pa.Array) else values)
@@ -411,12 +461,14 @@ class _Block:
 
 
 def compute_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, float], guards: dict[str, float],
-                     contains=None, nodes: _Nodes | None = None, first_graph=None, parent=None) -> _Result:
-    """Nodes, then the streamed chaining guard over the edge parts (O(nodes) memory; see module doc).
+                     contains=None, nodes: _Nodes | None = None, first_graph=None, parent=None,
+                     state: NodeState = NodeState()) -> _Result:
+    """Nodes, then the streamed chaining guard over the edge parts (O(nodes) state; see module doc).
 
     `contains`: the one place a containment check (large crops) enters the stage's guard.
     `first_graph`: ((components, degree), edge count) of the head-mapped edges, merged from the
-    cluster_edges summaries; None reads the edges for the first pass too.
+    cluster_edges summaries; None reads the edges for the first pass too. `state`: where the
+    O(nodes) arrays live (see `node_state`); the result's arrays are valid while it is.
     """
     nodes = read_nodes(run) if nodes is None else nodes
     views = _views(run, nodes.ids, descriptors, guards)
@@ -424,52 +476,81 @@ def compute_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, 
         contains = contains_scorer(run, nodes.ids, crop_edge_nodes(run, nodes.ids))
     graph, counted = first_graph if first_graph is not None else (None, None)
     (run.root / SCRATCH).mkdir(parents=True, exist_ok=True)
-    with (_parent_array(run, len(nodes.ids)) if parent is None else nullcontext(parent) as parent,
-          tempfile.TemporaryDirectory(prefix="passes-", dir=run.root / SCRATCH) as workdir):
+    with tempfile.TemporaryDirectory(prefix="passes-", dir=run.root / SCRATCH) as workdir:
         edges = _EdgeSource(run, nodes, descriptors, thresholds, workdir=Path(workdir))
         result = guarded_clusters_streamed(nodes.head, edges, lambda r, m: _best_match(views, nodes, r, m)[0],
-                                           contains=contains, parent=parent, first_graph=graph)
-    return _Result(nodes, result, views, (edges.edges or 0) if counted is None else counted)
+                                           contains=contains, parent=parent, first_graph=graph, state=state)
+    sizes = cluster_sizes(result.labels, state.alloc, state.block_nodes)
+    return _Result(nodes, result, views, (edges.edges or 0) if counted is None else counted, sizes, state)
 
 
 @contextmanager
-def _parent_array(run: RunDir, n_nodes: int):
-    """The union-find state: in memory for small runs, else an int64 memory map in the run's scratch folder."""
-    if n_nodes <= PARENT_IN_MEMORY_NODES:
-        yield None
+def node_state(run: RunDir, n_nodes: int, memory_bytes: int | None):
+    """The cluster task's `NodeState` under a memory budget (None: anonymous memory, default blocks).
+
+    While n_nodes x NODE_STATE_BYTES fits half the budget the arrays are anonymous memory; above it
+    each is an .npy memory map in a scratch folder removed afterwards (so --memory bounds the task's
+    anonymous memory at any node count). Blocks are sized so their temporaries fit a quarter of it.
+    """
+    if memory_bytes is None:
+        yield NodeState()
         return
-    folder = run.root / SCRATCH
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "parent.npy"
-    try:
-        yield np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n_nodes,))
-    finally:
-        path.unlink(missing_ok=True)
+    block_nodes = int(min(BLOCK_NODES, max(MIN_BLOCK_NODES, memory_bytes // 4 // BLOCK_BYTES_PER_NODE)))
+    if n_nodes * NODE_STATE_BYTES <= memory_bytes // 2:
+        yield NodeState(in_memory, block_nodes)
+        return
+    (run.root / SCRATCH).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="state-", dir=run.root / SCRATCH) as folder:
+        yield NodeState(_memmap_allocator(Path(folder)), block_nodes)
+
+
+def _memmap_allocator(folder: Path) -> Allocator:
+    made = []
+
+    def alloc(name: str, n: int, dtype) -> np.ndarray:
+        made.append(name)  # a name may be asked for twice (e.g. two degree arrays): each gets its own file
+        return np.lib.format.open_memmap(folder / f"{len(made)}_{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+
+    return alloc
+
+
+@contextmanager
+def _state_for(run: RunDir, nodes: _Nodes, options: dict):
+    """The caller's `state` option, or one made from its `memory_bytes` option for these nodes."""
+    state, memory_bytes = options.pop("state", None), options.pop("memory_bytes", None)
+    with nullcontext(state) if state is not None else node_state(run, len(nodes.ids), memory_bytes) as made:
+        yield made
 
 
 def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float],
-                guards: dict[str, float]) -> tuple[pd.DataFrame, dict[str, int]]:
+                guards: dict[str, float], memory_bytes: int | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Cluster a run with explicit cuts and guards (no settings read), so tests and `cluster` share one path.
 
     Returns the clusters as one frame: for tests and small runs; the stage writes them block by block.
     """
-    result = compute_clusters(run, descriptors, thresholds, guards)
-    blocks = list(result.blocks(run))
-    table = pa.concat_tables(blocks) if blocks else CLUSTERS.empty_table()
-    return table.to_pandas(), result.stats()
+    nodes = read_nodes(run)
+    with node_state(run, len(nodes.ids), memory_bytes) as state:
+        result = compute_clusters(run, descriptors, thresholds, guards, nodes=nodes, state=state)
+        tables = list(result.blocks(run))
+        table = pa.concat_tables(tables) if tables else CLUSTERS.empty_table()
+        return table.to_pandas(), result.stats()
 
 
 def write_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, float], guards: dict[str, float],
                    contains=None, **options) -> dict[str, int]:
     """Cluster and write clusters.parquet one row group per samples batch (atomic: a temporary, then rename).
 
-    `options`: nodes, first_graph and parent of `compute_clusters`.
+    `options`: nodes, first_graph, parent and state of `compute_clusters`, or memory_bytes (see `node_state`).
     """
-    result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, **options)
-    with atomic_output(run.clusters) as tmp, pq.ParquetWriter(tmp, CLUSTERS) as writer:
-        for block in result.blocks(run):
-            writer.write_table(block)
-    return result.stats()
+    nodes = options.pop("nodes", None)
+    nodes = read_nodes(run) if nodes is None else nodes
+    with _state_for(run, nodes, options) as state:
+        result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, nodes=nodes,
+                                  state=state, **options)
+        with atomic_output(run.clusters) as tmp, pq.ParquetWriter(tmp, CLUSTERS) as writer:
+            for block in result.blocks(run):
+                writer.write_table(block)
+        return result.stats()
 
 
 # ---------------------------------------------------------------- the stages behind the engine
@@ -590,10 +671,11 @@ class ClusterStage(_ClusterInputs):
         settings = self.settings
         nodes = load_nodes(self.run_dir)
         summaries, counts = ClusterEdgesStage(self.run_dir).summaries()
-        with _parent_array(self.run_dir, len(nodes.ids)) as parent:
-            first_graph = merge_summaries(len(nodes.ids), summaries, parent=parent)
+        with node_state(self.run_dir, len(nodes.ids), settings.memory_budget_bytes) as state:
+            parent = state.alloc("parent", len(nodes.ids), np.int64)
+            first_graph = merge_summaries(len(nodes.ids), summaries, parent=parent, alloc=state.alloc)
             stats = write_clusters(self.run_dir, settings.descriptors, settings.thresholds, settings.guards,
-                                   nodes=nodes, first_graph=(first_graph, sum(counts)), parent=parent)
+                                   nodes=nodes, first_graph=(first_graph, sum(counts)), parent=parent, state=state)
         progress(stats["samples"])
         return stats
 
