@@ -156,8 +156,11 @@ from dedup.records import CLUSTERS, RunDir, write_record
 import dedup.stages.cluster as c
 run = RunDir(sys.argv[1])
 args = (["clip"], {"clip": 0.5}, {"clip": 0.5})
+memory = int(sys.argv[2]) if len(sys.argv) > 2 else None
 began = time.perf_counter()
-if hasattr(c, "write_clusters"):
+if hasattr(c, "node_state") and memory:
+    stats = c.write_clusters(run, *args, memory_bytes=memory)
+elif hasattr(c, "write_clusters"):
     stats = c.write_clusters(run, *args)
 else:
     frame, stats = c.cluster_run(run, *args)
@@ -179,11 +182,11 @@ def _anon_kib(pid: int) -> int:
     return 0
 
 
-def measure(tree: str, root: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak RssAnon GiB, child stdout) of the cluster stage of `tree`."""
+def measure(tree: str, root: Path, memory: int | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RssAnon GiB, child stdout) of the cluster stage of `tree` (with a budget where it takes one)."""
     began = time.perf_counter()
     # cwd=tree as well: `python -c` puts the working directory before PYTHONPATH on sys.path.
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root)], env={"PYTHONPATH": tree, "PATH": "/usr/bin"},
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), *([str(memory)] if memory else [])], env={"PYTHONPATH": tree, "PATH": "/usr/bin"},
                              cwd=tree, stdout=subprocess.PIPE, text=True)
     peak = [0]
 
@@ -208,14 +211,27 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--data", type=Path, default=Path("/tmp/bench_cluster"))
     parser.add_argument("--trees", default=".", help="comma-separated source trees to measure (PYTHONPATH of the child)")
+    parser.add_argument("--memory", default=None, help="--memory of the stage, e.g. 256MB (trees that take one)")
     args = parser.parse_args()
+    from dedup.settings import parse_size
+
+    memory = parse_size(args.memory) if args.memory else None
     if not (args.data / "samples").exists():
         began = time.perf_counter()
         written = make_run(args.data, args.nodes, args.edges, args.dim)
         print(f"wrote {args.nodes:,} samples and {written:,} edges in {time.perf_counter() - began:.0f} s")
     for tree in args.trees.split(","):
-        seconds, peak, out = measure(str(Path(tree).resolve()), args.data)
-        print(f"{tree}: wall {seconds:.1f} s, peak RssAnon {peak:.2f} GiB\n  {out}")
+        seconds, peak, out = measure(str(Path(tree).resolve()), args.data, memory)
+        digest = _clusters_digest(args.data)
+        print(f"{tree}: wall {seconds:.1f} s, peak RssAnon {peak:.2f} GiB, clusters digest {digest}\n  {out}")
+
+
+def _clusters_digest(root: Path) -> str:
+    """A digest of clusters.parquet's rows, so that the trees' outputs can be compared line by line."""
+    import pandas as pd
+
+    frame = pd.read_parquet(root / "clusters.parquet")
+    return f"{int(pd.util.hash_pandas_object(frame, index=False).sum()) & (2**64 - 1):016x}"
 
 
 if __name__ == "__main__":
