@@ -8,9 +8,10 @@ compares each member with its cluster's representative using every
 descriptor: a member stays if it passes *some* descriptor's guard.
 
 Memory is O(nodes), never O(edges) or a frame of every sample: samples are
-read part by part (only the columns used), identical bytes are grouped by
-sorting 64-bit prefixes of the sha256 and verifying candidate runs on the full
-string, every guard pass reads the edge parts one at a time
+read part by part (only the columns used) into memory-mapped node arrays,
+identical bytes are grouped out of core (`build_nodes`: 64-bit sha256 prefixes
+hash-partitioned into buckets sized from --memory, each bucket's prefixes
+sorted and its candidate runs verified on the full string), every guard pass reads the edge parts one at a time
 (`cluster_with_guard_streamed`), and clusters.parquet is written one row group
 per samples batch. Behind the engine the first components pass runs as one
 task per edge part (`ClusterEdgesStage`, on the cluster with --engine ray).
@@ -224,11 +225,16 @@ def _part_tables(path: Path, columns: list[str]) -> Iterator[pa.Table]:
 
 
 def read_nodes(run: RunDir, memory_bytes: int | None = None) -> _Nodes:
-    """The nodes in memory, for small runs and tests: `build_nodes` into a scratch folder, loaded, removed."""
+    """The nodes in memory, for small runs and tests: `build_nodes` into a scratch folder, loaded, removed.
+
+    `memory_bytes`: the group-by's budget (default: the run's when `run` is a Run, else DEFAULT_MEMORY).
+    """
+    if memory_bytes is None:
+        memory_bytes = run.settings.memory_budget_bytes if isinstance(run, Run) else DEFAULT_MEMORY
     folder = run.root / SCRATCH
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nodes-", dir=folder) as tmp:
-        built, _ = build_nodes(run, Path(tmp), memory_bytes or DEFAULT_MEMORY)
+        built, _ = build_nodes(run, Path(tmp), memory_bytes)
         nodes = _Nodes(*(np.array(getattr(built, name)) for name in NODE_ARRAYS))
         del built  # the maps closed before their files go
     return nodes
@@ -240,7 +246,8 @@ def read_nodes(run: RunDir, memory_bytes: int | None = None) -> _Nodes:
 BUCKET_ROW_BYTES = 160
 # Open bucket writers at most (as rank's buckets); past MAX_BUCKETS x the rows a budget allows, buckets grow.
 MAX_BUCKETS = 512
-# Known rows gathered before they are split into the buckets: fewer, larger record batches per bucket file.
+# Known rows gathered before they are split into the buckets (fewer, larger record batches per bucket file),
+# at most; a small budget gathers fewer (held three times while split: gathered, joined, sorted).
 SPILL_ROWS = 1 << 18
 NODE_DTYPES = {"ids": np.int64, "ok": np.bool_, "head": np.int64, "known": np.bool_}
 _BUCKET_SCHEMA = pa.schema([("node", pa.int64()), ("key", pa.uint64()), ("sha", pa.large_string())])
@@ -262,7 +269,7 @@ def build_nodes(run: RunDir, folder: Path, memory_bytes: int, require_ok: bool =
     count = bucket_count(rows, memory_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     with _node_outputs(folder, rows) as arrays, tempfile.TemporaryDirectory(prefix="heads-", dir=folder) as tmp:
-        buckets = _Buckets(Path(tmp), count)
+        buckets = _Buckets(Path(tmp), count, min(SPILL_ROWS, max(1, memory_bytes // (8 * BUCKET_ROW_BYTES))))
         _fill(run, arrays, buckets, require_ok, progress)
         candidates = sum(buckets.heads(i, arrays["head"]) for i in range(count))
     nodes = _Nodes(*(np.load(folder / f"nodes_{name}.npy", mmap_mode="r") for name in NODE_ARRAYS))
@@ -323,9 +330,10 @@ class _Buckets:
     held in memory (all fits); more are Arrow IPC files in `folder`, read back memory-mapped one at a time.
     """
 
-    def __init__(self, folder: Path, count: int) -> None:
-        self.folder, self.count = folder, count
+    def __init__(self, folder: Path, count: int, spill_rows: int) -> None:
+        self.folder, self.count, self.spill_rows = folder, count, spill_rows
         self.pending: list[pa.Table] = []
+        self.pending_rows = 0
         self.held: list[pa.Table] = []
         self.writers: list[Any] = []
 
@@ -345,12 +353,13 @@ class _Buckets:
     def add(self, nodes: np.ndarray, sha: pa.Array) -> None:
         sha = sha.cast(pa.large_string())  # a bucket may exceed string's 2 GiB of offsets
         self.pending.append(pa.table([pa.array(nodes, pa.int64()), pa.array(prefix_keys(sha)), sha], schema=_BUCKET_SCHEMA))
-        if self.count > 1 and sum(len(t) for t in self.pending) >= SPILL_ROWS:
+        self.pending_rows += len(nodes)
+        if self.count > 1 and self.pending_rows >= self.spill_rows:
             self._flush()
 
     def _flush(self) -> None:
         table = pa.concat_tables([_BUCKET_SCHEMA.empty_table(), *self.pending])
-        self.pending = []
+        self.pending, self.pending_rows = [], 0
         if self.count == 1:
             self.held.append(table)
             return
