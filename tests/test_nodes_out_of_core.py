@@ -225,8 +225,17 @@ def test_curve_with_a_memory_mapped_parent_equals_the_in_memory_one(tmp_path, mo
     assert not list(tmp_path.iterdir())  # the parent map went with the band spill
 
 
-def test_guidance_on_a_fixture_run_is_unchanged_by_a_tiny_budget(demo_copy, tmp_path):
+def test_guidance_on_a_fixture_run_is_unchanged_by_a_tiny_budget(demo_copy, monkeypatch):
     config = json.loads(demo_copy.run_config.read_text())
+    built, parents = [], []
+    build, made = stage.build_nodes, guidance._parent
+
+    def spied_build(*args, **options):
+        built.append(build(*args, **options))
+        return built[-1]
+
+    monkeypatch.setattr(stage, "build_nodes", spied_build)
+    monkeypatch.setattr(guidance, "_parent", lambda *args: parents.append(made(*args)) or parents[-1])
     edges = oracles.stored_edges(demo_copy, "perceptual")
     exact = oracles.exact_pairs(demo_copy)
     assert len(exact[0]) > 0
@@ -234,6 +243,7 @@ def test_guidance_on_a_fixture_run_is_unchanged_by_a_tiny_budget(demo_copy, tmp_
     tiny = guidance.descriptor_guidance(demo_copy, "perceptual", {**config, "search_thresholds": {},
                                                                   "memory_budget_bytes": TINY})
     assert tiny.removed.tolist() == expected.tolist()
+    assert built[0][1]["buckets"] == stage.MAX_BUCKETS and isinstance(parents[0], np.memmap)
 
 
 # ---------------------------------------------------------------- the cluster stage end to end
