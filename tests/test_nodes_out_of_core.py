@@ -72,6 +72,7 @@ def assert_same_nodes(got, expected) -> None:
 def test_bucketed_builder_equals_the_in_memory_one(tmp_path, monkeypatch, memory):
     monkeypatch.setattr(stage, "BATCH_ROWS", 6)  # many batches a part
     monkeypatch.setattr(stage, "SPILL_ROWS", 10)  # many flushes into each bucket file
+    monkeypatch.setattr(stage, "MERGE_ROWS", 2)  # the distinct strings merged many times
     run = tricky_run(tmp_path / "run")
     expected = oracles.read_nodes(run)
     got, stats = build_nodes(run, tmp_path / "nodes", memory)
@@ -185,6 +186,29 @@ def test_builder_working_set_stays_below_the_node_arrays(tmp_path, monkeypatch):
     tracemalloc.stop()
     assert stats["buckets"] == 32 and (np.asarray(nodes.head) != np.arange(n)).sum() == 50_000
     assert peak < 4 * n  # the in-memory builder: 72 B a sample (ids, ok, keys, known, sort order, strings)
+
+
+def test_a_flood_of_identical_bytes_is_verified_batch_by_batch(tmp_path, monkeypatch):
+    """100k samples of one placeholder image's bytes (6.4 MB of sha256 strings, all candidates of one bucket):
+    Arrow's peak allocation stays below them (the old builder gathered every candidate string at once)."""
+    monkeypatch.setattr(stage, "BATCH_ROWS", 4_096)
+    monkeypatch.setattr(stage, "MERGE_ROWS", 4_096)  # candidates verified 4k rows at a time
+    run = RunDir(tmp_path / "run")
+    placeholder = sha(b"photo unavailable")
+    for part in range(10):
+        rows = [("ok", placeholder if i % 10 else sha(b"%d %d" % (part, i))) for i in range(10_000)]
+        write_part(run, part, rows)
+    expected = oracles.read_nodes(run)
+    original = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(original)  # its own peak: this build's only
+    pa.set_memory_pool(pool)
+    try:
+        nodes, stats = build_nodes(run, tmp_path / "nodes", 2_000_000)
+    finally:
+        pa.set_memory_pool(original)
+    assert stats["buckets"] == 16 and stats["candidates"] == 90_000
+    assert_same_nodes(nodes, expected)
+    assert pool.max_memory() < 64 * 90_000 / 2
 
 
 # ---------------------------------------------------------------- guidance: the curve with a memory-mapped parent

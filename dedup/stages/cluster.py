@@ -383,16 +383,70 @@ class _Buckets:
 
 
 def _bucket_heads(table: pa.Table, head: np.ndarray) -> int:
-    """head[node] = the smallest node with the same full string, for the bucket's rows whose prefix repeats."""
-    candidates = table.filter(pa.array(_repeated(table["key"].to_numpy())))  # filter: chunk by chunk, no concat
-    if not len(candidates):
+    """head[node] = the smallest node with the same full string, for the bucket's rows whose prefix repeats.
+
+    Verified a record batch at a time, as identical bytes can be millions of rows (one placeholder image
+    served for every dead link): a first pass keeps each distinct candidate string's smallest node, a second
+    points every candidate at it. Only the distinct strings are held, never every candidate's.
+    """
+    repeated = _repeated(table["key"].to_numpy())
+    if not repeated.any():
         return 0
-    nodes = candidates["node"].to_numpy()
-    codes = candidates["sha"].combine_chunks().dictionary_encode().indices.to_numpy()  # exact equality, in Arrow
-    first_of_code = np.full(codes.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_of_code, codes, nodes)
-    head[nodes] = first_of_code[codes]
-    return len(nodes)
+    firsts = _first_nodes(_gathered(_candidate_batches(table, repeated), MERGE_ROWS))
+    smallest = firsts["node"].to_numpy()
+    # index_in hashes its value set on every call: calls of at least as many rows keep that cost linear.
+    for batch in _gathered(_candidate_batches(table, repeated), max(len(firsts), MERGE_ROWS)):
+        where = pc.index_in(batch["sha"], value_set=firsts["sha"]).to_numpy()  # exact equality, in Arrow
+        head[batch["node"].to_numpy()] = smallest[where]
+    return int(repeated.sum())
+
+
+def _candidate_batches(table: pa.Table, repeated: np.ndarray) -> Iterator[pa.Table]:
+    """The candidate rows of each record batch of the bucket (its batches are views of the file: no copy)."""
+    start = 0
+    for batch in table.to_batches():
+        rows = repeated[start : start + batch.num_rows]
+        start += batch.num_rows
+        if rows.any():
+            yield pa.Table.from_batches([batch]).filter(pa.array(rows))
+
+
+def _gathered(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The tables joined into ones of at least `rows` rows (the last may have fewer)."""
+    pending, held = [], 0
+    for table in tables:
+        pending.append(table)
+        held += len(table)
+        if held >= rows:
+            yield pa.concat_tables(pending)
+            pending, held = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
+# Candidate rows verified at once, at least, and distinct strings gathered before they are merged with the
+# ones so far (merges double in size, so each string is regrouped O(log) times, not once per batch).
+MERGE_ROWS = 1 << 16
+
+
+def _first_nodes(batches: Iterator[pa.Table]) -> pa.Table:
+    """(sha, node): each distinct string of the batches with its smallest node."""
+    merged, pending, rows = _smallest([]), [], 0
+    for batch in batches:
+        pending.append(_smallest([batch]))
+        rows += len(pending[-1])
+        if rows >= max(len(merged), MERGE_ROWS):
+            merged, pending, rows = _smallest([merged, *pending]), [], 0
+    return _smallest([merged, *pending])
+
+
+def _smallest(tables: list[pa.Table]) -> pa.Table:
+    table = pa.concat_tables([_FIRSTS.empty_table(), *(t.select(["sha", "node"]) for t in tables)])
+    grouped = table.group_by("sha").aggregate([("node", "min")])
+    return grouped.select(["sha", "node_min"]).rename_columns(["sha", "node"])
+
+
+_FIRSTS = pa.schema([("sha", pa.large_string()), ("node", pa.int64())])
 
 
 _NIBBLE = np.array([int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else c & 15 for c in range(256)],
