@@ -442,8 +442,11 @@ def _first_nodes(batches: Iterator[pa.Table]) -> pa.Table:
 
 def _smallest(tables: list[pa.Table]) -> pa.Table:
     table = pa.concat_tables([_FIRSTS.empty_table(), *(t.select(["sha", "node"]) for t in tables)])
-    grouped = table.group_by("sha").aggregate([("node", "min")])
-    return grouped.select(["sha", "node_min"]).rename_columns(["sha", "node"])
+    encoded = table["sha"].combine_chunks().dictionary_encode()  # exact equality, in Arrow (a hash, no sort)
+    codes = encoded.indices.to_numpy()
+    smallest = np.full(len(encoded.dictionary), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(smallest, codes, table["node"].to_numpy())
+    return pa.table([encoded.dictionary, pa.array(smallest)], schema=_FIRSTS)
 
 
 _FIRSTS = pa.schema([("sha", pa.large_string()), ("node", pa.int64())])
