@@ -12,6 +12,11 @@ builds the node table in a child process per variant and samples its RssAnon fro
         --variants memory,budget=8GB,budget=256MB
 
 The heads of every variant are compared with the first one's. The data stays in --data (delete it yourself).
+
+Measured 2026-12-01 on the shared 2-core machine, 6M samples in 600 parts (339,841 candidates), child
+RssAnon peak (imports alone: 0.055 GiB) and build seconds: in-memory 0.56 GiB, 13.4 s; budget 8GB (1 bucket,
+held in memory) 0.78 GiB, 10.6 s; 256MB (8 buckets) 0.15 GiB, 9.8 s; 64MB (32 buckets) 0.11 GiB, 12.2 s;
+heads equal in all. At 2M samples the 64MB build peaked at 0.11 GiB too: it does not grow with the samples.
 """
 
 from __future__ import annotations
