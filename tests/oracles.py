@@ -140,3 +140,87 @@ def drop_separated_edges(run: RunDir, node_ids: np.ndarray, a: np.ndarray, b: np
 def riskiest(path, top: int) -> list[int]:
     scores = pd.read_parquet(path, columns=["cluster_id", "risk", "rank"])
     return scores.sort_values(["risk", "rank"], ascending=[False, True]).head(top)["cluster_id"].tolist()
+
+
+# ---------------------------------------------------------------- cluster nodes (every id, prefix and candidate string in RAM)
+#
+# dedup.stages.cluster.read_nodes and guidance.run_nodes before the out-of-core builder, verbatim but for the
+# imports: ids, ok, prefix keys and known concatenated, all prefixes argsorted at once, every candidate's sha256
+# gathered into one Arrow array.
+
+
+def read_nodes(run: RunDir):
+    """Sample ids, ok mask and identical-bytes heads, reading sample_id, status and sha256 part by part."""
+    import pyarrow.compute as pc
+
+    from dedup.stages.cluster import _Nodes, iter_sample_tables, prefix_keys
+
+    ids, ok, keys, known = [], [], [], []
+    for table in iter_sample_tables(run, ["status", "sha256"]):
+        ids.append(table["sample_id"].to_numpy())
+        ok.append(pc.fill_null(pc.equal(table["status"].combine_chunks(), "ok"), False).to_numpy(zero_copy_only=False))
+        sha = table["sha256"].combine_chunks()
+        known.append(ok[-1] & sha.is_valid().to_numpy(zero_copy_only=False))
+        keys.append(prefix_keys(sha))
+    ids, ok, keys, known = (np.concatenate(x) for x in (ids, ok, keys, known))
+    return _Nodes(ids.astype(np.int64), ok, _heads(run, keys, known), known)
+
+
+def run_nodes(run: RunDir) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """(every sample id, sorted; identical-bytes pairs (first sample id, other sample id)), read part by part."""
+    import pyarrow.compute as pc
+
+    from dedup.stages.cluster import iter_sample_tables, prefix_keys
+
+    ids, keys, known = [], [], []
+    for table in iter_sample_tables(run, ["sha256"]):
+        sha = table["sha256"].combine_chunks()
+        ids.append(table["sample_id"].to_numpy())
+        known.append(pc.is_valid(sha).to_numpy(zero_copy_only=False))
+        keys.append(prefix_keys(sha))
+    ids, keys, known = (np.concatenate(x) for x in (ids, keys, known))
+    head = _heads(run, keys, known)
+    joined = np.flatnonzero(head != np.arange(len(head)))
+    return ids.astype(np.int64), (ids[head[joined]].astype(np.int64), ids[joined].astype(np.int64))
+
+
+def _heads(run: RunDir, keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Identical-bytes heads out of core: sort the 64-bit prefixes, then verify candidate runs on the full sha256."""
+    head = np.arange(len(keys), dtype=np.int64)
+    candidates = _prefix_runs(keys, known)
+    if not len(candidates):
+        return head
+    full = _strings_of(run, candidates)
+    codes = full.dictionary_encode().indices.to_numpy()  # exact equality, in Arrow (no Python object per row)
+    first_of_code = np.full(codes.max() + 1, len(keys), dtype=np.int64)
+    np.minimum.at(first_of_code, codes, candidates)
+    head[candidates] = first_of_code[codes]
+    return head
+
+
+def _prefix_runs(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Known nodes whose prefix another known node shares, in node order."""
+    nodes = np.flatnonzero(known)
+    order = np.argsort(keys[nodes], kind="stable")
+    sorted_keys = keys[nodes][order]
+    repeated = np.zeros(len(nodes), dtype=bool)
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    return np.sort(nodes[order][repeated])
+
+
+def _strings_of(run: RunDir, nodes: np.ndarray):
+    """The sha256 strings of the given (sorted) nodes, read part by part."""
+    import pyarrow as pa
+
+    from dedup.stages.cluster import iter_sample_tables
+
+    pieces, start = [], 0
+    for table in iter_sample_tables(run, ["sha256"]):
+        stop = start + len(table)
+        lo, hi = np.searchsorted(nodes, [start, stop])
+        if hi > lo:
+            pieces.append(table["sha256"].combine_chunks().take(pa.array(nodes[lo:hi] - start)))
+        start = stop
+    return pa.concat_arrays(pieces).cast(pa.large_string())

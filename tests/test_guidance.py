@@ -29,7 +29,8 @@ def _passes(edges: pd.DataFrame, batch: int = 7):
 
 def _curve(edges: pd.DataFrame, exact, cuts, tmp_path) -> np.ndarray:
     ids = np.unique(np.concatenate([edges["id_a"], edges["id_b"], *exact]).astype(np.int64))
-    return removal_curve(ids, exact, _passes(edges), np.asarray(cuts), tmp_path, chunk_rows=5)
+    joins = [(np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1]))]  # node indices
+    return removal_curve(ids, joins, _passes(edges), np.asarray(cuts), tmp_path, chunk_rows=5)
 
 
 def test_removal_curve_counts_one_kept_per_connected_group(tmp_path):
@@ -212,9 +213,8 @@ def test_demo_curve_bounds_the_real_removals_and_falls_with_the_cut(demo_run, tm
 
     config = json.loads(demo_run.run_config.read_text())
     cuts = np.array([config["search_thresholds"]["perceptual"], config["thresholds"]["perceptual"], 0.8, 0.95, 1.0])
-    ids, exact = guidance.run_nodes(demo_run)
-    with distinct_edges(demo_run, "perceptual") as passes:
-        curve = removal_curve(ids, exact, passes, cuts, tmp_path)
+    with guidance.run_nodes(demo_run) as (ids, head), distinct_edges(demo_run, "perceptual") as passes:
+        curve = removal_curve(ids, guidance.exact_joins(head), passes, cuts, tmp_path)
     removed = pd.read_parquet(demo_run.remove_keys)
     assert curve[1] >= (removed["reason"] == "duplicate").sum() > 0
     assert (np.diff(curve) <= 0).all() and curve[-1] > 0  # exact copies remain at 1.0

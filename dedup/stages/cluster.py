@@ -8,9 +8,10 @@ compares each member with its cluster's representative using every
 descriptor: a member stays if it passes *some* descriptor's guard.
 
 Memory is O(nodes), never O(edges) or a frame of every sample: samples are
-read part by part (only the columns used), identical bytes are grouped by
-sorting 64-bit prefixes of the sha256 and verifying candidate runs on the full
-string, every guard pass reads the edge parts one at a time
+read part by part (only the columns used) into memory-mapped node arrays,
+identical bytes are grouped out of core (`build_nodes`: 64-bit sha256 prefixes
+hash-partitioned into buckets sized from --memory, each bucket's prefixes
+sorted and its candidate runs verified on the full string), every guard pass reads the edge parts one at a time
 (`cluster_with_guard_streamed`), and clusters.parquet is written one row group
 per samples batch. Behind the engine the first components pass runs as one
 task per edge part (`ClusterEdgesStage`, on the cluster with --engine ray).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from dedup.search.union_find import (
     merge_summaries,
     reduce_part,
 )
+from dedup.settings import DEFAULT_MEMORY
 from dedup.stages.crops import CROPS, contains_scorer, crop_edge_nodes
 from dedup.stages.overrides import load_overrides, separated_edges
 
@@ -264,17 +266,232 @@ def _part_tables(path: Path, columns: list[str]) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch])
 
 
-def read_nodes(run: RunDir) -> _Nodes:
-    """Sample ids, ok mask and identical-bytes heads, reading sample_id, status and sha256 part by part."""
-    ids, ok, keys, known = [], [], [], []
-    for table in iter_sample_tables(run, ["status", "sha256"]):
-        ids.append(table["sample_id"].to_numpy())
-        ok.append(pc.fill_null(pc.equal(table["status"].combine_chunks(), "ok"), False).to_numpy(zero_copy_only=False))
-        sha = table["sha256"].combine_chunks()
-        known.append(ok[-1] & sha.is_valid().to_numpy(zero_copy_only=False))
-        keys.append(prefix_keys(sha))
-    ids, ok, keys, known = (np.concatenate(x) for x in (ids, ok, keys, known))
-    return _Nodes(ids.astype(np.int64), ok, _heads(run, keys, known), known)
+def read_nodes(run: RunDir, memory_bytes: int | None = None) -> _Nodes:
+    """The nodes in memory, for small runs and tests: `build_nodes` into a scratch folder, loaded, removed.
+
+    `memory_bytes`: the group-by's budget (default: the run's when `run` is a Run, else DEFAULT_MEMORY).
+    """
+    if memory_bytes is None:
+        memory_bytes = run.settings.memory_budget_bytes if isinstance(run, Run) else DEFAULT_MEMORY
+    folder = run.root / SCRATCH
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nodes-", dir=folder) as tmp:
+        built, _ = build_nodes(run, Path(tmp), memory_bytes)
+        nodes = _Nodes(*(np.array(getattr(built, name)) for name in NODE_ARRAYS))
+        del built  # the maps closed before their files go
+    return nodes
+
+
+# Identical bytes are a hash-partitioned group-by (`build_nodes`). A known row costs about this much in its
+# bucket when every row is a candidate: node, prefix, sort order and mask, the full sha256 with its offset,
+# its dictionary code. Buckets get half the budget; the other half is the read batch and Arrow's buffers.
+BUCKET_ROW_BYTES = 160
+# Open bucket writers at most (as rank's buckets); past MAX_BUCKETS x the rows a budget allows, buckets grow.
+MAX_BUCKETS = 512
+# Known rows gathered before they are split into the buckets (fewer, larger record batches per bucket file),
+# at most; a small budget gathers fewer (held three times while split: gathered, joined, sorted).
+SPILL_ROWS = 1 << 18
+NODE_DTYPES = {"ids": np.int64, "ok": np.bool_, "head": np.int64, "known": np.bool_}
+_BUCKET_SCHEMA = pa.schema([("node", pa.int64()), ("key", pa.uint64()), ("sha", pa.large_string())])
+
+
+def build_nodes(run: RunDir, folder: Path, memory_bytes: int, require_ok: bool = True,
+                progress=None) -> tuple[_Nodes, dict[str, int]]:
+    """ids, ok, head and known as `folder`/nodes_*.npy (each atomic), returned as read-only memory maps.
+
+    Nothing of size O(samples) is held: the row count comes from the parquet metadata, the arrays are
+    memory maps filled a samples batch at a time, and identical bytes are grouped out of core: each batch's
+    known rows go to B buckets by the top bits of their 64-bit sha256 prefix (B a power of two from the
+    budget, 1 when all fits: then nothing is spilled), and each bucket alone sorts its prefixes and verifies
+    the candidate runs on the full strings (an equal prefix is only a candidate). `known`: a sha256 present
+    and, with `require_ok`, status ok (the cluster stage); without, bytes of any status count (guidance).
+    Returns the nodes and stats: samples, buckets, candidates (rows whose prefix another row shares).
+    """
+    rows = _sample_rows(run)
+    count = bucket_count(rows, memory_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _node_outputs(folder, rows) as arrays, tempfile.TemporaryDirectory(prefix="heads-", dir=folder) as tmp:
+        buckets = _Buckets(Path(tmp), count, min(SPILL_ROWS, max(1, memory_bytes // (8 * BUCKET_ROW_BYTES))))
+        _fill(run, arrays, buckets, require_ok, progress)
+        candidates = sum(buckets.heads(i, arrays["head"]) for i in range(count))
+    nodes = _Nodes(*(np.load(folder / f"nodes_{name}.npy", mmap_mode="r") for name in NODE_ARRAYS))
+    return nodes, {"samples": rows, "buckets": count, "candidates": candidates}
+
+
+def bucket_count(rows: int, memory_bytes: int) -> int:
+    """Buckets of the identical-bytes group-by: a power of two (the prefix's top bits), each in half the budget."""
+    need = -(-rows * BUCKET_ROW_BYTES // max(1, memory_bytes // 2))
+    return min(MAX_BUCKETS, 1 << max(0, need - 1).bit_length())
+
+
+def _sample_rows(run: RunDir) -> int:
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in _sample_paths(run))
+
+
+@contextmanager
+def _node_outputs(folder: Path, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The node arrays as writable memory maps at temporaries, each published under its name on success."""
+    with ExitStack() as stack:
+        temporaries = {name: stack.enter_context(atomic_output(folder / f"nodes_{name}.npy")) for name in NODE_ARRAYS}
+        arrays = {name: np.lib.format.open_memmap(path, mode="w+", dtype=NODE_DTYPES[name], shape=(rows,))
+                  for name, path in temporaries.items()}
+        yield arrays
+        for array in arrays.values():
+            array.flush()  # the pages reach the file before atomic_output's fsync and rename
+
+
+def _fill(run: RunDir, arrays: dict[str, np.ndarray], buckets: _Buckets, require_ok: bool, progress) -> None:
+    """ids, ok, known and head = itself, a samples batch at a time; the known rows spilled to the buckets."""
+    start, rows = 0, len(arrays["ids"])
+    with buckets.writing():
+        for table in iter_sample_tables(run, ["status", "sha256"]):
+            stop = start + len(table)
+            if stop > rows:
+                raise StoreError(f"{run.root / 'samples'} changed while it was read", hint="rerun the stage")
+            known = _fill_batch(arrays, slice(start, stop), table, require_ok)
+            buckets.add(start + np.flatnonzero(known), table["sha256"].combine_chunks().filter(pa.array(known)))
+            if progress is not None:
+                progress(len(table))
+            start = stop
+    if start != rows:
+        raise StoreError(f"{run.root / 'samples'} changed while it was read", hint="rerun the stage")
+
+
+def _fill_batch(arrays: dict[str, np.ndarray], rows: slice, table: pa.Table, require_ok: bool) -> np.ndarray:
+    ok = pc.fill_null(pc.equal(table["status"].combine_chunks(), "ok"), False).to_numpy(zero_copy_only=False)
+    known = table["sha256"].combine_chunks().is_valid().to_numpy(zero_copy_only=False) & (ok | (not require_ok))
+    arrays["ids"][rows], arrays["ok"][rows], arrays["known"][rows] = table["sample_id"].to_numpy(), ok, known
+    arrays["head"][rows] = np.arange(rows.start, rows.stop, dtype=np.int64)  # unique until a bucket says otherwise
+    return known
+
+
+class _Buckets:
+    """Known rows (node, 64-bit prefix, full sha256) partitioned by the prefix's top bits into `count` buckets.
+
+    Equal strings have equal prefixes, so every group of identical bytes lies in one bucket. One bucket is
+    held in memory (all fits); more are Arrow IPC files in `folder`, read back memory-mapped one at a time.
+    """
+
+    def __init__(self, folder: Path, count: int, spill_rows: int) -> None:
+        self.folder, self.count, self.spill_rows = folder, count, spill_rows
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.held: list[pa.Table] = []
+        self.writers: list[Any] = []
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"bucket_{i}.arrow"
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            if self.count > 1:
+                self.writers = [stack.enter_context(pa.ipc.new_file(self.path(i), _BUCKET_SCHEMA))
+                                for i in range(self.count)]
+            yield
+            self._flush()
+        self.writers = []
+
+    def add(self, nodes: np.ndarray, sha: pa.Array) -> None:
+        sha = sha.cast(pa.large_string())  # a bucket may exceed string's 2 GiB of offsets
+        self.pending.append(pa.table([pa.array(nodes, pa.int64()), pa.array(prefix_keys(sha)), sha], schema=_BUCKET_SCHEMA))
+        self.pending_rows += len(nodes)
+        if self.count > 1 and self.pending_rows >= self.spill_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.concat_tables([_BUCKET_SCHEMA.empty_table(), *self.pending])
+        self.pending, self.pending_rows = [], 0
+        if self.count == 1:
+            self.held.append(table)
+            return
+        bucket = table["key"].to_numpy() >> np.uint64(64 - (self.count.bit_length() - 1))
+        order = np.argsort(bucket, kind="stable")  # stable: each bucket stays in node order
+        table, bounds = table.take(pa.array(order)), np.searchsorted(bucket[order], np.arange(self.count + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            self.writers[i].write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]))
+
+    def table(self, i: int) -> pa.Table:
+        if self.count == 1:
+            return pa.concat_tables([_BUCKET_SCHEMA.empty_table(), *self.held])
+        return pa.ipc.open_file(pa.memory_map(str(self.path(i)))).read_all()  # zero-copy: file pages, not RAM
+
+    def heads(self, i: int, head: np.ndarray) -> int:
+        """Bucket i's groups into `head`, then the bucket dropped (its disk freed at once); returns its candidates."""
+        candidates = _bucket_heads(self.table(i), head)
+        self.held = []
+        self.path(i).unlink(missing_ok=True)
+        return candidates
+
+
+def _bucket_heads(table: pa.Table, head: np.ndarray) -> int:
+    """head[node] = the smallest node with the same full string, for the bucket's rows whose prefix repeats.
+
+    Verified a record batch at a time, as identical bytes can be millions of rows (one placeholder image
+    served for every dead link): a first pass keeps each distinct candidate string's smallest node, a second
+    points every candidate at it. Only the distinct strings are held, never every candidate's.
+    """
+    repeated = _repeated(table["key"].to_numpy())
+    if not repeated.any():
+        return 0
+    firsts = _first_nodes(_gathered(_candidate_batches(table, repeated), MERGE_ROWS))
+    smallest = firsts["node"].to_numpy()
+    # index_in hashes its value set on every call: calls of at least as many rows keep that cost linear.
+    for batch in _gathered(_candidate_batches(table, repeated), max(len(firsts), MERGE_ROWS)):
+        where = pc.index_in(batch["sha"], value_set=firsts["sha"]).to_numpy()  # exact equality, in Arrow
+        head[batch["node"].to_numpy()] = smallest[where]
+    return int(repeated.sum())
+
+
+def _candidate_batches(table: pa.Table, repeated: np.ndarray) -> Iterator[pa.Table]:
+    """The candidate rows of each record batch of the bucket (its batches are views of the file: no copy)."""
+    start = 0
+    for batch in table.to_batches():
+        rows = repeated[start : start + batch.num_rows]
+        start += batch.num_rows
+        if rows.any():
+            yield pa.Table.from_batches([batch]).filter(pa.array(rows))
+
+
+def _gathered(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The tables joined into ones of at least `rows` rows (the last may have fewer)."""
+    pending, held = [], 0
+    for table in tables:
+        pending.append(table)
+        held += len(table)
+        if held >= rows:
+            yield pa.concat_tables(pending)
+            pending, held = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
+# Candidate rows verified at once, at least, and distinct strings gathered before they are merged with the
+# ones so far (merges double in size, so each string is regrouped O(log) times, not once per batch).
+MERGE_ROWS = 1 << 16
+
+
+def _first_nodes(batches: Iterator[pa.Table]) -> pa.Table:
+    """(sha, node): each distinct string of the batches with its smallest node."""
+    merged, pending, rows = _smallest([]), [], 0
+    for batch in batches:
+        pending.append(_smallest([batch]))
+        rows += len(pending[-1])
+        if rows >= max(len(merged), MERGE_ROWS):
+            merged, pending, rows = _smallest([merged, *pending]), [], 0
+    return _smallest([merged, *pending])
+
+
+def _smallest(tables: list[pa.Table]) -> pa.Table:
+    table = pa.concat_tables([_FIRSTS.empty_table(), *(t.select(["sha", "node"]) for t in tables)])
+    encoded = table["sha"].combine_chunks().dictionary_encode()  # exact equality, in Arrow (a hash, no sort)
+    codes = encoded.indices.to_numpy()
+    smallest = np.full(len(encoded.dictionary), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(smallest, codes, table["node"].to_numpy())
+    return pa.table([encoded.dictionary, pa.array(smallest)], schema=_FIRSTS)
+
+
+_FIRSTS = pa.schema([("sha", pa.large_string()), ("node", pa.int64())])
 
 
 _NIBBLE = np.array([int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else c & 15 for c in range(256)],
@@ -295,42 +512,18 @@ def prefix_keys(strings: pa.Array) -> np.ndarray:
     return key
 
 
-def _heads(run: RunDir, keys: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """Identical-bytes heads out of core: sort the 64-bit prefixes, then verify candidate runs on the full sha256."""
-    head = np.arange(len(keys), dtype=np.int64)
-    candidates = _prefix_runs(keys, known)
-    if not len(candidates):
-        return head
-    full = _strings_of(run, candidates)
-    codes = full.dictionary_encode().indices.to_numpy()  # exact equality, in Arrow (no Python object per row)
-    first_of_code = np.full(codes.max() + 1, len(keys), dtype=np.int64)
-    np.minimum.at(first_of_code, codes, candidates)
-    head[candidates] = first_of_code[codes]
-    return head
+def _repeated(keys: np.ndarray) -> np.ndarray:
+    """Mask of the rows whose prefix another row shares (the candidates), from one sort of the prefixes."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    same = ordered[1:] == ordered[:-1]
+    hit = np.zeros(len(keys), dtype=bool)
+    hit[1:] |= same
+    hit[:-1] |= same
+    repeated = np.empty(len(keys), dtype=bool)
+    repeated[order] = hit
+    return repeated
 
-
-def _prefix_runs(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """Known nodes whose prefix another known node shares, in node order."""
-    nodes = np.flatnonzero(known)
-    order = np.argsort(keys[nodes], kind="stable")
-    sorted_keys = keys[nodes][order]
-    repeated = np.zeros(len(nodes), dtype=bool)
-    same = sorted_keys[1:] == sorted_keys[:-1]
-    repeated[1:] |= same
-    repeated[:-1] |= same
-    return np.sort(nodes[order][repeated])
-
-
-def _strings_of(run: RunDir, nodes: np.ndarray) -> pa.Array:
-    """The sha256 strings of the given (sorted) nodes, read part by part."""
-    pieces, start = [], 0
-    for table in iter_sample_tables(run, ["sha256"]):
-        stop = start + len(table)
-        lo, hi = np.searchsorted(nodes, [start, stop])
-        if hi > lo:
-            pieces.append(table["sha256"].combine_chunks().take(pa.array(nodes[lo:hi] - start)))
-        start = stop
-    return pa.concat_arrays(pieces).cast(pa.large_string())
 
 
 # ---------------------------------------------------------------- edges: one part at a time
@@ -528,7 +721,7 @@ def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float
 
     Returns the clusters as one frame: for tests and small runs; the stage writes them block by block.
     """
-    nodes = read_nodes(run)
+    nodes = read_nodes(run, memory_bytes)
     with node_state(run, len(nodes.ids), memory_bytes) as state:
         result = compute_clusters(run, descriptors, thresholds, guards, nodes=nodes, state=state)
         tables = list(result.blocks(run))
@@ -543,7 +736,7 @@ def write_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, fl
     `options`: nodes, first_graph, parent and state of `compute_clusters`, or memory_bytes (see `node_state`).
     """
     nodes = options.pop("nodes", None)
-    nodes = read_nodes(run) if nodes is None else nodes
+    nodes = read_nodes(run, options.get("memory_bytes")) if nodes is None else nodes
     with _state_for(run, nodes, options) as state:
         result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, nodes=nodes,
                                   state=state, **options)
@@ -566,11 +759,6 @@ NODE_ARRAYS = ("ids", "ok", "head", "known")
 
 def _scratch(run: RunDir) -> Path:
     return run.root / SCRATCH
-
-
-def save_nodes(run: RunDir, nodes: _Nodes) -> None:
-    for name in NODE_ARRAYS:
-        write_array(np.asarray(getattr(nodes, name)), _scratch(run) / f"nodes_{name}.npy")
 
 
 def load_nodes(run: RunDir) -> _Nodes:
@@ -599,7 +787,7 @@ class _ClusterInputs:
 
 
 class ClusterNodesStage(_ClusterInputs):
-    """One task: sample ids, ok mask and identical-bytes heads (read part by part) -> the run's scratch folder."""
+    """One task: sample ids, ok mask and identical-bytes heads (out of core, `build_nodes`) -> the run's scratch folder."""
 
     name = "cluster_nodes"
 
@@ -611,10 +799,9 @@ class ClusterNodesStage(_ClusterInputs):
             (_scratch(self.run_dir) / f"nodes_{name}.npy").unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        nodes = read_nodes(self.run_dir)
-        save_nodes(self.run_dir, nodes)
-        progress(len(nodes.ids))
-        return {"samples": len(nodes.ids)}
+        # Straight into the scratch folder the later sub-stages memory-map (load_nodes), within the run's budget.
+        _, stats = build_nodes(self.run_dir, _scratch(self.run_dir), self.settings.memory_budget_bytes, progress=progress)
+        return stats
 
 
 class ClusterEdgesStage(_ClusterInputs):

@@ -12,10 +12,12 @@ weights), so the report lets the user pick a cut by looking:
   band), side by side, so the user sees what a pair at 0.93 looks like against one at 0.97.
 
 Edges are streamed, never held (`distinct_edges`: batches of EDGE_BATCH_ROWS, repeats removed
-through hash partitions spilled to OUT/_scratch/report). The curve is exact (its union-find holds
-O(samples), as the cluster stage's nodes); the band pairs are exact up to BAND_SAMPLE_ROWS pairs a
-band, and beyond it the lowest and highest pair stay exact while the middle ones come from a
-uniform sample of that many pairs (a pair near the same rank, not the very one).
+through hash partitions spilled to OUT/_scratch/report). The curve is exact: its nodes come from the
+cluster stage's out-of-core builder, and its union-find parent is a memory map in the same scratch
+when it is large beside the run's budget (removals are counted as merges, never by a scan of all
+nodes); the band pairs are exact up to BAND_SAMPLE_ROWS pairs a band, and beyond it the lowest and
+highest pair stay exact while the middle ones come from a uniform sample of that many pairs (a pair
+near the same rank, not the very one).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ PAIRS_PER_BAND = 3
 
 # Memory is O(EDGE_BATCH_ROWS) for the edges, whatever their number: parts are read in batches of this
 # many rows, and above it the pairs are de-duplicated through hash partitions of about this many rows
-# spilled to the run's scratch folder. The removal curve adds O(samples) union-find state.
+# spilled to the run's scratch folder. The removal curve adds O(samples) union-find state (a memory map when large).
 EDGE_BATCH_ROWS = 1 << 20
 # Pairs kept per band to pick the shown ones from: up to this many in a band, the shown pairs are exactly
 # the evenly spread ones of all its pairs; above it the first and last are still exact (the band's lowest
@@ -141,57 +143,98 @@ def lowest_similarity(passes: EdgePasses) -> float | None:
     return min(lows) if lows else None
 
 
-def run_nodes(run: RunDir) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """(every sample id, sorted; identical-bytes pairs (first sample id, other sample id)), read part by part.
+@contextmanager
+def run_nodes(run: RunDir, memory_bytes: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(every sample id, sorted; each node's identical-bytes head) as read-only memory maps, valid inside the with.
 
     Identical bytes of any status count (a failed decode of an ok sample's bytes is still a copy); the
-    grouping is the cluster stage's out-of-core one (64-bit prefixes sorted, runs verified on the full sha256).
+    grouping is the cluster stage's out-of-core one (`dedup.stages.cluster.build_nodes`: prefixes
+    hash-partitioned into buckets within `memory_bytes`, candidates verified on the full sha256). The maps
+    live in a temporary folder under the report's scratch, removed on exit.
     """
-    import pyarrow.compute as pc
+    from dedup.settings import DEFAULT_MEMORY
+    from dedup.stages.cluster import build_nodes
 
-    from dedup.stages.cluster import _heads, iter_sample_tables, prefix_keys
-
-    ids, keys, known = [], [], []
-    for table in iter_sample_tables(run, ["sha256"]):
-        sha = table["sha256"].combine_chunks()
-        ids.append(table["sample_id"].to_numpy())
-        known.append(pc.is_valid(sha).to_numpy(zero_copy_only=False))
-        keys.append(prefix_keys(sha))
-    ids, keys, known = (np.concatenate(x) for x in (ids, keys, known))
-    head = _heads(run, keys, known)
-    joined = np.flatnonzero(head != np.arange(len(head)))
-    return ids.astype(np.int64), (ids[head[joined]].astype(np.int64), ids[joined].astype(np.int64))
+    folder = run.scratch_dir("report")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nodes-", dir=folder) as tmp:
+        nodes, _ = build_nodes(run, Path(tmp), memory_bytes or DEFAULT_MEMORY, require_ok=False)
+        yield nodes.ids, nodes.head
 
 
-def removal_curve(ids: np.ndarray, exact: tuple[np.ndarray, np.ndarray], passes: EdgePasses, cuts: np.ndarray,
-                  scratch: Path, chunk_rows: int | None = None) -> np.ndarray:
+def exact_joins(head: np.ndarray, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(head, node) node indices of every node joined to another's identical bytes, a block of nodes at a time."""
+    block_rows = block_rows or EDGE_BATCH_ROWS
+    for start in range(0, len(head), block_rows):
+        block = np.asarray(head[start : start + block_rows])
+        joined = np.flatnonzero(block != np.arange(start, start + len(block)))
+        yield block[joined], start + joined
+
+
+# The curve's union-find parent stays in memory while it takes at most this share of the run's budget;
+# above, it is an int64 memory map in the scratch folder (its pages are the page cache's, not the process's).
+PARENT_BUDGET_SHARE = 4
+
+
+def removal_curve(ids: np.ndarray, joins: Iterable[tuple[np.ndarray, np.ndarray]], passes: EdgePasses,
+                  cuts: np.ndarray, scratch: Path, chunk_rows: int | None = None,
+                  memory_bytes: int | None = None) -> np.ndarray:
     """Samples removed (one kept per connected group) at each cut, edges >= cut plus identical bytes.
 
     `ids`: every node's sample id, sorted (a superset of the pairs' ends: a lone node changes no count).
+    `joins`: identical bytes as (node, node) index blocks joined at every cut (`exact_joins` of a head array).
     One read spills each edge, as node indices, to the band between its two nearest cuts; then the
     bands are joined from the highest cut down (Kruskal's order) on one union-find over the nodes,
-    counting the groups after each: O(nodes) memory, O(chunk) edges at a time.
+    counting the merges as they happen (removals = merges): O(chunk) edges at a time, and the O(nodes)
+    parent a memory map in `scratch` when it is large beside `memory_bytes`.
     """
-    from dedup.search.union_find import _union_part
-
     chunk_rows = chunk_rows or EDGE_BATCH_ROWS
     values = np.unique(np.asarray(cuts, dtype=np.float32))  # compared in float32, as the stored similarities
-    parent = np.arange(len(ids), dtype=np.int64)
-    _union_part(parent, np.searchsorted(ids, exact[0]), np.searchsorted(ids, exact[1]))
     removed = np.zeros(len(values), dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix="curve-", dir=scratch) as tmp:
-        spill = _Spill(Path(tmp), len(values))  # band k: values[k] <= similarity < values[k + 1]
-        for records in passes():
-            band = np.searchsorted(values, records["s"], side="right") - 1
-            kept = (band >= 0) & ~np.isnan(records["s"])
-            nodes = records[kept].copy()
-            nodes["a"], nodes["b"] = np.searchsorted(ids, nodes["a"]), np.searchsorted(ids, nodes["b"])
-            spill.add(band[kept], nodes)
+        parent = _parent(len(ids), Path(tmp), memory_bytes, chunk_rows)
+        merged = sum(_joined(parent, a, b) for a, b in joins)
+        spill = _band_spill(ids, passes, values, Path(tmp))
         for k in range(len(values) - 1, -1, -1):
-            for chunk in spill.read(k, chunk_rows):
-                _union_part(parent, chunk["a"], chunk["b"])
-            removed[k] = len(ids) - int((parent == np.arange(len(ids))).sum())
+            merged += sum(_joined(parent, chunk["a"], chunk["b"]) for chunk in spill.read(k, chunk_rows))
+            removed[k] = merged
+        del parent  # a memory map closed before its folder goes
     return removed[np.searchsorted(values, np.asarray(cuts, dtype=np.float32))]
+
+
+def _parent(nodes: int, folder: Path, memory_bytes: int | None, block_rows: int) -> np.ndarray:
+    """Every node its own root: in memory when small beside the budget, else an int64 memory map in `folder`."""
+    from dedup.settings import DEFAULT_MEMORY
+
+    if 8 * nodes <= (memory_bytes or DEFAULT_MEMORY) // PARENT_BUDGET_SHARE:
+        return np.arange(nodes, dtype=np.int64)
+    parent = np.lib.format.open_memmap(folder / "parent.npy", mode="w+", dtype=np.int64, shape=(nodes,))
+    for start in range(0, nodes, block_rows):  # filled in blocks: no O(nodes) temporary
+        parent[start : start + block_rows] = np.arange(start, min(start + block_rows, nodes), dtype=np.int64)
+    return parent
+
+
+def _joined(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> int:
+    """Union the pairs; returns how many groups merged (only the pairs' roots can stop being roots)."""
+    from dedup.search.union_find import _find, _union_part
+
+    if not len(a):
+        return 0
+    roots = np.unique(_find(parent, np.concatenate([a, b])))
+    _union_part(parent, a, b)
+    return len(roots) - len(np.unique(_find(parent, roots)))
+
+
+def _band_spill(ids: np.ndarray, passes: EdgePasses, values: np.ndarray, folder: Path) -> _Spill:
+    """Every edge at or above the lowest cut as node indices, in band k: values[k] <= similarity < values[k + 1]."""
+    spill = _Spill(folder, len(values))
+    for records in passes():
+        band = np.searchsorted(values, records["s"], side="right") - 1
+        kept = (band >= 0) & ~np.isnan(records["s"])
+        nodes = records[kept].copy()
+        nodes["a"], nodes["b"] = np.searchsorted(ids, nodes["a"]), np.searchsorted(ids, nodes["b"])
+        spill.add(band[kept], nodes)
+    return spill
 
 
 @dataclass
@@ -270,10 +313,10 @@ def descriptor_guidance(run: RunDir, descriptor: str, config: dict[str, Any]) ->
             return None
         low = float((config.get("search_thresholds") or {}).get(descriptor, lowest))
         cuts = np.linspace(low, 1.0, CURVE_POINTS)
-        ids, exact = run_nodes(run)
+        memory = config.get("memory_budget_bytes")
         scratch = run.scratch_dir("report")
-        scratch.mkdir(parents=True, exist_ok=True)
-        removed = removal_curve(ids, exact, passes, cuts, scratch)
+        with run_nodes(run, memory) as (ids, head):
+            removed = removal_curve(ids, exact_joins(head), passes, cuts, scratch, memory_bytes=memory)
         return Guidance(low, cuts, removed, band_pairs(passes, low))
 
 
