@@ -7,13 +7,18 @@ guard and expand afterwards, so they always share a cluster. The guard
 compares each member with its cluster's representative using every
 descriptor: a member stays if it passes *some* descriptor's guard.
 
-Memory is O(nodes), never O(edges) or a frame of every sample: samples are
-read part by part (only the columns used) into memory-mapped node arrays,
-identical bytes are grouped out of core (`build_nodes`: 64-bit sha256 prefixes
-hash-partitioned into buckets sized from --memory, each bucket's prefixes
-sorted and its candidate runs verified on the full string), every guard pass reads the edge parts one at a time
-(`cluster_with_guard_streamed`), and clusters.parquet is written one row group
-per samples batch. Behind the engine the first components pass runs as one
+Anonymous memory is bounded by --memory, never O(edges) or a frame of every
+sample: samples are read part by part (only the columns used) into
+memory-mapped node arrays, identical bytes are grouped out of core
+(`build_nodes`: 64-bit sha256 prefixes hash-partitioned into buckets sized
+from --memory, each bucket's prefixes sorted and its candidate runs verified
+on the full string), every guard pass reads the edge parts one at a time
+(`cluster_with_guard_streamed`) and touches the nodes a block at a time, its
+O(nodes) arrays (union-find parent, labels, degrees, representatives,
+anchors) anonymous while they fit half the budget and memory maps in the
+run's scratch above it (`node_state`), the descriptors' rows are found by
+binary search (no table of every node), and clusters.parquet is written one
+row group per samples batch. Behind the engine the first components pass runs as one
 task per edge part (`ClusterEdgesStage`, on the cluster with --engine ray).
 """
 
