@@ -720,14 +720,25 @@ def _state_for(run: RunDir, nodes: _Nodes, options: dict):
         yield made
 
 
+@contextmanager
+def _nodes_for(run: RunDir, nodes: _Nodes | None, memory_bytes: int | None):
+    """The given nodes; else, under a budget, memory maps built in a scratch folder removed afterwards
+    (as the cluster_nodes task writes them); else, with no budget (tests, small runs), arrays in memory."""
+    if nodes is not None or memory_bytes is None:
+        yield read_nodes(run) if nodes is None else nodes
+        return
+    (run.root / SCRATCH).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nodes-", dir=run.root / SCRATCH) as folder:
+        yield build_nodes(run, Path(folder), memory_bytes)[0]
+
+
 def cluster_run(run: RunDir, descriptors: list[str], thresholds: dict[str, float],
                 guards: dict[str, float], memory_bytes: int | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Cluster a run with explicit cuts and guards (no settings read), so tests and `cluster` share one path.
 
     Returns the clusters as one frame: for tests and small runs; the stage writes them block by block.
     """
-    nodes = read_nodes(run, memory_bytes)
-    with node_state(run, len(nodes.ids), memory_bytes) as state:
+    with _nodes_for(run, None, memory_bytes) as nodes, node_state(run, len(nodes.ids), memory_bytes) as state:
         result = compute_clusters(run, descriptors, thresholds, guards, nodes=nodes, state=state)
         tables = list(result.blocks(run))
         table = pa.concat_tables(tables) if tables else CLUSTERS.empty_table()
@@ -740,9 +751,8 @@ def write_clusters(run: RunDir, descriptors: list[str], thresholds: dict[str, fl
 
     `options`: nodes, first_graph, parent and state of `compute_clusters`, or memory_bytes (see `node_state`).
     """
-    nodes = options.pop("nodes", None)
-    nodes = read_nodes(run, options.get("memory_bytes")) if nodes is None else nodes
-    with _state_for(run, nodes, options) as state:
+    with _nodes_for(run, options.pop("nodes", None), options.get("memory_bytes")) as nodes, \
+            _state_for(run, nodes, options) as state:
         result = compute_clusters(run, descriptors, thresholds, guards, contains=contains, nodes=nodes,
                                   state=state, **options)
         with atomic_output(run.clusters) as tmp, pq.ParquetWriter(tmp, CLUSTERS) as writer:
