@@ -404,7 +404,7 @@ class VectorParts:
 
 # Above this many vectors a descriptor's sample ids are one .npy under OUT/_cache/ids, memory-mapped by every
 # task that opens the vectors (2e9 ids are 16 GB: no worker may hold them, nor re-read every metadata part).
-IDS_IN_MEMORY = 1 << 24
+IDS_IN_MEMORY = 1 << 22
 
 
 def open_embeddings(run: RunDir, descriptor: str) -> VectorParts:
