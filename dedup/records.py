@@ -457,6 +457,65 @@ def _cached_ids(run: RunDir, descriptor: str, metadata: list[Path]) -> Path:
     return path
 
 
+class RowKeys:
+    """Each row's `key` of a descriptor's metadata, taken by row without holding every key.
+
+    `chunks`: one string array per embedding part (in memory for small runs, else zero-copy views of a
+    memory-mapped Arrow IPC cache: see `open_row_keys`).
+    """
+
+    def __init__(self, chunks: list[pa.Array]) -> None:
+        self.chunks = chunks
+        self.offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks], dtype=np.int64)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        """The keys of `rows`, in their order, gathered part by part (never one array of every key)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        order = np.argsort(part, kind="stable")
+        pieces = [pa.array([], pa.string())]
+        for p in np.unique(part):
+            where = order[part[order] == p]
+            pieces.append(self.chunks[p].take(pa.array(rows[where] - self.offsets[p])).cast(pa.string()))
+        gathered = pa.concat_arrays(pieces)
+        return gathered.take(pa.array(np.argsort(order, kind="stable")))
+
+
+def open_row_keys(run: RunDir, descriptor: str) -> RowKeys:
+    """The keys of a descriptor's rows: read into memory up to IDS_IN_MEMORY rows, else memory-mapped
+    from OUT/_cache/keys/<descriptor>-<fingerprint>.arrow (one record batch per part, written once)."""
+    metadata = [run.metadata_part(descriptor, p) for p in embedding_parts(run, descriptor)]
+    if sum(pq.ParquetFile(m).metadata.num_rows for m in metadata) <= IDS_IN_MEMORY:
+        return RowKeys([_part_keys(m) for m in metadata])
+    table = pa.ipc.open_file(pa.memory_map(str(_cached_keys(run, descriptor, metadata)))).read_all()
+    return RowKeys(list(table.column("key").chunks))
+
+
+def _part_keys(metadata: Path) -> pa.Array:
+    return pq.read_table(metadata, columns=["key"])["key"].combine_chunks().cast(pa.string())
+
+
+def _cached_keys(run: RunDir, descriptor: str, metadata: list[Path]) -> Path:
+    folder = run.root / "_cache" / "keys"
+    path = folder / f"{descriptor}-{fingerprint(metadata, {'descriptor': descriptor})[:16]}.arrow"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # concurrent writers each write their own, one rename wins
+    schema = pa.schema([("key", pa.string())])
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for part in metadata:  # one batch per part: the file's chunks are the parts
+            writer.write_batch(pa.record_batch([_part_keys(part)], schema=schema))
+    os.replace(tmp, path)
+    for stale in folder.glob(f"{descriptor}-*.arrow"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return path
+
+
 def load_embeddings(run: RunDir, descriptor: str) -> tuple[np.ndarray, np.ndarray]:
     """All (sample_ids, float32 vectors) of a descriptor, sorted by sample_id."""
     pieces = list(iter_embeddings(run, descriptor))

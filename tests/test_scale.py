@@ -523,3 +523,39 @@ def test_ids_out_of_order_across_parts_are_refused_when_cached(tmp_path, monkeyp
     monkeypatch.setattr(records, "IDS_IN_MEMORY", 100)
     with pytest.raises(StoreError, match="not in sample_id order"):
         open_embeddings(run, "precomputed")
+
+
+def test_row_keys_taken_part_by_part_equal_the_concatenated_keys(tmp_path, monkeypatch):
+    """Keys by row from per-part chunks, in memory or from the memory-mapped cache, in any row order."""
+    import dedup.records as records
+    from dedup.records import open_row_keys
+
+    run = _run_from(tmp_path, _grouped(n=600, groups=30), [250, 1, 349], memory=1 << 30)
+    rows = np.random.default_rng(1).integers(0, 600, 2_000)
+    every = [f"{p}_{r}" for p, size in enumerate([250, 1, 349]) for r in range(size)]
+    assert open_row_keys(run, "precomputed").take(rows).to_pylist() == [every[r] for r in rows]
+    monkeypatch.setattr(records, "IDS_IN_MEMORY", 100)
+    cached = open_row_keys(run, "precomputed")
+    assert len(list((run.root / "_cache" / "keys").glob("precomputed-*.arrow"))) == 1
+    assert cached.take(rows).to_pylist() == [every[r] for r in rows]
+    assert cached.take(np.zeros(0, np.int64)).to_pylist() == []
+
+
+def test_neighbour_edges_are_the_same_with_the_row_caches(tmp_path, single_faiss_thread, monkeypatch):
+    """Above IDS_IN_MEMORY the neighbour tasks take ids and keys from the caches: byte-for-byte the same edges."""
+    import dedup.records as records
+    from dedup.stages.neighbors import find_neighbors
+
+    x = _grouped(n=3000)
+    edges = []
+    for limit in (records.IDS_IN_MEMORY, 100):
+        monkeypatch.setattr(records, "IDS_IN_MEMORY", limit)
+        run = _run_from(tmp_path / str(limit), x, [1000, 2000], memory=1 << 30)
+        build_descriptor_index(run, "precomputed", budget=1 << 30)
+        find_neighbors(run, gpu=False)
+        parts = sorted(run.neighbors_dir("precomputed").glob("part_*.parquet"))
+        frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        edges.append(frame.sort_values(["id_a", "id_b", "similarity"], ignore_index=True))
+    assert (tmp_path / "100" / "out" / "_cache" / "keys").exists() and len(edges[0]) > 100
+    assert edges[0]["key_a"].notna().all() and edges[0]["key_a"].str.contains("_").all()
+    pd.testing.assert_frame_equal(edges[0], edges[1])

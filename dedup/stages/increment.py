@@ -54,6 +54,7 @@ from dedup.stages.index import (
     faiss_gpu_available,
     index_paths,
     save_index,
+    warm_row_caches,
     write_pending,
 )
 
@@ -167,6 +168,7 @@ class GrowingIndexStage(IndexStage):
             generations_path(self.run_dir.index_dir, self.descriptor).unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        warm_row_caches(self.run_dir, self.descriptor)
         old = growth_rows(self.run_dir, self.descriptor, self._settings())
         if old is None:
             generations_path(self.run_dir.index_dir, self.descriptor).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from dedup.descriptors import query_transform_for
 from dedup.errors import StoreError
-from dedup.records import RunDir, atomic_output, fingerprint, open_embeddings, write_array
+from dedup.records import RunDir, atomic_output, fingerprint, open_embeddings, open_row_keys, write_array
 from dedup.search.faiss_index import _to_gpu, apply_search_params, faiss_gpu_count
 from dedup.search.index_choice import DEFAULT_NPROBE, IndexSpec, choose_index_streaming, default_nlist
 
@@ -26,6 +26,13 @@ from dedup.search.index_choice import DEFAULT_NPROBE, IndexSpec, choose_index_st
 # LAION-2B is ~2,000 tasks and a killed run redoes at most one task's rows.
 PROBE_TASK_BLOCKS = 16
 PENDING = "pending.json"  # the build the probe and group steps finish (in OUT/_scratch/index-<name>/)
+
+
+def warm_row_caches(run: RunDir, descriptor: str) -> None:
+    """Write a large descriptor's ids and keys caches (records.IDS_IN_MEMORY) in this single task, before the
+    parallel probe and neighbour tasks would each build them; a no-op when they exist or the run is small."""
+    open_embeddings(run, descriptor)
+    open_row_keys(run, descriptor)
 
 
 class IndexStage:
@@ -66,6 +73,7 @@ class IndexStage:
         clear_index(self.run_dir, self.descriptor)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
+        warm_row_caches(self.run_dir, self.descriptor)
         spec = self._train()
         progress(spec.n_vectors)
         return {"vectors": spec.n_vectors}

@@ -15,12 +15,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dedup.descriptors import query_transform_for
 from dedup.engine import StageReport, run_stage
 from dedup.errors import StoreError
-from dedup.records import EDGES, RunDir, embedding_parts, fingerprint, open_embeddings, write_record
+from dedup.records import (
+    EDGES,
+    RowKeys,
+    RunDir,
+    embedding_parts,
+    fingerprint,
+    open_embeddings,
+    open_row_keys,
+    write_record,
+)
 from dedup.run import Run
 from dedup.settings import Settings
 
@@ -116,10 +124,7 @@ class NeighborsStage:
     def _load(self):
         if self._loaded is None:
             vectors = open_embeddings(self.run_dir, self.descriptor)
-            keys = pa.chunked_array([
-                pq.read_table(self.run_dir.metadata_part(self.descriptor, p), columns=["key"])["key"]
-                for p in embedding_parts(self.run_dir, self.descriptor)
-            ])
+            keys = open_row_keys(self.run_dir, self.descriptor)  # memory-mapped above IDS_IN_MEMORY rows
             self._loaded = (self._searcher(), vectors, keys)
         return self._loaded
 
@@ -244,7 +249,7 @@ class NeighborsStage:
 class _EdgeWriter:
     """Buffers a task's pairs and writes part_{task}.parquet, then part_{task}.{k}.parquet every EDGES_PER_FILE."""
 
-    def __init__(self, folder: Path, task_id: str, descriptor: str, keys: pa.ChunkedArray, ids: np.ndarray) -> None:
+    def __init__(self, folder: Path, task_id: str, descriptor: str, keys: RowKeys, ids: np.ndarray) -> None:
         self.folder, self.task_id, self.descriptor, self.keys, self.ids = folder, task_id, descriptor, keys, ids
         self.pending: list = []
         self.buffered = self.edges = self.files = 0
@@ -270,8 +275,8 @@ class _EdgeWriter:
         table = pa.table({
             "id_a": pa.array(id_a.astype(np.int64)),
             "id_b": pa.array(id_b.astype(np.int64)),
-            "key_a": self.keys.take(pa.array(rows_a)).combine_chunks(),
-            "key_b": self.keys.take(pa.array(rows_b)).combine_chunks(),
+            "key_a": self.keys.take(rows_a),
+            "key_b": self.keys.take(rows_b),
             "similarity": pa.array(sim.astype(np.float32)),
             "descriptor": pa.repeat(pa.scalar(self.descriptor, pa.string()), len(id_a)),
         })
