@@ -234,3 +234,21 @@ def test_the_loader_filter_drops_the_training_copies_of_the_eval_set(split_runs)
     extra = set(zip(removed["shard"], removed["key"], strict=False)) - set(zip(train_removed["shard"], train_removed["key"], strict=False))
     assert extra, "the eval set must hold copies the training run kept"
     assert kept_both == kept_plain - extra
+
+
+def test_descriptor_pairs_read_the_training_vectors_through_memory_maps(split_runs, monkeypatch):
+    """The training side of a compare is a LAION-scale run: its vectors are never loaded whole as float32."""
+    import dedup.records as records
+    import dedup.stages.compare as compare_stage
+
+    root = split_runs["root"]
+    expected = compare_stage.descriptor_pairs(RunDir(root / "train"), RunDir(root / "cmp" / "eval_run"), "perceptual", 0.9)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("compare loaded every vector")
+
+    monkeypatch.setattr(records, "load_embeddings", whole)
+    monkeypatch.setattr(compare_stage, "load_embeddings", whole, raising=False)
+    pairs = compare_stage.descriptor_pairs(RunDir(root / "train"), RunDir(root / "cmp" / "eval_run"), "perceptual", 0.9)
+    pd.testing.assert_frame_equal(pairs, expected)
+    assert len(pairs) > 10

@@ -125,6 +125,34 @@ def test_query_by_image_finds_the_cluster(demo_run, tmp_path):
     assert result.matches["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_queries_read_only_the_rows_they_need(demo_run, tmp_path, monkeypatch):
+    """Key, image and copy-count answers come from filtered scans and memory-mapped vectors: a LAION-2B run's
+    clusters.parquet (2e9 rows), samples and float32 vectors (6 TB) are never loaded whole."""
+    import tarfile
+
+    import dedup.records as records
+
+    out, _, ranking, shards = demo_run
+    clusters = pd.read_parquet(RunDir(out).clusters)
+    top = ranking.iloc[0]
+    rep = clusters[(clusters["cluster_id"] == top.cluster_id) & clusters["is_representative"]].iloc[0]
+    with tarfile.open(shards[int(rep["shard_index"])]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.split(".")[0] == rep["key"] and not m.name.endswith((".txt", ".json")))
+        image = tmp_path / ("query." + member.name.rsplit(".", 1)[1])
+        image.write_bytes(tar.extractfile(member).read())
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a query loaded a whole table")
+
+    monkeypatch.setattr(pd, "read_parquet", whole)
+    monkeypatch.setattr(records, "load_embeddings", whole)
+    monkeypatch.setattr(records, "load_samples", whole)
+    (by_image,) = query(out, image=image)
+    (by_key,) = query(out, key=rep["key"])
+    assert by_image.cluster_id == by_key.cluster_id == top.cluster_id
+    assert by_key.copies == top.copies == by_image.cluster_size
+
+
 def test_run_resumes_without_redoing_stages(demo_run, tmp_path):
     out, _, ranking, shards = demo_run
     before = {p: p.stat().st_mtime_ns for p in RunDir(out).root.glob("embeddings/*/img_emb/*.npy")}

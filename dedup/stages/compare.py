@@ -43,8 +43,8 @@ from dedup.records import (
     CONTAMINATION_PAIRS,
     REMOVE_LIST,
     RunDir,
-    load_embeddings,
     load_samples,
+    open_embeddings,
     write_record,
 )
 from dedup.settings import Settings
@@ -116,8 +116,9 @@ def descriptor_pairs(train: RunDir, eval_run: RunDir, name: str, threshold: floa
     from dedup.stages.query import search_external
 
     index, spec = load_index(train.index_dir, name)
-    train_ids, train_vectors = load_embeddings(train, name)
-    eval_ids, eval_vectors = load_embeddings(eval_run, name)
+    # Memory maps: the eval set is read a block at a time, the training rows only where a hit is re-scored.
+    train_vectors, eval_vectors = open_embeddings(train, name), open_embeddings(eval_run, name)
+    train_ids, eval_ids = train_vectors.ids, eval_vectors.ids
     transform = query_transform_for(name)
     frames = [_pairs_frame(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), name)]
     for start in range(0, len(eval_vectors), QUERY_BLOCK):

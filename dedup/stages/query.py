@@ -59,16 +59,37 @@ class QueryResult:
         }
 
 
+class ClusterRows:
+    """clusters.parquet (or the samples parts) read by filter: a dataset scan that holds only the matching rows,
+    so a query on a LAION-2B run never loads the 2e9-row table."""
+
+    def __init__(self, paths: Path | list[Path]) -> None:
+        import pyarrow.dataset as ds
+
+        self.dataset = ds.dataset([str(p) for p in paths] if isinstance(paths, list) else str(paths), format="parquet")
+
+    def where(self, expression, columns: list[str] | None = None) -> pd.DataFrame:
+        return self.dataset.to_table(filter=expression, columns=columns).to_pandas()
+
+    def count(self, expression) -> int:
+        return int(self.dataset.count_rows(filter=expression))
+
+
+def _field(name: str):
+    import pyarrow.dataset as ds
+
+    return ds.field(name)
+
+
 class RunIndex:
-    """What a query needs from a run: config, clusters, samples, and one loaded index."""
+    """What a query needs from a run: config, clusters and samples read by filter, and one loaded index."""
 
     def __init__(self, out: str | Path, descriptor: str | None) -> None:
         self.run = RunDir(out)
         self.config = Settings.load(self.run.run_config)
         if not self.run.clusters.exists():
             raise StoreError(f"{self.run.root} has no clusters yet", hint=f"run 'dedup run' (or 'dedup cluster {self.run.root}') first")
-        self.clusters = pd.read_parquet(self.run.clusters)
-        self.by_id = self.clusters.set_index("sample_id")
+        self.clusters = ClusterRows(self.run.clusters)
         self.descriptor = descriptor or self.config.descriptors[0]
         if self.descriptor not in self.config.descriptors:
             raise QueryError(
@@ -84,12 +105,12 @@ class RunIndex:
 
     def index(self):
         if self._index is None:
-            from dedup.records import load_embeddings
+            from dedup.records import open_embeddings
             from dedup.stages.index import load_index
 
             index, spec = load_index(self.run.index_dir, self.descriptor)
-            ids, stored = load_embeddings(self.run, self.descriptor)
-            self._index = (index, spec, ids, stored)
+            stored = open_embeddings(self.run, self.descriptor)  # memory maps: re-scoring reads the hit rows only
+            self._index = (index, spec, stored.ids, stored)
         return self._index
 
     def describer(self):
@@ -106,16 +127,22 @@ class RunIndex:
         return [self._frame(ids[pos[q == i]], sim[q == i]) for i in range(len(vectors))]
 
     def _frame(self, sample_ids: np.ndarray, similarity: np.ndarray) -> pd.DataFrame:
-        rows = self.by_id.loc[sample_ids, ["key", "url", "caption", "cluster_id"]].reset_index()
-        rows["similarity"] = similarity.astype(np.float32)
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        found = self.clusters.where(_field("sample_id").isin(np.unique(sample_ids)),
+                                    ["sample_id", "key", "url", "caption", "cluster_id"]).set_index("sample_id")
+        rows = found.loc[sample_ids].reset_index()
+        rows["similarity"] = np.asarray(similarity, dtype=np.float32)
         return rows[MATCH_COLUMNS].sort_values("similarity", ascending=False, ignore_index=True)
 
     def exact_matches(self, sha256: str) -> pd.DataFrame:
-        from dedup.records import load_samples
+        from dedup.stages.cluster import _sample_paths
 
-        samples = load_samples(self.run, ["sample_id", "sha256"])
-        hit = samples.loc[samples["sha256"] == sha256, "sample_id"].to_numpy()
+        samples = ClusterRows(_sample_paths(self.run))
+        hit = samples.where(_field("sha256") == sha256, ["sample_id"])["sample_id"].to_numpy()
         return self._frame(hit, np.ones(len(hit), np.float32))
+
+    def cluster_size(self, cluster_id: int) -> int:
+        return self.clusters.count(_field("cluster_id") == int(cluster_id))
 
 
 # Compressed indexes (PQ) give approximate scores: search this far below the
@@ -145,7 +172,7 @@ def _result(name: str, run_index: RunIndex, matches: pd.DataFrame) -> QueryResul
     if matches.empty:
         return QueryResult(name, run_index.descriptor, 0, None, 0, matches)
     best = int(matches["cluster_id"].iloc[0])
-    size = int(run_index.clusters.loc[run_index.clusters["cluster_id"] == best].shape[0])
+    size = run_index.cluster_size(best)
     return QueryResult(name, run_index.descriptor, int(matches["sample_id"].nunique()), best, size, matches)
 
 
@@ -197,9 +224,8 @@ def query_images(run_index: RunIndex, paths: list[Path], root: Path | None = Non
 def query_key(run_index: RunIndex, key: str, shard: str | None = None) -> QueryResult:
     """The cluster of the sample a key names. A sample is its shard plus its key: keys repeat across
     img2dataset outputs, so a key found in several shards needs `shard` (never a silent first pick)."""
-    rows = run_index.clusters[run_index.clusters["key"] == key]
-    if shard is not None:
-        rows = rows[rows["shard"] == shard]
+    wanted = _field("key") == key
+    rows = run_index.clusters.where(wanted if shard is None else wanted & (_field("shard") == shard))
     if rows.empty:
         where = f" of shard {shard!r}" if shard is not None else ""
         raise QueryError(f"no sample with key {key!r}{where} in {run_index.run.root}",
@@ -210,7 +236,7 @@ def query_key(run_index: RunIndex, key: str, shard: str | None = None) -> QueryR
                          f"{', ...' if len(shards) > 3 else ''})",
                          hint="pass --shard SHARD as well (the shard as given to the run)")
     cluster_id = int(rows["cluster_id"].iloc[0])
-    members = run_index.clusters[run_index.clusters["cluster_id"] == cluster_id]
+    members = run_index.clusters.where(_field("cluster_id") == cluster_id)
     matches = members.assign(similarity=members["similarity_to_representative"])[MATCH_COLUMNS]
     matches = matches.sort_values("similarity", ascending=False, ignore_index=True)
     return QueryResult(f"key:{key}", "clusters", len(members), cluster_id, len(members), matches)
@@ -262,7 +288,7 @@ def query_text(run_index: RunIndex, text: str, min_similarity: float | None = No
     count, ids, scores = scan_text(run_index.run, vector[0], cut, TEXT_TOP, run_index.descriptor)
     matches = run_index._frame(ids, scores)
     best = int(matches["cluster_id"].iloc[0]) if len(matches) else None
-    size = int((run_index.clusters["cluster_id"] == best).sum()) if best is not None else 0
+    size = run_index.cluster_size(best) if best is not None else 0
     return QueryResult(f"text:{text}", run_index.descriptor, count, best, size, matches, min_similarity=cut)
 
 
