@@ -14,6 +14,7 @@ photos and of 3x3 cells of them: BENCHMARKS.md, issue 12).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,13 @@ CROP_CUT = 0.65  # refined containment score of a crop edge
 RIVAL_MARGIN = 0.1
 # A pair still this far under the cut after each refine step stops climbing (measured: BENCHMARKS.md).
 GIVE_UP_MARGINS = (0.25, 0.12, 0.05, 0.0)
-QUERY_BLOCK = 256  # query rows per proposal product (bounds its memory)
+QUERY_BLOCK = 2048  # images looked up per index search (bounds the hits held at once)
+WINDOW_HITS = 96  # windows fetched per image; the best per other image competes for its PROPOSALS
+# The window index: exact up to this many windows (~1,100 images), IVF beyond with sqrt(windows) lists
+# (measured on the held-out benchmark: BENCHMARKS.md "Large crops round 4").
+FLAT_MAX_WINDOWS = 20_000
+IVF_NPROBE = 16
+TRAIN_PER_LIST = 40  # k-means sample per list (faiss warns below 39)
 
 
 @dataclass(frozen=True)
@@ -47,38 +54,73 @@ def _usable(vectors: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(vectors[:, : windows_of.VIEW_DIM], dtype=np.float32), axis=1) > 0
 
 
+def _window_index(windows: np.ndarray):
+    """Inner-product index of the coarse window vectors: exact while few, IVF beyond (k-means on a sample)."""
+    import faiss
+
+    dim = windows.shape[1]
+    if len(windows) <= FLAT_MAX_WINDOWS:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = int(math.sqrt(len(windows)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(windows), min(len(windows), TRAIN_PER_LIST * nlist), replace=False)
+        index.train(windows[np.sort(sample)])
+        index.nprobe = IVF_NPROBE
+    index.add(windows)
+    return index
+
+
+def _best_parents(rows: np.ndarray, owners: np.ndarray, sims: np.ndarray, windows: np.ndarray,
+                  proposals: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of window hits (query row, owner image, score, window), each row's `proposals` best owners over the floor.
+
+    Hits come sorted by row, best first within a row (faiss order), so an owner's first hit is its best window.
+    """
+    first = np.unique(rows * (owners.max() + 1) + owners, return_index=True)[1]
+    rows, owners, sims, windows = rows[first], owners[first], sims[first], windows[first]
+    order = np.lexsort((-sims, rows))
+    rows, owners, sims, windows = rows[order], owners[order], sims[order], windows[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+    keep = (rank < proposals) & (sims >= PROPOSAL_FLOOR)
+    return owners[keep], rows[keep], windows[keep]
+
+
 def propose(vectors: np.ndarray, proposals: int = PROPOSALS,
             copy_cut: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(parent, child, best coarse window) of each image's best-fitting other images (stage 1).
 
+    Every image's whole half is looked up among the windows of all images (`_window_index`: no all-pairs
+    product beyond a few thousand images); of its `WINDOW_HITS` best windows the best per other image counts.
     Images at plain cosine >= `copy_cut` are copies the ordinary search already joins: they are not
     proposed, or a photo with many copies would fill every proposal with them and never meet its parent.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     usable = np.flatnonzero(_usable(vectors))
+    empty = np.empty(0, dtype=np.int64)
     if len(usable) < 2:
-        empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty
-    blocks = windows_of.coefficient_blocks(vectors[usable])
-    index = windows_of.truncate(windows_of.window_signatures(blocks, COARSE_WINDOWS), PROPOSAL_COEFFICIENTS)
-    flat = index.reshape(-1, PROPOSAL_COEFFICIENTS)  # row r * W + w: window w of usable image r
-    queries = windows_of.truncate(windows_of.whole_halves(vectors[usable]), PROPOSAL_COEFFICIENTS)
-    keep = min(proposals, len(usable) - 1)
-    parents, children, window = [], [], []
+    count = len(COARSE_WINDOWS)
+    signatures = windows_of.window_signatures(windows_of.coefficient_blocks(vectors[usable]), COARSE_WINDOWS)
+    index = _window_index(np.ascontiguousarray(
+        windows_of.truncate(signatures, PROPOSAL_COEFFICIENTS).reshape(-1, PROPOSAL_COEFFICIENTS)))
+    del signatures
+    queries = np.ascontiguousarray(windows_of.truncate(windows_of.whole_halves(vectors[usable]), PROPOSAL_COEFFICIENTS))
+    hits = min(WINDOW_HITS, index.ntotal)
+    found = [empty, empty, empty]
     for start in range(0, len(usable), QUERY_BLOCK):
-        block = queries[start : start + QUERY_BLOCK]
-        sims = (block @ flat.T).reshape(len(block), len(usable), len(COARSE_WINDOWS))
-        best_window, best = sims.argmax(axis=2), sims.max(axis=2)
-        best[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # never its own parent
+        sims, labels = index.search(queries[start : start + QUERY_BLOCK], hits)
+        rows = np.repeat(np.arange(start, start + len(sims)), hits)
+        labels, sims = labels.ravel(), sims.ravel()
+        owners = labels // count
+        keep = (labels >= 0) & (owners != rows)  # never its own parent
         if copy_cut is not None:
-            best[vectors[usable[start : start + QUERY_BLOCK]] @ vectors[usable].T >= copy_cut] = -np.inf
-        top = np.argpartition(-best, keep - 1, axis=1)[:, :keep]
-        rows = np.repeat(np.arange(len(block)), keep)
-        chosen = best[rows, top.ravel()] >= PROPOSAL_FLOOR
-        parents.append(top.ravel()[chosen])
-        children.append(rows[chosen] + start)
-        window.append(best_window[rows, top.ravel()][chosen])
-    return usable[np.concatenate(parents)], usable[np.concatenate(children)], np.concatenate(window)
+            cosine = np.einsum("ij,ij->i", vectors[usable[rows[keep]]], vectors[usable[owners[keep]]])
+            keep[np.flatnonzero(keep)[cosine >= copy_cut]] = False
+        if keep.any():
+            block = _best_parents(rows[keep], owners[keep], sims[keep], labels[keep] % count, proposals)
+            found = [np.concatenate([a, b]) for a, b in zip(found, block, strict=True)]
+    return usable[found[0]], usable[found[1]], found[2]
 
 
 def containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray,
@@ -123,10 +165,12 @@ def specific(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray, sco
     rival = order[np.repeat(starts[candidates], counts) + offsets]
     close = (parents[rival] != parents[pair]) & (score[rival] >= score[pair] - RIVAL_MARGIN)
     pair, rival = pair[close], rival[close]
-    related = np.asarray(same_picture(parents[pair], parents[rival]), dtype=bool) if len(pair) else np.ones(0, bool)
+    # One (parent, rival) pair recurs for many children (the crops of one photo share their rivals): each once.
+    pairs, inverse = np.unique(np.stack([parents[pair], parents[rival]], axis=1), axis=0, return_inverse=True)
+    related = np.asarray(same_picture(pairs[:, 0], pairs[:, 1]), dtype=bool) if len(pairs) else np.ones(0, bool)
     other = np.flatnonzero(~related)
-    related[other] = containment(vectors, parents[pair[other]], parents[rival[other]]) >= CROP_CUT
-    copies = related
+    related[other] = containment(vectors, pairs[other, 0], pairs[other, 1]) >= CROP_CUT
+    copies = related[inverse.ravel()]
     keep = np.zeros(len(parents), dtype=bool)
     keep[candidates] = True
     keep[pair[~copies]] = False
