@@ -178,16 +178,29 @@ def test_cli_large_crops_flag_is_saved_and_kept_by_a_resumed_run(tmp_path):
         assert clusters["cluster_id"].nunique() == (1 if expected else 3), extra
 
 
-def test_large_crops_refuse_a_run_too_big_for_the_pairwise_window_search(tmp_path, monkeypatch):
+def test_large_crops_refuse_a_run_whose_window_index_exceeds_the_memory_budget(tmp_path, monkeypatch):
     from dedup.errors import DedupError
-    from dedup.stages import crops as crop_stage
 
     images = {"parent": photo(15), "left": crop(photo(15), LEFT)}
     members = [m for key, image in images.items() for m in sample_members(key, _jpeg(image))]
-    monkeypatch.setattr(crop_stage, "MAX_IMAGES", 1)
-    run = make_run(tmp_path / "run", [write_tar(tmp_path / "00000.tar", members)], large_crops=True)
-    with pytest.raises(DedupError, match="--no-large-crops"):
+    monkeypatch.setattr(crops, "BYTES_PER_IMAGE", 2 * 1024**3)  # two images: 4 GiB, over a 2 GB budget
+    run = make_run(tmp_path / "run", [write_tar(tmp_path / "00000.tar", members)], large_crops=True, memory="2GB")
+    with pytest.raises(DedupError, match="memory budget") as refused:
         pipeline.run_all(run, with_report=False)
+    assert "--no-large-crops" in refused.value.hint
+
+
+def test_the_indexed_proposal_finds_the_brute_force_parents(monkeypatch):
+    """Past FLAT_MAX_WINDOWS the proposal searches an IVF index: the crops' parents are still proposed."""
+    parents = [photo(n) for n in (1, 3, 5, 9, 13, 20)]
+    children = [crop(image, (0.1, 0.05, 0.9, 0.85)) for image in parents]
+    vectors = describe(parents + children)
+    exact = crops.propose(vectors, copy_cut=THRESHOLD)
+    monkeypatch.setattr(crops, "FLAT_MAX_WINDOWS", 0)  # 216 windows: a 14-list IVF, every list probed
+    indexed = crops.propose(vectors, copy_cut=THRESHOLD)
+    assert {(i, i + 6) for i in range(6)} <= set(zip(*indexed[:2], strict=True))
+    # Same lists probed as the exact search scans: same proposals, same best windows.
+    assert sorted(zip(*indexed, strict=True)) == sorted(zip(*exact, strict=True))
 
 
 def test_cli_neighbors_reruns_the_crop_search_of_a_large_crops_run(tmp_path):

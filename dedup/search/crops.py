@@ -38,6 +38,8 @@ WINDOW_HITS = 96  # windows fetched per image; the best per other image competes
 FLAT_MAX_WINDOWS = 20_000
 IVF_NPROBE = 16
 TRAIN_PER_LIST = 40  # k-means sample per list (faiss warns below 39)
+# What the search holds per image (float32): its stored vector, its coarse windows in the index, its query.
+BYTES_PER_IMAGE = 4 * (windows_of.DIM + (len(COARSE_WINDOWS) + 1) * PROPOSAL_COEFFICIENTS)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,20 @@ def _window_index(windows: np.ndarray):
     return index
 
 
+def _coarse_windows(vectors: np.ndarray) -> np.ndarray:
+    """(n * len(COARSE_WINDOWS), PROPOSAL_COEFFICIENTS) window vectors, row r * W + w for window w of image r.
+
+    Built a block of images at a time: a block's full signatures are 4x the size of what is kept.
+    """
+    out = np.empty((len(vectors) * len(COARSE_WINDOWS), PROPOSAL_COEFFICIENTS), dtype=np.float32)
+    for start in range(0, len(vectors), QUERY_BLOCK):
+        block = windows_of.window_signatures(windows_of.coefficient_blocks(vectors[start : start + QUERY_BLOCK]),
+                                             COARSE_WINDOWS)
+        rows = slice(start * len(COARSE_WINDOWS), (start + len(block)) * len(COARSE_WINDOWS))
+        out[rows] = windows_of.truncate(block, PROPOSAL_COEFFICIENTS).reshape(-1, PROPOSAL_COEFFICIENTS)
+    return out
+
+
 def _best_parents(rows: np.ndarray, owners: np.ndarray, sims: np.ndarray, windows: np.ndarray,
                   proposals: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Of window hits (query row, owner image, score, window), each row's `proposals` best owners over the floor.
@@ -101,10 +117,7 @@ def propose(vectors: np.ndarray, proposals: int = PROPOSALS,
     if len(usable) < 2:
         return empty, empty, empty
     count = len(COARSE_WINDOWS)
-    signatures = windows_of.window_signatures(windows_of.coefficient_blocks(vectors[usable]), COARSE_WINDOWS)
-    index = _window_index(np.ascontiguousarray(
-        windows_of.truncate(signatures, PROPOSAL_COEFFICIENTS).reshape(-1, PROPOSAL_COEFFICIENTS)))
-    del signatures
+    index = _window_index(_coarse_windows(vectors[usable]))
     queries = np.ascontiguousarray(windows_of.truncate(windows_of.whole_halves(vectors[usable]), PROPOSAL_COEFFICIENTS))
     hits = min(WINDOW_HITS, index.ntotal)
     found = [empty, empty, empty]
@@ -186,4 +199,4 @@ def crop_edges(vectors: np.ndarray, same_picture: Callable[[np.ndarray, np.ndarr
     return CropEdges(parents[keep], children[keep], score[keep])
 
 
-__all__ = ["CROP_CUT", "CropEdges", "containment", "crop_edges", "propose", "specific"]
+__all__ = ["BYTES_PER_IMAGE", "CROP_CUT", "CropEdges", "containment", "crop_edges", "propose", "specific"]

@@ -25,9 +25,6 @@ from dedup.records import EDGES, RunDir, embedding_parts, fingerprint, open_embe
 from dedup.run import Run
 
 DESCRIPTOR = "perceptual"
-# The proposal step compares every image with every other's windows (brute force, all vectors in RAM):
-# beyond this many images it would take hours, so the run refuses instead of starting it.
-MAX_IMAGES = 200_000
 CROPS = f"{DESCRIPTOR}-crops"  # the neighbours folder of the crop edges (and their `descriptor` value)
 
 
@@ -44,14 +41,22 @@ def _same_picture(vectors: np.ndarray, threshold: float):
     return lambda a, b: similarity(a, b) >= threshold
 
 
-def find_crop_edges(run: RunDir, threshold: float) -> pd.DataFrame:
+def _check_memory(count: int, budget: int) -> None:
+    """The search holds every vector and window index in memory (~5 KB an image): refuse before loading them."""
+    from dedup.search.crops import BYTES_PER_IMAGE
+
+    needed = count * BYTES_PER_IMAGE
+    if needed > budget:
+        raise DedupError(f"--large-crops needs {needed / 1024**3:.1f} GiB for the window index of {count:,} images, "
+                         f"over the memory budget of {budget / 1024**3:.1f} GiB",
+                         hint="raise --memory, or run again with --no-large-crops")
+
+
+def find_crop_edges(run: RunDir, threshold: float, memory_budget: int) -> pd.DataFrame:
     """The verified crop edges of a run's perceptual vectors as an EDGES frame."""
     from dedup.search.crops import crop_edges
 
-    count = len(open_embeddings(run, DESCRIPTOR))
-    if count > MAX_IMAGES:
-        raise DedupError(f"--large-crops searches every pair of images; this run has {count:,} (at most {MAX_IMAGES:,})",
-                         hint="run again with --no-large-crops (the window search is not indexed yet)")
+    _check_memory(len(open_embeddings(run, DESCRIPTOR)), memory_budget)
     ids, vectors = _vectors(run)
     edges = crop_edges(vectors, _same_picture(vectors, threshold), copy_cut=threshold)
     return pd.DataFrame({
@@ -68,6 +73,7 @@ class CropStage:
     def __init__(self, run: Run) -> None:
         self.run_dir = run
         self.threshold = float(run.settings.thresholds.get(DESCRIPTOR, 0.0))
+        self.memory_budget = run.settings.memory_budget_bytes
 
     def task_ids(self) -> list[str]:
         return ["0"]
@@ -85,7 +91,7 @@ class CropStage:
         self._output().unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        edges = find_crop_edges(self.run_dir, self.threshold)
+        edges = find_crop_edges(self.run_dir, self.threshold, self.memory_budget)
         self._output().parent.mkdir(parents=True, exist_ok=True)
         write_record(edges, self._output(), EDGES)
         progress(len(edges))
