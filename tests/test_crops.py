@@ -60,6 +60,17 @@ def test_large_crops_are_contained_in_their_photo_and_in_no_other():
     assert score[~np.eye(n, dtype=bool)].max() < crops.CROP_CUT - 0.05
 
 
+def test_a_forty_percent_crop_is_a_smaller_part_of_its_photo_not_a_large_crop():
+    """Issue 12: a large crop keeps 50-75 % of the area; a 40 % crop (the benchmark's distractors) is another
+    picture. Its best window presses against the search's area floor: no crop edge (before: 5 of these 36)."""
+    parents = [photo(n) for n in (1, 3, 5, 7, 9, 13, 15, 20, 22)]
+    boxes = [(0.2, 0.2, 0.83, 0.83), (0.0, 0.0, 0.63, 0.63), (0.3, 0.1, 0.93, 0.73), (0.1, 0.3, 0.75, 0.9)]
+    vectors = describe(parents + [crop(image, box) for box in boxes for image in parents])
+    n = len(parents)
+    score = crops.containment(vectors, np.tile(np.arange(n), len(boxes)), n + np.arange(n * len(boxes)))
+    assert (score >= crops.CROP_CUT).sum() <= 1
+
+
 def test_crop_search_finds_both_crops_of_a_photo_and_joins_nothing_else():
     photos = [photo(n) for n in (2, 8, 14, 19, 23)]
     children = [crop(photos[0], LEFT), crop(photos[0], RIGHT), crop(photos[3], (0.2, 0.0, 1.0, 0.8))]

@@ -85,7 +85,8 @@ class CropStage:
         from dedup.search import crops
 
         parts = [self.run_dir.embedding_part(DESCRIPTOR, p) for p in embedding_parts(self.run_dir, DESCRIPTOR)]
-        return fingerprint(parts, {"threshold": self.threshold, "cut": crops.CROP_CUT, "proposals": crops.PROPOSALS})
+        return fingerprint(parts, {"threshold": self.threshold, "cut": crops.CROP_CUT, "proposals": crops.PROPOSALS,
+                                   "large_crop_area": crops.LARGE_CROP_AREA})
 
     def reset(self) -> None:
         self._output().unlink(missing_ok=True)
