@@ -1,13 +1,15 @@
 """Two-stage search for large crops (pure: vectors in, crop edges out; no file I/O).
 
 Stage 1 (proposal): every image's whole-view half, cut to its lowest
-`PROPOSAL_COEFFICIENTS` frequencies, is compared with `COARSE_WINDOWS` windows of
-every other image rebuilt from the stored vectors (`dedup.descriptors.crops`);
+`PROPOSAL_COEFFICIENTS` frequencies, is looked up in a faiss index of the
+`COARSE_WINDOWS` windows of all images rebuilt from the stored vectors
+(`dedup.descriptors.crops`; exact while small, IVF beyond, so no all-pairs step);
 each image keeps its `PROPOSALS` best parents. Stage 2 (verification): each
 proposed (parent, child) pair's window is refined by a local search on all 128
 frequencies; the pair is a crop edge when the score clears `CROP_CUT` and the
 child is *specific*: every other proposed parent scoring within `RIVAL_MARGIN`
-of it is a copy of that parent. A patch of plain sky fits a window of any sky;
+of it is a copy of that parent, and the best window keeps at least `LARGE_CROP_AREA`
+of the parent. A patch of plain sky fits a window of any sky;
 a real crop fits one photo and its copies only (measured on crops of real
 photos and of 3x3 cells of them: BENCHMARKS.md, issue 12).
 """
@@ -42,8 +44,10 @@ WINDOW_HITS = 96  # windows fetched per image; the best per other image competes
 FLAT_MAX_WINDOWS = 20_000
 IVF_NPROBE = 16
 TRAIN_PER_LIST = 40  # k-means sample per list (faiss warns below 39)
-# What the search holds per image (float32): its stored vector, its coarse windows in the index, its query.
-BYTES_PER_IMAGE = 4 * (windows_of.DIM + (len(COARSE_WINDOWS) + 1) * PROPOSAL_COEFFICIENTS)
+# What the search holds per image at its peak (filling the index): its float32 stored vector and query, its
+# coarse windows twice (the built array and the index's copy) and their int64 ids in the inverted lists.
+BYTES_PER_IMAGE = (4 * (windows_of.DIM + (2 * len(COARSE_WINDOWS) + 1) * PROPOSAL_COEFFICIENTS)
+                   + 8 * len(COARSE_WINDOWS))
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ stage reads beside the descriptors' own edges, and provides the `contains`
 scorer its chaining guard uses: a crop joins its parent's cluster without
 resembling the parent's other crops (`dedup.search.union_find`).
 
-Two-stage search (`dedup.search.crops`): every image against a few coarse
-windows of every other image, then a local window search on the proposed pairs
-only. Runs on the perceptual vectors alone (nothing more is stored at embed
+Two-stage search (`dedup.search.crops`): every image looked up in an index of
+a few coarse windows of all images, then a local window search on the proposed
+pairs only. The run refuses when that index would not fit the memory budget. Runs on the perceptual vectors alone (nothing more is stored at embed
 time); a run without them has no crop edges.
 """
 
@@ -42,7 +42,7 @@ def _same_picture(vectors: np.ndarray, threshold: float):
 
 
 def _check_memory(count: int, budget: int) -> None:
-    """The search holds every vector and window index in memory (~5 KB an image): refuse before loading them."""
+    """The search holds every vector and its window index in memory (~9 KB an image): refuse before loading."""
     from dedup.search.crops import BYTES_PER_IMAGE
 
     needed = count * BYTES_PER_IMAGE
