@@ -232,3 +232,23 @@ def test_cli_neighbors_reruns_the_crop_search_of_a_large_crops_run(tmp_path):
     assert runner.invoke(app, ["cluster", str(run.root)]).exit_code == 0
     again = pd.read_parquet(run.clusters)
     assert dict(zip(again["key"], again["cluster_id"], strict=True)) == on and len(set(on.values())) == 1
+
+
+
+def test_a_representative_crop_is_scored_against_plain_copies_without_crop_edges(tmp_path):
+    """A large crop with crops of its own has the most edges and represents its cluster; a plain copy of the
+    photo with no crop edge (a crop keeps only 6 proposals; the held-out set's kodim13 has 9 copies) contains
+    it and must be scored, or the guard splits it off (it did: 3 kodim13 JPEG copies)."""
+    from dedup.records import open_embeddings
+    from dedup.stages.crops import contains_scorer
+
+    image = photo(15)
+    images = {"photo": image, "large": crop(image, (0.05, 0.05, 0.9, 0.85)), "copy": image.resize((500, 330))}
+    _run_pipeline(tmp_path, images, crop_search=True)
+    run = RunDir(tmp_path / "run")
+    node_ids = np.sort(open_embeddings(run, "perceptual").ids)
+    sample_of = dict(pd.read_parquet(run.clusters, columns=["key", "sample_id"]).itertuples(index=False))
+    large, copy = (int(np.searchsorted(node_ids, sample_of[key])) for key in ("large", "copy"))
+    only_the_crop = (np.array([large]), np.array([large]))  # the crop is an edge end, the copy is not
+    contains = contains_scorer(run, node_ids, only_the_crop)
+    assert contains(np.array([large]), np.array([copy]))[0] >= 0.0  # the copy contains the crop: it stays

@@ -136,8 +136,9 @@ def crop_edge_nodes(run: RunDir, node_ids: np.ndarray) -> tuple[np.ndarray, np.n
 def contains_scorer(run: RunDir, node_ids: np.ndarray, crop_nodes: tuple[np.ndarray, np.ndarray]):
     """`contains(reps, members)` for the chaining guard: containment score minus the crop cut, either way round.
 
-    Only members that are an end of a verified crop edge are scored (every other pair: -inf), so the
-    guard's verdict on ordinary clusters is unchanged; None when the run has no crop edges.
+    Only pairs with an end of a verified crop edge (the member or the representative) are scored (every
+    other pair: -inf), so the guard's verdict on ordinary clusters is unchanged; None when the run has no
+    crop edges.
     """
     from dedup.search.crops import CROP_CUT, containment
 
@@ -152,7 +153,9 @@ def contains_scorer(run: RunDir, node_ids: np.ndarray, crop_nodes: tuple[np.ndar
     def contains(reps: np.ndarray, members: np.ndarray) -> np.ndarray:
         score = np.full(len(reps), -np.inf, dtype=np.float64)
         ra, rb = row_of_node[reps], row_of_node[members]
-        check = np.flatnonzero(in_crop_edge[members] & (ra >= 0) & (rb >= 0))
+        # Either end: when a crop is its cluster's representative (its own crops give it the most edges),
+        # the plain copies of its photo contain it and must stay (issue 12, BENCHMARKS.md round 4).
+        check = np.flatnonzero((in_crop_edge[members] | in_crop_edge[reps]) & (ra >= 0) & (rb >= 0))
         if len(check):
             both_ways = np.maximum(containment(vectors, ra[check], rb[check]), containment(vectors, rb[check], ra[check]))
             score[check] = both_ways - CROP_CUT
