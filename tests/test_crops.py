@@ -87,6 +87,25 @@ def test_crop_search_finds_both_crops_of_a_photo_and_joins_nothing_else():
     assert found - {(0, 5), (0, 6), (3, 7)} <= {(5, 6), (6, 5)}
 
 
+def test_a_crop_of_a_large_crop_is_no_crop_edge():
+    """C keeps 56 % of its photo P and D keeps 56 % of C, so 32 % of P: P -> C is a crop edge, C -> D is not
+    (before: all 6 C -> D edges; they chained the benchmark's distractor crops into their photo's cluster)."""
+    images = []
+    for number in (1, 3, 5, 9, 13, 20):
+        large = crop(photo(number), (0.1, 0.1, 0.85, 0.85))
+        images += [photo(number), large, crop(large, (0.0, 0.25, 0.75, 1.0))]
+    vectors = describe(images)
+
+    def same_picture(a, b):
+        return np.array([dihedral_similarity(vectors[i][None], vectors[j][None])[0, 0] >= THRESHOLD
+                         for i, j in zip(a, b, strict=True)], dtype=bool)
+
+    edges = crops.crop_edges(vectors, same_picture, copy_cut=THRESHOLD)
+    found = set(zip(edges.parent.tolist(), edges.child.tolist(), strict=True))
+    assert {(3 * i, 3 * i + 1) for i in range(6)} <= found
+    assert not [edge for edge in found if edge[1] % 3 == 2]
+
+
 def test_a_child_that_fits_two_unrelated_parents_equally_is_not_a_crop():
     vectors = describe([photo(4), photo(11), photo(16)])
 

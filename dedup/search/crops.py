@@ -35,6 +35,7 @@ RIVAL_MARGIN = 0.1
 # it can climb; a child whose best window stays under this share is a smaller part of the photo (the
 # benchmark's 20-40 % distractor crops sit at the 0.47 floor), not a crop edge (BENCHMARKS.md, round 4).
 LARGE_CROP_AREA = 0.5
+PRODUCT_SLACK = 0.05  # a crop of a crop: two estimated window areas multiplied, so their errors too
 # A pair still this far under the cut after each refine step stops climbing (measured: BENCHMARKS.md).
 GIVE_UP_MARGINS = (0.25, 0.12, 0.05, 0.0)
 QUERY_BLOCK = 2048  # images looked up per index search (bounds the hits held at once)
@@ -150,12 +151,19 @@ def containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray,
 
     Without start windows each pair starts from its best coarse window.
     """
+    return containment_and_area(vectors, parents, children, start_windows)[0]
+
+
+def containment_and_area(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray,
+                         start_windows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`containment` and the share of the parent's area its best window keeps (0 where either has no vector)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     parents, children = np.asarray(parents, dtype=np.int64), np.asarray(children, dtype=np.int64)
     score = np.full(len(parents), -1.0, dtype=np.float32)
+    area = np.zeros(len(parents), dtype=np.float64)
     both = np.flatnonzero(_usable(vectors[parents]) & _usable(vectors[children]))
     if not len(both):
-        return score
+        return score, area
     blocks = windows_of.coefficient_blocks(vectors[parents[both]])
     halves = windows_of.whole_halves(vectors[children[both]])
     if start_windows is None:
@@ -165,10 +173,11 @@ def containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray,
         start = COARSE_WINDOWS[np.asarray(start_windows)[both]]
     give_up = tuple(CROP_CUT - margin for margin in GIVE_UP_MARGINS)
     refined, window = windows_of.refine(blocks, halves, start, give_up)
+    area[both] = window[:, 2] * window[:, 3]
     # A best window pressed under LARGE_CROP_AREA wants a smaller part of the parent than a large crop keeps.
-    refined[window[:, 2] * window[:, 3] < LARGE_CROP_AREA] = -1.0
+    refined[area[both] < LARGE_CROP_AREA] = -1.0
     score[both] = refined
-    return score
+    return score, area
 
 
 def specific(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray, score: np.ndarray,
@@ -207,7 +216,25 @@ def crop_edges(vectors: np.ndarray, same_picture: Callable[[np.ndarray, np.ndarr
     parents, children, window = propose(vectors, proposals, copy_cut)
     score = containment(vectors, parents, children, window)
     keep = specific(vectors, parents, children, score, same_picture)
+    keep[keep] = ~from_crops(vectors, parents[keep], children[keep])
     return CropEdges(parents[keep], children[keep], score[keep])
 
 
-__all__ = ["BYTES_PER_IMAGE", "CROP_CUT", "CropEdges", "containment", "crop_edges", "propose", "specific"]
+def from_crops(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray) -> np.ndarray:
+    """Mask of edges whose child is a crop of a crop: under LARGE_CROP_AREA of the photo its parent is cut from.
+
+    A crop of a crop keeps the product of their areas (two large crops: 25-56 % of the photo). Such edges
+    chained the benchmark's 20-40 % distractor crops through a `crop_large` copy into its photo's cluster
+    (BENCHMARKS.md, round 4). An edge's parent is a crop when an edge into it beats its reverse containment
+    (a large crop's window also fits most of the photo, a little worse); a copy trimmed 8 % a side is one
+    too, but a large crop of it still keeps over half the photo.
+    """
+    if not len(parents):
+        return np.zeros(0, dtype=bool)
+    score, area = containment_and_area(vectors, parents, children)
+    reverse = containment(vectors, children, parents)
+    kept = np.ones(len(vectors), dtype=np.float64)  # share of its photo each image keeps
+    into = score > reverse
+    np.minimum.at(kept, children[into], area[into])
+    return kept[parents] * area < LARGE_CROP_AREA - PRODUCT_SLACK
+__all__ = ["BYTES_PER_IMAGE", "CROP_CUT", "CropEdges", "containment", "containment_and_area", "crop_edges", "from_crops", "propose", "specific"]
