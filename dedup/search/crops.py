@@ -214,24 +214,25 @@ def crop_edges(vectors: np.ndarray, same_picture: Callable[[np.ndarray, np.ndarr
                proposals: int = PROPOSALS, copy_cut: float | None = None) -> CropEdges:
     """Both stages over every row: the verified (parent, child, score) crop edges."""
     parents, children, window = propose(vectors, proposals, copy_cut)
-    score = containment(vectors, parents, children, window)
+    score, area = containment_and_area(vectors, parents, children, window)
     keep = specific(vectors, parents, children, score, same_picture)
-    keep[keep] = ~from_crops(vectors, parents[keep], children[keep])
+    keep[keep] = ~from_crops(vectors, parents[keep], children[keep], score[keep], area[keep])
     return CropEdges(parents[keep], children[keep], score[keep])
 
 
-def from_crops(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray) -> np.ndarray:
+def from_crops(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray, score: np.ndarray,
+               area: np.ndarray) -> np.ndarray:
     """Mask of edges whose child is a crop of a crop: under LARGE_CROP_AREA of the photo its parent is cut from.
 
     A crop of a crop keeps the product of their areas (two large crops: 25-56 % of the photo). Such edges
     chained the benchmark's 20-40 % distractor crops through a `crop_large` copy into its photo's cluster
     (BENCHMARKS.md, round 4). An edge's parent is a crop when an edge into it beats its reverse containment
     (a large crop's window also fits most of the photo, a little worse); a copy trimmed 8 % a side is one
-    too, but a large crop of it still keeps over half the photo.
+    too, but a large crop of it still keeps over half the photo. `score` and `area`: `containment_and_area`
+    of the edges.
     """
     if not len(parents):
         return np.zeros(0, dtype=bool)
-    score, area = containment_and_area(vectors, parents, children)
     reverse = containment(vectors, children, parents)
     kept = np.ones(len(vectors), dtype=np.float64)  # share of its photo each image keeps
     into = score > reverse
