@@ -37,7 +37,7 @@ RIVAL_MARGIN = 0.1
 LARGE_CROP_AREA = 0.5
 PRODUCT_SLACK = 0.05  # a crop of a crop: two estimated window areas multiplied, so their errors too
 # A pair still this far under the cut after each refine step stops climbing (measured: BENCHMARKS.md).
-GIVE_UP_MARGINS = (0.25, 0.12, 0.05, 0.0)
+GIVE_UP_MARGINS = (0.15, 0.08, 0.03, 0.0)
 QUERY_BLOCK = 2048  # images looked up per index search (bounds the hits held at once)
 WINDOW_HITS = 96  # windows fetched per image; the best per other image competes for its PROPOSALS
 # The window index: exact up to this many windows (~1,100 images), IVF beyond with sqrt(windows) lists
