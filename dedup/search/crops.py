@@ -238,4 +238,6 @@ def from_crops(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray, s
     into = score > reverse
     np.minimum.at(kept, children[into], area[into])
     return kept[parents] * area < LARGE_CROP_AREA - PRODUCT_SLACK
+
+
 __all__ = ["BYTES_PER_IMAGE", "CROP_CUT", "CropEdges", "containment", "containment_and_area", "crop_edges", "from_crops", "propose", "specific"]

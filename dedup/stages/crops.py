@@ -8,8 +8,9 @@ resembling the parent's other crops (`dedup.search.union_find`).
 
 Two-stage search (`dedup.search.crops`): every image looked up in an index of
 a few coarse windows of all images, then a local window search on the proposed
-pairs only. The run refuses when that index would not fit the memory budget. Runs on the perceptual vectors alone (nothing more is stored at embed
-time); a run without them has no crop edges.
+pairs only; the run refuses when that index would not fit the memory budget.
+Runs on the perceptual vectors alone (nothing more is stored at embed time); a
+run without them has no crop edges.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class CropStage:
 
         parts = [self.run_dir.embedding_part(DESCRIPTOR, p) for p in embedding_parts(self.run_dir, DESCRIPTOR)]
         return fingerprint(parts, {"threshold": self.threshold, "cut": crops.CROP_CUT, "proposals": crops.PROPOSALS,
-                                   "large_crop_area": crops.LARGE_CROP_AREA})
+                                   "large_crop_area": crops.LARGE_CROP_AREA, "product_slack": crops.PRODUCT_SLACK,
+                                   "give_up": list(crops.GIVE_UP_MARGINS)})
 
     def reset(self) -> None:
         self._output().unlink(missing_ok=True)
