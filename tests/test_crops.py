@@ -271,3 +271,21 @@ def test_a_representative_crop_is_scored_against_plain_copies_without_crop_edges
     only_the_crop = (np.array([large]), np.array([large]))  # the crop is an edge end, the copy is not
     contains = contains_scorer(run, node_ids, only_the_crop)
     assert contains(np.array([large]), np.array([copy]))[0] >= 0.0  # the copy contains the crop: it stays
+
+
+def test_a_representative_crop_is_found_in_a_flipped_copy_of_its_photo(tmp_path):
+    """The same with a flipped and a turned copy: they contain the crop the other way round (held-out set:
+    kodim12's `vflip+blur` and `rot90` copies were split off a cluster its crop represented)."""
+    from dedup.records import open_embeddings
+    from dedup.stages.crops import contains_scorer
+
+    image = photo(12)
+    images = {"photo": image, "large": crop(image, (0.05, 0.05, 0.9, 0.85)),
+              "flipped": image.transpose(Image.Transpose.FLIP_TOP_BOTTOM), "turned": image.transpose(Image.Transpose.ROTATE_90)}
+    _run_pipeline(tmp_path, images, crop_search=True)
+    run = RunDir(tmp_path / "run")
+    node_ids = np.sort(open_embeddings(run, "perceptual").ids)
+    sample_of = dict(pd.read_parquet(run.clusters, columns=["key", "sample_id"]).itertuples(index=False))
+    large, flipped, turned = (int(np.searchsorted(node_ids, sample_of[key])) for key in ("large", "flipped", "turned"))
+    contains = contains_scorer(run, node_ids, (np.array([large]), np.array([large])))
+    assert (contains(np.array([large, large]), np.array([flipped, turned])) >= 0.0).all()

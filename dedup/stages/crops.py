@@ -160,7 +160,29 @@ def contains_scorer(run: RunDir, node_ids: np.ndarray, crop_nodes: tuple[np.ndar
         check = np.flatnonzero((in_crop_edge[members] | in_crop_edge[reps]) & (ra >= 0) & (rb >= 0))
         if len(check):
             both_ways = np.maximum(containment(vectors, ra[check], rb[check]), containment(vectors, rb[check], ra[check]))
+            turned = np.flatnonzero((both_ways < CROP_CUT) & ~in_crop_edge[members[check]])
+            both_ways[turned] = _turned_containment(vectors, rb[check[turned]], ra[check[turned]])
             score[check] = both_ways - CROP_CUT
         return score
 
     return contains
+
+
+def _turned_containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray) -> np.ndarray:
+    """Containment of each child in the best of its parent's 8 flips and turns.
+
+    A flipped or turned copy of a photo contains the photo's crop the other way round. It has no crop edge
+    of its own, so when that crop represents the cluster it is only kept through this (kodim12's `vflip`
+    and `rot90` copies on the held-out set).
+    """
+    from dedup.descriptors.perceptual import dihedral_variants
+    from dedup.search.crops import containment
+
+    if not len(parents):
+        return np.zeros(0, dtype=np.float32)
+    variants = dihedral_variants(vectors[parents])  # (8, k, dim)
+    count = len(parents)
+    stack = np.concatenate([vectors[children], variants.reshape(-1, vectors.shape[1])])
+    rows = count + np.arange(len(variants) * count)
+    scores = containment(stack, rows, np.tile(np.arange(count), len(variants)))
+    return scores.reshape(len(variants), count).max(axis=0)
