@@ -6,10 +6,11 @@ stage reads beside the descriptors' own edges, and provides the `contains`
 scorer its chaining guard uses: a crop joins its parent's cluster without
 resembling the parent's other crops (`dedup.search.union_find`).
 
-Two-stage search (`dedup.search.crops`): every image against a few coarse
-windows of every other image, then a local window search on the proposed pairs
-only. Runs on the perceptual vectors alone (nothing more is stored at embed
-time); a run without them has no crop edges.
+Two-stage search (`dedup.search.crops`): every image looked up in an index of
+a few coarse windows of all images, then a local window search on the proposed
+pairs only; the run refuses when that index would not fit the memory budget.
+Runs on the perceptual vectors alone (nothing more is stored at embed time); a
+run without them has no crop edges.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ from dedup.records import EDGES, RunDir, embedding_parts, fingerprint, open_embe
 from dedup.run import Run
 
 DESCRIPTOR = "perceptual"
-# The proposal step compares every image with every other's windows (brute force, all vectors in RAM):
-# beyond this many images it would take hours, so the run refuses instead of starting it.
-MAX_IMAGES = 200_000
 CROPS = f"{DESCRIPTOR}-crops"  # the neighbours folder of the crop edges (and their `descriptor` value)
 
 
@@ -44,14 +42,22 @@ def _same_picture(vectors: np.ndarray, threshold: float):
     return lambda a, b: similarity(a, b) >= threshold
 
 
-def find_crop_edges(run: RunDir, threshold: float) -> pd.DataFrame:
+def _check_memory(count: int, budget: int) -> None:
+    """The search holds every vector and its window index in memory (~9 KB an image): refuse before loading."""
+    from dedup.search.crops import BYTES_PER_IMAGE
+
+    needed = count * BYTES_PER_IMAGE
+    if needed > budget:
+        raise DedupError(f"--large-crops needs {needed / 1024**3:.1f} GiB for the window index of {count:,} images, "
+                         f"over the memory budget of {budget / 1024**3:.1f} GiB",
+                         hint="raise --memory, or run again with --no-large-crops")
+
+
+def find_crop_edges(run: RunDir, threshold: float, memory_budget: int) -> pd.DataFrame:
     """The verified crop edges of a run's perceptual vectors as an EDGES frame."""
     from dedup.search.crops import crop_edges
 
-    count = len(open_embeddings(run, DESCRIPTOR))
-    if count > MAX_IMAGES:
-        raise DedupError(f"--large-crops searches every pair of images; this run has {count:,} (at most {MAX_IMAGES:,})",
-                         hint="run again with --no-large-crops (the window search is not indexed yet)")
+    _check_memory(len(open_embeddings(run, DESCRIPTOR)), memory_budget)
     ids, vectors = _vectors(run)
     edges = crop_edges(vectors, _same_picture(vectors, threshold), copy_cut=threshold)
     return pd.DataFrame({
@@ -68,6 +74,7 @@ class CropStage:
     def __init__(self, run: Run) -> None:
         self.run_dir = run
         self.threshold = float(run.settings.thresholds.get(DESCRIPTOR, 0.0))
+        self.memory_budget = run.settings.memory_budget_bytes
 
     def task_ids(self) -> list[str]:
         return ["0"]
@@ -79,13 +86,15 @@ class CropStage:
         from dedup.search import crops
 
         parts = [self.run_dir.embedding_part(DESCRIPTOR, p) for p in embedding_parts(self.run_dir, DESCRIPTOR)]
-        return fingerprint(parts, {"threshold": self.threshold, "cut": crops.CROP_CUT, "proposals": crops.PROPOSALS})
+        return fingerprint(parts, {"threshold": self.threshold, "cut": crops.CROP_CUT, "proposals": crops.PROPOSALS,
+                                   "large_crop_area": crops.LARGE_CROP_AREA, "product_slack": crops.PRODUCT_SLACK,
+                                   "give_up": list(crops.GIVE_UP_MARGINS)})
 
     def reset(self) -> None:
         self._output().unlink(missing_ok=True)
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
-        edges = find_crop_edges(self.run_dir, self.threshold)
+        edges = find_crop_edges(self.run_dir, self.threshold, self.memory_budget)
         self._output().parent.mkdir(parents=True, exist_ok=True)
         write_record(edges, self._output(), EDGES)
         progress(len(edges))
@@ -129,8 +138,9 @@ def crop_edge_nodes(run: RunDir, node_ids: np.ndarray) -> tuple[np.ndarray, np.n
 def contains_scorer(run: RunDir, node_ids: np.ndarray, crop_nodes: tuple[np.ndarray, np.ndarray]):
     """`contains(reps, members)` for the chaining guard: containment score minus the crop cut, either way round.
 
-    Only members that are an end of a verified crop edge are scored (every other pair: -inf), so the
-    guard's verdict on ordinary clusters is unchanged; None when the run has no crop edges.
+    Only pairs with an end of a verified crop edge (the member or the representative) are scored (every
+    other pair: -inf), so the guard's verdict on ordinary clusters is unchanged; None when the run has no
+    crop edges.
     """
     from dedup.search.crops import CROP_CUT, containment
 
@@ -145,10 +155,34 @@ def contains_scorer(run: RunDir, node_ids: np.ndarray, crop_nodes: tuple[np.ndar
     def contains(reps: np.ndarray, members: np.ndarray) -> np.ndarray:
         score = np.full(len(reps), -np.inf, dtype=np.float64)
         ra, rb = row_of_node[reps], row_of_node[members]
-        check = np.flatnonzero(in_crop_edge[members] & (ra >= 0) & (rb >= 0))
+        # Either end: when a crop is its cluster's representative (its own crops give it the most edges),
+        # the plain copies of its photo contain it and must stay (issue 12, BENCHMARKS.md round 4).
+        check = np.flatnonzero((in_crop_edge[members] | in_crop_edge[reps]) & (ra >= 0) & (rb >= 0))
         if len(check):
             both_ways = np.maximum(containment(vectors, ra[check], rb[check]), containment(vectors, rb[check], ra[check]))
+            turned = np.flatnonzero((both_ways < CROP_CUT) & ~in_crop_edge[members[check]])
+            both_ways[turned] = _turned_containment(vectors, rb[check[turned]], ra[check[turned]])
             score[check] = both_ways - CROP_CUT
         return score
 
     return contains
+
+
+def _turned_containment(vectors: np.ndarray, parents: np.ndarray, children: np.ndarray) -> np.ndarray:
+    """Containment of each child in the best of its parent's 8 flips and turns.
+
+    A flipped or turned copy of a photo contains the photo's crop the other way round. It has no crop edge
+    of its own, so when that crop represents the cluster it is only kept through this (kodim12's `vflip`
+    and `rot90` copies on the held-out set).
+    """
+    from dedup.descriptors.perceptual import dihedral_variants
+    from dedup.search.crops import containment
+
+    if not len(parents):
+        return np.zeros(0, dtype=np.float32)
+    variants = dihedral_variants(vectors[parents])  # (8, k, dim)
+    count = len(parents)
+    stack = np.concatenate([vectors[children], variants.reshape(-1, vectors.shape[1])])
+    rows = count + np.arange(len(variants) * count)
+    scores = containment(stack, rows, np.tile(np.arange(count), len(variants)))
+    return scores.reshape(len(variants), count).max(axis=0)
