@@ -279,6 +279,29 @@ def read_shards(run: RunDir) -> pd.DataFrame:
 # ---------------------------------------------------------------- readers
 
 
+class FilteredRows:
+    """Parquet files read by filter (a pyarrow dataset scan that holds only the matching rows): how queries and
+    reviews look up a few samples of a LAION-2B run without loading its 2e9-row clusters.parquet or samples."""
+
+    def __init__(self, paths: Path | list[Path]) -> None:
+        import pyarrow.dataset as ds
+
+        self.dataset = ds.dataset([str(p) for p in paths] if isinstance(paths, list) else str(paths), format="parquet")
+
+    def where(self, expression, columns: list[str] | None = None) -> pd.DataFrame:
+        return self.dataset.to_table(filter=expression, columns=columns).to_pandas()
+
+    def count(self, expression) -> int:
+        return int(self.dataset.count_rows(filter=expression))
+
+
+def column(name: str):
+    """A column of a `FilteredRows` filter expression (pyarrow.dataset.field)."""
+    import pyarrow.dataset as ds
+
+    return ds.field(name)
+
+
 def load_samples(run: RunDir, columns: list[str] | None = None) -> pd.DataFrame:
     """Every sample row (failed ones included) from the per-shard parts; `columns` keeps memory to what is used."""
     parts = sorted((run.root / "samples").glob("samples_*.parquet"), key=_part_number)

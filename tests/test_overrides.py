@@ -107,3 +107,22 @@ def test_report_says_when_a_separated_pair_is_still_joined(tmp_path):
     assert "still in one cluster" in overrides_section(run)
     pd.DataFrame({"sample_id": [1, 2, 3], "key": ["a", "b", "c"], "cluster_id": [1, 2, 2]}).to_parquet(run.clusters)
     assert "still in one cluster" not in overrides_section(run)
+
+
+def test_review_references_are_looked_up_by_filter_not_by_loading_the_clusters(demo, monkeypatch):
+    """A review names a few samples of what may be a 2e9-row clusters.parquet: only their rows are read."""
+    from dedup.stages.overrides import _keys
+
+    clusters = _clusters(demo)
+    pair = clusters[clusters["cluster_size"] >= 2].iloc[:2]
+
+    def whole(*args, **kwargs):
+        raise AssertionError("clusters.parquet loaded whole")
+
+    monkeypatch.setattr(pd, "read_parquet", whole)
+    keep = review_row(demo, "keep", [f"id:{int(pair['sample_id'].iloc[0])}"])
+    assert keep["keep_sample_id"] == int(pair["sample_id"].iloc[0]) and keep["cluster_id"] == int(pair["cluster_id"].iloc[0])
+    cluster = review_row(demo, "not_duplicate_cluster", [str(int(pair["cluster_id"].iloc[0]))])
+    assert len(cluster["members"]) == int(pair["cluster_size"].iloc[0])
+    frame = pd.DataFrame([keep])
+    assert _keys(demo, frame) == {keep["keep_sample_id"]: (pair["key"].iloc[0], keep["cluster_id"])}

@@ -116,11 +116,11 @@ def review_row(run: RunDir, kind: str, refs: list[str], note: str | None = None)
     """Build one decision from the command line's references (cluster id, keys or id:SAMPLE_ID)."""
     if not run.clusters.exists():
         raise StoreError(f"{run.root} has no clusters.parquet", hint=f"run 'dedup cluster {run.root}' first")
-    clusters = pd.read_parquet(run.clusters, columns=["sample_id", "key", "cluster_id"])
     expected = {"not_duplicate_cluster": 1, "not_duplicate_pair": 2, "keep": 1}
     if kind not in KINDS or len(refs) != expected[kind]:
         raise DedupError(f"cannot read the review {kind} {refs}", hint="dedup review OUT not-duplicate-cluster CLUSTER_ID | "
                          "not-duplicate-pair KEY_A KEY_B | keep KEY (KEY may be id:SAMPLE_ID)")
+    clusters = _rows_named(run, kind, refs)
     if kind == "not_duplicate_cluster":
         cluster_id = _cluster_id(refs[0])
         members = clusters.loc[clusters["cluster_id"] == cluster_id, "sample_id"].astype("int64").tolist()
@@ -133,6 +133,20 @@ def review_row(run: RunDir, kind: str, refs: list[str], note: str | None = None)
         return _row(kind, note, sample_id_a=low, sample_id_b=high, members=[])
     sample = resolve_sample(clusters, refs[0])
     return _row(kind, note, keep_sample_id=int(sample["sample_id"]), cluster_id=int(sample["cluster_id"]), members=[])
+
+
+def _rows_named(run: RunDir, kind: str, refs: list[str]) -> pd.DataFrame:
+    """The clusters.parquet rows (sample_id, key, cluster_id) the references can name, by a filtered scan."""
+    from dedup.records import FilteredRows, column
+
+    columns = ["sample_id", "key", "cluster_id"]
+    if kind == "not_duplicate_cluster" and len(refs) == 1:
+        wanted = column("cluster_id") == _cluster_id(refs[0])
+    else:
+        ids = [int(r[len(ID_PREFIX):]) for r in refs if r.startswith(ID_PREFIX) and r[len(ID_PREFIX):].lstrip("-").isdigit()]
+        keys = pa.array([r for r in refs if not r.startswith(ID_PREFIX)], pa.string())
+        wanted = column("key").isin(keys) | column("sample_id").isin(pa.array(ids, pa.int64()))
+    return FilteredRows(run.clusters).where(wanted, columns)
 
 
 def _cluster_id(text: str) -> int:
@@ -179,8 +193,11 @@ def _keys(run: RunDir, overrides: pd.DataFrame) -> dict[int, tuple[str, int]]:
     """(key, current cluster_id) of every sample the overrides name."""
     ids = pd.concat([overrides[c] for c in ("sample_id_a", "sample_id_b", "keep_sample_id")]).dropna().astype("int64")
     columns = ["sample_id", "key", "cluster_id"]
-    clusters = pd.read_parquet(run.clusters, columns=columns) if run.clusters.exists() else pd.DataFrame(columns=columns)
-    found = clusters[clusters["sample_id"].isin(set(ids))]
+    if not run.clusters.exists():
+        return {}
+    from dedup.records import FilteredRows, column
+
+    found = FilteredRows(run.clusters).where(column("sample_id").isin(pa.array(sorted(set(ids)), pa.int64())), columns)
     return {int(i): (str(k), int(c)) for i, k, c in zip(found["sample_id"], found["key"], found["cluster_id"], strict=False)}
 
 

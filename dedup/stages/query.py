@@ -20,7 +20,8 @@ import pandas as pd
 from dedup.decode import DecodeFailure, decode_image
 from dedup.descriptors import DescriptorBuilder, descriptor_policy
 from dedup.errors import QueryError, StoreError
-from dedup.records import RunDir
+from dedup.records import FilteredRows, RunDir
+from dedup.records import column as _field
 from dedup.settings import Settings
 from dedup.stages.read import MAX_IMAGE_BYTES
 
@@ -59,28 +60,6 @@ class QueryResult:
         }
 
 
-class ClusterRows:
-    """clusters.parquet (or the samples parts) read by filter: a dataset scan that holds only the matching rows,
-    so a query on a LAION-2B run never loads the 2e9-row table."""
-
-    def __init__(self, paths: Path | list[Path]) -> None:
-        import pyarrow.dataset as ds
-
-        self.dataset = ds.dataset([str(p) for p in paths] if isinstance(paths, list) else str(paths), format="parquet")
-
-    def where(self, expression, columns: list[str] | None = None) -> pd.DataFrame:
-        return self.dataset.to_table(filter=expression, columns=columns).to_pandas()
-
-    def count(self, expression) -> int:
-        return int(self.dataset.count_rows(filter=expression))
-
-
-def _field(name: str):
-    import pyarrow.dataset as ds
-
-    return ds.field(name)
-
-
 class RunIndex:
     """What a query needs from a run: config, clusters and samples read by filter, and one loaded index."""
 
@@ -89,7 +68,7 @@ class RunIndex:
         self.config = Settings.load(self.run.run_config)
         if not self.run.clusters.exists():
             raise StoreError(f"{self.run.root} has no clusters yet", hint=f"run 'dedup run' (or 'dedup cluster {self.run.root}') first")
-        self.clusters = ClusterRows(self.run.clusters)
+        self.clusters = FilteredRows(self.run.clusters)
         self.descriptor = descriptor or self.config.descriptors[0]
         if self.descriptor not in self.config.descriptors:
             raise QueryError(
@@ -137,7 +116,7 @@ class RunIndex:
     def exact_matches(self, sha256: str) -> pd.DataFrame:
         from dedup.stages.cluster import _sample_paths
 
-        samples = ClusterRows(_sample_paths(self.run))
+        samples = FilteredRows(_sample_paths(self.run))
         hit = samples.where(_field("sha256") == sha256, ["sample_id"])["sample_id"].to_numpy()
         return self._frame(hit, np.ones(len(hit), np.float32))
 
