@@ -235,3 +235,19 @@ def test_ranking_of_clusters_without_copies_is_the_empty_contract_table(tmp_path
     ranking = rank(run)
     assert ranking.empty and list(ranking.columns) == list(oracles.ranking_of(run.clusters).columns)
     pd.testing.assert_frame_equal(ranking, oracles.ranking_of(run.clusters))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 10_000])
+def test_the_returned_ranking_is_the_head_of_the_file_read_batch_by_batch(tmp_path, monkeypatch, rows):
+    """`rank` hands back at most RETURNED_ROWS (a LAION-2B ranking holds ~3e8 clusters): the file's first rows."""
+    from dedup.records import RunDir
+    from dedup.stages import rank as rank_module
+
+    run = RunDir(tmp_path / "run")
+    _random_clusters(run.clusters)
+    monkeypatch.setattr(rank_module, "BUCKET_ROWS", 120)
+    total = rank_module.write_ranking(run, "copies")
+    whole = pd.read_parquet(run.top_duplicates)
+    head = rank_module.ranking_head(run, rows)
+    assert total > 7 and len(head) == min(rows, total)
+    pd.testing.assert_frame_equal(head, whole.head(rows))

@@ -371,7 +371,27 @@ def run_rank_stages(run: RunDir, by: str) -> dict[str, int]:
     return {k: int(v) for k, v in report.stats.items()}
 
 
+# Rows of the ranking `rank` hands back (to print, to test): the whole one is OUT/top_duplicates.parquet, which
+# at LAION-2B holds ~3e8 clusters, far more than a caller should hold as one frame.
+RETURNED_ROWS = 100_000
+
+
 def rank(run: Run) -> pd.DataFrame:
-    """Rank behind the engine; returns the ranking (read back when the stage was already done)."""
+    """Rank behind the engine; returns the first RETURNED_ROWS of the ranking (read back when it was done)."""
     run_rank_stages(run, run.settings.rank_by)
-    return pd.read_parquet(run.top_duplicates)
+    return ranking_head(run, RETURNED_ROWS)
+
+
+def ranking_head(run: RunDir, rows: int) -> pd.DataFrame:
+    """The first `rows` rows of top_duplicates.parquet, read batch by batch (never the whole file)."""
+    import pyarrow as pa
+
+    handle = pq.ParquetFile(run.top_duplicates)
+    batches = []
+    for batch in handle.iter_batches(batch_size=min(rows, 65_536) or 1):
+        batches.append(batch)
+        rows -= batch.num_rows
+        if rows <= 0:
+            break
+    table = pa.Table.from_batches(batches, schema=handle.schema_arrow) if batches else handle.schema_arrow.empty_table()
+    return table.slice(0, table.num_rows + min(rows, 0)).to_pandas()
