@@ -139,9 +139,13 @@ def _embed_process(specs: list[str], out: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_first_ctrl_c_stops_within_seconds_and_a_rerun_resumes(tmp_path):
-    # 12 shards of ~1 s each: the decode pool works ahead of the shard being written, so the first marker can
-    # come when most of a short run is done (with 5 shards, runs inside the full suite ended before the interrupt).
-    specs = _slow_shards(tmp_path / "shards", 12)
+    specs = _slow_shards(tmp_path / "shards", 5)
+    # The last shard is held back until the test opens the gate, so the run cannot end before the interrupt
+    # lands, however a loaded machine schedules the decode pool and the writer (on loaded CI machines a run of
+    # slow shards alone sometimes ended before the first marker was seen).
+    gate = tmp_path / "gate"
+    gate.touch()
+    specs.append(f"pipe:sh -c 'while [ -e {gate} ]; do sleep 0.1; done; cat {specs[0]}'")
     out = tmp_path / "out"
     proc = _embed_process(specs, out)
     deadline = time.time() + 120
@@ -155,10 +159,11 @@ def test_first_ctrl_c_stops_within_seconds_and_a_rerun_resumes(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert time.monotonic() - sent < 15  # seconds, not the minutes of a pool draining its queue
-    assert proc.returncode == 130 and b"interrupted; rerun the same command to resume" in stderr
+    assert proc.returncode == 130 and b"interrupted; rerun the same command to resume" in stderr, stderr.decode()[-2000:]
     assert b"Traceback" not in stderr
     done = len(list((out / "_markers" / "embed").glob("*.done")))
     assert 1 <= done < len(specs), "the interrupt must land mid-run for this test to mean anything"
+    gate.unlink()
     rerun = _embed_process(specs, out)
     _, stderr = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, stderr.decode()
