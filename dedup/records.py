@@ -499,19 +499,27 @@ class RowKeys:
         rows = np.asarray(rows, dtype=np.int64)
         part = np.searchsorted(self.offsets, rows, side="right") - 1
         order = np.argsort(part, kind="stable")
+        parts, starts = np.unique(part[order], return_index=True)  # each part's run in `order`: one sort, no scan per part
+        stops = np.append(starts[1:], len(order))[: len(starts)]
         pieces = [pa.array([], pa.string())]
-        for p in np.unique(part):
-            where = order[part[order] == p]
+        for p, start, stop in zip(parts, starts, stops, strict=True):
+            where = order[start:stop]
             pieces.append(self.chunks[p].take(pa.array(rows[where] - self.offsets[p])).cast(pa.string()))
         gathered = pa.concat_arrays(pieces)
         return gathered.take(pa.array(np.argsort(order, kind="stable")))
 
 
+# Keys stay in memory up to this many rows (~18 B a key: 600 MB), where a gather from the one in-memory array
+# is fastest; above it they come from the memory-mapped cache, gathered part by part (3 s per 4M keys over
+# 1,000 parts, measured): the cost a LAION-2B neighbour task pays per edge file instead of holding 36 GB.
+KEYS_IN_MEMORY = 1 << 25
+
+
 def open_row_keys(run: RunDir, descriptor: str) -> RowKeys:
-    """The keys of a descriptor's rows: read into memory up to IDS_IN_MEMORY rows, else memory-mapped
+    """The keys of a descriptor's rows: read into memory up to KEYS_IN_MEMORY rows, else memory-mapped
     from OUT/_cache/keys/<descriptor>-<fingerprint>.arrow (one record batch per part, written once)."""
     metadata = [run.metadata_part(descriptor, p) for p in embedding_parts(run, descriptor)]
-    if sum(pq.ParquetFile(m).metadata.num_rows for m in metadata) <= IDS_IN_MEMORY:
+    if sum(pq.ParquetFile(m).metadata.num_rows for m in metadata) <= KEYS_IN_MEMORY:
         return RowKeys([_part_keys(m) for m in metadata])
     table = pa.ipc.open_file(pa.memory_map(str(_cached_keys(run, descriptor, metadata)))).read_all()
     return RowKeys(list(table.column("key").chunks))

@@ -534,7 +534,7 @@ def test_row_keys_taken_part_by_part_equal_the_concatenated_keys(tmp_path, monke
     rows = np.random.default_rng(1).integers(0, 600, 2_000)
     every = [f"{p}_{r}" for p, size in enumerate([250, 1, 349]) for r in range(size)]
     assert open_row_keys(run, "precomputed").take(rows).to_pylist() == [every[r] for r in rows]
-    monkeypatch.setattr(records, "IDS_IN_MEMORY", 100)
+    monkeypatch.setattr(records, "KEYS_IN_MEMORY", 100)
     cached = open_row_keys(run, "precomputed")
     assert len(list((run.root / "_cache" / "keys").glob("precomputed-*.arrow"))) == 1
     assert cached.take(rows).to_pylist() == [every[r] for r in rows]
@@ -550,6 +550,7 @@ def test_neighbour_edges_are_the_same_with_the_row_caches(tmp_path, single_faiss
     edges = []
     for limit in (records.IDS_IN_MEMORY, 100):
         monkeypatch.setattr(records, "IDS_IN_MEMORY", limit)
+        monkeypatch.setattr(records, "KEYS_IN_MEMORY", limit)
         run = _run_from(tmp_path / str(limit), x, [1000, 2000], memory=1 << 30)
         build_descriptor_index(run, "precomputed", budget=1 << 30)
         find_neighbors(run, gpu=False)
