@@ -440,11 +440,16 @@ def open_embeddings(run: RunDir, descriptor: str) -> VectorParts:
         )
     paths = [run.embedding_part(descriptor, p) for p in parts]
     metadata = [run.metadata_part(descriptor, p) for p in parts]
-    if sum(pq.ParquetFile(m).metadata.num_rows for m in metadata) > IDS_IN_MEMORY:
+    if _metadata_rows(metadata) > IDS_IN_MEMORY:
         return VectorParts(paths, _cached_ids(run, descriptor, metadata))
     flat = np.concatenate([_part_ids(m) for m in metadata]).astype(np.int64)
     _check_ascending(flat, descriptor)
     return VectorParts(paths, flat)
+
+
+def _metadata_rows(metadata: list[Path]) -> int:
+    """Rows of the metadata parts, from their footers (no column read)."""
+    return sum(pq.ParquetFile(m).metadata.num_rows for m in metadata)
 
 
 def _part_ids(metadata: Path) -> np.ndarray:
@@ -459,22 +464,32 @@ def _check_ascending(ids: np.ndarray, descriptor: str, previous: int | None = No
 
 def _cached_ids(run: RunDir, descriptor: str, metadata: list[Path]) -> Path:
     """OUT/_cache/ids/<descriptor>-<fingerprint of the metadata parts>.npy, written part by part once."""
-    folder = run.root / "_cache" / "ids"
-    path = folder / f"{descriptor}-{fingerprint(metadata, {'descriptor': descriptor})[:16]}.npy"
+
+    def write(tmp: Path) -> None:
+        counts = [pq.ParquetFile(m).metadata.num_rows for m in metadata]
+        ids, start, last = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(sum(counts),)), 0, None
+        for part, count in zip(metadata, counts, strict=True):
+            values = _part_ids(part).astype(np.int64)
+            _check_ascending(values, descriptor, last)
+            ids[start : start + count], start, last = values, start + count, (values[-1] if count else last)
+        ids.flush()
+
+    return _cache_file(run, "ids", descriptor, metadata, ".npy", write)
+
+
+def _cache_file(run: RunDir, kind: str, descriptor: str, metadata: list[Path], suffix: str, write) -> Path:
+    """OUT/_cache/<kind>/<descriptor>-<fingerprint><suffix>: `write(tmp)` once, renamed into place, stale ones removed.
+
+    Concurrent tasks each write their own temporary and one rename wins (the contents are the same)."""
+    folder = run.root / "_cache" / kind
+    path = folder / f"{descriptor}-{fingerprint(metadata, {'descriptor': descriptor})[:16]}{suffix}"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    counts = [pq.ParquetFile(m).metadata.num_rows for m in metadata]
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # concurrent tasks each write their own, one rename wins
-    ids, start, last = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(sum(counts),)), 0, None
-    for part, count in zip(metadata, counts, strict=True):
-        values = _part_ids(part).astype(np.int64)
-        _check_ascending(values, descriptor, last)
-        ids[start : start + count], start, last = values, start + count, (values[-1] if count else last)
-    ids.flush()
-    del ids
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    write(tmp)
     os.replace(tmp, path)
-    for stale in folder.glob(f"{descriptor}-*.npy"):  # the ids of metadata since rewritten
+    for stale in folder.glob(f"{descriptor}-*{suffix}"):  # made from metadata since rewritten
         if stale != path:
             stale.unlink(missing_ok=True)
     return path
@@ -519,7 +534,7 @@ def open_row_keys(run: RunDir, descriptor: str) -> RowKeys:
     """The keys of a descriptor's rows: read into memory up to KEYS_IN_MEMORY rows, else memory-mapped
     from OUT/_cache/keys/<descriptor>-<fingerprint>.arrow (one record batch per part, written once)."""
     metadata = [run.metadata_part(descriptor, p) for p in embedding_parts(run, descriptor)]
-    if sum(pq.ParquetFile(m).metadata.num_rows for m in metadata) <= KEYS_IN_MEMORY:
+    if _metadata_rows(metadata) <= KEYS_IN_MEMORY:
         return RowKeys([_part_keys(m) for m in metadata])
     table = pa.ipc.open_file(pa.memory_map(str(_cached_keys(run, descriptor, metadata)))).read_all()
     return RowKeys(list(table.column("key").chunks))
@@ -530,21 +545,15 @@ def _part_keys(metadata: Path) -> pa.Array:
 
 
 def _cached_keys(run: RunDir, descriptor: str, metadata: list[Path]) -> Path:
-    folder = run.root / "_cache" / "keys"
-    path = folder / f"{descriptor}-{fingerprint(metadata, {'descriptor': descriptor})[:16]}.arrow"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # concurrent writers each write their own, one rename wins
+    """OUT/_cache/keys/<descriptor>-<fingerprint>.arrow: one record batch per part, so its chunks are the parts."""
     schema = pa.schema([("key", pa.string())])
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for part in metadata:  # one batch per part: the file's chunks are the parts
-            writer.write_batch(pa.record_batch([_part_keys(part)], schema=schema))
-    os.replace(tmp, path)
-    for stale in folder.glob(f"{descriptor}-*.arrow"):
-        if stale != path:
-            stale.unlink(missing_ok=True)
-    return path
+
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for part in metadata:
+                writer.write_batch(pa.record_batch([_part_keys(part)], schema=schema))
+
+    return _cache_file(run, "keys", descriptor, metadata, ".arrow", write)
 
 
 def load_embeddings(run: RunDir, descriptor: str) -> tuple[np.ndarray, np.ndarray]:

@@ -107,17 +107,23 @@ def test_query_by_key_counts_equal_cluster_sizes(demo_run):
         assert set(result.matches["key"]) == set(clusters.loc[clusters["cluster_id"] == row.cluster_id, "key"])
 
 
-def test_query_by_image_finds_the_cluster(demo_run, tmp_path):
-    out, _, ranking, shards = demo_run
-    clusters = pd.read_parquet(RunDir(out).clusters)
-    top = ranking.iloc[0]
-    rep = clusters[(clusters["cluster_id"] == top.cluster_id) & clusters["is_representative"]].iloc[0]
+def _representative_image(out, shards, cluster_id, folder):
+    """(the image file of the cluster's representative, copied out of its shard; its clusters.parquet row)."""
     import tarfile
 
+    clusters = pd.read_parquet(RunDir(out).clusters)
+    rep = clusters[(clusters["cluster_id"] == cluster_id) & clusters["is_representative"]].iloc[0]
     with tarfile.open(shards[int(rep["shard_index"])]) as tar:
         member = next(m for m in tar.getmembers() if m.name.split(".")[0] == rep["key"] and not m.name.endswith((".txt", ".json")))
-        image = tmp_path / ("query." + member.name.rsplit(".", 1)[1])
+        image = folder / ("query." + member.name.rsplit(".", 1)[1])
         image.write_bytes(tar.extractfile(member).read())
+    return image, rep
+
+
+def test_query_by_image_finds_the_cluster(demo_run, tmp_path):
+    out, _, ranking, shards = demo_run
+    top = ranking.iloc[0]
+    image, _ = _representative_image(out, shards, top.cluster_id, tmp_path)
     (result,) = query(out, image=image)
     assert result.cluster_id == top.cluster_id
     # direct matches cover the cluster (up to a few transitive members)
@@ -128,18 +134,11 @@ def test_query_by_image_finds_the_cluster(demo_run, tmp_path):
 def test_queries_read_only_the_rows_they_need(demo_run, tmp_path, monkeypatch):
     """Key, image and copy-count answers come from filtered scans and memory-mapped vectors: a LAION-2B run's
     clusters.parquet (2e9 rows), samples and float32 vectors (6 TB) are never loaded whole."""
-    import tarfile
-
     import dedup.records as records
 
     out, _, ranking, shards = demo_run
-    clusters = pd.read_parquet(RunDir(out).clusters)
     top = ranking.iloc[0]
-    rep = clusters[(clusters["cluster_id"] == top.cluster_id) & clusters["is_representative"]].iloc[0]
-    with tarfile.open(shards[int(rep["shard_index"])]) as tar:
-        member = next(m for m in tar.getmembers() if m.name.split(".")[0] == rep["key"] and not m.name.endswith((".txt", ".json")))
-        image = tmp_path / ("query." + member.name.rsplit(".", 1)[1])
-        image.write_bytes(tar.extractfile(member).read())
+    image, rep = _representative_image(out, shards, top.cluster_id, tmp_path)
 
     def whole(*args, **kwargs):
         raise AssertionError("a query loaded a whole table")
