@@ -134,7 +134,19 @@ def _embed_process(specs: list[str], out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dedup.cli", "embed", *specs, "--out", str(out), "--descriptor", "perceptual", "--workers", "2"]
     # Its own process group, so that the test can do what a terminal's Ctrl-C does: SIGINT to every process of it.
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal,
                             env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def _as_from_a_terminal() -> None:
+    """SIGINT as an interactive shell leaves it for a command: default, unblocked.
+
+    Both are inherited across exec, and a test run started in the background by a non-interactive shell
+    (`pytest ... &`, as long CI jobs are) has SIGINT ignored: dedup then rightly keeps ignoring it, as every
+    program started with `&` does, and the run went on to its end or hung behind the gate.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @pytest.mark.slow
