@@ -23,13 +23,13 @@ import argparse
 import hashlib
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from anon_memory import communicate_sampled
 
 SHARD_ROWS = 10_000
 EDGES_PER_PART = 2_000_000
@@ -172,36 +172,16 @@ print("TREE", c.__file__, "STATS", stats, "SECONDS", round(time.perf_counter() -
 """
 
 
-def _anon_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def measure(tree: str, root: Path, memory: int | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RssAnon GiB, child stdout) of the cluster stage of `tree` (with a budget where it takes one)."""
     began = time.perf_counter()
     # cwd=tree as well: `python -c` puts the working directory before PYTHONPATH on sys.path.
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), *([str(memory)] if memory else [])], env={"PYTHONPATH": tree, "PATH": "/usr/bin"},
                              cwd=tree, stdout=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample():
-        while child.returncode is None and Path(f"/proc/{child.pid}").exists():
-            peak[0] = max(peak[0], _anon_kib(child.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    out, _ = child.communicate()
-    sampler.join()
+    out, peak = communicate_sampled(child)
     if child.returncode:
         raise SystemExit(f"{tree}: the cluster stage failed ({child.returncode})")
-    return time.perf_counter() - began, peak[0] / 2**20, out.strip()
+    return time.perf_counter() - began, peak / 2**30, out.strip()
 
 
 def main() -> None:

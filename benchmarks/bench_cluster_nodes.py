@@ -25,13 +25,13 @@ import argparse
 import hashlib
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from anon_memory import communicate_sampled
 
 SHARD_ROWS = 10_000
 
@@ -73,36 +73,16 @@ def write_samples(root: Path, n: int, seed: int = 0) -> None:
         pq.write_table(pa.table(columns, schema=SAMPLES), root / "samples" / f"samples_{shard}.parquet")
 
 
-def _anon_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def measure(tree: Path, data: Path, variant: str, out: Path) -> tuple[float, float, str]:
     """(wall seconds, peak RssAnon GiB, child stdout) of one variant."""
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(data), variant, str(out)],
                              env={"PYTHONPATH": str(tree), "PATH": "/usr/bin"}, cwd=tree, stdout=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample():
-        while child.returncode is None and Path(f"/proc/{child.pid}").exists():
-            peak[0] = max(peak[0], _anon_kib(child.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    stdout, _ = child.communicate()
-    sampler.join()
+    stdout, peak = communicate_sampled(child)
     if child.returncode:
         raise SystemExit(f"{variant}: failed ({child.returncode})")
-    return time.perf_counter() - began, peak[0] / 2**20, stdout.strip()
+    return time.perf_counter() - began, peak / 2**30, stdout.strip()
 
 
 def main() -> None:

@@ -33,13 +33,13 @@ import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from anon_memory import communicate_sampled
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "index", "neighbors", "cluster", "rank", "manifests"]
@@ -160,17 +160,6 @@ STAGE_CODE = {
 }
 
 
-def _peak_anon(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    while not stop.is_set():
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-        except OSError:
-            return
-        stop.wait(0.1)
-
-
 def run_stage(stage: str, src: Path, out: Path, memory: str) -> dict:
     code = STAGE_CODE[stage].format(src=str(src), out=str(out), memory=memory)
     code += "\nimport resource, json, sys; print('RUSAGE', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
@@ -179,17 +168,13 @@ def run_stage(stage: str, src: Path, out: Path, memory: str) -> dict:
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    stop, peak = threading.Event(), [0]
-    watcher = threading.Thread(target=_peak_anon, args=(proc.pid, stop, peak), daemon=True)
-    watcher.start()
-    output, _ = proc.communicate()
-    stop.set()
+    output, peak = communicate_sampled(proc, every=0.1)
     seconds, cpu = time.perf_counter() - began, _children_cpu() - cpu_before
     if proc.returncode:
         raise SystemExit(f"stage {stage} failed:\n{output[-4000:]}")
     maxrss = int([line for line in output.splitlines() if line.startswith("RUSAGE")][-1].split()[1]) * 1024
     notes = [line for line in output.splitlines() if not line.startswith(("RUSAGE", "resizing"))]
-    return {"stage": stage, "seconds": seconds, "cpu_seconds": cpu, "peak_rss": maxrss, "peak_anon": peak[0],
+    return {"stage": stage, "seconds": seconds, "cpu_seconds": cpu, "peak_rss": maxrss, "peak_anon": peak,
             "load_avg_1min": [load_before, os.getloadavg()[0]], "notes": notes[-2:]}
 
 
