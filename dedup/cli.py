@@ -417,13 +417,20 @@ def query_command(
     limit: Annotated[int, typer.Option(min=0, help="Matches listed per query (the count is always exact).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     min_similarity: Annotated[float | None, typer.Option(help="--text: count images at or above this image-text cosine (default: LAION's caption cut for the model, 0.28 for ViT-B-32).")] = None,
+    model: Annotated[str | None, typer.Option(help="Runs from precomputed embeddings: the open_clip model that made them (e.g. ViT-L-14), for --image/--images/--text.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="With --model: its pretrained tag (e.g. openai) or a local checkpoint PATH.")] = None,
+    device: Annotated[str | None, typer.Option(help="With --model: auto (CUDA when present), cpu, cuda or cuda:N.")] = None,
 ) -> None:
     """How many copies of X exist? X is an image file, a folder of images, a sample key or a text prompt."""
     from dedup.console import print_results
     from dedup.stages.query import query
 
+    given = {"model": model, "pretrained": pretrained, "device": device}
+    model_options = {name: value for name, value in given.items() if value is not None}
+    if model_options and "model" not in model_options:
+        raise DedupError("--pretrained and --device go with --model", hint="pass --model NAME as well (the model that made the embeddings)")
     results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor,
-                    min_similarity=min_similarity, shard=shard)
+                    min_similarity=min_similarity, shard=shard, model_options=model_options)
     if as_json:
         out_console.print_json(json.dumps([r.to_dict(limit) for r in results]))
     else:

@@ -3,6 +3,10 @@
 Images are described with the run's own descriptor settings (run.json) and
 range-searched against the run's index at the run's threshold, so the count is
 exact (no top-k cap). A key is answered from clusters.parquet directly.
+
+A run from precomputed embeddings (`dedup run --embeddings`) holds vectors that
+dedup did not make: image and text queries name the open_clip model that made
+them (`--model`/`--pretrained`), and its vectors must have the run's dimension.
 """
 
 from __future__ import annotations
@@ -61,9 +65,13 @@ class QueryResult:
 
 
 class RunIndex:
-    """What a query needs from a run: config, clusters and samples read by filter, and one loaded index."""
+    """What a query needs from a run: config, clusters and samples read by filter, and one loaded index.
 
-    def __init__(self, out: str | Path, descriptor: str | None) -> None:
+    `model_options` (open_clip `model`, `pretrained`, `device`) describe queries of a descriptor made outside
+    dedup (precomputed embeddings); every other descriptor is described with the run's own settings.
+    """
+
+    def __init__(self, out: str | Path, descriptor: str | None, model_options: dict[str, Any] | None = None) -> None:
         self.run = RunDir(out)
         self.config = Settings.load(self.run.run_config)
         if not self.run.clusters.exists():
@@ -74,6 +82,13 @@ class RunIndex:
             raise QueryError(
                 f"the run has no {self.descriptor!r} descriptor (it holds {self.config.descriptors})",
                 hint=f"use one of {self.config.descriptors}, or embed again with '--descriptor {self.descriptor}' into a new --out",
+            )
+        self.model_options = dict(model_options or {})
+        if self.model_options and descriptor_policy(self.descriptor).module:
+            raise QueryError(
+                f"--model/--pretrained name the model of precomputed embeddings; the run's {self.descriptor!r} "
+                "vectors are described with the run's own settings (run.json)",
+                hint="drop --model/--pretrained (or --device)",
             )
         self._index = None
         self._describer = None
@@ -92,11 +107,47 @@ class RunIndex:
             self._index = (index, spec, stored.ids, stored)
         return self._index
 
+    @property
+    def made_outside(self) -> bool:
+        """The run's vectors come from a model dedup does not hold the settings of (precomputed embeddings)."""
+        return not descriptor_policy(self.descriptor).module
+
+    @property
+    def embeds_text(self) -> bool:
+        return descriptor_policy(self.descriptor).supports_text or (self.made_outside and bool(self.model_options))
+
+    @property
+    def model_name(self) -> str:
+        options = self.model_options if self.made_outside else self.config.descriptor_options.get(self.descriptor, {})
+        return str(options.get("model", ""))
+
     def describer(self):
         if self._describer is None:
-            options = self.config.descriptor_options.get(self.descriptor, {})
-            self._describer = DescriptorBuilder(self.descriptor, options).build()
+            self._describer = self._builder().build()
+            self._check_dimension(self._describer)
         return self._describer
+
+    def _builder(self) -> DescriptorBuilder:
+        if not self.made_outside:
+            return DescriptorBuilder(self.descriptor, self.config.descriptor_options.get(self.descriptor, {}))
+        if not self.model_options.get("model"):
+            raise QueryError(
+                f"the run's {self.descriptor!r} vectors were made outside dedup: name the model that made them",
+                hint="pass --model NAME --pretrained TAG|CHECKPOINT (open_clip; LAION's: --model ViT-L-14 "
+                     "--pretrained openai), or query with --key",
+            )
+        return DescriptorBuilder("clip", self.model_options)
+
+    def _check_dimension(self, describer) -> None:
+        from dedup.records import open_embeddings
+
+        stored = open_embeddings(self.run, self.descriptor).shape[1]
+        made = getattr(describer, "dim", stored)
+        if made != stored:
+            raise QueryError(
+                f"the model makes {made}-d vectors, the run's {self.descriptor!r} vectors are {stored}-d",
+                hint="pass the --model/--pretrained that made the run's embeddings",
+            )
 
     def matches_for_vectors(self, vectors: np.ndarray, threshold: float) -> list[pd.DataFrame]:
         from dedup.descriptors import query_transform_for
@@ -221,11 +272,13 @@ def query_key(run_index: RunIndex, key: str, shard: str | None = None) -> QueryR
     return QueryResult(f"key:{key}", "clusters", len(members), cluster_id, len(members), matches)
 
 
-def text_descriptor(out: str | Path) -> str:
-    """The run's first descriptor that embeds text too (the registry says which can)."""
+def text_descriptor(out: str | Path, model_given: bool = False) -> str:
+    """The run's first descriptor that embeds text too (the registry says which can; vectors made outside
+    dedup can where the query names their model)."""
     names = Settings.load(RunDir(out).run_config).descriptors
     for name in names:
-        if descriptor_policy(name).supports_text:
+        policy = descriptor_policy(name)
+        if policy.supports_text or (model_given and not policy.module):
             return name
     raise QueryError(
         f"text queries need a text-capable descriptor (e.g. CLIP), and this run has only {names}",
@@ -256,13 +309,11 @@ def scan_text(run: RunDir, vector: np.ndarray, min_similarity: float, top: int,
 
 
 def query_text(run_index: RunIndex, text: str, min_similarity: float | None = None) -> QueryResult:
-    if not descriptor_policy(run_index.descriptor).supports_text:
-        raise QueryError(
-            f"the {run_index.descriptor!r} descriptor cannot embed text",
-            hint="pass --descriptor clip (a run embedded with CLIP)",
-        )
-    model = run_index.config.descriptor_options.get(run_index.descriptor, {}).get("model", "")
-    cut = default_text_min_similarity(model) if min_similarity is None else float(min_similarity)
+    if not run_index.embeds_text:
+        hint = ("name the CLIP model that made the embeddings: --model NAME --pretrained TAG" if run_index.made_outside
+                else "pass --descriptor clip (a run embedded with CLIP)")
+        raise QueryError(f"the {run_index.descriptor!r} descriptor cannot embed text", hint=hint)
+    cut = default_text_min_similarity(run_index.model_name) if min_similarity is None else float(min_similarity)
     vector = run_index.describer().embed_text([text])
     count, ids, scores = scan_text(run_index.run, vector[0], cut, TEXT_TOP, run_index.descriptor)
     matches = run_index._frame(ids, scores)
@@ -273,11 +324,12 @@ def query_text(run_index: RunIndex, text: str, min_similarity: float | None = No
 
 def query(out: str | Path, *, image: Path | None = None, images: Path | None = None, key: str | None = None,
           text: str | None = None, descriptor: str | None = None, min_similarity: float | None = None,
-          shard: str | None = None) -> list[QueryResult]:
+          shard: str | None = None, model_options: dict[str, Any] | None = None) -> list[QueryResult]:
     chosen = [name for name, value in (("--image", image), ("--images", images), ("--key", key), ("--text", text)) if value]
     if len(chosen) != 1:
         raise QueryError("give exactly one of --image, --images, --key, --text", hint="e.g. dedup query OUT --image photo.jpg")
-    run_index = RunIndex(out, text_descriptor(out) if text and descriptor is None else descriptor)
+    chosen_descriptor = text_descriptor(out, bool(model_options)) if text and descriptor is None else descriptor
+    run_index = RunIndex(out, chosen_descriptor, model_options)
     if key is not None:
         return [query_key(run_index, key, shard)]
     if text is not None:
