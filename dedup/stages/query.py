@@ -124,7 +124,8 @@ class RunIndex:
     def describer(self):
         if self._describer is None:
             self._describer = self._builder().build()
-            self._check_dimension(self._describer)
+            if self.made_outside:  # dedup's own descriptors made the run's vectors with these very settings
+                self._check_dimension(self._describer)
         return self._describer
 
     def _builder(self) -> DescriptorBuilder:
