@@ -330,7 +330,8 @@ class GroupStage(_PendingStep):
     rows by home cell (`cell_rows.npy`, `cell_bounds.npy`), the inverse probe
     lists (`probe_rows.npy`, `probe_bounds.npy`), `<name>.faiss` and last
     `<name>.json`; a rerun after a kill finds probes.npy whole (it is renamed
-    into place) and goes on from it.
+    into place) and goes on from it. No `reset()` (the engine's is optional): its one task
+    writes every output whole, so a stale grouping has nothing to remove first.
     """
 
     def __init__(self, run: RunDir, descriptor: str) -> None:
@@ -339,9 +340,6 @@ class GroupStage(_PendingStep):
 
     def task_ids(self) -> list[str]:
         return [] if self.pending() is None else ["0"]
-
-    def reset(self) -> None:
-        pass  # every output is written whole (temp file + rename) by the task itself
 
     def run_task(self, task_id: str, progress) -> dict[str, Any]:
         pending, paths = self.pending(), cell_paths(self.run_dir.index_dir, self.descriptor)
