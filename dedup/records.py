@@ -448,8 +448,12 @@ def open_embeddings(run: RunDir, descriptor: str) -> VectorParts:
 
 
 def _metadata_rows(metadata: list[Path]) -> int:
-    """Rows of the metadata parts, from their footers (no column read)."""
-    return sum(pq.ParquetFile(m).metadata.num_rows for m in metadata)
+    return sum(_part_rows(m) for m in metadata)
+
+
+def _part_rows(metadata: Path) -> int:
+    """Rows of a metadata part, from its footer (no column read)."""
+    return pq.ParquetFile(metadata).metadata.num_rows
 
 
 def _part_ids(metadata: Path) -> np.ndarray:
@@ -466,7 +470,7 @@ def _cached_ids(run: RunDir, descriptor: str, metadata: list[Path]) -> Path:
     """OUT/_cache/ids/<descriptor>-<fingerprint of the metadata parts>.npy, written part by part once."""
 
     def write(tmp: Path) -> None:
-        counts = [pq.ParquetFile(m).metadata.num_rows for m in metadata]
+        counts = [_part_rows(m) for m in metadata]
         ids, start, last = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(sum(counts),)), 0, None
         for part, count in zip(metadata, counts, strict=True):
             values = _part_ids(part).astype(np.int64)

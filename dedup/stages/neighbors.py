@@ -124,7 +124,7 @@ class NeighborsStage:
     def _load(self):
         if self._loaded is None:
             vectors = open_embeddings(self.run_dir, self.descriptor)
-            keys = open_row_keys(self.run_dir, self.descriptor)  # memory-mapped above IDS_IN_MEMORY rows
+            keys = open_row_keys(self.run_dir, self.descriptor)  # memory-mapped above KEYS_IN_MEMORY rows
             self._loaded = (self._searcher(), vectors, keys)
         return self._loaded
 

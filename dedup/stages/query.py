@@ -64,6 +64,11 @@ class QueryResult:
         }
 
 
+def made_outside(descriptor: str) -> bool:
+    """The descriptor's vectors come from a model dedup holds no settings of (precomputed embeddings)."""
+    return not descriptor_policy(descriptor).module
+
+
 class RunIndex:
     """What a query needs from a run: config, clusters and samples read by filter, and one loaded index.
 
@@ -84,13 +89,14 @@ class RunIndex:
                 hint=f"use one of {self.config.descriptors}, or embed again with '--descriptor {self.descriptor}' into a new --out",
             )
         self.model_options = dict(model_options or {})
-        if self.model_options and descriptor_policy(self.descriptor).module:
+        if self.model_options and not self.made_outside:
             raise QueryError(
                 f"--model/--pretrained name the model of precomputed embeddings; the run's {self.descriptor!r} "
                 "vectors are described with the run's own settings (run.json)",
                 hint="drop --model/--pretrained (or --device)",
             )
         self._index = None
+        self._stored = None
         self._describer = None
 
     @property
@@ -99,18 +105,24 @@ class RunIndex:
 
     def index(self):
         if self._index is None:
-            from dedup.records import open_embeddings
             from dedup.stages.index import load_index
 
             index, spec = load_index(self.run.index_dir, self.descriptor)
-            stored = open_embeddings(self.run, self.descriptor)  # memory maps: re-scoring reads the hit rows only
+            stored = self.stored()
             self._index = (index, spec, stored.ids, stored)
         return self._index
 
+    def stored(self):
+        """The descriptor's vectors as memory maps: re-scoring reads the hit rows only."""
+        if self._stored is None:
+            from dedup.records import open_embeddings
+
+            self._stored = open_embeddings(self.run, self.descriptor)
+        return self._stored
+
     @property
     def made_outside(self) -> bool:
-        """The run's vectors come from a model dedup does not hold the settings of (precomputed embeddings)."""
-        return not descriptor_policy(self.descriptor).module
+        return made_outside(self.descriptor)
 
     @property
     def embeds_text(self) -> bool:
@@ -140,10 +152,7 @@ class RunIndex:
         return DescriptorBuilder("clip", self.model_options)
 
     def _check_dimension(self, describer) -> None:
-        from dedup.records import open_embeddings
-
-        stored = open_embeddings(self.run, self.descriptor).shape[1]
-        made = getattr(describer, "dim", stored)
+        made, stored = describer.dim, self.stored().shape[1]
         if made != stored:
             raise QueryError(
                 f"the model makes {made}-d vectors, the run's {self.descriptor!r} vectors are {stored}-d",
@@ -278,8 +287,7 @@ def text_descriptor(out: str | Path, model_given: bool = False) -> str:
     dedup can where the query names their model)."""
     names = Settings.load(RunDir(out).run_config).descriptors
     for name in names:
-        policy = descriptor_policy(name)
-        if policy.supports_text or (model_given and not policy.module):
+        if descriptor_policy(name).supports_text or (model_given and made_outside(name)):
             return name
     raise QueryError(
         f"text queries need a text-capable descriptor (e.g. CLIP), and this run has only {names}",

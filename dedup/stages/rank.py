@@ -387,11 +387,10 @@ def ranking_head(run: RunDir, rows: int) -> pd.DataFrame:
     import pyarrow as pa
 
     handle = pq.ParquetFile(run.top_duplicates)
-    batches = []
+    batches, read = [], 0
     for batch in handle.iter_batches(batch_size=min(rows, 65_536) or 1):
         batches.append(batch)
-        rows -= batch.num_rows
-        if rows <= 0:
+        read += batch.num_rows
+        if read >= rows:
             break
-    table = pa.Table.from_batches(batches, schema=handle.schema_arrow) if batches else handle.schema_arrow.empty_table()
-    return table.slice(0, table.num_rows + min(rows, 0)).to_pandas()
+    return pa.Table.from_batches(batches, schema=handle.schema_arrow).slice(0, rows).to_pandas()
