@@ -154,7 +154,8 @@ def _engine(engine: str, ray_address: str | None, ray_actors: int, ray_cpus: flo
 def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, device, batch_size, workers,
                engine: EngineSettings, threshold=None, guard=None, memory=None, keep=None,
                model_extra: dict | None = None, timeouts: tuple[float, float] = (30.0, 60.0),
-               allow_missing: bool = False, large_crops: bool | None = None, nprobe: int | None = None) -> Run:
+               allow_missing: bool = False, large_crops: bool | None = None, nprobe: int | None = None,
+               embeddings: str | None = None) -> Run:
     """Parse every option once into Settings, validated before any shard is read; create or resume OUT."""
     thresholds, guards = parse_assignments(threshold, "threshold"), parse_assignments(guard, "guard")
     requested = Settings.build(
@@ -162,7 +163,7 @@ def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, devi
         batch_size=batch_size, workers=workers, device=device, engine=engine, thresholds=thresholds, guards=guards,
         model_options={"model": model, "pretrained": pretrained, **(model_extra or {})},
         connect_timeout_s=timeouts[0], read_timeout_s=timeouts[1], allow_missing=allow_missing,
-        large_crops=bool(large_crops), nprobe=nprobe,
+        large_crops=bool(large_crops), nprobe=nprobe, embeddings=embeddings,
     )
     given = {name for name, value in (("descriptors", descriptor), ("keep", keep), ("memory_budget_bytes", memory),
                                       ("large_crops", large_crops is not None), ("nprobe", nprobe is not None)) if value}
@@ -322,7 +323,7 @@ def report_command(out: OutArg, top: Annotated[int, typer.Option(min=1, help="Cl
 def run_command(
     shards: Annotated[list[str] | None, typer.Argument(help=ShardsArg.__metadata__[0].help)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (required).")] = None,
-    embeddings: Annotated[str | None, typer.Option(help="Precomputed embeddings folder or fsspec URL (img_emb/ + metadata/, clip-retrieval layout): no images are read.")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Precomputed embeddings folder or fsspec URL (img_emb/ + metadata/, clip-retrieval layout). Alone: no images are read. Beside SHARDS: its vectors serve the samples its metadata names by shard and key, or url (never key alone).")] = None,
     descriptor: DescriptorOpt = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
@@ -359,9 +360,7 @@ def run_command(
 
     if out is None:
         raise DedupError("no run directory given", hint="pass --out DIR")
-    if embeddings is not None:
-        if shards:
-            raise DedupError("--embeddings runs from precomputed vectors alone", hint="drop the SHARDS arguments")
+    if embeddings is not None and not shards:
         from dedup.pipeline import run_from_embeddings
         from dedup.stages.precomputed import PRECOMPUTED
 
@@ -372,13 +371,20 @@ def run_command(
         return
     if not shards:
         raise DedupError("no shards given", hint="pass SHARDS, or --embeddings DIR for precomputed vectors")
+    if embeddings is not None:  # beside shards: fail on a folder that cannot name samples before any shard is read
+        from dedup.stages.precomputed_join import check_embeddings_beside_shards
+
+        check_embeddings_beside_shards(embeddings)
+    elif descriptor and "precomputed" in descriptor:
+        raise DedupError("the precomputed descriptor's vectors come from --embeddings DIR",
+                         hint="add --embeddings DIR (a clip-retrieval folder), or choose another --descriptor")
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      threshold, guard, memory, keep,
                      model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize,
                                   "gpu_decode": gpu_decode},
                      timeouts=(connect_timeout, read_timeout), allow_missing=allow_missing, large_crops=large_crops,
-                     nprobe=nprobe)
+                     nprobe=nprobe, embeddings=embeddings)
     print_top(run_all(run, with_report=report), out_console, top)
     _exit_if_shards_failed(out)
 

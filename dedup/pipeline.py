@@ -35,6 +35,10 @@ def run_all(run: Run, with_report: bool = True, top: int = 50) -> pd.DataFrame:
     report = embed(run)
     if run.console is not None:
         print_embed_summary(report, run.console)
+    if run.settings.embeddings is not None:  # `dedup run SHARDS --embeddings DIR`
+        from dedup.stages.precomputed_join import attach_precomputed
+
+        run.log(f"precomputed vectors from {run.settings.embeddings}: {attach_precomputed(run)}")
     return _from_vectors(run, with_report, top, started)
 
 

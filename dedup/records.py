@@ -169,6 +169,14 @@ REMOVE_URLS = _schema(
     ("url", pa.string()), ("key", pa.string()), ("shard", pa.string()), ("sample_id", pa.int64()),
     ("cluster_id", pa.int64()), ("reason", pa.string()),
 )
+# OUT/precomputed_coverage/coverage_{shard_index}.parquet (`dedup run SHARDS --embeddings DIR`): every sample of
+# the shard and whether DIR gave it a vector. precomputed: shard_key | url (matched; the vector is row
+# precomputed_row of DIR/img_emb/img_emb_{precomputed_part}.npy) or why not: no_vector, url_differs,
+# sha256_differs, unconfirmed, ambiguous, not_decoded (dedup/stages/precomputed_join.py).
+PRECOMPUTED_COVERAGE = _schema(
+    ("sample_id", pa.int64()), ("shard", pa.string()), ("key", pa.string()), ("url", pa.string()),
+    ("precomputed", pa.string()), ("precomputed_part", pa.int32()), ("precomputed_row", pa.int64()),
+)
 # OUT/missing_shards.parquet (--allow-missing): shards of the specs that did not exist when the run read them.
 MISSING_SHARDS = _schema(("url", pa.string()))
 # manifests/_index.parquet: shard location -> its manifest file, read once by the loader.
@@ -206,6 +214,7 @@ IMG2DATASET_PARQUET = _schema(
 TABLES: dict[str, pa.Schema] = {
     "shards": SHARDS, "samples": SAMPLES, "embedding_metadata": EMBEDDING_METADATA, "edges": EDGES,
     "clusters": CLUSTERS, "top_duplicates": TOP_DUPLICATES, "manifest": MANIFEST, "manifest_index": MANIFEST_INDEX, "remove_list": REMOVE_LIST, "remove_urls": REMOVE_URLS, "missing_shards": MISSING_SHARDS,
+    "precomputed_coverage": PRECOMPUTED_COVERAGE,
     "contamination": CONTAMINATION, "contamination_pairs": CONTAMINATION_PAIRS, "evaluation_truth": EVALUATION_TRUTH,
     "overrides": OVERRIDES, "export_urls": EXPORT_URLS, "img2dataset_parquet": IMG2DATASET_PARQUET,
 }

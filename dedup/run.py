@@ -83,6 +83,10 @@ class RunDir:
         """Runs from precomputed embeddings: url and key of every removed sample (dedup/stages/precomputed.py)."""
         return self.root / "remove_urls.parquet"
 
+    def precomputed_coverage_part(self, shard_index: int) -> Path:
+        """Runs of shards beside --embeddings: which samples got a precomputed vector (dedup/stages/precomputed_join.py)."""
+        return self.root / "precomputed_coverage" / f"coverage_{shard_index}.parquet"
+
     def scratch_dir(self, stage: str) -> Path:
         """Intermediate files one stage's tasks hand to its later steps (removed when the stage ends)."""
         return self.root / "_scratch" / stage

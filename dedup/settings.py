@@ -84,6 +84,9 @@ class Settings:
     large_crops: bool = False
     # Cells probed per row by an IVF (cell) index; None: from the search threshold (index_choice.choose_nprobe).
     nprobe: int | None = None
+    # `dedup run SHARDS --embeddings DIR`: DIR's vectors are the descriptor `precomputed` for the samples
+    # they name (dedup/stages/precomputed_join.py). None for shard runs and for runs from DIR alone.
+    embeddings: str | None = None
     engine: EngineSettings = field(default_factory=EngineSettings)
     version: int = SETTINGS_VERSION
 
@@ -96,7 +99,7 @@ class Settings:
               workers: int | None = None, device: str = "auto", model_options: dict[str, Any] | None = None,
               engine: EngineSettings | None = None, cuda_available: bool | None = None,
               connect_timeout_s: float = 30.0, read_timeout_s: float = 60.0, allow_missing: bool = False,
-              large_crops: bool = False, nprobe: int | None = None) -> Settings:
+              large_crops: bool = False, nprobe: int | None = None, embeddings: str | None = None) -> Settings:
         """Validated settings for a new run; descriptors default from the registry (GPU or not).
 
         `model_options` are the CLI's model values (model, pretrained, ...): each descriptor keeps
@@ -105,12 +108,14 @@ class Settings:
         from dedup.descriptors import builder_options, resolve_descriptor_names
 
         names = resolve_descriptor_names(descriptors or [], device, cuda_available)
+        if embeddings is not None:  # beside shards: the run's own descriptors, then DIR's vectors
+            names = [n for n in names if n != "precomputed"] + ["precomputed"]
         settings = cls(
             shard_specs=list(shard_specs or []), descriptors=names, keep=keep,
             memory_budget_bytes=parse_size(memory) if isinstance(memory, str) else int(memory),
             batch_size=batch_size, workers=workers, device=device, engine=(engine or EngineSettings()),
             connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, allow_missing=allow_missing,
-            large_crops=large_crops, nprobe=nprobe,
+            large_crops=large_crops, nprobe=nprobe, embeddings=embeddings,
         )
         # The device is a run setting of its own (settings.device); everything else a descriptor takes is kept.
         settings.descriptor_options = {n: {k: v for k, v in builder_options(n, model_options or {}).items() if k != "device"}
@@ -188,6 +193,7 @@ class Settings:
                 raise SettingsError(
                     f"this run's {name} vectors were made with {_shaping(saved)}, not {_shaping(asked)}",
                     hint="resume with the same --model/--pretrained, or use a new --out directory")
+        _check_embeddings(self.embeddings, requested.embeddings)
         changes = {k: getattr(requested, k) for k in ("keep", "memory_budget_bytes", "large_crops", "nprobe")
                    if k in given}
         # How this invocation computes (device, GPU decoding) is its own choice; what it computes is the run's.
@@ -240,6 +246,17 @@ def _shaping(options: dict[str, Any]) -> dict[str, Any]:
 
 def _runtime(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in RUNTIME_OPTIONS and k != "device"}
+
+
+def _check_embeddings(saved: str | None, requested: str | None) -> None:
+    """A run beside --embeddings resumes with the same folder (or none given); a shard run cannot take one later."""
+    if requested is None or requested == saved:
+        return
+    if saved is None:
+        raise SettingsError("this run was started without --embeddings",
+                            hint="resume it without --embeddings, or start the shards with --embeddings in a new --out")
+    raise SettingsError(f"this run takes its precomputed vectors from {saved}, not {requested}",
+                        hint="resume with the same --embeddings folder, or use a new --out directory")
 
 
 def _check(ok: bool, message: str, hint: str) -> None:

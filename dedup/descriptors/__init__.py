@@ -115,6 +115,11 @@ register(DescriptorInfo(
 ))
 
 
+def describable(names: list[str]) -> list[str]:
+    """The names dedup can describe an image with (not vectors made outside it, such as `precomputed`)."""
+    return [name for name in names if descriptor_policy(name).module]
+
+
 def vector_descriptor_names() -> list[str]:
     return [name for name, info in REGISTRY.items() if info.kind == "vector"]
 
@@ -205,6 +210,7 @@ __all__ = [
     "builder_options",
     "choose_default_descriptors",
     "default_reason",
+    "describable",
     "descriptor_policy",
     "query_transform_for",
     "register",

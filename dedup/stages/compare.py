@@ -198,8 +198,10 @@ def contamination_table(eval_samples: pd.DataFrame, pairs: pd.DataFrame) -> pd.D
 
 def check_same_settings(train_config: Settings, eval_run: RunDir) -> None:
     """Vectors are only comparable when both runs used the same descriptors with the same settings."""
+    from dedup.descriptors import describable
+
     eval_config = Settings.load(eval_run.run_config)
-    for name in train_config.descriptors:
+    for name in describable(train_config.descriptors):
         if name not in eval_config.descriptors:
             raise StoreError(f"the evaluation run {eval_run.root} has no {name!r} embeddings, the training run's descriptor",
                              hint="pass the evaluation shards instead of --eval-run: they are embedded with the training settings")
@@ -215,7 +217,11 @@ def match_runs(train: RunDir, eval_run: RunDir) -> Contamination:
         raise StoreError(f"{train.root} has no clusters.parquet", hint=f"finish the training run first: 'dedup run SHARDS --out {train.root}'")
     eval_samples = load_samples(eval_run, ["sample_id", "shard", "key", "status", "sha256"])
     found = [exact_pairs(train, eval_samples)]
-    found += [descriptor_pairs(train, eval_run, name, float(config.thresholds[name])) for name in config.descriptors]
+    # Vectors made outside dedup (precomputed) cannot describe the evaluation images: exact bytes and dedup's own.
+    from dedup.descriptors import describable
+
+    found += [descriptor_pairs(train, eval_run, name, float(config.thresholds[name]))
+              for name in describable(config.descriptors)]
     pairs = best_per_pair(pd.concat(found, ignore_index=True), {k: float(v) for k, v in config.thresholds.items()})
     matched = train_rows(train, "sample_id", set(pairs["train_sample_id"].tolist()), ["sample_id", "shard", "key", "cluster_id"])
     pairs = _describe_pairs(pairs, matched.set_index("sample_id"), eval_samples.set_index("sample_id"))

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from dedup import decode
 from dedup.console import terminal_safe
-from dedup.descriptors import builder_options, cuda_available, descriptor_policy
+from dedup.descriptors import builder_options, cuda_available, describable, descriptor_policy
 from dedup.descriptors.base import Descriptor, DescriptorBuilder
 from dedup.engine import StageReport, TaskIncomplete, run_stage
 from dedup.errors import DedupError
@@ -344,8 +344,9 @@ def resolve_workers(settings: Settings) -> int:
 def descriptor_builders(settings: Settings) -> list[DescriptorBuilder]:
     """Picklable recipes, built inside each worker; options come from the registry entry and run.json."""
     values = {"device": settings.device}
+    # Vectors made outside dedup (`precomputed`) are not computed from images: dedup/stages/precomputed_join.py.
     return [DescriptorBuilder(name, builder_options(name, {**values, **settings.descriptor_options.get(name, {})}))
-            for name in settings.descriptors]
+            for name in describable(settings.descriptors)]
 
 
 def embed(run: Run) -> StageReport:

@@ -110,7 +110,7 @@ def _read_metadata(fs, root: str, part: int, rows: int) -> pd.DataFrame:
         raise StoreError(f"{path} is missing", hint="every img_emb_{i}.npy needs its metadata/metadata_{i}.parquet")
     with fs.open(path, "rb") as handle:
         schema = pq.read_schema(handle)
-        wanted = [c for c in ("key", "image_path", "url", "caption") if c in schema.names]
+        wanted = [c for c in ("key", "image_path", "url", "caption", "sha256") if c in schema.names]
         handle.seek(0)
         frame = pq.read_table(handle, columns=wanted).to_pandas()
     if len(frame) != rows:
