@@ -179,6 +179,13 @@ def _start_run(out: Path, shards: list[str], descriptor, model, pretrained, devi
     return run
 
 
+def _refuse_precomputed(descriptor: list[str] | None) -> None:
+    """`precomputed` is not computed from images: its vectors come from a folder."""
+    if descriptor and "precomputed" in descriptor:
+        raise DedupError("the precomputed descriptor's vectors come from --embeddings DIR",
+                         hint="run 'dedup run SHARDS --embeddings DIR --out OUT', or choose another --descriptor")
+
+
 def _open_run(out: Path, threshold=None, guard=None, search: bool = True, **changes) -> Run:
     """An existing run; options given here update its run.json before the stage runs."""
     _hold_lock(out)
@@ -236,6 +243,7 @@ def embed_command(
     from dedup.console import print_embed_summary
     from dedup.stages.embed import embed
 
+    _refuse_precomputed(descriptor)
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      model_extra={"image_size": input_size, "mean": mean, "std": std, "resize": resize,
@@ -372,12 +380,12 @@ def run_command(
     if not shards:
         raise DedupError("no shards given", hint="pass SHARDS, or --embeddings DIR for precomputed vectors")
     if embeddings is not None:  # beside shards: fail on a folder that cannot name samples before any shard is read
-        from dedup.stages.precomputed_join import check_embeddings_beside_shards
+        from dedup.stages.precomputed_join import check_embeddings_beside_shards, embeddings_location
 
+        embeddings = embeddings_location(embeddings)  # run.json names it wherever a later command runs
         check_embeddings_beside_shards(embeddings)
-    elif descriptor and "precomputed" in descriptor:
-        raise DedupError("the precomputed descriptor's vectors come from --embeddings DIR",
-                         hint="add --embeddings DIR (a clip-retrieval folder), or choose another --descriptor")
+    else:
+        _refuse_precomputed(descriptor)
     engine_settings = _engine(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, progress, retries)
     run = _start_run(out, shards, descriptor, model, pretrained, device, batch_size, workers, engine_settings,
                      threshold, guard, memory, keep,

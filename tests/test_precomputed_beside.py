@@ -169,10 +169,13 @@ def _oracle(samples: pd.DataFrame, pre: pd.DataFrame) -> dict[int, str]:
         reasons = [min(by_shard, key=lambda r: -1 if r == "shard_key" else order.index(r))] if by_shard else ["no_vector"]
         if s.url:
             same = [p for p in pre.itertuples() if p.kind == "u" and p.join == s.url]
-            usable = [p for p in same if not (s.sha256 and p.sha256 and s.sha256 != p.sha256)]
+            differ = [p for p in same if s.sha256 and p.sha256 and s.sha256 != p.sha256]
+            images = {t.sha256 for t in samples.itertuples() if t.url == s.url and t.sha256}
+            usable = [p for p in same if p not in differ and not (p.sha256 is None and len(images) > 1)]
             hashes = {p.sha256 for p in usable}
             one = len(usable) == 1 or (len(usable) > 1 and len(hashes) == 1 and None not in hashes)
-            reasons.append("url" if one else "no_vector" if not same else "sha256_differs" if not usable else "ambiguous")
+            reasons.append("url" if one else "no_vector" if not same else
+                           "sha256_differs" if len(differ) == len(same) else "ambiguous")
         if "shard_key" in reasons or "url" in reasons:
             verdict[s.sample_id] = "shard_key" if "shard_key" in reasons else "url"
         else:
@@ -331,7 +334,7 @@ def test_embeddings_that_name_no_sample_stop_with_the_coverage_to_read(tmp_path,
     assert (_coverage(tmp_path / "out")["precomputed"] == "url_differs").all()
 
 
-def test_cli_rules_of_the_flag_beside_shards(tmp_path, two_outputs):
+def test_cli_rules_of_the_flag_beside_shards(tmp_path, two_outputs, monkeypatch):
     from typer.testing import CliRunner
 
     from dedup.cli import app
@@ -342,6 +345,9 @@ def test_cli_rules_of_the_flag_beside_shards(tmp_path, two_outputs):
     runner = CliRunner()
     alone = runner.invoke(app, ["run", str(paths["a0"]), "--descriptor", "precomputed", "--out", str(tmp_path / "o1")])
     assert alone.exit_code == 2 and "--embeddings DIR" in alone.output
+    embed_only = runner.invoke(app, ["embed", str(paths["a0"]), "--descriptor", "precomputed", "--out",
+                                     str(tmp_path / "o1")])
+    assert embed_only.exit_code == 2 and "--embeddings DIR" in embed_only.output
     plain = runner.invoke(app, ["embed", str(paths["a0"]), "--out", str(tmp_path / "o2"), "--workers", "0"])
     assert plain.exit_code == 0, plain.output
     later = runner.invoke(app, ["run", str(paths["a0"]), "--embeddings", str(tmp_path / "emb"),
@@ -358,6 +364,10 @@ def test_cli_rules_of_the_flag_beside_shards(tmp_path, two_outputs):
     moved = runner.invoke(app, ["run", str(paths["a0"]), str(paths["a1"]), "--embeddings",
                                 str(tmp_path / "other" / "emb"), "--out", str(tmp_path / "o3"), "--no-report"])
     assert moved.exit_code == 2 and "takes its precomputed vectors from" in moved.output
+    monkeypatch.chdir(tmp_path)  # the same folder named relatively resumes the run
+    again = runner.invoke(app, ["run", str(paths["a0"]), str(paths["a1"]), "--embeddings", "emb",
+                                "--out", str(tmp_path / "o3"), "--no-report"])
+    assert again.exit_code == 0, again.output
 
 
 def test_a_remote_folder_is_fetched_part_by_part_and_gives_the_local_answer(tmp_path, two_outputs):
@@ -406,3 +416,21 @@ def test_metadata_shorter_than_its_vectors_is_a_clear_error(tmp_path, two_output
     monkeypatch.setattr(precomputed_join, "METADATA_BATCH_ROWS", 4)  # the count is checked after the last batch
     with pytest.raises(DedupError, match="part 1: 26 vectors but 25 metadata rows"):
         attach_precomputed(run)
+
+
+def test_a_url_whose_image_changed_between_downloads_gives_no_vector_without_a_hash(tmp_path, single_faiss_thread):
+    """Two samples of one url with other bytes: a row without sha256 cannot say which it was made from."""
+    members = []
+    for row, url in enumerate(["https://x.example/same.jpg", "https://x.example/same.jpg", "https://x.example/c.jpg"]):
+        members += sample_members(_key(0, row), _image(50 + row), url=url)
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "00000.tar", members)
+    rows = [{"image_path": "same.jpg", "url": "https://x.example/same.jpg"},
+            {"image_path": "c.jpg", "url": "https://x.example/c.jpg"}]
+    _folder(tmp_path / "emb", rows, _unit(np.random.default_rng(3).standard_normal((2, DIM))))
+    run = make_run(tmp_path / "out", [tmp_path / "s" / "00000.tar"], embeddings=str(tmp_path / "emb"))
+    run_all(run, with_report=False)
+    coverage = _coverage(tmp_path / "out").set_index("key")["precomputed"]
+    assert coverage.to_dict() == {_key(0, 0): "ambiguous", _key(0, 1): "ambiguous", _key(0, 2): "url"}
+    clusters = pd.read_parquet(tmp_path / "out" / "clusters.parquet")
+    assert (clusters["cluster_size"] == 1).all()  # one vector for two images would have merged them

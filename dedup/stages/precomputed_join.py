@@ -15,7 +15,8 @@ repeat across outputs):
   version of the shard).
 * **url** (where no row names the sample's shard and key): the one row with
   the sample's url, or several rows of that url with one and the same sha256;
-  where both sides carry a sha256 it must be equal.
+  where both sides carry a sha256 it must be equal, and a row without one
+  serves no sample of a url whose samples in the run hold different bytes.
 
 Every sample gets a status in OUT/precomputed_coverage/ (`PRECOMPUTED_COVERAGE`
 in dedup/records.py): matched `shard_key` or `url`, or why not (`no_vector`,
@@ -185,12 +186,20 @@ def decide_shard_keys(pre: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
 
 
 def decide_urls(pre: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
-    """Outcome of each sample row under the url rule: one image of that url, equal sha256 where both have one."""
+    """Outcome of each sample row under the url rule: one image of that url, equal sha256 where both have one.
+
+    A row without a sha256 cannot say which image it was made from where the run's samples of that url hold
+    different bytes (the url's image changed between downloads): it serves none of them.
+    """
     pre = pre[pre["kind"] == "u"]
     samples = samples[samples["kind"] == "u"]
+    images_of_url = samples.groupby("join")["sha256"].nunique()
     merged = samples.merge(pre, on="join", how="left", suffixes=("", "_pre"))
-    usable = merged["part"].notna() & ~_differ(merged["sha256"], merged["sha256_pre"])
-    merged = merged.assign(usable=usable.to_numpy())
+    found = merged["part"].notna()
+    differs = found & _differ(merged["sha256"], merged["sha256_pre"])
+    blind = merged["sha256_pre"].isna() & (merged["join"].map(images_of_url).fillna(0) > 1)
+    usable = found & ~differs & ~blind
+    merged = merged.assign(usable=usable.to_numpy(), found=found.to_numpy(), differs=differs.to_numpy())
     candidates = merged[merged["usable"]]
     # Several rows of one url are one image only when they carry one and the same sha256.
     by_sample = candidates.groupby("sample_id")
@@ -201,10 +210,9 @@ def decide_urls(pre: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     chosen = candidates[candidates["sample_id"].isin(single)].sort_values(["sample_id", "part", "row"])
     chosen = chosen.drop_duplicates("sample_id")
     rest = merged[~merged["sample_id"].isin(chosen["sample_id"])].drop_duplicates("sample_id")
-    any_row = merged["part"].notna().groupby(merged["sample_id"]).any()
-    any_usable = merged.groupby("sample_id")["usable"].any()
-    reason = np.where(~any_row.reindex(rest["sample_id"]).to_numpy(), "no_vector",
-                      np.where(~any_usable.reindex(rest["sample_id"]).to_numpy(), "sha256_differs", "ambiguous"))
+    per_sample = merged.groupby("sample_id")[["found", "differs"]].sum().reindex(rest["sample_id"])
+    no_row, all_differ = per_sample["found"].to_numpy() == 0, (per_sample["differs"] == per_sample["found"]).to_numpy()
+    reason = np.where(no_row, "no_vector", np.where(all_differ, "sha256_differs", "ambiguous"))
     matched = _outcomes(chosen, np.full(len(chosen), "url", dtype=object), "u")
     refused = _outcomes(rest.assign(part=np.nan, row=np.nan), reason.astype(object), "u")
     return pd.concat([matched, refused], ignore_index=True)
@@ -624,6 +632,11 @@ def _require_matches(stats: dict[str, int], source: str) -> None:
             f"no sample of the shards has a vector in {source} ({seen})",
             hint="its metadata must name each sample by image_path (shard/key) or url; OUT/precomputed_coverage says why",
         )
+
+
+def embeddings_location(source: str) -> str:
+    """A local folder as an absolute path (a URL of any fsspec protocol unchanged)."""
+    return source if "://" in source else str(Path(source).resolve())
 
 
 def check_embeddings_beside_shards(source: str) -> None:
