@@ -186,36 +186,47 @@ def decide_shard_keys(pre: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
 
 
 def decide_urls(pre: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
-    """Outcome of each sample row under the url rule: one image of that url, equal sha256 where both have one.
+    """Outcome of each sample row under the url rule: one image of that url, equal sha256 where both have one."""
+    merged = _url_rows(pre[pre["kind"] == "u"], samples[samples["kind"] == "u"])
+    chosen = _one_image(merged[merged["usable"]])
+    rest = merged[~merged["sample_id"].isin(chosen["sample_id"])].drop_duplicates("sample_id")
+    matched = _outcomes(chosen, np.full(len(chosen), "url", dtype=object), "u")
+    refused = _outcomes(rest.assign(part=np.nan, row=np.nan), _url_reasons(merged, rest["sample_id"]), "u")
+    return pd.concat([matched, refused], ignore_index=True)
+
+
+def _url_rows(pre: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """Each sample beside every row of its url: found, differs (both sha256 known, unequal), usable.
 
     A row without a sha256 cannot say which image it was made from where the run's samples of that url hold
     different bytes (the url's image changed between downloads): it serves none of them.
     """
-    pre = pre[pre["kind"] == "u"]
-    samples = samples[samples["kind"] == "u"]
     images_of_url = samples.groupby("join")["sha256"].nunique()
     merged = samples.merge(pre, on="join", how="left", suffixes=("", "_pre"))
     found = merged["part"].notna()
     differs = found & _differ(merged["sha256"], merged["sha256_pre"])
     blind = merged["sha256_pre"].isna() & (merged["join"].map(images_of_url).fillna(0) > 1)
-    usable = found & ~differs & ~blind
-    merged = merged.assign(usable=usable.to_numpy(), found=found.to_numpy(), differs=differs.to_numpy())
-    candidates = merged[merged["usable"]]
-    # Several rows of one url are one image only when they carry one and the same sha256.
+    return merged.assign(found=found.to_numpy(), differs=differs.to_numpy(),
+                         usable=(found & ~differs & ~blind).to_numpy())
+
+
+def _one_image(candidates: pd.DataFrame) -> pd.DataFrame:
+    """The chosen row of each sample with one usable row, or several carrying one and the same sha256."""
     by_sample = candidates.groupby("sample_id")
-    one_image = (by_sample["sha256_pre"].nunique() == 1) & ~candidates["sha256_pre"].isna().groupby(
-        candidates["sample_id"]).any()
+    hashed = ~candidates["sha256_pre"].isna().groupby(candidates["sample_id"]).any()
+    one_image = (by_sample["sha256_pre"].nunique() == 1) & hashed
     counts = by_sample.size()
     single = counts.index[(counts == 1).to_numpy() | one_image.reindex(counts.index).to_numpy()]
     chosen = candidates[candidates["sample_id"].isin(single)].sort_values(["sample_id", "part", "row"])
-    chosen = chosen.drop_duplicates("sample_id")
-    rest = merged[~merged["sample_id"].isin(chosen["sample_id"])].drop_duplicates("sample_id")
-    per_sample = merged.groupby("sample_id")[["found", "differs"]].sum().reindex(rest["sample_id"])
-    no_row, all_differ = per_sample["found"].to_numpy() == 0, (per_sample["differs"] == per_sample["found"]).to_numpy()
-    reason = np.where(no_row, "no_vector", np.where(all_differ, "sha256_differs", "ambiguous"))
-    matched = _outcomes(chosen, np.full(len(chosen), "url", dtype=object), "u")
-    refused = _outcomes(rest.assign(part=np.nan, row=np.nan), reason.astype(object), "u")
-    return pd.concat([matched, refused], ignore_index=True)
+    return chosen.drop_duplicates("sample_id")
+
+
+def _url_reasons(merged: pd.DataFrame, sample_ids: pd.Series) -> np.ndarray:
+    """Why a sample has no url match: no row of its url, every row of another sha256, or no single image."""
+    per_sample = merged.groupby("sample_id")[["found", "differs"]].sum().reindex(sample_ids)
+    no_row = per_sample["found"].to_numpy() == 0
+    all_differ = (per_sample["differs"] == per_sample["found"]).to_numpy()
+    return np.where(no_row, "no_vector", np.where(all_differ, "sha256_differs", "ambiguous")).astype(object)
 
 
 def _outcomes(merged: pd.DataFrame, status: np.ndarray, kind: str) -> pd.DataFrame:
