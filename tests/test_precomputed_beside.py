@@ -318,6 +318,11 @@ def test_metadata_with_keys_alone_is_refused_before_any_shard_is_read(tmp_path, 
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "neither image_path nor url" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out" / "samples").exists()
+    bare = [{"image_path": key, "caption": "c"} for key in facts["a0"]]  # clip-retrieval over webdataset
+    _folder(tmp_path / "bare", bare, _unit(np.ones((len(bare), DIM))))
+    result = CliRunner().invoke(app, ["run", str(paths["a0"]), "--embeddings", str(tmp_path / "bare"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "bare keys as image_path and no url" in result.output
 
 
 def test_embeddings_that_name_no_sample_stop_with_the_coverage_to_read(tmp_path, two_outputs):

@@ -652,15 +652,14 @@ def embeddings_location(source: str) -> str:
 
 def check_embeddings_beside_shards(source: str) -> None:
     """Before any shard is read: the folder is a clip-retrieval layout with metadata that can name samples."""
-    fs, root = _filesystem(source)
-    parts = list_parts(source)
-    path = f"{root}/metadata/metadata_{parts[0]}.parquet"
-    if not fs.exists(path):
-        raise StoreError(f"{path} is missing", hint="every img_emb_{i}.npy needs its metadata/metadata_{i}.parquet")
-    with fs.open(path, "rb") as handle:
-        names = pq.read_schema(handle).names
-    if "image_path" not in names and "url" not in names:
+    part = list_parts(source)[0]
+    first = next(metadata_batches(source, part), pd.DataFrame())
+    if "url" in first:
+        return
+    named = [p for p in first.get("image_path", pd.Series(dtype=object)).tolist() if shard_and_key(p)[0]]
+    if not named:  # clip-retrieval over webdataset writes the bare key as image_path
+        what = "bare keys as image_path and no url" if "image_path" in first else "neither image_path nor url"
         raise DedupError(
-            f"{path} has neither image_path nor url, so no vector can be matched to a sample of the shards",
+            f"metadata_{part}.parquet of {source} has {what}, so no vector can be matched to a sample of the shards",
             hint="keys alone repeat across img2dataset outputs: give metadata with image_path (shard/key) or url",
         )
