@@ -90,3 +90,32 @@ def test_a_registered_toy_descriptor_runs_end_to_end(toy_descriptor, tmp_path):
 
 def test_registry_lists_every_entry():
     assert {"sha256", "perceptual", "clip"} <= set(REGISTRY)
+
+
+def test_cuda_check_needs_no_torch_import_where_no_gpu_driver_is_loaded(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import dedup.descriptors as registry
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", fake)  # a torch that would say yes
+    monkeypatch.setattr(registry.sys, "platform", "linux")
+    monkeypatch.setattr(registry, "GPU_DRIVER_PATHS", (str(tmp_path / "no-driver"),))
+    assert registry.cuda_available() is False  # answered from the driver files, torch never asked
+    (tmp_path / "no-driver").touch()
+    assert registry.cuda_available() is True  # a driver: torch decides
+
+
+def test_choosing_default_descriptors_does_not_import_torch_on_a_machine_without_gpu():
+    import subprocess
+    import sys
+
+    from dedup.descriptors import gpu_driver_present
+
+    if gpu_driver_present():
+        pytest.skip("a GPU driver is loaded here: torch is asked, as it should be")
+    code = ("import sys; from dedup.settings import Settings; from dedup.descriptors import default_reason; "
+            "s = Settings.build(shard_specs=['x.tar']); default_reason(); print(s.descriptors, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['perceptual'] False"
