@@ -193,9 +193,17 @@ def choose_default_descriptors(cuda: bool) -> tuple[list[str], str]:
     return ["perceptual"], "no CUDA GPU found, so the weight-free perceptual descriptor runs (add --descriptor clip to force CLIP on CPU)"
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported, found without importing it (a finder may also refuse by raising)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def default_reason() -> str:
     """Why the default descriptors are what they are here (printed by `dedup run`)."""
-    if importlib.util.find_spec("torch") is None:  # whether it is installed, without importing it
+    if not torch_installed():
         return ("torch is not installed, so the weight-free perceptual descriptor runs "
                 "(pip install 'dedup[clip]' to add CLIP)")
     return choose_default_descriptors(cuda_available())[1]
