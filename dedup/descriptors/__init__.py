@@ -117,9 +117,14 @@ register(DescriptorInfo(
 ))
 
 
+def made_outside(name: str) -> bool:
+    """The descriptor's vectors come from a model dedup has no builder of (`precomputed` embeddings)."""
+    return not descriptor_policy(name).module
+
+
 def describable(names: list[str]) -> list[str]:
     """The names dedup can describe an image with (not vectors made outside it, such as `precomputed`)."""
-    return [name for name in names if descriptor_policy(name).module]
+    return [name for name in names if not made_outside(name)]
 
 
 def vector_descriptor_names() -> list[str]:
@@ -140,7 +145,7 @@ def build_descriptor(name: str, **options) -> Descriptor:
     info = descriptor_policy(name)
     if info.kind != "vector":
         raise DedupError(f"{name!r} is not a vector descriptor", hint=f"choose from {', '.join(vector_descriptor_names())}")
-    if not info.module:
+    if made_outside(name):
         raise DedupError(f"the {name!r} vectors were made outside dedup, which cannot describe a new image with them",
                          hint="query such a run with --key, or embed with --descriptor clip (--model/--pretrained of that model)")
     cls = getattr(importlib.import_module(info.module), info.class_name)
@@ -233,6 +238,7 @@ __all__ = [
     "default_reason",
     "describable",
     "descriptor_policy",
+    "made_outside",
     "query_transform_for",
     "register",
     "resolve_descriptor_names",

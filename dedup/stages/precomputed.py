@@ -104,13 +104,18 @@ def shard_and_key(image_path: object) -> tuple[str | None, str | None]:
     return (parent or None), stem
 
 
-def _read_metadata(fs, root: str, part: int, rows: int) -> pd.DataFrame:
+def metadata_path(fs, root: str, part: int) -> str:
+    """DIR/metadata/metadata_{part}.parquet, which must exist beside its img_emb part."""
     path = f"{root}/metadata/metadata_{part}.parquet"
     if not fs.exists(path):
         raise StoreError(f"{path} is missing", hint="every img_emb_{i}.npy needs its metadata/metadata_{i}.parquet")
-    with fs.open(path, "rb") as handle:
+    return path
+
+
+def _read_metadata(fs, root: str, part: int, rows: int) -> pd.DataFrame:
+    with fs.open(metadata_path(fs, root, part), "rb") as handle:
         schema = pq.read_schema(handle)
-        wanted = [c for c in ("key", "image_path", "url", "caption", "sha256") if c in schema.names]
+        wanted = [c for c in ("key", "image_path", "url", "caption") if c in schema.names]
         handle.seek(0)
         frame = pq.read_table(handle, columns=wanted).to_pandas()
     if len(frame) != rows:
@@ -143,9 +148,14 @@ def _sample_frame(meta: pd.DataFrame, part: int, part_name: str) -> pd.DataFrame
 
 
 def _check_vectors(vectors: np.ndarray, part: int) -> None:
-    if vectors.ndim != 2 or vectors.dtype not in (np.float16, np.float32):
+    check_vector_layout(vectors.shape, vectors.dtype, f"img_emb_{part}.npy")
+
+
+def check_vector_layout(shape: tuple[int, ...], dtype, name: str) -> None:
+    """An img_emb part holds (n, d) float16 or float32 rows (checked from an array or from a .npy header)."""
+    if len(shape) != 2 or np.dtype(dtype) not in (np.float16, np.float32):
         raise StoreError(
-            f"img_emb_{part}.npy holds {vectors.dtype} of shape {vectors.shape}",
+            f"{name} holds {np.dtype(dtype)} of shape {shape}",
             hint="expected (n, d) float16 or float32 rows, as clip-retrieval writes them",
         )
 

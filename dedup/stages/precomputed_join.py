@@ -63,7 +63,16 @@ from dedup.records import (
     write_record,
 )
 from dedup.run import Run
-from dedup.stages.precomputed import PRECOMPUTED, _check_vectors, _filesystem, _is_local, list_parts, shard_and_key
+from dedup.stages.precomputed import (
+    PRECOMPUTED,
+    _check_vectors,
+    _filesystem,
+    _is_local,
+    check_vector_layout,
+    list_parts,
+    metadata_path,
+    shard_and_key,
+)
 
 # Run shards per group (a samples-keys task and a parts task) at most; fewer where --memory asks for it.
 GROUP_SHARDS = 256
@@ -277,11 +286,13 @@ def _read_bucket(paths: list[Path], column: str, value: int) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class JoinPlan:
-    """How the join is cut: hash buckets of join keys, run shards per group, and the inputs' fingerprint."""
+    """How the join is cut: hash buckets of join keys, run shards per group, the inputs' fingerprint, and
+    the vectors' dimension (read once from the .npy headers)."""
 
     buckets: int
     group_shards: int
     stamp: str
+    dim: int
 
 
 class _JoinStep:
@@ -337,10 +348,7 @@ class KeysStep(_JoinStep):
 def metadata_batches(source: str, part: int):
     """metadata_{part}.parquet in batches of METADATA_BATCH_ROWS rows (a LAION part has ~1M), only the columns used."""
     fs, root = _filesystem(source)
-    path = f"{root}/metadata/metadata_{part}.parquet"
-    if not fs.exists(path):
-        raise StoreError(f"{path} is missing", hint="every img_emb_{i}.npy needs its metadata/metadata_{i}.parquet")
-    with fs.open(path, "rb") as handle:
+    with fs.open(metadata_path(fs, root, part), "rb") as handle:
         reader = pq.ParquetFile(handle)
         wanted = [c for c in ("image_path", "url", "sha256") if c in reader.schema_arrow.names]
         if not wanted:  # no column to read: the rows still count (checked against the vectors)
@@ -471,7 +479,7 @@ class PartsStep(_JoinStep):
         outcomes = _read_bucket([self.scratch(f"join_{b}.parquet") for b in range(self.buckets)], "group", group)
         final = final_outcome(outcomes) if len(outcomes) else _no_outcomes()
         counts: dict[str, int] = {}
-        maps = _VectorMaps(self.run_dir, self.source)
+        maps = _VectorMaps(self.run_dir, self.source, self.plan.dim)
         for shard_index in self.group_of(group):
             samples = _samples(self.run_dir, shard_index)
             lo, hi = shard_index << 32, (shard_index + 1) << 32
@@ -506,20 +514,15 @@ def coverage_table(samples: pd.DataFrame, outcome: pd.DataFrame) -> pd.DataFrame
 class _VectorMaps:
     """DIR's parts as memory maps, opened on first use; rows come back as unit float16."""
 
-    def __init__(self, run: RunDir, source: str) -> None:
-        self.run_dir, self.source, self.maps = run, source, {}
+    def __init__(self, run: RunDir, source: str, dim: int) -> None:
+        self.run_dir, self.source, self.dim, self.maps = run, source, dim, {}
 
     def gather(self, parts: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        if not len(parts):
-            return np.zeros((0, self._dim()), dtype=np.float16)
-        out = np.empty((len(parts), 0), dtype=np.float32)
+        out = np.zeros((len(parts), self.dim), dtype=np.float32)
         for part in np.unique(parts):
             where = np.flatnonzero(parts == part)
             order = where[np.argsort(rows[where], kind="stable")]  # sequential reads of the map
-            block = np.asarray(self._map(int(part))[rows[order]], dtype=np.float32)
-            if out.shape[1] == 0:
-                out = np.zeros((len(parts), block.shape[1]), dtype=np.float32)
-            out[order] = block
+            out[order] = self._map(int(part))[rows[order]]
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return (out / np.maximum(norms, 1e-12)).astype(np.float16)
 
@@ -527,10 +530,6 @@ class _VectorMaps:
         if part not in self.maps:
             self.maps[part] = _local_vectors(self.run_dir, self.source, part)
         return self.maps[part]
-
-    def _dim(self) -> int:
-        first = list_parts(self.source)[0]
-        return int(self._map(first).shape[1])
 
 
 def _local_vectors(run: RunDir, source: str, part: int) -> np.ndarray:
@@ -582,9 +581,9 @@ def attach_precomputed(run: Run) -> dict[str, int]:
     source = run.settings.embeddings
     parts = list_parts(source)
     shards = len(read_shards(run))
-    buckets, group_shards = plan_sizes(_vector_rows(source, parts), _sample_rows(run, shards), shards,
-                                       run.settings.memory_budget_bytes)
-    plan = JoinPlan(buckets, group_shards, _stamp(run, source, parts, shards, (buckets, group_shards)))
+    vector_rows, dim = _vector_shape(source, parts)
+    buckets, group_shards = plan_sizes(vector_rows, _sample_rows(run, shards), shards, run.settings.memory_budget_bytes)
+    plan = JoinPlan(buckets, group_shards, _stamp(run, source, parts, shards, (buckets, group_shards)), dim)
     steps = [KeysStep, SampleKeysStep, JoinStep, PartsStep]
     reports = [run_stage(run, step(run, source, parts, shards, plan)) for step in steps]
     # Every step is done (markers): the parts now hold the gathered vectors, so nothing reads the scratch again.
@@ -594,14 +593,15 @@ def attach_precomputed(run: Run) -> dict[str, int]:
     return {**stats, "buckets": buckets, "shards_per_group": group_shards}
 
 
-def _vector_rows(source: str, parts: list[int]) -> int:
-    """Rows of every part, from the .npy headers alone (a remote part is fetched later, by its keys task)."""
+def _vector_shape(source: str, parts: list[int]) -> tuple[int, int]:
+    """(rows of every part, their one dimension), from the .npy headers alone (a remote part is fetched later,
+    by its keys task)."""
     shapes = {p: npy_shape(source, p) for p in parts}
     dims = sorted({shape[1] for shape in shapes.values()})
     if len(dims) > 1:
         raise StoreError(f"the parts of {source} hold vectors of {len(dims)} dimensions ({dims})",
                          hint="every img_emb part of one folder must come from the same model")
-    return sum(shape[0] for shape in shapes.values())
+    return sum(shape[0] for shape in shapes.values()), dims[0]
 
 
 def npy_shape(source: str, part: int) -> tuple[int, ...]:
@@ -616,9 +616,7 @@ def npy_shape(source: str, part: int) -> tuple[int, ...]:
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path} is not a readable .npy file ({exc})",
                          hint="img_emb parts are numpy .npy files, as clip-retrieval writes them") from None
-    if len(shape) != 2 or np.dtype(dtype) not in (np.float16, np.float32):
-        raise StoreError(f"{path} holds {np.dtype(dtype)} of shape {shape}",
-                         hint="expected (n, d) float16 or float32 rows, as clip-retrieval writes them")
+    check_vector_layout(shape, dtype, path)
     return shape
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from dedup.decode import DecodeFailure, decode_image
-from dedup.descriptors import DescriptorBuilder, descriptor_policy
+from dedup.descriptors import DescriptorBuilder, descriptor_policy, made_outside
 from dedup.errors import QueryError, StoreError
 from dedup.records import FilteredRows, RunDir
 from dedup.records import column as _field
@@ -62,11 +62,6 @@ class QueryResult:
             "min_similarity": self.min_similarity,
             "matches": self.matches.head(limit).replace({np.nan: None}).to_dict("records"),
         }
-
-
-def made_outside(descriptor: str) -> bool:
-    """The descriptor's vectors come from a model dedup holds no settings of (precomputed embeddings)."""
-    return not descriptor_policy(descriptor).module
 
 
 class RunIndex:
