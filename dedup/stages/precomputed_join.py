@@ -57,6 +57,7 @@ from dedup.records import (
     EMBEDDING_METADATA,
     PRECOMPUTED_COVERAGE,
     RunDir,
+    _part_rows,
     fingerprint,
     read_shards,
     write_array,
@@ -622,7 +623,7 @@ def npy_shape(source: str, part: int) -> tuple[int, ...]:
 
 def _sample_rows(run: Run, shards: int) -> int:
     paths = [run.samples_part(s) for s in range(shards)]
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths if p.exists())
+    return sum(_part_rows(p) for p in paths if p.exists())
 
 
 def _stamp(run: Run, source: str, parts: list[int], shards: int, sizes_planned: tuple[int, int]) -> str:
