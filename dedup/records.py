@@ -134,6 +134,9 @@ SAMPLES = _schema(
     # For --keep best (dedup/image_quality.py): Hasler-Suesstrunk colourfulness of the decoded
     # image, its share inside letterbox bars, and the size of the stored image bytes.
     ("colourfulness", pa.float32()), ("content_fraction", pa.float32()), ("image_bytes", pa.int64()),
+    # Where the image member's data starts in its shard, for an uncompressed tar (null otherwise): the
+    # report reads a shown image at this offset and checks its sha256 instead of scanning the shard.
+    ("image_offset", pa.int64()),
 )
 EMBEDDING_METADATA = _schema(
     ("sample_id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),

@@ -314,3 +314,33 @@ def test_prefetch_skips_a_shard_done_earlier_and_drops_one_that_is_not_asked_for
         stage.close()
     rows = pd.read_parquet(RunDir(out).samples_part(2))
     assert rows["key"].tolist() == [f"s2_{k}" for k in range(40)] and (rows["status"] == "ok").all()
+
+
+def test_decode_workers_are_sent_offsets_not_image_bytes_and_outputs_do_not_change(tmp_path, monkeypatch):
+    import pickle
+    from types import SimpleNamespace
+
+    shards = [shard(tmp_path / "00000.tar", [f"k{i}" for i in range(40)])]
+    sent: list[bytes] = []
+
+    class InlinePool:  # what the pool's pipes would carry, then the worker's own call
+        def apply_async(self, function, args):
+            sent.append(pickle.dumps(args[0]))
+            result = function(pickle.loads(sent[-1]), *args[1:])
+            return SimpleNamespace(get=lambda: result)
+
+    stage = _stage(tmp_path / "pool", shards, prefetch=False, workers=1)
+    monkeypatch.setattr(stage, "_get_pool", lambda: InlinePool())
+    stage.run_task("0", lambda n: None)
+    chunks = [pickle.loads(payload) for payload in sent]
+    assert sum(len(chunk) for chunk in chunks) == 40
+    assert all(raw.image_bytes is None and raw.deferred is not None for chunk in chunks for raw in chunk)
+    image_bytes = sum(len(image(i)) for i in range(40))
+    assert sum(map(len, sent)) < image_bytes / 4  # headers, captions and metadata only
+    plain = _stage(tmp_path / "plain", shards, prefetch=False, workers=0)
+    plain.run_task("0", lambda n: None)
+    [(rows, vectors)], [(plain_rows, plain_vectors)] = _parts(tmp_path / "pool", 1), _parts(tmp_path / "plain", 1)
+    assert rows.equals(plain_rows) and np.array_equal(vectors, plain_vectors)
+    data = shards[0].read_bytes()
+    spans = zip(rows["image_offset"], rows["image_bytes"], strict=True)
+    assert all(data[o : o + n] == image(i) for i, (o, n) in enumerate(spans))

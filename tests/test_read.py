@@ -500,3 +500,86 @@ def test_member_data_read_from_the_stream_matches_tarfiles_reader_wherever_the_t
     assert calls and fast == reference
     assert fast[0][1] is None and len(fast[0][0]) == 5 and fast[1] == fast[0]
     assert {failure.status for _, failure in fast[2:] if failure} == {SHARD_TRUNCATED, SHARD_UNREADABLE}
+
+
+# ---------------------------------------------------------------- image data read by offset (decode workers, report)
+
+
+def _members_with_long_names_and_repeats() -> list[tuple[str, bytes]]:
+    images = [jpeg_bytes(photo(20 + i)) for i in range(4)]
+    long_key = "d/" + "x" * 140  # past ustar's 100-byte name field: a pax or GNU long-name header first
+    return [*sample_members("k0", images[0]), *sample_members(long_key, images[1]),
+            ("k0.jpg", images[2]), ("k0.txt", b"k0 again"),  # a key repeated later in the shard
+            *sample_members("k3", images[3], ext="png")]
+
+
+def _write_format(path: Path, members: list[tuple[str, bytes]], tar_format: int) -> Path:
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _by_offset(path: Path):
+    """Samples as a decode worker sees them: headers read by the main process, image bytes at their offsets."""
+    stream = ShardStream(str(path), 0, defer_images=True)
+    samples = []
+    for sample in stream:
+        deferred = sample.deferred is not None and sample.image_bytes is None
+        sample.load_deferred()
+        samples.append((sample.key, sample.image_bytes, sample.caption, sample.failure, sample.occurrence,
+                        sample.image_offset, deferred))
+    return samples, stream.failure
+
+
+def _streamed(path: Path):
+    stream = ShardStream(str(path), 0)
+    samples = [(s.key, s.image_bytes, s.caption, s.failure, s.occurrence, s.image_offset, False) for s in stream]
+    return samples, stream.failure
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_images_read_at_their_offsets_equal_the_streamed_ones_wherever_the_tar_is_cut(tmp_path, tar_format):
+    members = _members_with_long_names_and_repeats()
+    if tar_format == tarfile.USTAR_FORMAT:
+        members = [m for m in members if not m[0].startswith("d/")]  # ustar cannot hold the long name
+    shard = _write_format(tmp_path / "whole.tar", members, tar_format)
+    data = shard.read_bytes()
+    whole, failure = _by_offset(shard)
+    assert failure is None and [s[:2] for s in whole] == [s[:2] for s in _streamed(shard)[0]]
+    assert all(s[6] for s in whole)  # every image came by offset, none through the main process
+    assert all(data[s[5] : s[5] + len(s[1])] == s[1] for s in whole)  # the recorded offset holds the bytes
+    for size in [*range(0, len(data) + 1, 97), *(o + d for s in whole for o in (s[5],) for d in (-1, 0, 1))]:
+        cut = _cut(shard, tmp_path, size, f"cut{size}.tar")
+        by_offset, streamed = _by_offset(cut), _streamed(cut)
+        strip = lambda outcome: ([s[:6] for s in outcome[0]], outcome[1])  # noqa: E731
+        assert strip(by_offset) == strip(streamed), size
+
+
+def test_compressed_and_remote_shards_are_not_read_by_offset(tmp_path):
+    import gzip
+
+    shard = write_tar(tmp_path / "a.tar", sample_members("k0", jpeg_bytes(photo(1))))
+    gz = tmp_path / "a.tar.gz"
+    gz.write_bytes(gzip.compress(shard.read_bytes(), mtime=0))
+    for url in (str(gz), f"pipe:cat {shard}"):
+        [sample] = list(ShardStream(url, 0, defer_images=True))
+        assert sample.deferred is None and sample.image_bytes == jpeg_bytes(photo(1))
+    [gz_sample] = list(ShardStream(str(gz), 0))
+    [piped] = list(ShardStream(f"pipe:cat {shard}", 0))
+    assert gz_sample.image_offset is None  # an offset into the decompressed stream locates nothing on disk
+    assert piped.image_offset == 512  # an uncompressed stream: the offset is the file's
+
+
+def test_a_shard_cut_after_its_headers_were_read_is_an_error_not_other_bytes(tmp_path):
+    from dedup.stages.read import ShardChanged
+
+    shard = write_tar(tmp_path / "a.tar", [m for i in range(2) for m in sample_members(f"k{i}", jpeg_bytes(photo(i)))])
+    samples = list(ShardStream(str(shard), 0, defer_images=True))
+    shard.write_bytes(shard.read_bytes()[: samples[1].deferred[1] + 10])  # rewritten while queued for decoding
+    samples[0].load_deferred()
+    assert samples[0].image_bytes == jpeg_bytes(photo(0))
+    with pytest.raises(ShardChanged, match="the shard changed while it was read"):
+        samples[1].load_deferred()

@@ -555,3 +555,75 @@ def test_lost_report_scratch_is_redone_not_a_page_without_thumbnails(fixture_run
     assert report.forget_lost_outputs(copy, top=8, order="copies") == []
     report.report_stage(copy, top=8)
     assert page.stat().st_mtime_ns == done
+
+
+# ---------------------------------------------------------------- images read back by offset, checked by sha256
+
+
+def _run_over(base: Path, shard_path: Path, with_offsets: bool = True) -> RunDir:
+    """The shard list and the samples table the embed stage writes (what read_thumbnails reads), by hand."""
+    import hashlib
+
+    from dedup.stages.read import ShardStream
+
+    run = RunDir(base / "run")
+    write_table(pd.DataFrame({"shard_index": np.array([0], dtype=np.int32), "url": [str(shard_path)]}), run.shards_table)
+    rows = [{"sample_id": make_sample_id(0, raw.position), "shard_index": 0, "image_member": raw.image_member,
+             "status": OK, "error": None, "sha256": hashlib.sha256(raw.image_bytes).hexdigest(),
+             "image_offset": raw.image_offset, "image_bytes": len(raw.image_bytes)}
+            for raw in ShardStream(str(shard_path), 0)]
+    frame = pd.DataFrame(rows)
+    write_table(frame if with_offsets else frame.drop(columns=["image_offset"]), run.samples_part(0))
+    return run
+
+
+def _photo_jpeg(index: int) -> bytes:
+    buffer = io.BytesIO()
+    demo_photos()[index].image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _same_picture(thumb: report.Thumbnail, jpeg: bytes) -> bool:
+    expected = report.make_thumbnail(jpeg).image
+    return thumb.image is not None and np.array_equal(np.asarray(thumb.image), np.asarray(expected))
+
+
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_a_key_repeated_in_a_shard_shows_each_sample_its_own_image(tmp_path, with_offsets):
+    """Keys are web data and repeat: the first sample named k0 was shown 'not found', the second with the first's image."""
+    first, other, second = _photo_jpeg(1), _photo_jpeg(2), _photo_jpeg(3)
+    shard_path = _tar(tmp_path / "00000.tar", [("k0.jpg", first), ("k1.jpg", other), ("k0.jpg", second)])
+    run = _run_over(tmp_path, shard_path, with_offsets)
+    ids = [make_sample_id(0, 0), make_sample_id(0, 2)]
+    thumbs = report.read_thumbnails(run.root, ids)
+    assert _same_picture(thumbs[ids[0]], first) and _same_picture(thumbs[ids[1]], second)
+
+
+def test_thumbnails_are_read_at_their_offsets_without_scanning_the_shard(tmp_path, monkeypatch):
+    images = [_photo_jpeg(i) for i in range(4)]
+    shard_path = _tar(tmp_path / "00000.tar", [(f"k{i}.jpg", data) for i, data in enumerate(images)])
+    run = _run_over(tmp_path, shard_path)
+    monkeypatch.setattr(report.tarfile, "open", lambda *a, **k: pytest.fail("the shard was scanned"))
+    thumbs = report.read_thumbnails(run.root, [make_sample_id(0, 3), make_sample_id(0, 1)])
+    assert _same_picture(thumbs[make_sample_id(0, 3)], images[3]) and _same_picture(thumbs[make_sample_id(0, 1)], images[1])
+
+
+def test_a_shard_rewritten_since_the_run_shows_no_other_image(tmp_path):
+    """Same member names, other pictures (a shard re-downloaded): the page must not show them as the run's."""
+    shard_path = _tar(tmp_path / "00000.tar", [("k0.jpg", _photo_jpeg(1)), ("k1.jpg", _photo_jpeg(2))])
+    run = _run_over(tmp_path, shard_path)
+    _tar(shard_path, [("k0.jpg", _photo_jpeg(4)), ("k1.jpg", _photo_jpeg(2))])
+    thumbs = report.read_thumbnails(run.root, [make_sample_id(0, 0), make_sample_id(0, 1)])
+    assert thumbs[make_sample_id(0, 0)].image is None and thumbs[make_sample_id(0, 0)].problem == report.CHANGED
+    assert _same_picture(thumbs[make_sample_id(0, 1)], _photo_jpeg(2))  # unchanged bytes, found by the scan

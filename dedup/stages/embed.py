@@ -1,7 +1,9 @@
 """Embed stage: one task per shard -> samples table part + one embedding part per descriptor.
 
-Decode workers (processes) read nothing from disk: the main process streams the
-tar and hands them chunks of raw samples; they decode, hash and `prepare`, and
+The main process reads the tar's headers and hands decode workers (processes)
+chunks of raw samples; for a local uncompressed tar it seeks past the image data
+and each worker reads its images at their offsets (`RawSample.deferred`), so no
+image bytes pass through the pool's pipes. Workers decode, hash and `prepare`, and
 the main process batches `prepare` outputs through each descriptor's `embed`
 while the workers decode the next chunks. At most `window` chunks are in
 flight, so memory stays bounded whatever the shard size. Once a shard's tar is
@@ -187,7 +189,11 @@ class EmbedStage:
             return feed
         if feed is not None:
             feed.discard()
-        return _ShardFeed(shard_index, ShardStream(self.shards[shard_index], shard_index, self.timeouts))
+        return _ShardFeed(shard_index, self._stream(shard_index))
+
+    def _stream(self, shard_index: int) -> ShardStream:
+        # With a pool, workers read their images from a local tar themselves: no image bytes through pipes.
+        return ShardStream(self.shards[shard_index], shard_index, self.timeouts, defer_images=self.workers > 0)
 
     def _processed(self, feed: _ShardFeed) -> Iterator[list[ProcessedSample]]:
         if self.workers <= 0:
@@ -218,7 +224,7 @@ class EmbedStage:
         if self._next is None:
             if self.run_dir.marker(self.name, str(shard_index)).exists():
                 return False  # done in an earlier run: the engine skips it
-            self._next = _ShardFeed(shard_index, ShardStream(self.shards[shard_index], shard_index, self.timeouts))
+            self._next = _ShardFeed(shard_index, self._stream(shard_index))
         return self._next.shard_index == shard_index and self._next.submit_one(submit)
 
     def _get_pool(self):

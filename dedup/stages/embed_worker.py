@@ -73,6 +73,7 @@ def process_chunk(
 
 
 def _process_sample(raw: RawSample, descriptors, target_side: int, max_pixels: int) -> ProcessedSample:
+    raw.load_deferred()
     row = _base_row(raw)
     if raw.image_bytes is not None:
         row["sha256"] = hashlib.sha256(raw.image_bytes).hexdigest()
@@ -104,5 +105,6 @@ def _base_row(raw: RawSample) -> dict[str, Any]:
         key=raw.key, url=meta_str(meta, "url"), caption=raw.caption, image_member=raw.image_member,
         original_width=meta_int(meta, "original_width"), original_height=meta_int(meta, "original_height"),
         status=decode.OK, image_bytes=len(raw.image_bytes) if raw.image_bytes is not None else None,
+        image_offset=raw.image_offset,
     )
     return row

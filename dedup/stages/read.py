@@ -86,6 +86,25 @@ class RawSample:
     failure: tuple[str, str] | None = None
     # Earlier samples with this key in this shard (0 = first appearance).
     occurrence: int = 0
+    # Where the image member's data starts in the tar, when the tar is not compressed (None otherwise):
+    # the samples table keeps it, so the report reads a shown image back without scanning the shard.
+    image_offset: int | None = None
+    # `ShardStream(defer_images=True)`: (local file, offset, size) of image bytes not read yet; the decode
+    # worker reads them itself (`load_deferred`), so image bytes never pass through the main process.
+    deferred: tuple[str, int, int] | None = None
+
+    def load_deferred(self) -> None:
+        """Read deferred image bytes from the shard file (a shard changed or cut since its headers were read
+        raises ShardChanged: the shard's task fails and is retried, it never decodes other bytes)."""
+        if self.deferred is None:
+            return
+        path, offset, size = self.deferred
+        with open(path, "rb") as handle:
+            data = os.pread(handle.fileno(), size, offset)
+        if len(data) != size:
+            raise ShardChanged(f"{path}: {size:,} image bytes expected at offset {offset:,}, "
+                               f"{len(data):,} found (the shard changed while it was read)")
+        self.image_bytes, self.deferred = data, None
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,10 @@ class ShardFailure:
     status: str
     message: str
     samples_read: int
+
+
+class ShardChanged(OSError):
+    """A shard file no longer holds what its headers said when it was read (rewritten or cut meanwhile)."""
 
 
 class ShardOpenError(OSError):
@@ -314,8 +337,11 @@ class ShardStream:
     break are yielded, and `failure` holds the status and message.
     """
 
-    def __init__(self, url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+    def __init__(self, url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS,
+                 defer_images: bool = False) -> None:
         self.url, self.shard_index, self.timeouts = url, shard_index, timeouts
+        # Local uncompressed tars only: headers are read, image data is seeked past (RawSample.deferred).
+        self.defer_images = defer_images
         self.failure: ShardFailure | None = None
         self.samples_read = 0
         self.repeated_keys = 0  # samples whose key appeared earlier in this shard
@@ -340,8 +366,12 @@ class ShardStream:
             self._fail(_status_of(exc), f"{self.url}: {type(exc).__name__}: {exc}")
 
     def _samples(self, stream: IO[bytes]) -> Iterator[RawSample]:
-        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
-            for key, files in self._group_members(tar):
+        seekable = self.defer_images and not is_remote(self.url) and _plain_tar(stream)
+        # Seekable mode seeks past member data; its end and cut checks are tarfile.next()'s, as in stream mode.
+        with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*", tarinfo=_EndCheckingTarInfo) as tar:
+            plain = seekable or getattr(tar.fileobj, "comptype", None) == "tar"
+            source = os.path.abspath(self.url) if seekable else None
+            for key, files in self._group_members(tar, source, plain):
                 yield self._sample(key, files)
             if not getattr(tar, "dedup_complete", False):
                 self._fail(SHARD_TRUNCATED, "the tar ends without its end-of-archive blocks (cut at a member boundary)")
@@ -352,7 +382,7 @@ class ShardStream:
         if problem:
             self._fail(SHARD_UNREADABLE, problem)
 
-    def _sample(self, key: str, files: dict[str, bytes | str]) -> RawSample:
+    def _sample(self, key: str, files: dict[str, Any]) -> RawSample:
         sample = _make_sample(self.url, self.shard_index, self.samples_read, key, files)
         sample.occurrence = self._key_counts.get(key, 0)
         self._key_counts[key] = sample.occurrence + 1
@@ -365,10 +395,15 @@ class ShardStream:
             message = f"{message}; {self.samples_read} samples read before it"
         self.failure = ShardFailure(status, message, self.samples_read)
 
-    def _group_members(self, tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | str]]]:
-        """Yield (key, {ext: bytes}) for consecutive members sharing a key, as webdataset groups them."""
+    def _group_members(self, tar: tarfile.TarFile, source: str | None,
+                       plain: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (key, {ext: payload}) for consecutive members sharing a key, as webdataset groups them.
+
+        A payload is the member's bytes, a message (too large), or with `source` (seekable, deferred images)
+        an image's `_Located`; `plain` (an uncompressed tar) records where each image's data starts.
+        """
         current_key: str | None = None
-        files: dict[str, bytes | str] = {}
+        files: dict[str, Any] = {}
         for member in tar:
             if not member.isfile():
                 continue
@@ -380,7 +415,7 @@ class ShardStream:
                     yield current_key, files
                 self.repeated_members += key == current_key
                 current_key, files = key, {}
-            files[ext] = _read_member(tar, member, ext)
+            files[ext] = _member_payload(tar, member, ext, source, plain)
         if current_key is not None:
             yield current_key, files
 
@@ -404,6 +439,36 @@ def read_shard(url: str, shard_index: int, timeouts: Timeouts = DEFAULT_TIMEOUTS
         )
 
 
+@dataclass(frozen=True)
+class _Located:
+    """An image member's data: its bytes (None while deferred) and where it starts in an uncompressed tar."""
+
+    data: bytes | None
+    offset: int | None
+    deferred: tuple[str, int, int] | None = None
+
+
+def _plain_tar(stream: IO[bytes]) -> bool:
+    """A local file that starts with a ustar header (not compressed, and seekable): read in seekable mode."""
+    try:
+        head = os.pread(stream.fileno(), tarfile.BLOCKSIZE, 0)
+    except (OSError, AttributeError, ValueError):
+        return False
+    return head[257:262] == b"ustar"
+
+
+def _member_payload(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, source: str | None,
+                    plain: bool) -> bytes | str | _Located:
+    if ext not in IMAGE_EXTENSIONS or member.issparse():
+        return _read_member(tar, member, ext)
+    if member.size > MAX_IMAGE_BYTES:
+        return _read_member(tar, member, ext)  # the size message, nothing read
+    offset = member.offset_data if plain else None
+    if source is not None:
+        return _Located(None, offset, (source, member.offset_data, member.size))
+    return _Located(_read_member(tar, member, ext), offset)
+
+
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str) -> bytes | str:
     limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTENSIONS else MAX_TEXT_BYTES
     if member.size > limit:
@@ -419,7 +484,7 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str) -> byt
     return handle.read() if handle else b""
 
 
-def _make_sample(url: str, shard_index: int, position: int, key: str, files: dict[str, bytes | str]) -> RawSample:
+def _make_sample(url: str, shard_index: int, position: int, key: str, files: dict[str, Any]) -> RawSample:
     sample = RawSample(shard_index, url, position, key[:1024])
     sample.meta = _parse_json(files.get("json"))
     sample.caption = _caption(files.get("txt"), sample.meta)
@@ -431,8 +496,10 @@ def _make_sample(url: str, shard_index: int, position: int, key: str, files: dic
     sample.image_member = f"{key}.{image_ext}"
     if isinstance(payload, str):  # over the size limit: the message says why
         sample.failure = ("too_large", payload)
+    elif isinstance(payload, _Located):
+        sample.image_bytes, sample.image_offset, sample.deferred = payload.data, payload.offset, payload.deferred
     else:
-        sample.image_bytes = payload
+        sample.image_bytes = payload  # a sparse member, read through tarfile: no plain offset
     return sample
 
 

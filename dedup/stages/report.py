@@ -10,9 +10,11 @@ Captions, URLs, keys and JSON come from the web: every value goes through
 or image sources, and a Content-Security-Policy forbids any network load or
 script other than the report's own, should an escape ever be missed.
 
-Only the shown samples' images are read back: they are grouped by shard, local
-tars are scanned header by header (data is seeked past, only wanted members are
-extracted) and remote shards are streamed with `read_shard`.
+Only the shown samples' images are read back, grouped by shard: from a local
+uncompressed tar each at the offset the samples table records (one read), and
+where that is missing or its bytes are no longer the ones the run hashed, by a
+header scan (data is seeked past); remote shards are streamed with
+`read_shard`. Every image shown has the sha256 the run recorded for its sample.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 import tarfile
 from collections import Counter
@@ -92,17 +95,24 @@ class Thumbnail:
 class _Wanted:
     sample_id: int
     member_key: tuple[str, str]  # (key, lower-case extension), as the shard reader names members
+    sha256: str | None = None  # of the bytes the run read: what is shown must be those bytes
+    offset: int | None = None  # where the member's data starts in an uncompressed tar
+    size: int | None = None
+
+
+_THUMBNAIL_COLUMNS = ["shard_index", "image_member", "status", "error", "sha256", "image_offset", "image_bytes"]
+CHANGED = "the image in the shard is not the one the run read (its sha256 differs: the shard changed since the run)"
 
 
 def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUMB_SIDE) -> dict[int, Thumbnail]:
     """Thumbnails (longest side <= `side`) of the given samples, read back from their shards.
 
-    Every requested id gets an entry: a sample whose image cannot be read gets
-    `Thumbnail(None, reason)` instead of raising.
+    Every requested id gets an entry: a sample whose image cannot be read, or whose bytes are no longer
+    the ones the run hashed, gets `Thumbnail(None, reason)` instead of raising.
     """
     run = RunDir(out)
     wanted_ids = sorted({int(i) for i in sample_ids})
-    samples = sample_rows(run, wanted_ids, ["shard_index", "image_member", "status", "error"]).set_index("sample_id")
+    samples = sample_rows(run, wanted_ids, _THUMBNAIL_COLUMNS).set_index("sample_id")
     shards = read_shards(run)
     shard_urls = dict(zip(shards["shard_index"].astype(int), shard_locations(shards), strict=False))
     result = {i: Thumbnail(None, "sample not in the samples table") for i in wanted_ids if i not in samples.index}
@@ -112,8 +122,7 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
         if problem:
             result[int(sample_id)] = Thumbnail(None, problem)
             continue
-        wanted = _Wanted(int(sample_id), split_member_name(str(row["image_member"])))
-        by_shard.setdefault(int(row["shard_index"]), []).append(wanted)
+        by_shard.setdefault(int(row["shard_index"]), []).append(_wanted(int(sample_id), row))
     for shard_index, wanted in by_shard.items():
         url = shard_urls.get(shard_index)
         if url is None:
@@ -121,6 +130,16 @@ def read_thumbnails(out: str | Path, sample_ids: Iterable[int], side: int = THUM
             continue
         result.update(_thumbnails_from_shard(url, shard_index, wanted, side))
     return result
+
+
+def _wanted(sample_id: int, row: pd.Series) -> _Wanted:
+    sha256 = row["sha256"] if isinstance(row["sha256"], str) and row["sha256"] else None
+    offset, size = _optional_int(row["image_offset"]), _optional_int(row["image_bytes"])
+    return _Wanted(sample_id, split_member_name(str(row["image_member"])), sha256, offset, size)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
 
 
 def shard_locations(shards: pd.DataFrame) -> list[str]:
@@ -132,7 +151,10 @@ def shard_locations(shards: pd.DataFrame) -> list[str]:
 
 
 def sample_rows(run: RunDir, sample_ids: Sequence[int], columns: list[str]) -> pd.DataFrame:
-    """`sample_id` + `columns` of the given samples, reading only their shards' samples parts."""
+    """`sample_id` + `columns` of the given samples, reading only their shards' samples parts.
+
+    A column that a part does not have (written by an older dedup) comes back null.
+    """
     by_shard: dict[int, list[int]] = {}
     for sample_id in sample_ids:
         by_shard.setdefault(split_sample_id(int(sample_id))[0], []).append(int(sample_id))
@@ -140,7 +162,9 @@ def sample_rows(run: RunDir, sample_ids: Sequence[int], columns: list[str]) -> p
     for shard_index, ids in sorted(by_shard.items()):
         part = run.samples_part(shard_index)
         if part.exists():
-            frames.append(pd.read_parquet(part, columns=["sample_id", *columns], filters=[("sample_id", "in", ids)]))
+            present = [c for c in columns if c in pq.read_schema(part).names]
+            frame = pd.read_parquet(part, columns=["sample_id", *present], filters=[("sample_id", "in", ids)])
+            frames.append(frame.reindex(columns=["sample_id", *columns]))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -172,24 +196,72 @@ def _thumbnails_from_shard(url: str, shard_index: int, wanted: list[_Wanted], si
     return thumbs
 
 
+def _same_bytes(item: _Wanted, data: bytes) -> bool:
+    return item.sha256 is None or hashlib.sha256(data).hexdigest() == item.sha256
+
+
 def _image_bytes_local(path: Path, wanted: list[_Wanted]) -> dict[int, bytes | str]:
-    """Scan a local tar's headers (data is seeked past) and extract only the wanted members."""
-    by_member = {w.member_key: w.sample_id for w in wanted}
+    """Each image at its recorded offset (one read, its sha256 checked); the rest by a header scan."""
     found: dict[int, bytes | str] = {}
     try:
+        with open(path, "rb") as handle:
+            for item in wanted:
+                data = _at_offset(handle, item)
+                if data is not None:
+                    found[item.sample_id] = data
+    except OSError as exc:
+        return {w.sample_id: f"shard unreadable: {type(exc).__name__}: {exc}" for w in wanted}
+    rest = [w for w in wanted if w.sample_id not in found]
+    return found | (_scanned(path, rest) if rest else {})
+
+
+def _at_offset(handle, item: _Wanted) -> bytes | None:
+    """The member's bytes read at the run's offset, or None where there is none or they are not the same bytes
+    (a shard rewritten since the run: the scan looks for the member by name instead)."""
+    if item.offset is None or item.size is None or item.sha256 is None or not 0 <= item.size <= MAX_IMAGE_BYTES:
+        return None
+    data = os.pread(handle.fileno(), item.size, item.offset)
+    return data if len(data) == item.size and _same_bytes(item, data) else None
+
+
+def _scanned(path: Path, wanted: list[_Wanted]) -> dict[int, bytes | str]:
+    """Scan a local tar's headers (data is seeked past) and extract the wanted members.
+
+    A key can repeat in a shard (keys are web data): a member goes to the wanted sample of that name whose
+    sha256 it has, so one sample is never shown with another's image.
+    """
+    pending: dict[tuple[str, str], list[_Wanted]] = {}
+    for item in wanted:
+        pending.setdefault(item.member_key, []).append(item)
+    found: dict[int, bytes | str] = {}
+    changed: set[int] = set()
+    try:
         with tarfile.open(path, "r:*") as tar:
-            while len(found) < len(by_member):
+            while pending:
                 member = tar.next()
                 if member is None:
                     break
-                sample_id = by_member.get(split_member_name(member.name)) if member.isfile() else None
-                if sample_id is not None and sample_id not in found:
-                    found[sample_id] = _member_bytes(tar, member)
+                items = pending.get(split_member_name(member.name)) if member.isfile() else None
+                if items:
+                    _assign(_member_bytes(tar, member), items, found, changed)
+                    if not items:
+                        del pending[split_member_name(member.name)]
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Members already read stay; the rest report the broken shard.
         message = f"shard unreadable: {type(exc).__name__}: {exc}"
-        found.update({sample_id: message for sample_id in by_member.values() if sample_id not in found})
+        found.update({w.sample_id: message for w in wanted if w.sample_id not in found})
+    found.update({i: CHANGED for i in changed if i not in found})
     return found
+
+
+def _assign(payload: bytes | str, items: list[_Wanted], found: dict[int, bytes | str], changed: set[int]) -> None:
+    """Give a scanned member to the first pending sample of its name it belongs to (same sha256)."""
+    for item in items:
+        if isinstance(payload, str) or _same_bytes(item, payload):
+            found[item.sample_id] = payload
+            items.remove(item)
+            return
+    changed.update(item.sample_id for item in items)
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | str:
@@ -212,7 +284,7 @@ def _image_bytes_streamed(url: str, shard_index: int, wanted: list[_Wanted]) -> 
             item = by_id.get(make_sample_id(shard_index, sample.position))
             # Position and member name must both agree with the run's record, as in the local lookup.
             if item and sample.image_bytes is not None and split_member_name(sample.image_member or "") == item.member_key:
-                found[item.sample_id] = sample.image_bytes
+                found[item.sample_id] = sample.image_bytes if _same_bytes(item, sample.image_bytes) else CHANGED
             if item:
                 found.setdefault(item.sample_id, "image member not found in its shard")
             if len(found) == len(by_id):
