@@ -272,7 +272,7 @@ def _opening_bars(lines: np.ndarray) -> tuple[bool, bool]:
     return bool(start), bool(end)
 
 
-def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
+def _paired_bars(lines: np.ndarray, opening: tuple[bool, bool] | None = None) -> tuple[int, int]:
     """Bars at both ends of axis 0 of lines, kept when they match in colour and size or carry captions.
 
     A plain one-sided band is kept as picture (a grey sky above a horizon); a white or
@@ -281,7 +281,7 @@ def _paired_bars(lines: np.ndarray) -> tuple[int, int]:
     limit = int(len(lines) * MAX_BAR_FRACTION)
     if limit == 0:
         return 0, 0
-    opens_start, opens_end = _opening_bars(lines)
+    opens_start, opens_end = opening if opening is not None else _opening_bars(lines)
     if not (opens_start or opens_end):
         return 0, 0  # the common case: no bar at either end
     start, start_colour, start_text = _bar_length(lines, limit) if opens_start else (0, None, False)
@@ -367,7 +367,7 @@ def _blurred_bars(lines: np.ndarray) -> tuple[int, int]:
     return 0, 0
 
 
-def _covered_frame(rgb: np.ndarray, sides: tuple[int, int]) -> int:
+def _covered_frame(rgb: np.ndarray, sides: tuple[int, int], opens_top: bool | None = None) -> int:
     """Width of a frame whose bottom a caption strip covers (0 when there is none).
 
     A translucent strip drawn over the bottom of a framed copy hides the bottom bar and
@@ -377,7 +377,7 @@ def _covered_frame(rgb: np.ndarray, sides: tuple[int, int]) -> int:
     that frame, on all four sides.
     """
     height = rgb.shape[0]
-    if not _opening_bars(rgb)[0]:
+    if not (opens_top if opens_top is not None else _opening_bars(rgb)[0]):
         return 0
     top, colour, _ = _bar_length(rgb, int(height * MAX_BAR_FRACTION))
     if top < MIN_FRAME:
@@ -392,7 +392,9 @@ def _covered_frame(rgb: np.ndarray, sides: tuple[int, int]) -> int:
 
 def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) widths of the outermost layer of bars of an (h, w, 3) array."""
-    top, bottom = _paired_bars(rgb)
+    # Most images have no bar: the rows' opening test is shared with the covered-frame check below.
+    opening = _opening_bars(rgb) if int(len(rgb) * MAX_BAR_FRACTION) else None
+    top, bottom = _paired_bars(rgb, opening)
     left, right = _paired_bars(rgb.transpose(1, 0, 2))
     if not (left or right):
         # A caption strip over the foot of pillarbox bars writes into them: pair them above it.
@@ -402,7 +404,7 @@ def _peel(rgb: np.ndarray) -> tuple[int, int, int, int]:
         if sides_alike and _alike(upper, (0, 0), (0, -1)):  # 4 pixels first: bars of one colour on both sides
             left, right = _paired_bars(upper.transpose(1, 0, 2))
     if not (top or bottom) and bool(left) == bool(right):
-        frame = _covered_frame(rgb, (left, right))
+        frame = _covered_frame(rgb, (left, right), opening[0] if opening is not None else None)
         if frame:
             return frame, frame, frame, frame
     if not (top or bottom or left or right):
