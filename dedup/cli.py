@@ -426,6 +426,7 @@ def query_command(
     images: Annotated[Path | None, typer.Option(help="A folder of images.")] = None,
     key: Annotated[str | None, typer.Option(help="A sample key of the run.")] = None,
     shard: Annotated[str | None, typer.Option(help="With --key: the shard of the sample, as given to the run (keys repeat across outputs).")] = None,
+    occurrence: Annotated[int | None, typer.Option(min=0, help="With --key: which of the shard's samples with that key (0: the first in tar order; keys can repeat inside a shard).")] = None,
     text: Annotated[str | None, typer.Option(help="A text prompt (needs the clip descriptor).")] = None,
     descriptor: Annotated[str | None, typer.Option(help="Descriptor to search with (default: the run's first).")] = None,
     limit: Annotated[int, typer.Option(min=0, help="Matches listed per query (the count is always exact).")] = 20,
@@ -444,7 +445,7 @@ def query_command(
     if model_options and "model" not in model_options:
         raise DedupError("--pretrained and --device go with --model", hint="pass --model NAME as well (the model that made the embeddings)")
     results = query(out, image=image, images=images, key=key, text=text, descriptor=descriptor,
-                    min_similarity=min_similarity, shard=shard, model_options=model_options)
+                    min_similarity=min_similarity, shard=shard, model_options=model_options, occurrence=occurrence)
     if as_json:
         out_console.print_json(json.dumps([r.to_dict(limit) for r in results]))
     else:

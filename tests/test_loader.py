@@ -267,3 +267,32 @@ def test_query_by_a_key_that_repeats_across_outputs_needs_the_shard(two_outputs)
     (in_b,) = query(out, key="000000005", shard=urls[2])
     assert in_a.cluster_id != in_b.cluster_id
     assert in_b.copies == 2  # b's 000000005 is a copy of a's 000000007
+
+
+def test_query_by_a_key_repeated_inside_one_shard_needs_its_occurrence(tmp_path):
+    """--shard cannot tell two samples of one tar apart: the hint named it anyway, and no option could."""
+    from typer.testing import CliRunner
+
+    from dedup import pipeline
+    from dedup.cli import app
+    from dedup.errors import QueryError
+    from dedup.stages.query import query
+
+    first, second = png(1), png(2)
+    members = [*sample_members("k", first, ext="png"), *sample_members("x", first, ext="png"),
+               *sample_members("k", second, ext="png"), *sample_members("y", second, ext="png"),
+               *sample_members("z", png(3), ext="png")]
+    url = str(write_tar(tmp_path / "00000.tar", members))
+    out = tmp_path / "run"
+    pipeline.run_all(make_run(out, [url]), with_report=False)
+    with pytest.raises(QueryError, match="inside shard") as error:
+        query(out, key="k", shard=url)
+    assert "--occurrence" in error.value.hint
+    (nth_0,) = query(out, key="k", shard=url, occurrence=0)
+    (nth_1,) = query(out, key="k", occurrence=1)  # one shard holds the key: --shard is not needed
+    assert nth_0.cluster_id != nth_1.cluster_id and nth_0.copies == nth_1.copies == 2
+    assert set(nth_1.matches["key"]) == {"k", "y"}
+    result = CliRunner().invoke(app, ["query", str(out), "--key", "k", "--occurrence", "2"])
+    assert result.exit_code == 2 and "no sample with key 'k'" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["query", str(out), "--key", "k", "--occurrence", "1", "--json"])
+    assert result.exit_code == 0, result.output

@@ -256,25 +256,44 @@ def query_images(run_index: RunIndex, paths: list[Path], root: Path | None = Non
     return [r for r in results if r is not None]
 
 
-def query_key(run_index: RunIndex, key: str, shard: str | None = None) -> QueryResult:
-    """The cluster of the sample a key names. A sample is its shard plus its key: keys repeat across
-    img2dataset outputs, so a key found in several shards needs `shard` (never a silent first pick)."""
+def query_key(run_index: RunIndex, key: str, shard: str | None = None, occurrence: int | None = None) -> QueryResult:
+    """The cluster of the sample a key names. A sample is its shard, its key and its occurrence: keys repeat
+    across img2dataset outputs and even inside one shard, so a key naming samples of several clusters needs
+    `shard` and, inside a shard, `occurrence` (the manifests' column: 0 for the key's first sample in its
+    shard, in tar order). Never a silent first pick."""
     wanted = _field("key") == key
     rows = run_index.clusters.where(wanted if shard is None else wanted & (_field("shard") == shard))
+    if occurrence is not None:
+        rows = _nth_of_each_shard(rows, occurrence)
     if rows.empty:
         where = f" of shard {shard!r}" if shard is not None else ""
-        raise QueryError(f"no sample with key {key!r}{where} in {run_index.run.root}",
+        nth = f" (occurrence {occurrence})" if occurrence is not None else ""
+        raise QueryError(f"no sample with key {key!r}{where}{nth} in {run_index.run.root}",
                          hint="keys are the tar member names without extension; shards as given to the run")
     if rows["cluster_id"].nunique() > 1:
-        shards = sorted(rows["shard"].unique().tolist())
-        raise QueryError(f"key {key!r} names {len(rows)} different samples (shards: {', '.join(shards[:3])}"
-                         f"{', ...' if len(shards) > 3 else ''})",
-                         hint="pass --shard SHARD as well (the shard as given to the run)")
+        raise _ambiguous_key(key, rows)
     cluster_id = int(rows["cluster_id"].iloc[0])
     members = run_index.clusters.where(_field("cluster_id") == cluster_id)
     matches = members.assign(similarity=members["similarity_to_representative"])[MATCH_COLUMNS]
     matches = matches.sort_values("similarity", ascending=False, ignore_index=True)
     return QueryResult(f"key:{key}", "clusters", len(members), cluster_id, len(members), matches)
+
+
+def _nth_of_each_shard(rows: pd.DataFrame, occurrence: int) -> pd.DataFrame:
+    """The `occurrence`-th sample (sample_id order is tar order) of the key in each shard."""
+    rows = rows.sort_values("sample_id", ignore_index=True)
+    return rows[rows.groupby("shard_index", sort=False).cumcount() == occurrence]
+
+
+def _ambiguous_key(key: str, rows: pd.DataFrame) -> QueryError:
+    shards = sorted(rows["shard"].unique().tolist())
+    if len(shards) > 1:
+        return QueryError(f"key {key!r} names {len(rows)} different samples (shards: {', '.join(shards[:3])}"
+                          f"{', ...' if len(shards) > 3 else ''})",
+                          hint="pass --shard SHARD as well (the shard as given to the run)")
+    return QueryError(f"key {key!r} names {len(rows)} different samples inside shard {shards[0]!r} "
+                      f"(the key repeats in the tar)",
+                      hint=f"pass --occurrence N as well: 0 for its first sample in the shard, up to {len(rows) - 1}")
 
 
 def text_descriptor(out: str | Path, model_given: bool = False) -> str:
@@ -328,14 +347,17 @@ def query_text(run_index: RunIndex, text: str, min_similarity: float | None = No
 
 def query(out: str | Path, *, image: Path | None = None, images: Path | None = None, key: str | None = None,
           text: str | None = None, descriptor: str | None = None, min_similarity: float | None = None,
-          shard: str | None = None, model_options: dict[str, Any] | None = None) -> list[QueryResult]:
+          shard: str | None = None, model_options: dict[str, Any] | None = None,
+          occurrence: int | None = None) -> list[QueryResult]:
     chosen = [name for name, value in (("--image", image), ("--images", images), ("--key", key), ("--text", text)) if value]
     if len(chosen) != 1:
         raise QueryError("give exactly one of --image, --images, --key, --text", hint="e.g. dedup query OUT --image photo.jpg")
+    if occurrence is not None and key is None:
+        raise QueryError("--occurrence goes with --key", hint="e.g. dedup query OUT --key 000000042 --shard SHARD --occurrence 1")
     chosen_descriptor = text_descriptor(out, bool(model_options)) if text and descriptor is None else descriptor
     run_index = RunIndex(out, chosen_descriptor, model_options)
     if key is not None:
-        return [query_key(run_index, key, shard)]
+        return [query_key(run_index, key, shard, occurrence)]
     if text is not None:
         return [query_text(run_index, text, min_similarity)]
     if image is not None:
