@@ -439,3 +439,24 @@ def test_a_url_whose_image_changed_between_downloads_gives_no_vector_without_a_h
     assert coverage.to_dict() == {_key(0, 0): "ambiguous", _key(0, 1): "ambiguous", _key(0, 2): "url"}
     clusters = pd.read_parquet(tmp_path / "out" / "clusters.parquet")
     assert (clusters["cluster_size"] == 1).all()  # one vector for two images would have merged them
+
+
+def test_compare_on_a_run_beside_its_vectors_uses_the_descriptors_dedup_computes(tmp_path, two_outputs,
+                                                                                single_faiss_thread):
+    """Vectors made outside dedup cannot describe evaluation images: compare matches by sha256 and `perceptual`
+    instead of stopping on the evaluation run's missing `precomputed` embeddings."""
+    from dedup.stages.compare import compare
+
+    paths, facts = two_outputs
+    rows = _laion_rows(facts["a0"], 0)
+    _folder(tmp_path / "emb", rows, _unit(np.random.default_rng(1).standard_normal((len(rows), DIM))))
+    run_all(make_run(tmp_path / "out", [paths["a0"]], embeddings=str(tmp_path / "emb")), with_report=False)
+    copied = _image(1000 + 2)  # a/00000.tar key 2, byte for byte
+    (tmp_path / "eval").mkdir()
+    eval_tar = write_tar(tmp_path / "eval" / "00000.tar",
+                         sample_members("e0", copied) + sample_members("e1", _image(987_654)))
+    compare(tmp_path / "out", tmp_path / "cmp", eval_shards=[str(eval_tar)], with_report=False)
+    table = pd.read_parquet(tmp_path / "cmp" / "contamination.parquet").set_index("key")
+    assert table.loc["e0", "train_copies"] >= 1 and table.loc["e0", "best_train_key"] == _key(0, 2)
+    assert table.loc["e0", "matched_by"] == "sha256"
+    assert table.loc["e1", "train_copies"] == 0
