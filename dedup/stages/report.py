@@ -218,8 +218,10 @@ def _image_bytes_local(path: Path, wanted: list[_Wanted]) -> dict[int, bytes | s
 def _at_offset(handle, item: _Wanted) -> bytes | None:
     """The member's bytes read at the run's offset, or None where there is none or they are not the same bytes
     (a shard rewritten since the run: the scan looks for the member by name instead)."""
-    if item.offset is None or item.size is None or item.sha256 is None or not 0 <= item.size <= MAX_IMAGE_BYTES:
+    if item.offset is None or item.size is None or item.sha256 is None:
         return None
+    if item.offset < 0 or not 0 <= item.size <= MAX_IMAGE_BYTES:
+        return None  # not what the embed stage writes: the scan decides
     data = os.pread(handle.fileno(), item.size, item.offset)
     return data if len(data) == item.size and _same_bytes(item, data) else None
 
