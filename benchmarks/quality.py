@@ -182,6 +182,45 @@ def crop_sibling_pairs(frame: pd.DataFrame, min_iou: float = SIBLING_IOU) -> int
     return count
 
 
+# The issue's large crop keeps 50-75 % of a photo. The generator cuts ~130 distractors of 20-40 % from each of its
+# ~35 photos, so many land (almost) inside another one of the same photo and keep half its area or more: by
+# that definition a large crop of it, though the truth calls the two distinct (BENCHMARKS.md "Large crops round
+# 4"). The "nested as copies" precision counts such pairs as right; recall is unchanged (they are not planted).
+NESTED_INSIDE = 0.9  # share of the smaller box inside the larger
+NESTED_AREA = 0.5  # smaller box area over the larger's
+
+
+def nested_crop_pairs(frame: pd.DataFrame) -> int:
+    """Predicted pairs of two different groups cut from one parent where one box is a large crop of the other."""
+    crops = frame[frame["crop_box"].fillna("") != ""]
+    groups_in_cell = crops.groupby(["cluster_id", "parent"])["group_id"].transform("nunique")
+    count = 0
+    for _, members in crops[groups_in_cell >= 2].groupby(["cluster_id", "parent"]):
+        boxes = np.stack([parse_box(box) for box in members["crop_box"]])
+        groups = members["group_id"].to_numpy()
+        i, j = np.triu_indices(len(boxes), k=1)
+        count += int((_nested(boxes[i], boxes[j]) & (groups[i] != groups[j])).sum())
+    return count
+
+
+def _nested(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise: is the smaller of boxes a, b >= NESTED_INSIDE inside the other, with >= NESTED_AREA of its area?"""
+    width = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    area_a, area_b = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    small, large = np.minimum(area_a, area_b), np.maximum(area_a, area_b)
+    return (width * height >= NESTED_INSIDE * small) & (small >= NESTED_AREA * large)
+
+
+def pair_scores_nested_as_copies(frame: pd.DataFrame) -> dict[str, float]:
+    """Pair precision with the nested distractor pairs (`nested_crop_pairs`) counted as right."""
+    scores = pair_scores(frame)
+    nested = nested_crop_pairs(frame)
+    right = scores["pair_precision"] * scores["predicted_pairs"] + nested
+    precision = right / scores["predicted_pairs"] if scores["predicted_pairs"] else 1.0
+    return {"nested_crop_pairs": nested, "pair_precision_nested_as_copies": precision}
+
+
 def pair_scores_siblings_aside(frame: pd.DataFrame) -> dict[str, float]:
     """Pair precision/F1 with overlapping crop-sibling pairs removed from the predicted pairs.
 
@@ -218,6 +257,7 @@ def score_clusters(clusters: pd.DataFrame, truth: pd.DataFrame, details: bool = 
     scores = {
         **{k: v for k, v in overall.items() if k != "top10"},
         **pair_scores_siblings_aside(joined(clusters, truth)),
+        **pair_scores_nested_as_copies(joined(clusters, truth)),
         "hard_recall": overall["recall_by_family"].get("hard", float("nan")),
         "benign_pair_precision": benign["pair_precision"],
         "benign_pair_recall": benign["pair_recall"],
@@ -439,7 +479,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:
-    header = ("| tool | images/s | pair P / P siblings aside / R / F1 | benign pair P / R / F1 "
+    header = ("| tool | images/s | pair P / P siblings aside / P nested as copies / R / F1 | benign pair P / R / F1 "
               "| hard recall | B-cubed F1 | hard-neg. merges | top-10 rel. error mean / max | Spearman |")
     lines = [header, "|" + "---|" * 9]
     for row in rows:
@@ -449,6 +489,7 @@ def quality_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['tool']} | {_fmt(row['images_per_s'], 1)} "
             f"| {_fmt(row['pair_precision'])} / {_fmt(row['pair_precision_siblings_aside'])} / "
+            f"{_fmt(row.get('pair_precision_nested_as_copies', float('nan')))} / "
             f"{_fmt(row['pair_recall'])} / {_fmt(row['pair_f1'])} "
             f"| {_fmt(row['benign_pair_precision'])} / {_fmt(row['benign_pair_recall'])} / "
             f"{_fmt(row['benign_pair_f1'])} | {_fmt(row['hard_recall'])} | {_fmt(row['bcubed_f1'])} "
