@@ -53,9 +53,9 @@ def jpeg_bytes(image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+def write_tar(path: Path, members: list[tuple[str, bytes]], tar_format: int = tarfile.DEFAULT_FORMAT) -> Path:
     """Deterministic tar with the given (name, bytes) members, in order."""
-    with tarfile.open(path, "w") as tar:
+    with tarfile.open(path, "w", format=tar_format) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -513,15 +513,6 @@ def _members_with_long_names_and_repeats() -> list[tuple[str, bytes]]:
             *sample_members("k3", images[3], ext="png")]
 
 
-def _write_format(path: Path, members: list[tuple[str, bytes]], tar_format: int) -> Path:
-    with tarfile.open(path, "w", format=tar_format) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def _by_offset(path: Path):
     """Samples as a decode worker sees them: headers read by the main process, image bytes at their offsets."""
     stream = ShardStream(str(path), 0, defer_images=True)
@@ -545,7 +536,7 @@ def test_images_read_at_their_offsets_equal_the_streamed_ones_wherever_the_tar_i
     members = _members_with_long_names_and_repeats()
     if tar_format == tarfile.USTAR_FORMAT:
         members = [m for m in members if not m[0].startswith("d/")]  # ustar cannot hold the long name
-    shard = _write_format(tmp_path / "whole.tar", members, tar_format)
+    shard = write_tar(tmp_path / "whole.tar", members, tar_format)
     data = shard.read_bytes()
     whole, failure = _by_offset(shard)
     assert failure is None and [s[:2] for s in whole] == [s[:2] for s in _streamed(shard)[0]]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import jpeg_bytes, write_tar
 from PIL import Image
 
 from dedup.decode import OK, DecodeFailure, decode_image
@@ -578,20 +579,7 @@ def _run_over(base: Path, shard_path: Path, with_offsets: bool = True) -> RunDir
 
 
 def _photo_jpeg(index: int) -> bytes:
-    buffer = io.BytesIO()
-    demo_photos()[index].image.convert("RGB").save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return jpeg_bytes(demo_photos()[index].image, quality=85)
 
 
 def _same_picture(thumb: report.Thumbnail, jpeg: bytes) -> bool:
@@ -603,7 +591,7 @@ def _same_picture(thumb: report.Thumbnail, jpeg: bytes) -> bool:
 def test_a_key_repeated_in_a_shard_shows_each_sample_its_own_image(tmp_path, with_offsets):
     """Keys are web data and repeat: the first sample named k0 was shown 'not found', the second with the first's image."""
     first, other, second = _photo_jpeg(1), _photo_jpeg(2), _photo_jpeg(3)
-    shard_path = _tar(tmp_path / "00000.tar", [("k0.jpg", first), ("k1.jpg", other), ("k0.jpg", second)])
+    shard_path = write_tar(tmp_path / "00000.tar", [("k0.jpg", first), ("k1.jpg", other), ("k0.jpg", second)])
     run = _run_over(tmp_path, shard_path, with_offsets)
     ids = [make_sample_id(0, 0), make_sample_id(0, 2)]
     thumbs = report.read_thumbnails(run.root, ids)
@@ -612,7 +600,7 @@ def test_a_key_repeated_in_a_shard_shows_each_sample_its_own_image(tmp_path, wit
 
 def test_thumbnails_are_read_at_their_offsets_without_scanning_the_shard(tmp_path, monkeypatch):
     images = [_photo_jpeg(i) for i in range(4)]
-    shard_path = _tar(tmp_path / "00000.tar", [(f"k{i}.jpg", data) for i, data in enumerate(images)])
+    shard_path = write_tar(tmp_path / "00000.tar", [(f"k{i}.jpg", data) for i, data in enumerate(images)])
     run = _run_over(tmp_path, shard_path)
     monkeypatch.setattr(report.tarfile, "open", lambda *a, **k: pytest.fail("the shard was scanned"))
     thumbs = report.read_thumbnails(run.root, [make_sample_id(0, 3), make_sample_id(0, 1)])
@@ -621,9 +609,9 @@ def test_thumbnails_are_read_at_their_offsets_without_scanning_the_shard(tmp_pat
 
 def test_a_shard_rewritten_since_the_run_shows_no_other_image(tmp_path):
     """Same member names, other pictures (a shard re-downloaded): the page must not show them as the run's."""
-    shard_path = _tar(tmp_path / "00000.tar", [("k0.jpg", _photo_jpeg(1)), ("k1.jpg", _photo_jpeg(2))])
+    shard_path = write_tar(tmp_path / "00000.tar", [("k0.jpg", _photo_jpeg(1)), ("k1.jpg", _photo_jpeg(2))])
     run = _run_over(tmp_path, shard_path)
-    _tar(shard_path, [("k0.jpg", _photo_jpeg(4)), ("k1.jpg", _photo_jpeg(2))])
+    write_tar(shard_path, [("k0.jpg", _photo_jpeg(4)), ("k1.jpg", _photo_jpeg(2))])
     thumbs = report.read_thumbnails(run.root, [make_sample_id(0, 0), make_sample_id(0, 1)])
     assert thumbs[make_sample_id(0, 0)].image is None and thumbs[make_sample_id(0, 0)].problem == report.CHANGED
     assert _same_picture(thumbs[make_sample_id(0, 1)], _photo_jpeg(2))  # unchanged bytes, found by the scan

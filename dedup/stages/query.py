@@ -280,9 +280,11 @@ def query_key(run_index: RunIndex, key: str, shard: str | None = None, occurrenc
 
 
 def _nth_of_each_shard(rows: pd.DataFrame, occurrence: int) -> pd.DataFrame:
-    """The `occurrence`-th sample (sample_id order is tar order) of the key in each shard."""
-    rows = rows.sort_values("sample_id", ignore_index=True)
-    return rows[rows.groupby("shard_index", sort=False).cumcount() == occurrence]
+    """The `occurrence`-th sample of the key in each shard, numbered as the manifests number it."""
+    from dedup.stages.manifests import with_occurrence
+
+    numbered = with_occurrence(rows)
+    return numbered[numbered["occurrence"] == occurrence]
 
 
 def _ambiguous_key(key: str, rows: pd.DataFrame) -> QueryError:

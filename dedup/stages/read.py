@@ -459,10 +459,8 @@ def _plain_tar(stream: IO[bytes]) -> bool:
 
 def _member_payload(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, source: str | None,
                     plain: bool) -> bytes | str | _Located:
-    if ext not in IMAGE_EXTENSIONS or member.issparse():
-        return _read_member(tar, member, ext)
-    if member.size > MAX_IMAGE_BYTES:
-        return _read_member(tar, member, ext)  # the size message, nothing read
+    if ext not in IMAGE_EXTENSIONS or member.issparse() or member.size > MAX_IMAGE_BYTES:
+        return _read_member(tar, member, ext)  # text, sparse, or the size message (nothing read)
     offset = member.offset_data if plain else None
     if source is not None:
         return _Located(None, offset, (source, member.offset_data, member.size))

@@ -243,11 +243,12 @@ def _scanned(path: Path, wanted: list[_Wanted]) -> dict[int, bytes | str]:
                 member = tar.next()
                 if member is None:
                     break
-                items = pending.get(split_member_name(member.name)) if member.isfile() else None
+                name = split_member_name(member.name)
+                items = pending.get(name) if member.isfile() else None
                 if items:
                     _assign(_member_bytes(tar, member), items, found, changed)
                     if not items:
-                        del pending[split_member_name(member.name)]
+                        del pending[name]
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Members already read stay; the rest report the broken shard.
         message = f"shard unreadable: {type(exc).__name__}: {exc}"
